@@ -1,0 +1,190 @@
+"""Core types shared by every backend and adapter."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol, runtime_checkable
+
+from ._exceptions import InvalidInputError, MalformedResponseError
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "Reranker",
+    "RerankResult",
+    "Stage",
+    "StageThresholds",
+    "check_inputs",
+    "check_top_n",
+    "rank_scores",
+]
+
+
+class Stage(IntEnum):
+    """Five ordered relevance stages, lowest to highest.
+
+    MemOS describes reranker scores as falling into five stages; the boundaries
+    used to map a score onto a stage are :class:`StageThresholds`.
+    """
+
+    IRRELEVANT = 0
+    WEAK = 1
+    PARTIAL = 2
+    RELEVANT = 3
+    HIGHLY_RELEVANT = 4
+
+    @property
+    def label(self) -> str:
+        """The lowercase name used in metadata, e.g. ``"highly_relevant"``."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: Stage | str | int) -> Stage:
+        """Accept a ``Stage``, its value (0-4) or its name in any case, with spaces,
+        dashes or underscores (``"highly relevant"``, ``"HIGHLY_RELEVANT"``)."""
+        if isinstance(value, Stage):
+            return value
+        if isinstance(value, bool):
+            raise InvalidInputError(f"Not a relevance stage: {value!r}.")
+        if isinstance(value, int):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        elif isinstance(value, str):
+            key = value.strip().upper().replace("-", "_").replace(" ", "_")
+            if key in cls.__members__:
+                return cls[key]
+            if key.isdigit():
+                return cls.parse(int(key))
+        names = ", ".join(stage.label for stage in cls)
+        raise InvalidInputError(
+            f"Not a relevance stage: {value!r}. Use a Stage, an int 0-4 or one of: {names}."
+        )
+
+
+@dataclass(frozen=True)
+class StageThresholds:
+    """Four increasing cut points on a [0, 1] score that split it into five stages.
+
+    Each field is the lowest score of its stage: a score below ``weak`` is
+    :attr:`Stage.IRRELEVANT`, a score at or above ``highly_relevant`` is
+    :attr:`Stage.HIGHLY_RELEVANT`. The defaults ``(0.2, 0.4, 0.6, 0.8)`` are this
+    package's own: the MemOS documentation shows its five stages only as a figure.
+    Scores outside [0, 1] (raw logits) are staged by the same cut points.
+    """
+
+    weak: float = 0.2
+    partial: float = 0.4
+    relevant: float = 0.6
+    highly_relevant: float = 0.8
+
+    def __post_init__(self) -> None:
+        cuts = self.cuts
+        for cut in cuts:
+            if isinstance(cut, bool) or not isinstance(cut, (int, float)) or not math.isfinite(cut):
+                raise InvalidInputError(f"Stage cut points must be finite numbers, got {cuts!r}.")
+        if not all(0.0 <= cut <= 1.0 for cut in cuts):
+            raise InvalidInputError(f"Stage cut points must lie in [0, 1], got {cuts!r}.")
+        if not all(low < high for low, high in zip(cuts, cuts[1:])):
+            raise InvalidInputError(f"Stage cut points must be strictly increasing, got {cuts!r}.")
+
+    @classmethod
+    def from_cuts(cls, cuts: Sequence[float]) -> StageThresholds:
+        """Build from a sequence of four cut points."""
+        if len(cuts) != 4:
+            raise InvalidInputError(f"Expected four cut points, got {len(cuts)}: {list(cuts)!r}.")
+        return cls(*cuts)
+
+    @property
+    def cuts(self) -> tuple[float, float, float, float]:
+        return (self.weak, self.partial, self.relevant, self.highly_relevant)
+
+    def stage(self, score: float) -> Stage:
+        """The stage a score falls into."""
+        if math.isnan(score):
+            raise InvalidInputError("Cannot stage a NaN score.")
+        stage = Stage.IRRELEVANT
+        for candidate, cut in zip(list(Stage)[1:], self.cuts):
+            if score >= cut:
+                stage = candidate
+        return stage
+
+    def min_score(self, stage: Stage | str | int) -> float:
+        """The lowest score that reaches ``stage`` (``-inf`` for the lowest stage)."""
+        parsed = Stage.parse(stage)
+        return -math.inf if parsed is Stage.IRRELEVANT else self.cuts[parsed - 1]
+
+
+DEFAULT_THRESHOLDS = StageThresholds()
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    """One ranked document: its ``index`` in the input list, its ``score``
+    (a plain ``float``, higher is more relevant) and its :class:`Stage`."""
+
+    index: int
+    score: float
+    stage: Stage
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """What every backend provides. Adapters accept any object of this shape."""
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]: ...
+
+    async def arerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]: ...
+
+
+def rank_scores(
+    scores: Sequence[float],
+    *,
+    top_n: int | None = None,
+    thresholds: StageThresholds = DEFAULT_THRESHOLDS,
+) -> list[RerankResult]:
+    """Turn one score per document into results sorted best first.
+
+    Ties keep input order; scores become plain floats; ``top_n`` cuts the list.
+    """
+    results = []
+    for index, raw in enumerate(scores):
+        score = float(raw)
+        if math.isnan(score):
+            raise MalformedResponseError(f"Score for document {index} is NaN.")
+        results.append(RerankResult(index=index, score=score, stage=thresholds.stage(score)))
+    results.sort(key=lambda result: -result.score)
+    return results if top_n is None else results[:top_n]
+
+
+def check_top_n(top_n: int | None) -> int | None:
+    """Validate a ``top_n`` option: ``None`` (keep all) or a positive int."""
+    if top_n is None:
+        return None
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise InvalidInputError(f"top_n must be a positive int or None, got {top_n!r}.")
+    return top_n
+
+
+def check_inputs(query: object, documents: object) -> list[str]:
+    """Validate a backend call's query and documents; returns the documents as a list."""
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be a str, got {type(query).__name__}.")
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise InvalidInputError(
+            f"documents must be a sequence of str, got {type(documents).__name__}."
+        )
+    docs = list(documents)
+    for position, document in enumerate(docs):
+        if not isinstance(document, str):
+            raise InvalidInputError(
+                f"documents[{position}] must be a str, got {type(document).__name__}."
+            )
+    return docs
