@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,8 +13,8 @@ from ._exceptions import InvalidInputError, MalformedResponseError
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "Reranker",
     "RerankResult",
+    "Reranker",
     "Stage",
     "StageThresholds",
     "check_inputs",
@@ -88,7 +89,7 @@ class StageThresholds:
                 raise InvalidInputError(f"Stage cut points must be finite numbers, got {cuts!r}.")
         if not all(0.0 <= cut <= 1.0 for cut in cuts):
             raise InvalidInputError(f"Stage cut points must lie in [0, 1], got {cuts!r}.")
-        if not all(low < high for low, high in zip(cuts, cuts[1:])):
+        if not all(low < high for low, high in itertools.pairwise(cuts)):
             raise InvalidInputError(f"Stage cut points must be strictly increasing, got {cuts!r}.")
 
     @classmethod
@@ -107,7 +108,7 @@ class StageThresholds:
         if math.isnan(score):
             raise InvalidInputError("Cannot stage a NaN score.")
         stage = Stage.IRRELEVANT
-        for candidate, cut in zip(list(Stage)[1:], self.cuts):
+        for candidate, cut in zip(list(Stage)[1:], self.cuts, strict=True):
             if score >= cut:
                 stage = candidate
         return stage
