@@ -5,13 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from ._encoder_base import (
-    LoadedEncoder,
-    LocalEncoderReranker,
-    choose_pad_id,
-    length_limit,
-    run_batches,
-)
+from ._encoder_base import LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
 from ._exceptions import InvalidInputError, ModelLoadError
 from ._types import DEFAULT_THRESHOLDS, StageThresholds
 
@@ -82,19 +76,16 @@ class CrossEncoderReranker(LocalEncoderReranker):
         )
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model)
-        model = AutoModelForSequenceClassification.from_pretrained(self.model, dtype=dtype)
-        labels = model.config.num_labels
+        loaded = load_encoder(self.model, AutoModelForSequenceClassification, device, dtype)
+        labels = loaded.model.config.num_labels
         if labels not in (1, 2):
             raise ModelLoadError(
                 f"Model {self.model!r} has a {labels}-label head; CrossEncoderReranker needs "
                 "a relevance model with one logit (or two: not relevant / relevant)."
             )
-        model.to(device).eval()
-        pad_id = choose_pad_id(tokenizer, model.config)
-        return LoadedEncoder(model, tokenizer, device, pad_id, length_limit(tokenizer))
+        return loaded
 
     def _score(
         self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]
