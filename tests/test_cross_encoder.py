@@ -4,12 +4,15 @@ built offline."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from memos_rerank_integrations import (
@@ -449,3 +452,24 @@ def test_last_token_pooling_model_without_pad_token(last_token_model: Path) -> N
     expected = torch.sigmoid(reference_logits(last_token_model, QUERY, DOCUMENTS, max_length=32))
     results = reranker.rerank(QUERY, DOCUMENTS)
     assert scores_by_index(results) == pytest.approx(expected[:, 0].tolist(), abs=1e-5)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    documents=st.lists(st.text(alphabet="abc xyz用户!", max_size=40), max_size=8),
+    top_n=st.one_of(st.none(), st.integers(min_value=1, max_value=10)),
+)
+def test_any_input_gives_a_sorted_ranking_of_every_document(
+    one_label: Path, documents: list[str], top_n: int | None
+) -> None:
+    reranker = CrossEncoderReranker(one_label, dtype="float32", max_length=24, max_batch_tokens=64)
+    results = reranker.rerank(QUERY, documents, top_n)
+    everything = reranker.rerank(QUERY, documents)
+    assert sorted(result.index for result in everything) == list(range(len(documents)))
+    assert results == everything[: top_n or None]
+    for better, worse in itertools.pairwise(everything):
+        assert better.score > worse.score or (
+            better.score == worse.score and better.index < worse.index
+        )
