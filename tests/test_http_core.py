@@ -124,10 +124,13 @@ def test_read_scored_results_shapes() -> None:
         {"results": [{"index": 0, "relevance_score": 0.5, "document": {"text": "a"}}]},
         backend="t",
     ) == [(0, 0.5)]
-    assert read_scored_results([{"index": 1, "score": 2.0}], backend="t", score_key="score") == [
-        (1, 2.0)
-    ]
-    for bad in ({"results": None}, {"results": [1]}, "text", {"results": [{"index": 0}]}):
+    assert read_scored_results(
+        [{"index": 1, "score": 2.0}], backend="t", score_key="score", bare_list=True
+    ) == [(1, 2.0)]
+    with pytest.raises(MalformedResponseError):
+        read_scored_results({"results": []}, backend="t", bare_list=True)
+    bad_payloads = ({"results": None}, {"results": [1]}, "text", {"results": [{"index": 0}]}, [])
+    for bad in bad_payloads:
         with pytest.raises(MalformedResponseError):
             read_scored_results(bad, backend="t")
 

@@ -426,11 +426,14 @@ def resolve_api_key(
 
 
 def read_scored_results(
-    payload: object, *, backend: str, score_key: str = "relevance_score"
+    payload: object, *, backend: str, score_key: str = "relevance_score", bare_list: bool = False
 ) -> list[tuple[object, object]]:
-    """Raw ``(index, score)`` pairs from ``{"results": [{"index", score_key}]}`` or
-    from a bare list of such items (text-embeddings-inference)."""
-    items = payload.get("results") if isinstance(payload, Mapping) else payload
+    """Raw ``(index, score)`` pairs from ``{"results": [{"index", score_key}]}`` or,
+    with ``bare_list``, from a bare list of such items (text-embeddings-inference)."""
+    if bare_list:
+        items = payload
+    else:
+        items = payload.get("results") if isinstance(payload, Mapping) else None
     if not isinstance(items, list):
         raise MalformedResponseError(
             f"The {backend} answer has no list of results.", backend=backend
@@ -530,8 +533,6 @@ class RemoteReranker:
     """
 
     backend_name: ClassVar[str] = "remote"
-    # Whether the service accepts ``top_n``; if not, the cut happens after the merge.
-    sends_top_n: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -567,6 +568,10 @@ class RemoteReranker:
         if not isinstance(thresholds, StageThresholds):
             raise InvalidInputError("thresholds must be a StageThresholds.")
         self.thresholds = thresholds
+
+    def _sends_top_n(self) -> bool:
+        """Whether the service takes ``top_n``; if not, the cut happens after the merge."""
+        return True
 
     # Subclasses provide these two.
     def _score_chunk(
@@ -649,7 +654,7 @@ class RemoteReranker:
         for positions in groups:
             # Each request's own top_n holds the global top_n: anything cut there
             # is beaten by top_n documents of the same request.
-            sent = top_n if self.sends_top_n and top_n is not None else None
+            sent = top_n if self._sends_top_n() else None
             if sent is not None and sent >= len(positions):
                 sent = None
             requests.append(_Request(positions, [docs[i] for i in positions], sent))
