@@ -17,7 +17,13 @@ import httpx
 import pytest
 import uvicorn
 
-from memos_rerank_integrations import CrossEncoderReranker, QwenReranker, RerankResult
+from memos_rerank_integrations import (
+    AuthenticationError,
+    CrossEncoderReranker,
+    MemOSReranker,
+    QwenReranker,
+    RerankResult,
+)
 from memos_rerank_integrations._batcher import MicroBatcher
 from memos_rerank_integrations._types import rank_scores
 from memos_rerank_integrations.server import create_app
@@ -472,3 +478,33 @@ async def test_tiny_qwen_64_concurrent_requests_equal_sequential(tiny_qwen: Qwen
         assert [r["relevance_score"] for r in results] == pytest.approx(
             [e.score for e in want], abs=1e-5
         )
+
+
+def test_memos_reranker_client_against_server(real_backend: Any) -> None:
+    expected = real_backend.rerank(QUERY, DOCUMENTS)
+    with LiveServer(create_app(real_backend, model_name="tiny", api_key="k")) as live:
+        client = MemOSReranker(api_key="k", base_url=live.url, max_retries=0, timeout=30)
+        got = client.rerank(QUERY, DOCUMENTS)
+        top = client.rerank(QUERY, DOCUMENTS, top_n=1)
+    assert [r.index for r in got] == [e.index for e in expected]
+    assert [r.score for r in got] == pytest.approx([e.score for e in expected], abs=1e-5)
+    assert [r.index for r in top] == [expected[0].index]
+
+
+async def test_memos_reranker_async_split_calls_and_bad_key(backend: WordOverlapReranker) -> None:
+    documents = [f"{DOCUMENTS[i % 5]} #{i}" for i in range(25)]
+    app = create_app(backend, model_name="m", api_key="k", max_documents=10)
+    with LiveServer(app) as live:
+        # The client splits to the server's per-request limit and merges the answers.
+        client = MemOSReranker(
+            api_key="k", base_url=live.url, max_retries=0, max_documents_per_request=10
+        )
+        got = await client.arerank(QUERY, documents)
+        wrong = MemOSReranker(api_key="nope", base_url=live.url, max_retries=0)
+        with pytest.raises(AuthenticationError) as error:
+            await wrong.arerank(QUERY, DOCUMENTS)
+    assert [(r.index, r.score) for r in got] == [
+        (e.index, e.score) for e in backend.rerank(QUERY, documents)
+    ]
+    assert error.value.status_code == 401
+    assert "nope" not in str(error.value)
