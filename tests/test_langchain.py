@@ -59,9 +59,7 @@ def test_inside_contextual_compression_retriever() -> None:
 
 async def test_async_path_awaits_arerank() -> None:
     backend = OverlapReranker()
-    docs = await retriever(RerankCompressor(reranker=backend, top_n=1)).ainvoke(
-        "playing badminton"
-    )
+    docs = await retriever(RerankCompressor(reranker=backend, top_n=1)).ainvoke("playing badminton")
     assert [d.page_content for d in docs] == ["User likes playing badminton."]
     assert [call[0] for call in backend.calls] == ["arerank"]
 
