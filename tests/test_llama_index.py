@@ -15,6 +15,7 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.llms import MockLLM
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from pydantic import Field
 
 from memos_rerank_integrations import BackendUnavailableError, InvalidInputError
 from memos_rerank_integrations.llama_index import RerankPostprocessor
@@ -148,7 +149,7 @@ def test_missing_query_and_empty_input() -> None:
 
 
 class _Recorder(BaseEventHandler):
-    events: list[BaseEvent] = []
+    events: list[BaseEvent] = Field(default_factory=list)
 
     @classmethod
     def class_name(cls) -> str:
@@ -159,7 +160,7 @@ class _Recorder(BaseEventHandler):
 
 
 def test_emits_instrumentation_and_callback_events() -> None:
-    recorder = _Recorder(events=[])
+    recorder = _Recorder()
     root = get_dispatcher()
     root.add_event_handler(recorder)
     debug = LlamaDebugHandler()
