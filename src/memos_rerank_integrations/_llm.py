@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -267,13 +268,18 @@ def _status_code(exc: BaseException) -> int | None:
     return status if isinstance(status, int) and not isinstance(status, bool) else None
 
 
+# Distinct classes before Python 3.11; clients such as openai raise their own timeout
+# error *from* the httpx one, hence the walk along the cause chain.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError, FutureTimeoutError, httpx.TimeoutException)
+
+
 def _map_llm_error(exc: Exception, llm_name: str) -> RerankError:
     """Translate an exception raised by the LLM client. The message names only the
     exception type and status: provider messages can echo headers or keys."""
     kind = type(exc).__name__
     backend = f"llm:{llm_name}"
     status = next((s for s in map(_status_code, _chain(exc)) if s is not None), None)
-    if any(isinstance(e, (TimeoutError, httpx.TimeoutException)) for e in _chain(exc)):
+    if any(isinstance(e, _TIMEOUTS) for e in _chain(exc)):
         return RerankTimeoutError(f"The LLM call timed out ({kind}).", backend=backend)
     if status == 429:
         return RateLimitError(
@@ -302,7 +308,7 @@ async def _bounded_gather(
         async with semaphore:
             return await function(item)
 
-    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    tasks = [asyncio.create_task(one(item)) for item in items]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
