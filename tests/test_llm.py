@@ -31,6 +31,7 @@ from llama_index.core.llms import (
     LLMMetadata,
 )
 from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 from pydantic import PrivateAttr
 
 from memos_rerank_integrations import (
@@ -46,6 +47,7 @@ from memos_rerank_integrations import (
     Stage,
 )
 from memos_rerank_integrations.langchain import RerankCompressor
+from memos_rerank_integrations.llama_index import RerankPostprocessor
 
 QUERY = "What are the user's hobbies?"
 # Grades a careful grader might give the MemOS example memories.
@@ -634,3 +636,18 @@ def test_compressor_falls_back_on_unreadable_answers() -> None:
     strict = RerankCompressor(reranker=LLMReranker(llm, max_retries=0), fallback=False)
     with pytest.raises(MalformedResponseError):
         strict.compress_documents(documents, QUERY)
+
+
+@both_modes
+async def test_inside_the_llama_index_postprocessor(mode: str) -> None:
+    llm = scripted("llama_index", by_document(GRADES))
+    postprocessor = RerankPostprocessor(reranker=LLMReranker(llm), top_n=3)
+    nodes = [NodeWithScore(node=TextNode(text=text), score=0.5) for text in DOCS]
+    bundle = QueryBundle(QUERY)
+    if mode == "async":
+        kept = await postprocessor.apostprocess_nodes(nodes, query_bundle=bundle)
+    else:
+        kept = postprocessor.postprocess_nodes(nodes, query_bundle=bundle)
+    assert [n.node.get_content() for n in kept] == [DOCS[0], DOCS[4], DOCS[3]]
+    assert [n.score for n in kept] == [1.0, 0.75, 0.5]
+    assert [n.score for n in nodes] == [0.5] * len(DOCS)
