@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -651,3 +655,20 @@ async def test_inside_the_llama_index_postprocessor(mode: str) -> None:
     assert [n.node.get_content() for n in kept] == [DOCS[0], DOCS[4], DOCS[3]]
     assert [n.score for n in kept] == [1.0, 0.75, 0.5]
     assert [n.score for n in nodes] == [0.5] * len(DOCS)
+
+
+def test_importing_the_backend_imports_no_framework() -> None:
+    code = (
+        "import sys; from memos_rerank_integrations import LLMReranker; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('langchain_core', 'llama_index', 'torch')))"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    assert done.stdout.strip() == "[]"
