@@ -1,0 +1,155 @@
+"""LlamaIndex integration: a node postprocessor for any query engine.
+
+>>> query_engine = index.as_query_engine(
+...     similarity_top_k=20,
+...     node_postprocessors=[RerankPostprocessor(reranker=QwenReranker(), top_n=5)],
+... )
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ._exceptions import InvalidInputError
+from ._extras import missing_extra
+from ._pipeline import FALLBACK_KEY, STAGE_KEY, Outcome, RerankSettings, arun, check_query, run
+
+try:
+    from llama_index.core.bridge.pydantic import Field
+    from llama_index.core.callbacks import CBEventType, EventPayload
+
+    # Re-exported by llama_index.core.instrumentation without __all__.
+    from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
+    from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+    from llama_index.core.postprocessor.types import BaseNodePostprocessor
+    from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    raise missing_extra(
+        "llama-index", "llama-index-core", feature="memos_rerank_integrations.llama_index"
+    ) from exc
+
+__all__ = ["RerankPostprocessor"]
+
+dispatcher = get_dispatcher(__name__)
+
+RETRIEVAL_SCORE_KEY = "retrieval_score"
+_ADDED_KEYS = (RETRIEVAL_SCORE_KEY, STAGE_KEY, FALLBACK_KEY)
+
+
+class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
+    """Rerank retrieved nodes with any reranker of this package (or any object with
+    ``rerank`` / ``arerank``).
+
+    Returns new ``NodeWithScore`` objects, best first, whose ``score`` is the rerank
+    score (a plain float), on copies of the nodes (same ids) that carry
+    ``metadata["retrieval_score"]`` (the incoming score) and
+    ``metadata["rerank_stage"]``; both keys are excluded from LLM and embedding
+    text. The incoming nodes are never mutated. ``min_score`` and ``min_stage``
+    apply before the ``top_n`` cut. On a backend error with ``fallback`` true, the
+    nodes keep their original order and scores, cut to ``top_n``, flagged with
+    ``metadata["rerank_fallback"] = True``.
+    """
+
+    metadata_mode: MetadataMode = Field(
+        default=MetadataMode.EMBED, description="Which node text the reranker scores."
+    )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RerankPostprocessor"
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        query, texts = self._inputs(nodes, query_bundle)
+        if not nodes:
+            return []
+        with self._events(nodes, query_bundle) as finish:
+            return finish(_build(nodes, run(self, query, texts)))
+
+    async def _apostprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        query, texts = self._inputs(nodes, query_bundle)
+        if not nodes:
+            return []
+        with self._events(nodes, query_bundle) as finish:
+            return finish(_build(nodes, await arun(self, query, texts)))
+
+    def _inputs(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
+    ) -> tuple[str, list[str]]:
+        if query_bundle is None:
+            raise InvalidInputError(
+                "RerankPostprocessor needs a query: pass query_bundle or query_str."
+            )
+        query = check_query(query_bundle.query_str)
+        texts = []
+        for position, item in enumerate(nodes):
+            node = getattr(item, "node", None)
+            if node is None or not callable(getattr(node, "get_content", None)):
+                raise InvalidInputError(
+                    f"nodes[{position}] must be a NodeWithScore, got {type(item).__name__}."
+                )
+            text = node.get_content(metadata_mode=self.metadata_mode)
+            if not isinstance(text, str):
+                raise InvalidInputError(
+                    f"nodes[{position}] content must be a str, got {type(text).__name__}."
+                )
+            texts.append(text)
+        return query, texts
+
+    @contextmanager
+    def _events(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
+    ) -> Iterator[Callable[[list[NodeWithScore]], list[NodeWithScore]]]:
+        """Emit ReRankStart/End events and the RERANKING callback event around one
+        rerank; the yielded ``finish`` records the output and returns it."""
+        model = self._model_name()
+        top_n = self.top_n if self.top_n is not None else len(nodes)
+        dispatcher.event(
+            ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=top_n, model_name=model)
+        )
+        payload: dict[str, Any] = {
+            EventPayload.NODES: nodes,
+            EventPayload.MODEL_NAME: model,
+            EventPayload.QUERY_STR: query_bundle.query_str if query_bundle else None,
+            EventPayload.TOP_K: top_n,
+        }
+        with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
+
+            def finish(result: list[NodeWithScore]) -> list[NodeWithScore]:
+                event.on_end(payload={EventPayload.NODES: result})
+                dispatcher.event(ReRankEndEvent(nodes=result))
+                return result
+
+            yield finish
+
+
+def _copy(item: NodeWithScore, extra: dict[str, Any]) -> Any:
+    node = item.node
+    return node.model_copy(
+        update={
+            "metadata": {**node.metadata, RETRIEVAL_SCORE_KEY: item.score, **extra},
+            "excluded_llm_metadata_keys": _with_keys(node.excluded_llm_metadata_keys),
+            "excluded_embed_metadata_keys": _with_keys(node.excluded_embed_metadata_keys),
+        }
+    )
+
+
+def _with_keys(keys: list[str]) -> list[str]:
+    return [*keys, *(key for key in _ADDED_KEYS if key not in keys)]
+
+
+def _build(nodes: list[NodeWithScore], outcome: Outcome) -> list[NodeWithScore]:
+    if outcome.results is None:
+        return [
+            NodeWithScore(node=_copy(nodes[i], {FALLBACK_KEY: True}), score=nodes[i].score)
+            for i in outcome.fallback_indices or []
+        ]
+    return [
+        NodeWithScore(node=_copy(nodes[r.index], {STAGE_KEY: r.stage.label}), score=r.score)
+        for r in outcome.results
+    ]
