@@ -77,19 +77,7 @@ def make_workloads(seed: int) -> dict[str, list[tuple[str, list[str]]]]:
 def build_model(directory: Path) -> Path:
     if (directory / "config.json").exists():
         return directory
-    try:
-        from memos_rerank_integrations.testing import build_tiny_qwen_reranker
-    except ModuleNotFoundError:  # the cross-encoder half of `testing` is not merged yet
-        import importlib.util
-
-        import memos_rerank_integrations
-
-        source = Path(memos_rerank_integrations.__file__).parent / "testing" / "_qwen.py"
-        spec = importlib.util.spec_from_file_location("_tiny_qwen_builder", source)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        build_tiny_qwen_reranker = module.build_tiny_qwen_reranker
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
     rng = random.Random(1234)
     texts = [sentence(rng, 5, 40) for _ in range(3000)] + [DEFAULT_INSTRUCTION] * 20
