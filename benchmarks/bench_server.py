@@ -94,7 +94,9 @@ def free_port() -> int:
 class Server:
     """``memos-rerank serve`` as a subprocess."""
 
-    def __init__(self, model: Path, *, batching: bool, dtype: str | None) -> None:
+    def __init__(
+        self, model: Path, *, batching: bool, dtype: str | None, max_batch_documents: int | None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
@@ -113,6 +115,8 @@ class Server:
             command.append("--no-batching")
         if dtype:
             command += ["--dtype", dtype]
+        if max_batch_documents:
+            command += ["--max-batch-documents", str(max_batch_documents)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self.process = subprocess.Popen(command, env=env)
 
@@ -207,6 +211,10 @@ def main() -> None:
     parser.add_argument("--small-rounds", type=int, default=2)
     parser.add_argument("--memory-rounds", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="server dtype (default: per device)")
+    parser.add_argument(
+        "--max-batch-documents", type=int, default=None, help="server option (default: its own)"
+    )
+    parser.add_argument("--modes", default="batching,single", help="batching and/or single")
     parser.add_argument("--workloads", default="small,memory")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -214,9 +222,15 @@ def main() -> None:
     model = bench_qwen.build_model(args.model_dir)
     rounds = {"small": args.small_rounds, "memory": args.memory_rounds}
     results: list[Result] = []
-    for batching in (True, False):
+    for batching in (mode == "batching" for mode in args.modes.split(",")):
         mode = "micro-batching" if batching else "one at a time"
-        with Server(model, batching=batching, dtype=args.dtype) as server:
+        server_options = {"dtype": args.dtype, "max_batch_documents": args.max_batch_documents}
+        with Server(model, batching=batching, **server_options) as server:
+            # Not measured: the first forward passes of each shape are slow (kernel
+            # selection, allocator growth).
+            for workload in ("small", "memory"):
+                warm_up = make_requests(workload, 4, 1, seed=1)
+                asyncio.run(run_scenario(server.url, mode, workload, warm_up))
             for workload in args.workloads.split(","):
                 calls = make_requests(workload, args.clients, rounds[workload], seed=7)
                 result = asyncio.run(run_scenario(server.url, mode, workload, calls))

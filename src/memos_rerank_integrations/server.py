@@ -29,7 +29,7 @@ from ._types import Reranker, RerankResult
 
 try:
     from starlette.applications import Starlette
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -225,7 +225,7 @@ def create_app(
     max_body_bytes: int = 4 * 1024 * 1024,
     batching: bool = True,
     batch_window_ms: float = 5.0,
-    max_batch_documents: int = 128,
+    max_batch_documents: int = 32,
 ) -> Starlette:
     """Build the ASGI app serving ``reranker`` (typically a local backend).
 
@@ -257,6 +257,9 @@ def create_app(
             except _RequestError as error:
                 headers = {"WWW-Authenticate": dialect.scheme} if error.status == 401 else None
                 return JSONResponse(dialect.error_body(error), error.status, headers=headers)
+            except ClientDisconnect:
+                # The client left mid-body: nobody reads this answer, and no model work ran.
+                return Response(status_code=400)
             return JSONResponse(dialect.response_body(parsed, results, model_name))
 
         return handle
