@@ -115,3 +115,37 @@ def test_no_cut_points_fit_better(pairs: list[tuple[float, int]], cuts: list[flo
     rival = StageThresholds.from_cuts(cuts)
     assert stage_error(fitted, scores, grades) <= stage_error(rival, scores, grades) + 1e-12
     assert stage_error(fitted, scores, grades) <= stage_error(StageThresholds(), scores, grades)
+
+
+def test_balanced_error_weighs_every_graded_stage_equally() -> None:
+    thresholds = StageThresholds()
+    scores = [0.1, 0.1, 0.1, 0.1, 0.1]  # all irrelevant
+    grades = [0, 0, 0, 0, 4]
+    assert stage_error(thresholds, scores, grades) == pytest.approx(4 / 5)
+    assert stage_error(thresholds, scores, grades, balanced=True) == pytest.approx((0 + 4) / 2)
+
+
+def test_balanced_fit_keeps_a_rare_stage_apart() -> None:
+    # Nine irrelevant pairs score up to 0.5; the one relevant pair scores 0.45.
+    scores = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.45]
+    grades = [0] * 9 + [3]
+    plain = fit_thresholds(scores, grades)
+    balanced = fit_thresholds(scores, grades, balanced=True)
+    assert plain.stage(0.45) == Stage.IRRELEVANT  # one pair is not worth two mistakes
+    assert balanced.stage(0.45) == Stage.RELEVANT
+    assert stage_error(balanced, scores, grades, balanced=True) < stage_error(
+        plain, scores, grades, balanced=True
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(labelled, cut_points)
+def test_no_cut_points_fit_better_balanced(
+    pairs: list[tuple[float, int]], cuts: list[float]
+) -> None:
+    scores = [score for score, _ in pairs]
+    grades = [grade for _, grade in pairs]
+    fitted = fit_thresholds(scores, grades, balanced=True)
+    rival = StageThresholds.from_cuts(cuts)
+    best = stage_error(fitted, scores, grades, balanced=True)
+    assert best <= stage_error(rival, scores, grades, balanced=True) + 1e-9

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 from ._exceptions import InvalidInputError
@@ -26,7 +27,12 @@ __all__ = ["fit_thresholds", "stage_error"]
 _STAGES = len(Stage)
 
 
-def fit_thresholds(scores: Sequence[float], stages: Sequence[Stage | int | str]) -> StageThresholds:
+def fit_thresholds(
+    scores: Sequence[float],
+    stages: Sequence[Stage | int | str],
+    *,
+    balanced: bool = False,
+) -> StageThresholds:
     """Fit the four cut points that best reproduce hand-graded stages.
 
     ``scores`` are a backend's scores in [0, 1] and ``stages`` the grade you gave
@@ -38,23 +44,40 @@ def fit_thresholds(scores: Sequence[float], stages: Sequence[Stage | int | str])
     fitted to get cuts spread evenly through the same gap, or between the
     extreme scores and 0 or 1.
 
+    With ``balanced=True`` each pair counts ``1 / (number of pairs graded like it)``,
+    so every graded stage weighs the same in total. Use it when one grade dominates
+    the labelled set, as *irrelevant* usually does (most memories have nothing to do
+    with a given query): unweighted, the many irrelevant pairs can squeeze the
+    middle stages into a sliver.
+
     Raises :class:`~memos_rerank_integrations.InvalidInputError` when the inputs
     are empty, of different lengths, or hold a score outside [0, 1] or a value
     that is not a stage.
     """
     pairs = _checked(scores, stages)
-    groups = _groups(pairs)
+    groups = _groups(pairs, balanced=balanced)
     assigned = _best_assignment(groups)
     return StageThresholds.from_cuts(_cuts(groups, assigned))
 
 
 def stage_error(
-    thresholds: StageThresholds, scores: Sequence[float], stages: Sequence[Stage | int | str]
+    thresholds: StageThresholds,
+    scores: Sequence[float],
+    stages: Sequence[Stage | int | str],
+    *,
+    balanced: bool = False,
 ) -> float:
     """The mean ``|stage given by thresholds - given stage|`` over labelled pairs
-    (0.0 means every pair lands in its graded stage)."""
+    (0.0 means every pair lands in its graded stage). With ``balanced=True``, the
+    mean of that error over each graded stage's pairs, averaged over the stages
+    present, so a rare stage counts as much as a common one."""
     pairs = _checked(scores, stages)
-    return sum(abs(thresholds.stage(score) - stage) for score, stage in pairs) / len(pairs)
+    errors: dict[Stage, list[int]] = {}
+    for score, stage in pairs:
+        errors.setdefault(stage, []).append(abs(thresholds.stage(score) - stage))
+    if balanced:
+        return sum(sum(e) / len(e) for e in errors.values()) / len(errors)
+    return sum(sum(e) for e in errors.values()) / len(pairs)
 
 
 def _checked(
@@ -84,16 +107,17 @@ def _checked(
     return pairs
 
 
-def _groups(pairs: list[tuple[float, Stage]]) -> list[tuple[float, list[int]]]:
-    """Pairs grouped by equal score, ascending: (score, count of each stage).
+def _groups(pairs: list[tuple[float, Stage]], *, balanced: bool) -> list[tuple[float, list[float]]]:
+    """Pairs grouped by equal score, ascending: (score, weight of each stage).
 
     Equal scores always share a stage, so they are decided together."""
-    groups: list[tuple[float, list[int]]] = []
+    totals = Counter(stage for _, stage in pairs)
+    groups: list[tuple[float, list[float]]] = []
     for score, members in itertools.groupby(sorted(pairs), key=lambda pair: pair[0]):
-        counts = [0] * _STAGES
+        weights = [0.0] * _STAGES
         for _, stage in members:
-            counts[stage] += 1
-        groups.append((score, counts))
+            weights[stage] += 1.0 / totals[stage] if balanced else 1.0
+        groups.append((score, weights))
     return groups
 
 
@@ -107,7 +131,7 @@ def _room(low: float | None, high: float) -> int:
     return count
 
 
-def _best_assignment(groups: list[tuple[float, list[int]]]) -> list[int]:
+def _best_assignment(groups: list[tuple[float, list[float]]]) -> list[int]:
     """A non-decreasing stage per group with the least total ordinal error, such
     that the stages skipped between neighbours have room for their cut points."""
     inf = math.inf
@@ -136,7 +160,7 @@ def _best_assignment(groups: list[tuple[float, list[int]]]) -> list[int]:
     return assigned
 
 
-def _cuts(groups: list[tuple[float, list[int]]], assigned: list[int]) -> list[float]:
+def _cuts(groups: list[tuple[float, list[float]]], assigned: list[int]) -> list[float]:
     """Place cut ``k`` (1-4) in the gap between the groups below stage ``k`` and
     those at or above it; cuts sharing a gap are spread evenly through it."""
     scores = [score for score, _ in groups]
