@@ -4,12 +4,15 @@ built offline."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from memos_rerank_integrations import (
@@ -334,3 +337,139 @@ def test_repr_names_the_model(one_label: Path) -> None:
 def test_scores_are_probabilities(one_label: Path) -> None:
     results = CrossEncoderReranker(one_label, dtype="float32").rerank(QUERY, DOCUMENTS)
     assert all(0.0 <= result.score <= 1.0 and math.isfinite(result.score) for result in results)
+
+
+QUERY_TEMPLATE = "question: {query}"
+DOCUMENT_TEMPLATE = "memory: {document} end of memory."
+
+
+def test_templates_wrap_query_and_document(one_label: Path) -> None:
+    reranker = CrossEncoderReranker(
+        one_label,
+        dtype="float32",
+        query_template=QUERY_TEMPLATE,
+        document_template=DOCUMENT_TEMPLATE,
+    )
+    short = [d for d in DOCUMENTS if len(d) < 100]
+    expected = torch.sigmoid(
+        reference_logits(
+            one_label,
+            QUERY_TEMPLATE.format(query=QUERY),
+            [DOCUMENT_TEMPLATE.format(document=d) for d in short],
+            max_length=128,
+        )
+    )
+    assert scores_by_index(reranker.rerank(QUERY, short)) == pytest.approx(
+        expected[:, 0].tolist(), abs=1e-5
+    )
+
+
+def test_long_document_keeps_the_template_tail(one_label: Path) -> None:
+    max_length = 40
+    reranker = CrossEncoderReranker(
+        one_label,
+        dtype="float32",
+        max_length=max_length,
+        query_template=QUERY_TEMPLATE,
+        document_template=DOCUMENT_TEMPLATE,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(one_label)
+    model = AutoModelForSequenceClassification.from_pretrained(one_label, dtype=torch.float32)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # [CLS] query [SEP] head+document (cut) tail [SEP], built by hand.
+    query_ids = ids(QUERY_TEMPLATE.format(query=QUERY))
+    tail_ids = ids(" end of memory.")
+    room = max_length - 3 - len(query_ids) - len(tail_ids)
+    document_ids = ids("memory: " + DOCUMENTS[5])[:room] + tail_ids
+    input_ids = [tokenizer.cls_token_id, *query_ids, tokenizer.sep_token_id]
+    token_types = [0] * len(input_ids) + [1] * (len(document_ids) + 1)
+    input_ids += [*document_ids, tokenizer.sep_token_id]
+    assert len(input_ids) == max_length
+    with torch.no_grad():
+        logit = model(
+            input_ids=torch.tensor([input_ids]), token_type_ids=torch.tensor([token_types])
+        ).logits
+    [result] = reranker.rerank(QUERY, [DOCUMENTS[5]])
+    assert result.score == pytest.approx(torch.sigmoid(logit).item(), abs=1e-5)
+    # Batched with short documents (which keep their plain encoding), still equal.
+    results = reranker.rerank(QUERY, [DOCUMENTS[0], DOCUMENTS[5], ""])
+    assert scores_by_index(results)[1] == pytest.approx(result.score, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"query_template": "no placeholder"}, "query_template must be a str holding"),
+        ({"document_template": "{document} {document}"}, "document_template must be"),
+        ({"document_template": None}, "document_template must be"),
+    ],
+)
+def test_bad_templates_are_rejected(one_label: Path, options: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        CrossEncoderReranker(one_label, **options)
+
+
+def test_max_length_too_small_for_the_template_tail(one_label: Path) -> None:
+    reranker = CrossEncoderReranker(
+        one_label, dtype="float32", max_length=8, document_template="{document}" + " tail" * 10
+    )
+    with pytest.raises(InvalidInputError, match="max_length leaves only"):
+        reranker.rerank(QUERY, [DOCUMENTS[5]])
+
+
+@pytest.fixture(scope="module")
+def last_token_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen3ForSequenceClassification (the "-seq-cls" shape: it scores the last
+    non-pad token, found through config.pad_token_id) with no pad token anywhere."""
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    path = build_tiny_cross_encoder(tmp_path_factory.mktemp("qwen3-seq-cls"), pad_token=False)
+    config = Qwen3Config(
+        vocab_size=len(AutoTokenizer.from_pretrained(path)),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=None,
+        initializer_range=0.5,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = Qwen3ForSequenceClassification(config)
+    model.save_pretrained(path)
+    return path
+
+
+def test_last_token_pooling_model_without_pad_token(last_token_model: Path) -> None:
+    reranker = CrossEncoderReranker(last_token_model, dtype="float32", max_length=32)
+    expected = torch.sigmoid(reference_logits(last_token_model, QUERY, DOCUMENTS, max_length=32))
+    results = reranker.rerank(QUERY, DOCUMENTS)
+    assert scores_by_index(results) == pytest.approx(expected[:, 0].tolist(), abs=1e-5)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    documents=st.lists(st.text(alphabet="abc xyz用户!", max_size=40), max_size=8),
+    top_n=st.one_of(st.none(), st.integers(min_value=1, max_value=10)),
+)
+def test_any_input_gives_a_sorted_ranking_of_every_document(
+    one_label: Path, documents: list[str], top_n: int | None
+) -> None:
+    reranker = CrossEncoderReranker(one_label, dtype="float32", max_length=24, max_batch_tokens=64)
+    results = reranker.rerank(QUERY, documents, top_n)
+    everything = reranker.rerank(QUERY, documents)
+    assert sorted(result.index for result in everything) == list(range(len(documents)))
+    assert results == everything[: top_n or None]
+    for better, worse in itertools.pairwise(everything):
+        assert better.score > worse.score or (
+            better.score == worse.score and better.index < worse.index
+        )

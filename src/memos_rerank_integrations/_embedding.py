@@ -6,13 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._encoder_base import (
-    LoadedEncoder,
-    LocalEncoderReranker,
-    choose_pad_id,
-    length_limit,
-    run_batches,
-)
+from ._encoder_base import LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
 from ._types import DEFAULT_THRESHOLDS, StageThresholds
 
 if TYPE_CHECKING:
@@ -85,13 +79,9 @@ class EmbeddingReranker(LocalEncoderReranker):
         )
 
     def _load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model)
-        model = AutoModel.from_pretrained(self.model, dtype=dtype)
-        model.to(device).eval()
-        pad_id = choose_pad_id(tokenizer, model.config)
-        return LoadedEncoder(model, tokenizer, device, pad_id, length_limit(tokenizer))
+        return load_encoder(self.model, AutoModel, device, dtype)
 
     def _score(
         self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]

@@ -31,7 +31,14 @@ from ._types import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LoadedEncoder", "LocalEncoderReranker", "RerankCall", "choose_pad_id", "run_batches"]
+__all__ = [
+    "LoadedEncoder",
+    "LocalEncoderReranker",
+    "RerankCall",
+    "choose_pad_id",
+    "load_encoder",
+    "run_batches",
+]
 
 RerankCall = tuple[str, Sequence[str], "int | None"]
 Encodings = Mapping[str, Sequence[Sequence[int]]]
@@ -75,7 +82,20 @@ def choose_pad_id(tokenizer: Any, config: Any) -> int:
     return pad_id
 
 
-def length_limit(tokenizer: Any) -> int | None:
+def load_encoder(
+    model: str, auto_class: Any, device: torch.device, dtype: torch.dtype
+) -> LoadedEncoder:
+    """Load ``model`` with a transformers ``Auto*`` class and its tokenizer, in eval mode."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    network = auto_class.from_pretrained(model, dtype=dtype)
+    network.to(device).eval()
+    pad_id = choose_pad_id(tokenizer, network.config)
+    return LoadedEncoder(network, tokenizer, device, pad_id, _length_limit(tokenizer))
+
+
+def _length_limit(tokenizer: Any) -> int | None:
     """The longest input the tokenizer says its model accepts, if it says."""
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
