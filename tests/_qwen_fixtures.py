@@ -3,8 +3,7 @@ session, and a plain implementation of the model card's transformers recipe."""
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,29 +11,7 @@ import pytest
 import torch
 
 from memos_rerank_integrations._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
-
-
-def _load_builder() -> Callable[..., Path]:
-    try:
-        from memos_rerank_integrations.testing import build_tiny_qwen_reranker
-    except ModuleNotFoundError as exc:
-        # testing/__init__.py also imports the cross-encoder builder, which lives on
-        # another branch until both are merged; load our module by path meanwhile.
-        if not (exc.name or "").endswith("_encoders"):
-            raise
-        import memos_rerank_integrations
-
-        source = Path(memos_rerank_integrations.__file__).parent / "testing" / "_qwen.py"
-        spec = importlib.util.spec_from_file_location("_tiny_qwen_builder", source)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        builder: Callable[..., Path] = module.build_tiny_qwen_reranker
-        return builder
-    return build_tiny_qwen_reranker
-
-
-build_tiny_qwen_reranker = _load_builder()
+from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
 
 class ModelCardRecipe:

@@ -22,7 +22,7 @@ from memos_rerank_integrations import (
     Stage,
     StageThresholds,
 )
-from memos_rerank_integrations._local_engine import resolve_dtype
+from memos_rerank_integrations._local_engine import limit_padding, resolve_dtype
 from memos_rerank_integrations._qwen import PROMPT_PREFIX
 
 from . import _qwen_fixtures
@@ -472,3 +472,19 @@ def test_threads_share_one_model_safely(tiny_qwen_dir: Path) -> None:
         got = list(pool.map(lambda i: scores_of(rerankers[i], f"query {i}", documents), range(6)))
     for a, b in zip(got, expected, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
+
+
+# -- batching helpers --------------------------------------------------------------------------
+
+
+def test_limit_padding_splits_only_wasteful_batches() -> None:
+    lengths = [30, 29, 28, 20, 19, 10, 9, 1]
+    batch = list(range(len(lengths)))  # already longest first
+    runs = limit_padding(batch, lengths, max_padding=0.2)
+    assert [i for run in runs for i in run] == batch
+    for run in runs:
+        padded = len(run) * max(lengths[i] for i in run)
+        assert padded - sum(lengths[i] for i in run) <= 0.2 * padded or len(run) == 1
+    assert len(runs) > 1
+    # Small batches are kept whole: a bigger matmul is worth more than its padding.
+    assert limit_padding(batch, lengths, max_padding=0.2, min_tokens=1000) == [batch]

@@ -22,6 +22,7 @@ __all__ = [
     "budget_batches",
     "check_positive_int",
     "clear_model_cache",
+    "limit_padding",
     "load_shared",
     "model_cache_key",
     "require_local",
@@ -195,3 +196,30 @@ def budget_batches(
     if current:
         batches.append(current)
     return batches
+
+
+def limit_padding(
+    batch: Sequence[int], lengths: Sequence[int], *, max_padding: float, min_tokens: int = 0
+) -> list[list[int]]:
+    """Split a longest-first batch (as :func:`budget_batches` makes them) into runs
+    whose padding stays at most ``max_padding`` of their padded size.
+
+    Runs smaller than ``min_tokens`` padded tokens are never split further: below
+    that, a bigger matrix multiply is worth more than the padding it saves.
+    """
+    runs: list[list[int]] = []
+    current: list[int] = []
+    real = longest = 0
+    for index in batch:
+        widest = max(longest, lengths[index])
+        padded = (len(current) + 1) * widest
+        padding = padded - real - lengths[index]
+        if current and padded > min_tokens and padding > max_padding * padded:
+            runs.append(current)
+            current, real, widest = [], 0, lengths[index]
+        current.append(index)
+        real += lengths[index]
+        longest = widest
+    if current:
+        runs.append(current)
+    return runs

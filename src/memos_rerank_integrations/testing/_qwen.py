@@ -3,6 +3,7 @@ checkpoint with random weights, built offline in a second."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +37,25 @@ _CORPUS = [
 def build_tiny_qwen_reranker(
     directory: str | Path,
     *,
-    vocab_size: int = 640,
+    tokenizer_vocab_size: int = 640,
     pad_token: str | None = "<|endoftext|>",
     seed: int = 0,
+    training_texts: Sequence[str] = (),
     **config_overrides: Any,
 ) -> Path:
     """Save a tiny Qwen3-Reranker-shaped model (tokenizer and random weights) to
     ``directory`` and return its path; ``QwenReranker(path)`` loads it offline.
 
-    ``vocab_size`` is the trained BPE vocabulary; the model's embedding matrix
-    may be larger (pass ``vocab_size`` inside ``config_overrides`` via
-    ``model_vocab_size=...``), which is how the benchmark builds a model with
-    Qwen3-0.6B's 151,669 rows without training a 151k-token tokenizer.
+    ``tokenizer_vocab_size`` is the size of the trained BPE vocabulary. The model's
+    ``vocab_size`` defaults to the tokenizer's size and may be set larger (the extra
+    embedding rows are never produced by the tokenizer): that is how the benchmark
+    builds a model with Qwen3-0.6B's 151,669 rows without a 151k-token tokenizer.
     ``config_overrides`` go to :class:`transformers.Qwen3Config` (e.g.
     ``num_hidden_layers=28, hidden_size=1024``). ``pad_token=None`` saves a
     tokenizer without a padding token, like some published Qwen checkpoints.
+    ``training_texts`` add to the BPE training corpus (with a larger
+    ``tokenizer_vocab_size``, whole words of those texts become single tokens, as
+    in the real 151k vocabulary).
     """
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -70,12 +75,12 @@ def build_tiny_qwen_reranker(
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=tokenizer_vocab_size,
         special_tokens=_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator([*_CORPUS * 4, *training_texts], trainer=trainer)
     tokenizer.add_tokens(_ADDED_TOKENS)
     for word in ("yes", "no"):
         if tokenizer.token_to_id(word) is None:  # pragma: no cover - corpus guarantees it
@@ -90,10 +95,10 @@ def build_tiny_qwen_reranker(
     )
     fast.save_pretrained(path)
 
-    model_vocab_size = config_overrides.pop("model_vocab_size", len(fast))
+    model_vocab_size = config_overrides.pop("vocab_size", len(fast))
     if model_vocab_size < len(fast):
         raise ValueError(
-            f"model_vocab_size={model_vocab_size} is smaller than the tokenizer ({len(fast)})."
+            f"vocab_size={model_vocab_size} is smaller than the tokenizer ({len(fast)})."
         )
     settings: dict[str, Any] = {
         "vocab_size": model_vocab_size,

@@ -1,0 +1,371 @@
+"""QwenReranker vs the Qwen3-Reranker model card recipe, on a Qwen3-0.6B-shaped model.
+
+The model has Qwen3-Reranker-0.6B's shape (28 layers, hidden 1024, 16 query / 8 KV
+heads, head_dim 128, intermediate 3072, vocab 151,669, tied embeddings) and random
+weights, built offline by ``memos_rerank_integrations.testing``; its tokenizer is a
+small byte-level BPE trained on the benchmark's word list, so whole words are single
+tokens as in the real vocabulary. Both sides score the same inputs at the same dtype
+in one process, one after the other.
+
+    PYTHONPATH=src python benchmarks/bench_qwen.py --model-dir /tmp/qwen3-0.6b-shaped \
+        --json benchmarks/bench_qwen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memos_rerank_integrations import QwenReranker
+from memos_rerank_integrations._local_engine import clear_model_cache, resolve_dtype
+from memos_rerank_integrations._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
+
+QWEN3_06B_SHAPE = {
+    "vocab_size": 151669,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+}
+
+_WORD_LIST = """
+user likes prefers playing badminton tennis coffee tea morning evening weekend travel trip
+beijing hangzhou shanghai meeting project deadline backend developer frontend python rust
+music jazz piano guitar books science fiction space exploration movies restaurant dinner
+vegetarian spicy food noodles dumplings baijiu moutai wine beer allergy peanuts doctor
+appointment tuesday wednesday friday sunday january march july october birthday sister
+brother mother father friend colleague manager team office remote home apartment rent
+budget savings salary bank card password login mobile app issue support ticket reply
+concise detailed summary report slides presentation conference paper review deadline
+gym running swimming yoga hiking mountain beach camera photos painting garden plants
+cat dog vet walk park city train flight hotel booking visa passport language chinese
+english spanish learning course exam study notes podcast news weather rain snow sunny
+the a an of to in on at for with about from by and or but is was are were has have
+had will would can could should this that these those my your his her their our it
+"""
+WORDS = _WORD_LIST.split()
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(low, high))]
+    return " ".join(words).capitalize() + "."
+
+
+def make_workloads(seed: int) -> dict[str, list[tuple[str, list[str]]]]:
+    rng = random.Random(seed)
+    return {
+        "memory": [(sentence(rng, 6, 10), [sentence(rng, 3, 18) for _ in range(20)])],
+        "rag": [(sentence(rng, 6, 10), [sentence(rng, 60, 160) for _ in range(12)])],
+        "one_memory": [(sentence(rng, 6, 10), [sentence(rng, 3, 18)]) for _ in range(6)],
+    }
+
+
+def build_model(directory: Path) -> Path:
+    if (directory / "config.json").exists():
+        return directory
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
+
+    rng = random.Random(1234)
+    texts = [sentence(rng, 5, 40) for _ in range(3000)] + [DEFAULT_INSTRUCTION] * 20
+    return build_tiny_qwen_reranker(
+        directory, tokenizer_vocab_size=4096, training_texts=texts, **QWEN3_06B_SHAPE
+    )
+
+
+class Recipe:
+    """The model card's transformers code (tokenize, left pad, full logits, [no, yes])."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, max_length: int = 8192) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.max_length = max_length
+        self.prefix = self.tokenizer.encode(PROMPT_PREFIX, add_special_tokens=False)
+        self.suffix = self.tokenizer.encode(PROMPT_SUFFIX, add_special_tokens=False)
+        self.yes = self.tokenizer.convert_tokens_to_ids("yes")
+        self.no = self.tokenizer.convert_tokens_to_ids("no")
+
+    def __call__(self, query: str, documents: Sequence[str]) -> list[float]:
+        pairs = [
+            f"<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: {query}\n<Document>: {doc}"
+            for doc in documents
+        ]
+        inputs = self.tokenizer(
+            pairs,
+            padding=False,
+            truncation="longest_first",
+            return_attention_mask=False,
+            max_length=self.max_length - len(self.prefix) - len(self.suffix),
+        )
+        for i, ele in enumerate(inputs["input_ids"]):
+            inputs["input_ids"][i] = self.prefix + ele + self.suffix
+        inputs = self.tokenizer.pad(inputs, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = self.model(**inputs).logits[:, -1, :]
+        pair = torch.stack([logits[:, self.no], logits[:, self.yes]], dim=1)
+        scores: list[float] = torch.nn.functional.log_softmax(pair, dim=1)[:, 1].exp().tolist()
+        return scores
+
+
+def package_scores(reranker: QwenReranker) -> Callable[[str, Sequence[str]], list[float]]:
+    def run(query: str, documents: Sequence[str]) -> list[float]:
+        scores = [0.0] * len(documents)
+        for result in reranker.rerank(query, documents):
+            scores[result.index] = result.score
+        return scores
+
+    return run
+
+
+def reset_peak_rss() -> None:
+    # Linux: "5" resets the process's peak resident set size (VmHWM).
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(
+    score: Callable[[str, Sequence[str]], list[float]],
+    calls: list[tuple[str, list[str]]],
+    repeats: int,
+) -> tuple[float, list[list[float]], float]:
+    """Best wall time of the whole workload over ``repeats``; scores; peak RSS above
+    the RSS before the run (the run's working memory, weights excluded)."""
+    baseline = rss_mib("VmRSS")
+    reset_peak_rss()
+    best = float("inf")
+    scores: list[list[float]] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scores = [score(query, documents) for query, documents in calls]
+        best = min(best, time.perf_counter() - start)
+    return best, scores, rss_mib("VmHWM") - baseline
+
+
+def gemm_rate(dtype: torch.dtype) -> float:
+    """FLOP/s of a [1024 x 1024] @ [1024 x 3072] matmul (the model's MLP shape), best
+    of five trials."""
+    a = torch.randn(1024, 1024, dtype=dtype)
+    b = torch.randn(1024, 3072, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024 * 1024 * 3072 * 4 / best
+
+
+def unique_tokens(sequences: Sequence[Sequence[int]]) -> int:
+    """Distinct token positions (nodes of the prefix trie of the recipe's sequences):
+    the least any exact method must run through the model."""
+    prefixes: set[tuple[int, ...]] = set()
+    for sequence in sequences:
+        for end in range(1, len(sequence) + 1):
+            prefixes.add(tuple(sequence[:end]))
+    return len(prefixes)
+
+
+def non_embedding_parameters(path: Path) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # tied head counted once
+    return total - model.get_input_embeddings().weight.numel()
+
+
+def top5(scores: Sequence[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])[:5]
+
+
+def compare(a: list[list[float]], b: list[list[float]]) -> dict[str, Any]:
+    diff = max(abs(x - y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
+    same_top5 = all(top5(xs) == top5(ys) for xs, ys in zip(a, b, strict=True))
+    return {"max_abs_diff": diff, "same_top5": same_top5}
+
+
+def machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    return {
+        "cpu": info.get("Model name", "?").strip(),
+        "cpus": info.get("CPU(s)", "?").strip(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3-0.6b-shaped"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (1 avoids OpenMP stalls when other jobs share the cores)",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    started = time.perf_counter()
+    path = build_model(args.model_dir)
+    workloads = make_workloads(args.seed)
+    report: dict[str, Any] = {"machine": machine(), "results": {}}
+    print(json.dumps(report["machine"]))
+
+    parameters = non_embedding_parameters(path)
+    report["non_embedding_parameters"] = parameters
+    default_dtype = resolve_dtype(None, torch.device("cpu"))
+    report["default_dtype"] = str(default_dtype)
+
+    reference: dict[str, list[list[float]]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        recipe = Recipe(path, dtype)
+        reranker = QwenReranker(path, dtype=dtype, device="cpu")
+        scorer = reranker._loaded()
+        recipe("warm up", ["a short memory"])
+        reranker.rerank("warm up", ["a short memory"])  # fills the instruction cache
+        package = package_scores(reranker)
+        rates = []
+        report["results"][name] = {}
+        for workload, calls in workloads.items():
+            # Interleaved, best of each: the machine is shared, so load changes over time.
+            recipe_run: tuple[float, list[list[float]], float] = (float("inf"), [], 0.0)
+            package_run: tuple[float, list[list[float]], float] = (float("inf"), [], 0.0)
+            for _ in range(1 if workload == "rag" else args.repeats):
+                rates.append(gemm_rate(dtype))
+                recipe_run = min(recipe_run, timed(recipe, calls, 1), key=lambda run: run[0])
+                package_run = min(package_run, timed(package, calls, 2), key=lambda run: run[0])
+            r_seconds, r_scores, r_peak = recipe_run
+            seconds, scores, peak = package_run
+            pairs = sum(len(documents) for _, documents in calls)
+            sequences = [
+                sequence
+                for query, documents in calls
+                for sequence in scorer.sequences(
+                    reranker.instruction, query, documents, max_length=8192, max_query_length=None
+                )
+            ]
+            rate = max(rates)
+            floor = unique_tokens(sequences) * 2 * parameters / rate
+            entry = {
+                "pairs": pairs,
+                "recipe_s": r_seconds,
+                "package_s": seconds,
+                "recipe_pairs_per_s": pairs / r_seconds,
+                "package_pairs_per_s": pairs / seconds,
+                "speedup": r_seconds / seconds,
+                "recipe_tokens": sum(len(s) for s in sequences),
+                "unique_tokens": unique_tokens(sequences),
+                "gemm_tflops": rate / 1e12,
+                "floor_s": floor,
+                "fraction_of_floor": floor / seconds,
+                "recipe_peak_extra_mib": r_peak,
+                "package_peak_extra_mib": peak,
+                "vs_recipe_same_dtype": compare(scores, r_scores),
+            }
+            if dtype == torch.float32:
+                reference[workload] = r_scores
+            else:
+                entry["vs_recipe_fp32"] = compare(scores, reference[workload])
+                entry["recipe_bf16_vs_recipe_fp32"] = compare(r_scores, reference[workload])
+            report["results"][name][workload] = entry
+            print(
+                f"[{name}] {workload:10s} recipe {r_seconds:8.3f} s  package {seconds:8.3f} s  "
+                f"x{entry['speedup']:.2f}  floor {entry['fraction_of_floor']:.0%}  "
+                f"peak +{r_peak:.0f}/+{peak:.0f} MiB  "
+                f"diff {entry['vs_recipe_same_dtype']['max_abs_diff']:.2e}",
+                flush=True,
+            )
+        del recipe, reranker, scorer, package
+        clear_model_cache()
+        gc.collect()
+
+    # The package's default dtype vs the recipe as the model card runs it on CPU (fp32).
+    default = QwenReranker(path, device="cpu")
+    default.rerank("warm up", ["a short memory"])
+    seconds, scores, _ = timed(package_scores(default), workloads["memory"], args.repeats + 1)
+    fp32_recipe = report["results"]["float32"]["memory"]["recipe_s"]
+    report["default_vs_recipe_fp32_memory"] = {
+        "dtype": str(default_dtype),
+        "package_s": seconds,
+        "recipe_fp32_s": fp32_recipe,
+        "speedup": fp32_recipe / seconds,
+        **compare(scores, reference["memory"]),
+    }
+    print(f"[default={default_dtype}] memory x{fp32_recipe / seconds:.2f} vs recipe fp32")
+    del default
+    clear_model_cache()
+    gc.collect()
+
+    report["sentence_transformers"] = cross_encoder(path, workloads["memory"], reference["memory"])
+    print("sentence-transformers:", json.dumps(report["sentence_transformers"]))
+    report["total_s"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()
+    print(f"total {report['total_s']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cross_encoder(
+    path: Path, calls: list[tuple[str, list[str]]], reference: list[list[float]]
+) -> dict[str, Any]:
+    """sentence-transformers' CrossEncoder on the same model and memory workload."""
+    try:
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(str(path), device="cpu", model_kwargs={"dtype": torch.float32})
+        model.predict([(calls[0][0], calls[0][1][0])])
+        start = time.perf_counter()
+        scores = [
+            [float(s) for s in model.predict([(query, doc) for doc in documents])]
+            for query, documents in calls
+        ]
+        seconds = time.perf_counter() - start
+    except Exception as exc:  # report whatever stops it
+        return {"loaded": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    pairs = sum(len(documents) for _, documents in calls)
+    return {
+        "loaded": True,
+        "seconds": seconds,
+        "pairs_per_s": pairs / seconds,
+        **compare(scores, reference),
+    }
+
+
+if __name__ == "__main__":
+    main()
