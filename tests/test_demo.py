@@ -115,15 +115,15 @@ def test_offline_falls_back_fast_and_ranks_the_baijiu_memory_first(empty_hf_home
 
 
 def test_runs_the_qwen_path_on_a_local_model(
-    tmp_path_factory: pytest.TempPathFactory, empty_hf_home: Path
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = build_tiny_qwen_reranker(tmp_path_factory.mktemp("tiny-qwen"))
-    proc = run_demo("--model", str(model), "--top-n", "2", hf_home=empty_hf_home)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert f"Model: {model} (QwenReranker)" in proc.stdout
-    assert "Falling back" not in proc.stdout and "cannot be reached" not in proc.stdout
-    parsed = sections(proc.stdout)
+    # In process (the subprocess run above covers the real command line).
+    model = build_tiny_qwen_reranker(tmp_path / "tiny-qwen")
+    assert main(["--model", str(model), "--top-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"Model: {model} (QwenReranker)" in out
+    assert "Falling back" not in out and "cannot be reached" not in out
+    parsed = sections(out)
     assert_complete(parsed, per_query=2)
     # The printed scores are the backend's own (to the printed precision).
     expected = QwenReranker(model).rerank(LIQUOR, list(MEMORIES), top_n=2)
@@ -132,13 +132,16 @@ def test_runs_the_qwen_path_on_a_local_model(
     assert [row.score for row in printed] == pytest.approx([r.score for r in expected], abs=1e-4)
 
 
-def test_qwen_only_without_the_model_is_a_clear_error(empty_hf_home: Path) -> None:
-    proc = run_demo("--backend", "qwen", hf_home=empty_hf_home, HF_HUB_OFFLINE="1")
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert "Could not load Qwen/Qwen3-Reranker-0.6B" in proc.stdout
-    assert "Try --backend embedding" in proc.stderr
-    assert "LangChain:" not in proc.stdout
+def test_qwen_only_without_the_model_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # --offline sets it; restored afterwards
+    missing = str(tmp_path / "no-such-model")
+    assert main(["--backend", "qwen", "--model", missing, "--offline"]) == 1
+    captured = capsys.readouterr()
+    assert f"Could not load {missing}: ModelLoadError" in captured.out
+    assert "Try --backend embedding" in captured.err
+    assert "LangChain:" not in captured.out
 
 
 def test_bad_options_are_rejected_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
