@@ -10,16 +10,24 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cohere
 import httpx
 import pytest
 import uvicorn
 
-from memos_rerank_integrations import RerankResult
+from memos_rerank_integrations import (
+    AuthenticationError,
+    CrossEncoderReranker,
+    MemOSReranker,
+    QwenReranker,
+    RerankResult,
+)
 from memos_rerank_integrations._batcher import MicroBatcher
 from memos_rerank_integrations._types import rank_scores
 from memos_rerank_integrations.server import create_app
+from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
 QUERY = "What are the user's hobbies?"
 DOCUMENTS = [
@@ -414,3 +422,89 @@ def test_missing_server_extra_names_it() -> None:
         env=env,
     )
     assert "memos-rerank-integrations[server]" in result.stdout
+
+
+# -- real tiny models behind the server ----------------------------------------------
+
+
+# float32: with bfloat16, batch composition alone moves scores by ~1e-3.
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> QwenReranker:
+    directory = tmp_path_factory.mktemp("server-models") / "qwen"
+    return QwenReranker(build_tiny_qwen_reranker(directory), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> CrossEncoderReranker:
+    directory = tmp_path_factory.mktemp("server-models") / "cross-encoder"
+    return CrossEncoderReranker(build_tiny_cross_encoder(directory), dtype="float32")
+
+
+@pytest.fixture(params=["tiny_qwen", "tiny_cross_encoder"])
+def real_backend(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue(request.param)
+
+
+def test_real_backend_scores_equal_in_process_over_both_apis(real_backend: Any) -> None:
+    expected = real_backend.rerank(QUERY, DOCUMENTS)
+    app = create_app(real_backend, model_name="tiny", api_key="k")
+    with LiveServer(app) as live:
+        client = cohere.ClientV2(api_key="k", base_url=live.url, max_retries=0, timeout=30)
+        via_cohere = client.rerank(model="tiny", query=QUERY, documents=DOCUMENTS).results
+        via_memos = memos_post(live, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2}, key="k")
+    assert [r.index for r in via_cohere] == [e.index for e in expected]
+    assert [r.relevance_score for r in via_cohere] == pytest.approx([e.score for e in expected])
+    results = via_memos.json()["results"]
+    assert [r["index"] for r in results] == [e.index for e in expected[:2]]
+    assert [r["relevance_score"] for r in results] == pytest.approx([e.score for e in expected[:2]])
+
+
+async def test_tiny_qwen_64_concurrent_requests_equal_sequential(tiny_qwen: QwenReranker) -> None:
+    requests = make_requests(64)
+    expected = [tiny_qwen.rerank(q, docs, top_n) for q, docs, top_n in requests]
+    with LiveServer(create_app(tiny_qwen, model_name="tiny")) as live:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=live.url, timeout=60, limits=limits) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/v2/rerank", json={"query": q, "documents": d, "top_n": n})
+                    for q, d, n in requests
+                )
+            )
+    assert all(r.status_code == 200 for r in responses)
+    for response, want in zip(responses, expected, strict=True):
+        results = response.json()["results"]
+        assert [r["index"] for r in results] == [e.index for e in want]
+        assert [r["relevance_score"] for r in results] == pytest.approx(
+            [e.score for e in want], abs=1e-5
+        )
+
+
+def test_memos_reranker_client_against_server(real_backend: Any) -> None:
+    expected = real_backend.rerank(QUERY, DOCUMENTS)
+    with LiveServer(create_app(real_backend, model_name="tiny", api_key="k")) as live:
+        client = MemOSReranker(api_key="k", base_url=live.url, max_retries=0, timeout=30)
+        got = client.rerank(QUERY, DOCUMENTS)
+        top = client.rerank(QUERY, DOCUMENTS, top_n=1)
+    assert [r.index for r in got] == [e.index for e in expected]
+    assert [r.score for r in got] == pytest.approx([e.score for e in expected], abs=1e-5)
+    assert [r.index for r in top] == [expected[0].index]
+
+
+async def test_memos_reranker_async_split_calls_and_bad_key(backend: WordOverlapReranker) -> None:
+    documents = [f"{DOCUMENTS[i % 5]} #{i}" for i in range(25)]
+    app = create_app(backend, model_name="m", api_key="k", max_documents=10)
+    with LiveServer(app) as live:
+        # The client splits to the server's per-request limit and merges the answers.
+        client = MemOSReranker(
+            api_key="k", base_url=live.url, max_retries=0, max_documents_per_request=10
+        )
+        got = await client.arerank(QUERY, documents)
+        wrong = MemOSReranker(api_key="nope", base_url=live.url, max_retries=0)
+        with pytest.raises(AuthenticationError) as error:
+            await wrong.arerank(QUERY, DOCUMENTS)
+    assert [(r.index, r.score) for r in got] == [
+        (e.index, e.score) for e in backend.rerank(QUERY, documents)
+    ]
+    assert error.value.status_code == 401
+    assert "nope" not in str(error.value)
