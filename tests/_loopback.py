@@ -163,3 +163,19 @@ def tei_shaped(request: Recorded) -> Reply:
         key=lambda item: -item["score"],
     )
     return Reply(200, ranked)
+
+
+def exception_texts(error: BaseException) -> list[str]:
+    """``str`` and ``repr`` of an exception and of everything reachable from it
+    through ``__cause__`` and ``__context__``."""
+    texts: list[str] = []
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        texts += [str(current), repr(current), repr(vars(current))]
+        pending += [current.__cause__, current.__context__]
+    return texts

@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 import pytest
 
-from _loopback import LoopbackServer, Recorded, Reply, cohere_results, cohere_shaped, score_of
+from _loopback import (
+    LoopbackServer,
+    Recorded,
+    Reply,
+    cohere_results,
+    cohere_shaped,
+    exception_texts,
+    score_of,
+)
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -399,10 +407,7 @@ def test_key_never_in_repr_str_errors_or_logs(
     ]
     texts = [repr(reranker), str(reranker), repr(vars(reranker))]
     for error in errors:
-        chained: BaseException | None = error
-        while chained is not None:
-            texts += [str(chained), repr(chained), repr(getattr(chained, "args", ()))]
-            chained = chained.__cause__ or chained.__context__
+        texts += exception_texts(error)
     assert caplog.records, "DEBUG logging produced no records to check"
     texts += [record.getMessage() for record in caplog.records]
     texts += [caplog.text]
