@@ -40,13 +40,18 @@ class Recorded:
 Responder = Callable[[Recorded], Reply]
 
 
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 makes a burst of 64 connections wait for SYN retries.
+    request_queue_size = 256
+
+
 class LoopbackServer:
     def __init__(self, default: Responder | None = None) -> None:
         self.requests: list[Recorded] = []
         self._script: deque[Reply | Responder] = deque()
         self._default = default
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True

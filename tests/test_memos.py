@@ -341,7 +341,7 @@ def test_64_concurrent_arerank_calls_on_one_instance(server: LoopbackServer) -> 
     for docs, results in zip(calls, answers, strict=True):
         assert [r.index for r in results] == expected_order(docs)
     assert len(server.requests) == 64
-    assert peak > 1
+    assert peak > 4  # the calls really overlap on the shared client
 
 
 # ---------------------------------------------------------------- keys, config, limits

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from typing_extensions import Unpack
 
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._extras import missing_extra
@@ -19,6 +18,9 @@ from ._http import (
     error_for_transport,
     resolve_api_key,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CohereReranker"]
 
