@@ -267,6 +267,16 @@ def test_total_time_is_bounded_by_timeout_and_retries(server: LoopbackServer) ->
     assert len(server.requests) == 3
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_trickling_answer_cannot_outlast_the_timeout(server: LoopbackServer, mode: str) -> None:
+    # Each byte arrives well within httpx's per-read timeout; the whole takes ~2 s.
+    server.script(Reply(200, OK, trickle=0.02))
+    started = time.monotonic()
+    with pytest.raises(RerankTimeoutError, match=r"longer than 0\.3"):
+        invoke(make(server, timeout=0.3, max_retries=0), mode, "q", DOCS)
+    assert time.monotonic() - started < 0.3 + 0.2
+
+
 # ---------------------------------------------------------------- big and concurrent calls
 
 
