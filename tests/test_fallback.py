@@ -256,14 +256,11 @@ def test_through_the_langchain_compressor(
 
     primary.script(Reply(500, {}))
     secondary.script(tei_shaped)
-    chain = FallbackReranker(
-        [
-            MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0),
-            HTTPReranker(secondary.url, api_format="tei"),
-        ]
-    )
+    tei = HTTPReranker(secondary.url, api_format="tei")
+    chain = FallbackReranker([MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0), tei])
     compressor = RerankCompressor(reranker=chain, top_n=2)
     out = compressor.compress_documents([Document(page_content=d) for d in DOCS], "q")
     assert [d.page_content for d in out] == [DOCS[i] for i in expected_order(DOCS)[:2]]
     assert all("rerank_fallback" not in d.metadata for d in out)
+    assert chain.last_backend is tei  # the record survives the adapter
     assert "FallbackReranker" in repr(chain) and KEY not in repr(chain)
