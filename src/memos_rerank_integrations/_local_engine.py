@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "budget_batches",
+    "check_positive_int",
     "clear_model_cache",
     "load_shared",
+    "model_cache_key",
     "require_local",
     "resolve_device",
     "resolve_dtype",
@@ -41,6 +43,28 @@ _DTYPE_NAMES = {
     "fp16": "float16",
     "half": "float16",
 }
+
+
+def check_positive_int(value: object, *, name: str, allow_none: bool = False) -> int | None:
+    """Validate an integer option that must be >= 1 (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a positive int or None" if allow_none else "a positive int"
+        raise InvalidInputError(f"{name} must be {expected}, got {value!r}.")
+    return value
+
+
+def model_cache_key(
+    kind: str, model: str | Path, device: torch.device, dtype: torch.dtype
+) -> tuple[str, str, str, str]:
+    """The :func:`load_shared` key of a local model: one load per kind of scorer,
+    model (a local path counts by its resolved location), device and dtype."""
+    name = str(model)
+    local = Path(name).expanduser()
+    if local.exists():
+        name = str(local.resolve())
+    return (kind, name, str(device), str(dtype))
 
 
 def require_local(feature: str) -> None:

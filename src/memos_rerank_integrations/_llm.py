@@ -1,0 +1,570 @@
+"""Pointwise reranking with a chat model the user already has (LangChain or LlamaIndex).
+
+Each (query, document) pair asks the model for a grade 0-4 on the package's five
+relevance stages; score = grade / 4, so grade ``g`` lands on ``Stage(g)`` with the
+default :class:`StageThresholds`. One prompt builder, one parser and one retry loop
+(a generator that yields prompts and receives answers) serve the sync and async paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+
+from ._exceptions import (
+    AuthenticationError,
+    BackendUnavailableError,
+    InvalidInputError,
+    MalformedResponseError,
+    RateLimitError,
+    RerankError,
+    RerankTimeoutError,
+)
+from ._types import (
+    DEFAULT_THRESHOLDS,
+    RerankResult,
+    StageThresholds,
+    check_inputs,
+    check_top_n,
+    rank_scores,
+)
+
+__all__ = ["DEFAULT_LLM_INSTRUCTION", "LLMReranker"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DEFAULT_LLM_INSTRUCTION = (
+    "Judge how useful the document (for example a stored memory about the user) is "
+    "for answering the query."
+)
+
+_SYSTEM_TEMPLATE = """You grade how relevant a document is to a query.
+{instruction}
+
+Use exactly one of these five grades:
+0 = irrelevant: the document has nothing to do with the query.
+1 = weak: the document shares a topic or keywords with the query but does not help answer it.
+2 = partial: the document holds some of the information the query needs, or related facts \
+that help only in part.
+3 = relevant: the document answers the query, or most of it.
+4 = highly relevant: the document answers the query directly and completely; it is exactly \
+what was asked for.
+
+Reply with the grade digit only (0, 1, 2, 3 or 4) and nothing else."""
+
+_USER_TEMPLATE = """<query>
+{query}
+</query>
+<document>
+{document}
+</document>
+Grade:"""
+
+_RETRY_REMINDER = (
+    "Your previous answer could not be read as a grade. "
+    "Reply with exactly one digit: 0, 1, 2, 3 or 4."
+)
+
+_TRUNCATION_MARK = " [...]"
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    system: str
+    user: str
+
+    def as_text(self) -> str:
+        return f"{self.system}\n\n{self.user}"
+
+    def as_messages(self) -> list[tuple[str, str]]:
+        # LangChain turns (role, text) pairs into messages, so no import is needed here.
+        return [("system", self.system), ("human", self.user)]
+
+    def with_reminder(self) -> _Prompt:
+        return _Prompt(self.system, f"{self.user}\n\n{_RETRY_REMINDER}")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    text: str
+    logprobs: Any = None
+
+
+# ---------------------------------------------------------------- parsing
+
+_THINK = re.compile(r"<think(?:ing)?>.*?</think(?:ing)?>", re.IGNORECASE | re.DOTALL)
+_FENCE = re.compile(r"```[\w-]*")
+_SCALE = re.compile(r"\b0\s*(?:-|–|—|to)\s*4\b", re.IGNORECASE)
+_OUT_OF_FOUR = re.compile(r"\s*(?:/|\bout\s+of\b)\s*4\b(?!\.\d)", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)(?!\w|\.\d)")
+_WORD_DASH = re.compile(r"(?<=[A-Za-z])[-_](?=[A-Za-z])")
+# Longest phrases first: at one position the first alternative that matches wins, so
+# "highly relevant" and "not relevant" never also count as "relevant".
+_STAGE_WORDS = re.compile(
+    r"\b(highly relevant|not at all relevant|not relevant|irrelevant"
+    r"|partial(?:ly)?(?: relevant)?|weak(?:ly)?(?: relevant)?|relevant)\b",
+    re.IGNORECASE,
+)
+_GRADE_KEYS = ("grade", "score", "relevance", "rating", "stage", "label")
+
+
+def _stage_word_grade(word: str) -> int:
+    word = word.lower()
+    if word.startswith("highly"):
+        return 4
+    if word.startswith(("not", "irrelevant")):
+        return 0
+    if word.startswith("partial"):
+        return 2
+    if word.startswith("weak"):
+        return 1
+    return 3
+
+
+def _number_grade(value: float) -> int | None:
+    if not math.isfinite(value) or value != int(value) or not 0 <= value <= 4:
+        return None
+    return int(value)
+
+
+def _json_grade(text: str) -> tuple[bool, int | None]:
+    """(found JSON, grade). A JSON answer is read by its grade field only, so numbers
+    in an explanation field cannot conflict with it."""
+    candidates = [text]
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if match is not None and match.group(0) != text:
+        candidates.append(match.group(0))
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            keys = {str(key).lower(): key for key in value}
+            field = next((keys[name] for name in _GRADE_KEYS if name in keys), None)
+            return True, None if field is None else _value_grade(value[field])
+        return True, _value_grade(value)
+    return False, None
+
+
+def _value_grade(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return _number_grade(float(value))
+    if isinstance(value, str):
+        return _text_grade(value)
+    return None
+
+
+def _text_grade(text: str) -> int | None:
+    text = _OUT_OF_FOUR.sub("", _SCALE.sub(" ", text))
+    text = _WORD_DASH.sub(" ", text)
+    grades: set[int | None] = {_number_grade(float(n)) for n in _NUMBER.findall(text)}
+    grades |= {_stage_word_grade(word) for word in _STAGE_WORDS.findall(text)}
+    # Strict: exactly one grade, stated once or repeated consistently; conflicting or
+    # out-of-range numbers make the answer unreadable rather than guessed.
+    if len(grades) != 1:
+        return None
+    return grades.pop()
+
+
+def parse_grade(answer: str) -> int | None:
+    """The grade 0-4 in a model's answer, or ``None`` when it cannot be read.
+
+    Accepts extra words, markdown, code fences, ``"3/4"``, stage names and JSON such as
+    ``{"grade": 2}``; rejects refusals, conflicting grades and numbers outside 0-4.
+    """
+    text = _FENCE.sub(" ", _THINK.sub(" ", answer)).strip()
+    if not text:
+        return None
+    found, grade = _json_grade(text)
+    return grade if found else _text_grade(text)
+
+
+def _expected_grade(grade: int, logprobs: Any) -> float | None:
+    """The probability-weighted grade at the position where the model wrote ``grade``,
+    from OpenAI-style ``{"content": [{"token", "logprob", "top_logprobs"}]}``."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else logprobs
+    if not isinstance(content, list):
+        return None
+    for entry in content:
+        if not isinstance(entry, dict) or str(entry.get("token", "")).strip() != str(grade):
+            continue
+        mass = [0.0] * 5
+        alternatives = entry.get("top_logprobs") or [entry]
+        for alternative in alternatives:
+            if not isinstance(alternative, dict):
+                continue
+            token = str(alternative.get("token", "")).strip()
+            logprob = alternative.get("logprob")
+            if token in {"0", "1", "2", "3", "4"} and isinstance(logprob, (int, float)):
+                mass[int(token)] += math.exp(logprob)
+        total = sum(mass)
+        if total <= 0 or not math.isfinite(total):
+            return None
+        return sum(g * p for g, p in enumerate(mass)) / total
+    return None
+
+
+def _answer_text(output: object) -> str:
+    """Text of a LangChain message (str or list of content blocks), a LlamaIndex
+    ``CompletionResponse`` or a plain string."""
+    if isinstance(output, str):
+        return output
+    content = getattr(output, "content", None)
+    if content is None:
+        text = getattr(output, "text", None)
+        return text if isinstance(text, str) else ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, dict) and block.get("type") == "text":
+                parts.append(str(block.get("text", "")))
+        return "".join(parts)
+    return ""
+
+
+def _answer(output: object) -> _Answer:
+    metadata = getattr(output, "response_metadata", None)
+    logprobs = metadata.get("logprobs") if isinstance(metadata, dict) else None
+    return _Answer(_answer_text(output), logprobs)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _chain(exc: BaseException) -> Generator[BaseException, None, None]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _status_code(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) and not isinstance(status, bool) else None
+
+
+# Distinct classes before Python 3.11; clients such as openai raise their own timeout
+# error *from* the httpx one, hence the walk along the cause chain.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError, FutureTimeoutError, httpx.TimeoutException)
+
+
+def _map_llm_error(exc: Exception, llm_name: str) -> RerankError:
+    """Translate an exception raised by the LLM client. The message names only the
+    exception type and status: provider messages can echo headers or keys."""
+    kind = type(exc).__name__
+    backend = f"llm:{llm_name}"
+    status = next((s for s in map(_status_code, _chain(exc)) if s is not None), None)
+    if any(isinstance(e, _TIMEOUTS) for e in _chain(exc)):
+        return RerankTimeoutError(f"The LLM call timed out ({kind}).", backend=backend)
+    if status == 429:
+        return RateLimitError(
+            f"The LLM provider is rate limiting ({kind}).", status_code=status, backend=backend
+        )
+    if status in (401, 403):
+        return AuthenticationError(
+            f"The LLM provider rejected the credentials ({kind}); check the model's API key.",
+            status_code=status,
+            backend=backend,
+        )
+    return BackendUnavailableError(
+        f"The LLM call failed ({kind}).", status_code=status, backend=backend
+    )
+
+
+# ---------------------------------------------------------------- clients
+
+
+async def _bounded_gather(
+    function: Callable[[T], Awaitable[R]], items: Sequence[T], limit: int
+) -> list[R]:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(item: T) -> R:
+        async with semaphore:
+            return await function(item)
+
+    tasks = [asyncio.create_task(one(item)) for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        # One failure fails the call: stop the other in-flight requests, don't orphan them.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class _Client:
+    """Calls one kind of LLM; sync calls fan out over a thread pool by default."""
+
+    def __init__(self, llm: Any, max_concurrency: int) -> None:
+        self.llm = llm
+        self.max_concurrency = max_concurrency
+
+    def call(self, prompt: _Prompt) -> _Answer:
+        raise NotImplementedError
+
+    async def acall(self, prompt: _Prompt) -> _Answer:
+        raise NotImplementedError
+
+    def call_all(self, prompts: list[_Prompt]) -> list[_Answer]:
+        if len(prompts) == 1:
+            return [self.call(prompts[0])]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
+            return list(pool.map(self.call, prompts))
+
+    async def acall_all(self, prompts: list[_Prompt]) -> list[_Answer]:
+        return await _bounded_gather(self.acall, prompts, self.max_concurrency)
+
+
+class _ChatModelClient(_Client):
+    """LangChain chat models and LLMs: ``invoke`` / ``ainvoke`` / ``batch``."""
+
+    def call(self, prompt: _Prompt) -> _Answer:
+        return _answer(self.llm.invoke(prompt.as_messages()))
+
+    async def acall(self, prompt: _Prompt) -> _Answer:
+        ainvoke = getattr(self.llm, "ainvoke", None)
+        if not callable(ainvoke):
+            return await asyncio.to_thread(self.call, prompt)
+        return _answer(await ainvoke(prompt.as_messages()))
+
+    def call_all(self, prompts: list[_Prompt]) -> list[_Answer]:
+        batch = getattr(self.llm, "batch", None)
+        if len(prompts) == 1 or not callable(batch):
+            return super().call_all(prompts)
+        outputs = batch(
+            [prompt.as_messages() for prompt in prompts],
+            config={"max_concurrency": self.max_concurrency},
+        )
+        return [_answer(output) for output in outputs]
+
+
+class _CompletionClient(_Client):
+    """LlamaIndex LLMs: ``complete`` / ``acomplete`` returning ``CompletionResponse``."""
+
+    def call(self, prompt: _Prompt) -> _Answer:
+        return _answer(self.llm.complete(prompt.as_text()))
+
+    async def acall(self, prompt: _Prompt) -> _Answer:
+        acomplete = getattr(self.llm, "acomplete", None)
+        if not callable(acomplete):
+            return await asyncio.to_thread(self.call, prompt)
+        return _answer(await acomplete(prompt.as_text()))
+
+
+def _client_for(llm: object, max_concurrency: int) -> _Client:
+    # By capability, not by class: LangChain runnables have invoke, LlamaIndex LLMs complete.
+    if callable(getattr(llm, "invoke", None)):
+        return _ChatModelClient(llm, max_concurrency)
+    if callable(getattr(llm, "complete", None)):
+        return _CompletionClient(llm, max_concurrency)
+    raise InvalidInputError(
+        f"llm must be a LangChain chat model (with invoke/ainvoke) or a LlamaIndex LLM "
+        f"(with complete/acomplete); got {type(llm).__name__}."
+    )
+
+
+# ---------------------------------------------------------------- reranker
+
+_Rounds = Generator[list[_Prompt], list[_Answer], list[float]]
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
+class LLMReranker:
+    """Rerank with a chat model: each document gets a grade 0-4 on the five stages.
+
+    ``llm`` is a LangChain chat model (anything with ``invoke`` / ``ainvoke`` returning
+    a message, e.g. ``ChatOpenAI``) or a LlamaIndex ``LLM`` (``complete`` /
+    ``acomplete``). Each (query, document) pair is one prompt that describes the
+    stages irrelevant (0), weak (1), partial (2), relevant (3) and highly relevant (4);
+    the score is grade / 4, so ``Stage(grade)`` is the stage under the default
+    ``thresholds``.
+
+    Answers are parsed strictly (a digit, a stage name, ``"3/4"``, markdown or
+    ``{"grade": 3}``); an answer that cannot be read is asked again up to
+    ``max_retries`` times, then the whole call raises :class:`MalformedResponseError`:
+    there is never a silent default score. Errors of the LLM client become
+    :class:`RerankTimeoutError`, :class:`RateLimitError`, :class:`AuthenticationError`
+    or :class:`BackendUnavailableError`, with the original exception as ``__cause__``;
+    they are not retried here (LLM clients retry on their own).
+
+    Documents longer than ``max_document_chars`` characters are cut to that length
+    (marked ``[...]``) so huge inputs don't overflow the context; ``None`` disables it.
+    At most ``max_concurrency`` requests run at once per call: ``arerank`` uses an
+    ``asyncio.Semaphore``; ``rerank`` uses LangChain's ``batch`` (or a thread pool for
+    LlamaIndex). With ``use_logprobs`` and a model that returns token log-probabilities
+    (e.g. ``ChatOpenAI(logprobs=True, top_logprobs=5)``), the score is the expected
+    grade / 4 instead, which breaks ties between documents with the same grade.
+    """
+
+    def __init__(
+        self,
+        llm: object,
+        *,
+        instruction: str | None = None,
+        max_concurrency: int = 8,
+        max_retries: int = 1,
+        max_document_chars: int | None = 4000,
+        use_logprobs: bool = True,
+        thresholds: StageThresholds = DEFAULT_THRESHOLDS,
+    ) -> None:
+        if instruction is not None and not isinstance(instruction, str):
+            raise InvalidInputError(
+                f"instruction must be a str or None, got {type(instruction).__name__}."
+            )
+        if max_document_chars is not None:
+            _check_int("max_document_chars", max_document_chars, 1)
+        if not isinstance(thresholds, StageThresholds):
+            raise InvalidInputError(
+                f"thresholds must be a StageThresholds, got {type(thresholds).__name__}."
+            )
+        self._client = _client_for(llm, _check_int("max_concurrency", max_concurrency, 1))
+        self._llm_name = type(llm).__name__
+        self.instruction = DEFAULT_LLM_INSTRUCTION if instruction is None else instruction
+        self.max_concurrency = max_concurrency
+        self.max_retries = _check_int("max_retries", max_retries, 0)
+        self.max_document_chars = max_document_chars
+        self.use_logprobs = bool(use_logprobs)
+        self.thresholds = thresholds
+        self._system = _SYSTEM_TEMPLATE.format(instruction=self.instruction)
+
+    @property
+    def llm(self) -> Any:
+        return self._client.llm
+
+    def __repr__(self) -> str:
+        return (
+            f"LLMReranker(llm={self._llm_name}, max_concurrency={self.max_concurrency}, "
+            f"max_retries={self.max_retries}, max_document_chars={self.max_document_chars})"
+        )
+
+    def build_prompt(self, query: str, document: str) -> str:
+        """The full prompt text for one pair (system part, blank line, user part)."""
+        return self._prompt(query, document).as_text()
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        """Grade every document against ``query``; results best first."""
+        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
+        if not docs:
+            return []
+        rounds = self._rounds(query, docs)
+        prompts = next(rounds)
+        try:
+            while True:
+                with self._llm_errors():
+                    answers = self._client.call_all(prompts)
+                prompts = rounds.send(answers)
+        except StopIteration as done:
+            return rank_scores(done.value, top_n=top_n, thresholds=self.thresholds)
+
+    async def arerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        """Async twin of :meth:`rerank`, at most ``max_concurrency`` requests at once."""
+        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
+        if not docs:
+            return []
+        rounds = self._rounds(query, docs)
+        prompts = next(rounds)
+        try:
+            while True:
+                with self._llm_errors():
+                    answers = await self._client.acall_all(prompts)
+                prompts = rounds.send(answers)
+        except StopIteration as done:
+            return rank_scores(done.value, top_n=top_n, thresholds=self.thresholds)
+
+    @contextlib.contextmanager
+    def _llm_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except RerankError:
+            raise
+        except Exception as exc:
+            raise _map_llm_error(exc, self._llm_name) from exc
+
+    def _prompt(self, query: str, document: str) -> _Prompt:
+        limit = self.max_document_chars
+        if limit is not None and len(document) > limit:
+            document = document[:limit] + _TRUNCATION_MARK
+        return _Prompt(self._system, _USER_TEMPLATE.format(query=query, document=document))
+
+    def _score(self, answer: _Answer) -> float | None:
+        grade = parse_grade(answer.text)
+        if grade is None:
+            return None
+        if self.use_logprobs and answer.logprobs is not None:
+            expected = _expected_grade(grade, answer.logprobs)
+            if expected is not None:
+                return expected / 4
+        return grade / 4
+
+    def _rounds(self, query: str, documents: list[str]) -> _Rounds:
+        """Ask for every grade, then again for the unreadable ones, up to max_retries."""
+        prompts = [self._prompt(query, document) for document in documents]
+        scores: list[float | None] = [None] * len(documents)
+        pending = list(range(len(documents)))
+        unreadable: dict[int, str] = {}
+        for attempt in range(self.max_retries + 1):
+            asked = [prompts[i] if attempt == 0 else prompts[i].with_reminder() for i in pending]
+            answers = yield asked
+            if len(answers) != len(pending):
+                raise MalformedResponseError(
+                    f"The LLM returned {len(answers)} answers for {len(pending)} prompts.",
+                    backend=f"llm:{self._llm_name}",
+                )
+            unreadable = {}
+            for index, answer in zip(pending, answers, strict=True):
+                scores[index] = self._score(answer)
+                if scores[index] is None:
+                    unreadable[index] = answer.text
+            pending = list(unreadable)
+            if not pending:
+                return [score for score in scores if score is not None]
+            logger.debug(
+                "LLM answers for documents %s could not be read as grades (attempt %d of %d).",
+                pending,
+                attempt + 1,
+                self.max_retries + 1,
+            )
+        first = pending[0]
+        raise MalformedResponseError(
+            f"The LLM gave no readable grade 0-4 for document(s) {pending} after "
+            f"{self.max_retries + 1} attempt(s); e.g. document {first} got "
+            f"{unreadable[first][:120]!r}. Use a model that follows instructions, or raise "
+            "max_retries.",
+            backend=f"llm:{self._llm_name}",
+        )

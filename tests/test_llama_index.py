@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llama_index.core import Settings, VectorStoreIndex
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload, LlamaDebugHandler
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.llms import MockLLM
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from pydantic import Field
+
+from memos_rerank_integrations import BackendUnavailableError, InvalidInputError
+from memos_rerank_integrations.llama_index import RerankPostprocessor
+
+from ._backends import OverlapReranker, ScriptedReranker, SyncOnlyReranker
+
+EXAMPLES = json.loads((Path(__file__).parent / "data" / "examples.json").read_text())
+HOBBIES = EXAMPLES["examples"][1]["documents"]
+
+
+def nodes() -> list[NodeWithScore]:
+    return [
+        NodeWithScore(
+            node=TextNode(text=text, id_=f"n{i}", metadata={"topic": "memory"}),
+            score=0.5 - i / 10,
+        )
+        for i, text in enumerate(HOBBIES)
+    ]
+
+
+def query_engine(postprocessor: RerankPostprocessor) -> Any:
+    index = VectorStoreIndex(
+        [n.node for n in nodes()], embed_model=MockEmbedding(embed_dim=8), show_progress=False
+    )
+    return index.as_query_engine(
+        llm=MockLLM(),
+        similarity_top_k=5,
+        node_postprocessors=[postprocessor],
+        embed_model=MockEmbedding(embed_dim=8),
+    )
+
+
+def test_inside_a_query_engine() -> None:
+    backend = OverlapReranker()
+    engine = query_engine(RerankPostprocessor(reranker=backend, top_n=2))
+    response = engine.query("playing badminton hobbies")
+    top = response.source_nodes
+    assert len(top) == 2
+    assert top[0].node.get_content() == "User likes playing badminton."
+    assert top[0].node.node_id == "n0"
+    assert type(top[0].score) is float
+    assert top[0].score >= top[1].score
+    assert top[0].score == pytest.approx(2 / 3)
+    assert top[0].node.metadata["rerank_stage"] == "relevant"
+    assert "retrieval_score" in top[0].node.metadata
+    # the scored text includes metadata, as LlamaIndex embeds it
+    assert backend.calls[0][2][0].startswith("topic: memory")
+    # our keys never leak into what the LLM or the embedder sees
+    llm_text = top[0].node.get_content(metadata_mode=MetadataMode.LLM)
+    assert "rerank_stage" not in llm_text and "retrieval_score" not in llm_text
+    assert "rerank_stage" not in top[0].node.get_content(metadata_mode=MetadataMode.EMBED)
+
+
+async def test_async_query_engine_awaits_arerank() -> None:
+    backend = OverlapReranker()
+    engine = query_engine(RerankPostprocessor(reranker=backend, top_n=1))
+    response = await engine.aquery("playing badminton")
+    assert response.source_nodes[0].node.node_id == "n0"
+    assert [call[0] for call in backend.calls] == ["arerank"]
+
+
+async def test_async_with_sync_only_backend() -> None:
+    post = RerankPostprocessor(reranker=SyncOnlyReranker(), top_n=1)
+    out = await post.apostprocess_nodes(nodes(), query_str="playing badminton")
+    assert out[0].node.node_id == "n0"
+
+
+def test_copies_keep_ids_and_never_mutate_inputs() -> None:
+    given = nodes()
+    given[1].node.excluded_llm_metadata_keys = ["topic"]
+    before = copy.deepcopy(given)
+    post = RerankPostprocessor(reranker=ScriptedReranker([0.1, 0.9, 0.5, 0.3, 0.7]))
+    out = post.postprocess_nodes(given, query_str="q")
+    assert [n.node.node_id for n in out] == ["n1", "n4", "n2", "n3", "n0"]
+    assert [n.score for n in out] == [0.9, 0.7, 0.5, 0.3, 0.1]
+    assert out[0].node.metadata == {
+        "topic": "memory",
+        "retrieval_score": pytest.approx(0.4),
+        "rerank_stage": "highly_relevant",
+    }
+    assert out[0].node.excluded_llm_metadata_keys[0] == "topic"
+    for key in ("retrieval_score", "rerank_stage"):
+        assert key in out[0].node.excluded_llm_metadata_keys
+        assert key in out[0].node.excluded_embed_metadata_keys
+    for original, saved in zip(given, before, strict=True):
+        assert original.score == saved.score
+        assert original.node.metadata == saved.node.metadata
+        assert original.node.excluded_llm_metadata_keys == saved.node.excluded_llm_metadata_keys
+        assert original.node.excluded_embed_metadata_keys == saved.node.excluded_embed_metadata_keys
+    assert all(o.node is not g.node for o in out for g in given)
+
+
+def test_thresholds_before_top_n_and_metadata_mode() -> None:
+    post = RerankPostprocessor(
+        reranker=ScriptedReranker([0.1, 0.9, 0.5, 0.3, 0.7]), top_n=3, min_stage="relevant"
+    )
+    out = post.postprocess_nodes(nodes(), query_str="q")
+    assert [n.node.node_id for n in out] == ["n1", "n4"]
+    backend = OverlapReranker()
+    post = RerankPostprocessor(reranker=backend, metadata_mode=MetadataMode.NONE)
+    post.postprocess_nodes(nodes(), query_str="q")
+    assert backend.calls[0][2] == HOBBIES
+
+
+def test_fallback_keeps_order_and_scores() -> None:
+    given = nodes()
+    post = RerankPostprocessor(
+        reranker=ScriptedReranker(error=BackendUnavailableError("down")), top_n=3
+    )
+    out = post.postprocess_nodes(given, query_str="q")
+    assert [n.node.node_id for n in out] == ["n0", "n1", "n2"]
+    assert [n.score for n in out] == [n.score for n in given[:3]]
+    assert all(n.node.metadata["rerank_fallback"] is True for n in out)
+    assert "rerank_fallback" not in given[0].node.metadata
+    assert "rerank_fallback" in out[0].node.excluded_llm_metadata_keys
+    with pytest.raises(BackendUnavailableError):
+        RerankPostprocessor(
+            reranker=ScriptedReranker(error=BackendUnavailableError("down")), fallback=False
+        ).postprocess_nodes(given, query_str="q")
+
+
+def test_missing_query_and_empty_input() -> None:
+    backend = ScriptedReranker(error=AssertionError("must not be called"))
+    post = RerankPostprocessor(reranker=backend)
+    assert post.postprocess_nodes([], query_str="q") == []
+    assert backend.calls == 0
+    with pytest.raises(InvalidInputError, match="query"):
+        post.postprocess_nodes(nodes())
+    with pytest.raises(InvalidInputError, match="NodeWithScore"):
+        post.postprocess_nodes(["text"], query_str="q")  # type: ignore[list-item]
+
+
+class _Recorder(BaseEventHandler):
+    events: list[BaseEvent] = Field(default_factory=list)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "Recorder"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        self.events.append(event)
+
+
+def test_emits_instrumentation_and_callback_events() -> None:
+    recorder = _Recorder()
+    root = get_dispatcher()
+    root.add_event_handler(recorder)
+    debug = LlamaDebugHandler()
+    try:
+        post = RerankPostprocessor(
+            reranker=OverlapReranker(), top_n=2, callback_manager=CallbackManager([debug])
+        )
+        out = post.postprocess_nodes(nodes(), query_bundle=QueryBundle("playing badminton"))
+    finally:
+        root.event_handlers.remove(recorder)
+    starts = [e for e in recorder.events if isinstance(e, ReRankStartEvent)]
+    ends = [e for e in recorder.events if isinstance(e, ReRankEndEvent)]
+    assert len(starts) == 1 and len(ends) == 1
+    assert starts[0].top_n == 2 and starts[0].model_name == "overlap-test"
+    assert len(starts[0].nodes) == 5
+    assert [n.node.node_id for n in ends[0].nodes] == [n.node.node_id for n in out]
+    pairs = debug.get_event_pairs(CBEventType.RERANKING)
+    assert len(pairs) == 1
+    start, end = pairs[0]
+    assert start.payload is not None and start.payload[EventPayload.TOP_K] == 2
+    assert start.payload[EventPayload.QUERY_STR] == "playing badminton"
+    assert end.payload is not None and end.payload[EventPayload.NODES] == out
+
+
+def test_class_name_and_global_settings_untouched() -> None:
+    assert RerankPostprocessor.class_name() == "RerankPostprocessor"
+    assert Settings.callback_manager is not None

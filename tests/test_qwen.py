@@ -1,0 +1,474 @@
+"""QwenReranker: exact against the model card recipe, and doing less work than it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memos_rerank_integrations import (
+    InvalidInputError,
+    ModelLoadError,
+    QwenReranker,
+    RerankResult,
+    Stage,
+    StageThresholds,
+)
+from memos_rerank_integrations._local_engine import resolve_dtype
+from memos_rerank_integrations._qwen import PROMPT_PREFIX
+
+from . import _qwen_fixtures
+from ._qwen_fixtures import ModelCardRecipe, by_index
+
+# The reranking examples of the MemOS reranker documentation.
+EXAMPLES: list[dict[str, Any]] = [
+    {
+        "query": "Any liquor recommendations for me?",
+        "documents": [
+            "User prefers Jiangxiang-flavored baijiu, like Moutai.",
+            "I don't drink alcohol.",
+        ],
+    },
+    {
+        "query": "What are the user's hobbies?",
+        "documents": [
+            "User likes playing badminton.",
+            "User is a backend developer in Hangzhou.",
+            "User prefers concise replies.",
+            "User prefers Jiangxiang-flavored baijiu.",
+            "User is going on a business trip to Beijing next Wednesday.",
+        ],
+    },
+]
+TOLERANCE = 1e-4
+
+tiny_qwen_dir = _qwen_fixtures.tiny_qwen_dir
+tiny_qwen_nopad_dir = _qwen_fixtures.tiny_qwen_nopad_dir
+qwen_recipe = _qwen_fixtures.qwen_recipe
+
+INPUTS = [
+    pytest.param(example["query"], example["documents"], None, id=f"memos-example-{i}")
+    for i, example in enumerate(EXAMPLES)
+] + [
+    pytest.param(
+        "用户喜欢什么酒？",
+        ["用户喜欢喝酱香型白酒，比如茅台。", "Café naïve — 🙂", "ümlaut\tand\ttabs\n\nnewlines"],
+        None,
+        id="unicode",
+    ),
+    pytest.param("", ["", " ", "User likes playing badminton."], None, id="empty-strings"),
+    pytest.param("  leading space?", ["\nstarts with a newline", " space", "."], None, id="spaces"),
+    pytest.param("42", ["2024-05-01", "10:30", "yes", "no"], None, id="digits-yes-no"),
+    pytest.param(
+        "What are the user's hobbies?",
+        ["User likes playing badminton.", "User likes playing badminton. Also chess."],
+        "Retrieve memories about the user's personal preferences",
+        id="custom-instruction",
+    ),
+    pytest.param("q", ["doc"], "", id="empty-instruction"),
+    pytest.param("q", ["doc", "doc2"], "Ends with a newline\n", id="instruction-newline"),
+    pytest.param("same", ["same", "same", "same"], None, id="identical-documents"),
+]
+
+
+def scores_of(reranker: QwenReranker, query: str, documents: list[str]) -> list[float]:
+    return by_index(reranker.rerank(query, documents))
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_qwen_dir: Path) -> QwenReranker:
+    return QwenReranker(tiny_qwen_dir, dtype="float32", device="cpu")
+
+
+class TokenCounter:
+    """Records the input ids of every forward pass of a model's decoder."""
+
+    def __init__(self, reranker: QwenReranker) -> None:
+        self.batches: list[torch.Tensor] = []
+        embeddings = reranker._loaded().decoder.get_input_embeddings()
+        self._handle = embeddings.register_forward_pre_hook(self._record)
+
+    def _record(self, module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        self.batches.append(args[0].detach().clone())
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@pytest.fixture
+def counter(fp32: QwenReranker) -> Iterator[TokenCounter]:
+    counting = TokenCounter(fp32)
+    yield counting
+    counting.close()
+
+
+# -- exactness -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("query", "documents", "instruction"), INPUTS)
+def test_scores_equal_model_card_recipe(
+    tiny_qwen_dir: Path,
+    qwen_recipe: ModelCardRecipe,
+    query: str,
+    documents: list[str],
+    instruction: str | None,
+) -> None:
+    reranker = QwenReranker(tiny_qwen_dir, instruction=instruction, dtype=torch.float32)
+    expected = qwen_recipe(query, documents, instruction)
+    got = scores_of(reranker, query, documents)
+    assert got == pytest.approx(expected, abs=TOLERANCE)
+    # A second call reuses the cached instruction prefix and must not drift.
+    assert scores_of(reranker, query, documents) == pytest.approx(expected, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("max_length", [70, 75, 90, 128])
+def test_truncation_cuts_only_the_document_tail(tiny_qwen_dir: Path, max_length: int) -> None:
+    recipe = ModelCardRecipe(tiny_qwen_dir, max_length=max_length)
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_length=max_length)
+    long_document = "User is going on a business trip to Beijing next Wednesday. " * 20
+    documents = [long_document, "User likes playing badminton.", long_document[:150], "x"]
+    query = "Where is the user travelling next week, and when?"
+    assert scores_of(reranker, query, documents) == pytest.approx(
+        recipe(query, documents), abs=TOLERANCE
+    )
+    # The prompt really was cut (else this test proves nothing about truncation).
+    full = ModelCardRecipe(tiny_qwen_dir)
+    assert recipe(query, documents[:1])[0] != pytest.approx(full(query, documents[:1])[0], abs=1e-6)
+
+
+def test_documents_longer_than_default_max_length(
+    fp32: QwenReranker, qwen_recipe: ModelCardRecipe
+) -> None:
+    huge = "The quick brown fox jumps over the lazy dog; " * 1000  # ~9-10k tokens
+    tokens = len(qwen_recipe.tokenizer.encode(huge, add_special_tokens=False))
+    assert tokens > 8192
+    documents = [huge, "A short memory.", huge[::-1]]
+    query = "Which animal jumps?"
+    assert scores_of(fp32, query, documents) == pytest.approx(
+        qwen_recipe(query, documents), abs=TOLERANCE
+    )
+
+
+text = st.text(
+    alphabet=st.sampled_from(list("abcyesno UQD<>:?!.,'\n\t-0123456789é茅台🙂")), max_size=40
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    query=text,
+    documents=st.lists(text, min_size=1, max_size=5),
+    instruction=st.one_of(st.none(), text),
+)
+def test_scores_equal_recipe_on_generated_inputs(
+    tiny_qwen_dir: Path,
+    qwen_recipe: ModelCardRecipe,
+    query: str,
+    documents: list[str],
+    instruction: str | None,
+) -> None:
+    reranker = QwenReranker(tiny_qwen_dir, instruction=instruction, dtype="float32")
+    assert scores_of(reranker, query, documents) == pytest.approx(
+        qwen_recipe(query, documents, instruction), abs=TOLERANCE
+    )
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    calls=st.lists(
+        st.tuples(text, st.lists(text, max_size=4), st.one_of(st.none(), st.integers(1, 3))),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_rerank_many_equals_rerank_per_call(
+    fp32: QwenReranker, calls: list[tuple[str, list[str], int | None]]
+) -> None:
+    together = fp32.rerank_many(calls)
+    separately = [fp32.rerank(query, documents, top_n) for query, documents, top_n in calls]
+    assert [[r.index for r in call] for call in together] == [
+        [r.index for r in call] for call in separately
+    ]
+    for got, expected in zip(together, separately, strict=True):
+        assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=TOLERANCE)
+
+
+def test_rerank_many_mixes_calls_in_one_forward_pass(
+    fp32: QwenReranker, qwen_recipe: ModelCardRecipe, counter: TokenCounter
+) -> None:
+    fp32.rerank("warm the instruction cache", ["x"])
+    counter.batches.clear()
+    calls = [
+        ("Any liquor recommendations for me?", ["User prefers baijiu.", "I don't drink."], None),
+        ("What are the user's hobbies?", ["User likes playing badminton."], 1),
+        ("Where does the user work?", ["Hangzhou.", "A backend developer", "Beijing"], 2),
+    ]
+    results = fp32.rerank_many(calls)
+    for (query, documents, top_n), got in zip(calls, results, strict=True):
+        expected = qwen_recipe(query, documents)
+        best = sorted(range(len(documents)), key=lambda i: -expected[i])[:top_n]
+        assert [r.index for r in got] == best
+        assert [r.score for r in got] == pytest.approx([expected[i] for i in best], abs=TOLERANCE)
+    # Two passes in all: the multi-document calls' queries, then all six documents.
+    assert [batch.shape[0] for batch in counter.batches] == [2, 6]
+
+
+# -- doing less work ---------------------------------------------------------------------
+
+
+def test_system_prompt_runs_once_across_calls(fp32: QwenReranker, counter: TokenCounter) -> None:
+    scorer = fp32._loaded()
+    instruction_ids = scorer.tokenizer.encode(fp32.instruction, add_special_tokens=False)
+    fp32.rerank("first query", ["a memory"])
+    counter.batches.clear()
+    memory = "User prefers Jiangxiang-flavored baijiu, like Moutai."
+    queries = ("Any liquor recommendations for me?", "What are my food preferences?")
+    for query in queries:
+        fp32.rerank(query, [memory])
+    assert len(counter.batches) == len(queries)
+    for query, batch in zip(queries, counter.batches, strict=True):
+        (full,) = scorer.sequences(
+            fp32.instruction, query, [memory], max_length=8192, max_query_length=None
+        )
+        row = batch[0].tolist()
+        # Only the query, the memory and the suffix run: never the system prompt or instruction.
+        assert len(row) <= len(full) - len(scorer.prefix_ids) - len(instruction_ids)
+        assert row == full[-len(row) :]
+
+
+def test_query_runs_once_per_call_not_per_document(
+    fp32: QwenReranker, counter: TokenCounter
+) -> None:
+    query = "Which of these memories mention badminton or baijiu?"
+    documents = [f"Memory {i}: user likes playing badminton." for i in range(6)]
+    fp32.rerank("warm", ["x"])
+    counter.batches.clear()
+    fp32.rerank(query, documents)
+    query_ids = fp32._loaded().tokenizer.encode(query, add_special_tokens=False)
+    core = query_ids[1:-1]  # away from BPE boundaries
+
+    def contains(row: list[int]) -> bool:
+        return any(row[i : i + len(core)] == core for i in range(len(row)))
+
+    rows = [row for batch in counter.batches for row in batch.tolist()]
+    assert sum(contains(row) for row in rows) == 1
+    assert len(rows) == 1 + len(documents)
+
+
+def test_token_budget_bounds_every_batch(tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe) -> None:
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=300)
+    counting = TokenCounter(reranker)
+    try:
+        documents = [("word " * n).strip() for n in (1, 40, 3, 25, 7, 60, 2, 15)]
+        query = "How many words?"
+        reranker.rerank("warm", ["x"])
+        counting.batches.clear()
+        got = scores_of(reranker, query, documents)
+    finally:
+        counting.close()
+    assert got == pytest.approx(qwen_recipe(query, documents), abs=TOLERANCE)
+    prefix = len(reranker._loaded().prefix_ids)
+    document_batches = counting.batches[1:]
+    assert len(document_batches) > 1
+    for batch in document_batches:
+        assert batch.shape[0] * (batch.shape[1] + prefix) <= 300 or batch.shape[0] == 1
+    # Longest first: batches come sorted by length, so padding stays small.
+    widths = [batch.shape[1] for batch in document_batches]
+    assert widths == sorted(widths, reverse=True)
+
+
+# -- the model, its dtype and its padding -----------------------------------------------------
+
+
+def test_model_is_loaded_once_per_model_device_and_dtype(tiny_qwen_dir: Path) -> None:
+    first = QwenReranker(tiny_qwen_dir, dtype="float32", instruction="one")
+    second = QwenReranker(str(tiny_qwen_dir), dtype=torch.float32, instruction="two")
+    other_dtype = QwenReranker(tiny_qwen_dir, dtype="bfloat16")
+    assert first._loaded() is second._loaded()
+    assert other_dtype._loaded() is not first._loaded()
+
+
+def test_default_dtype_follows_the_hardware(tiny_qwen_dir: Path) -> None:
+    reranker = QwenReranker(tiny_qwen_dir, device="cpu")
+    expected = resolve_dtype(None, torch.device("cpu"))
+    assert reranker._loaded().decoder.dtype == expected
+    assert reranker._loaded().device == torch.device("cpu")
+
+
+def test_bfloat16_drift_against_fp32_recipe(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe
+) -> None:
+    example = EXAMPLES[1]
+    query, documents = example["query"], example["documents"]
+    reference = qwen_recipe(query, documents)
+    bf16 = scores_of(QwenReranker(tiny_qwen_dir, dtype="bfloat16"), query, documents)
+    recipe_bf16 = ModelCardRecipe(tiny_qwen_dir, dtype=torch.bfloat16)(query, documents)
+    drift = max(abs(a - b) for a, b in zip(bf16, reference, strict=True))
+    recipe_drift = max(abs(a - b) for a, b in zip(recipe_bf16, reference, strict=True))
+    # bf16 keeps ~3 significant digits; the package's drift stays within the recipe's own
+    # bf16 drift order (its final projection is done in float32).
+    assert drift < 0.02
+    assert drift <= max(recipe_drift, 0.005) * 2
+
+    def top5(scores: list[float]) -> list[int]:
+        return sorted(range(len(scores)), key=lambda i: -scores[i])[:5]
+
+    gaps = sorted(reference)
+    if min(b - a for a, b in itertools.pairwise(gaps)) > 2 * drift:
+        assert top5(bf16) == top5(reference)
+
+
+def test_tokenizer_without_padding_token(
+    tiny_qwen_nopad_dir: Path, qwen_recipe: ModelCardRecipe
+) -> None:
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tiny_qwen_nopad_dir).pad_token is None
+    reranker = QwenReranker(tiny_qwen_nopad_dir, dtype="float32")
+    documents = ["short", "a much longer memory about playing badminton on weekends", ""]
+    # Same weights and vocabulary as the padded build: same scores as the recipe.
+    assert scores_of(reranker, "hobbies?", documents) == pytest.approx(
+        qwen_recipe("hobbies?", documents), abs=TOLERANCE
+    )
+
+
+def test_missing_model_raises_model_load_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    reranker = QwenReranker(missing)
+    with pytest.raises(ModelLoadError) as caught:
+        reranker.rerank("q", ["d"])
+    message = str(caught.value)
+    assert str(missing) in message
+    assert "local directory" in message
+
+
+def test_hub_id_offline_raises_model_load_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reranker = QwenReranker("memos-test/not-a-real-reranker", device="cpu")
+    with pytest.raises(ModelLoadError, match="memos-test/not-a-real-reranker"):
+        reranker.rerank("q", ["d"])
+
+
+def test_no_documents_needs_no_model(tmp_path: Path) -> None:
+    assert QwenReranker(tmp_path / "never-loaded").rerank("q", []) == []
+
+
+# -- results, options and errors -----------------------------------------------------------
+
+
+def test_results_sorted_with_plain_float_scores_and_stages(fp32: QwenReranker) -> None:
+    example = EXAMPLES[1]
+    results = fp32.rerank(example["query"], example["documents"])
+    assert sorted(r.index for r in results) == list(range(len(example["documents"])))
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    for result in results:
+        assert isinstance(result, RerankResult)
+        assert type(result.score) is float
+        assert 0.0 <= result.score <= 1.0
+        assert result.stage is fp32.thresholds.stage(result.score)
+    assert fp32.rerank(example["query"], example["documents"], top_n=2) == results[:2]
+
+
+def test_custom_thresholds_set_the_stages(tiny_qwen_dir: Path) -> None:
+    thresholds = StageThresholds(0.01, 0.02, 0.03, 0.04)
+    results = QwenReranker(tiny_qwen_dir, dtype="float32", thresholds=thresholds).rerank(
+        "q", ["some memory"]
+    )
+    assert results[0].stage is Stage.HIGHLY_RELEVANT
+
+
+def test_query_truncation(tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe) -> None:
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_query_length=4)
+    long_query = "What are the user's hobbies and favourite drinks and travel plans?"
+    ids = qwen_recipe.tokenizer.encode(long_query, add_special_tokens=False)
+    short_query = qwen_recipe.tokenizer.decode(ids[:4])
+    documents = ["User likes playing badminton.", "User prefers baijiu."]
+    assert scores_of(reranker, long_query, documents) == pytest.approx(
+        qwen_recipe(short_query, documents), abs=TOLERANCE
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_length": 0}, "max_length"),
+        ({"max_length": True}, "max_length"),
+        ({"max_batch_tokens": -5}, "max_batch_tokens"),
+        ({"max_query_length": 0}, "max_query_length"),
+        ({"instruction": 3}, "instruction"),
+        ({"thresholds": (0.1, 0.2, 0.3, 0.4)}, "thresholds"),
+    ],
+)
+def test_invalid_options(tiny_qwen_dir: Path, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        QwenReranker(tiny_qwen_dir, **kwargs)
+
+
+def test_max_length_too_small_for_the_prompt(tiny_qwen_dir: Path) -> None:
+    with pytest.raises(InvalidInputError, match="max_length=10"):
+        QwenReranker(tiny_qwen_dir, dtype="float32", max_length=10).rerank("q", ["d"])
+
+
+def test_invalid_device(tiny_qwen_dir: Path) -> None:
+    with pytest.raises(InvalidInputError, match="device"):
+        QwenReranker(tiny_qwen_dir, device="toaster").rerank("q", ["d"])
+
+
+@pytest.mark.parametrize(
+    ("query", "documents", "top_n"),
+    [(None, ["d"], None), ("q", "d", None), ("q", ["d", 3], None), ("q", ["d"], 0)],
+)
+def test_invalid_inputs(fp32: QwenReranker, query: Any, documents: Any, top_n: Any) -> None:
+    with pytest.raises(InvalidInputError):
+        fp32.rerank(query, documents, top_n)
+    with pytest.raises(InvalidInputError):
+        fp32.rerank_many([(query, documents, top_n)])
+
+
+def test_rerank_many_rejects_malformed_calls(fp32: QwenReranker) -> None:
+    with pytest.raises(InvalidInputError, match="calls\\[1\\]"):
+        fp32.rerank_many([("q", ["d"], None), ("q", ["d"])])  # type: ignore[list-item]
+
+
+def test_repr_names_the_model(tiny_qwen_dir: Path) -> None:
+    assert str(tiny_qwen_dir) in repr(QwenReranker(tiny_qwen_dir))
+    assert PROMPT_PREFIX not in repr(QwenReranker(tiny_qwen_dir))
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+async def test_arerank_equals_rerank_and_concurrent_calls_are_safe(fp32: QwenReranker) -> None:
+    queries = [example["query"] for example in EXAMPLES] + ["Where does the user work?"]
+    documents = EXAMPLES[1]["documents"]
+    expected = [fp32.rerank(query, documents) for query in queries]
+    got = await asyncio.gather(*(fp32.arerank(query, documents) for query in queries * 3))
+    for i, results in enumerate(got):
+        reference = expected[i % len(queries)]
+        assert [r.index for r in results] == [r.index for r in reference]
+        assert [r.score for r in results] == pytest.approx([r.score for r in reference], abs=1e-6)
+
+
+def test_threads_share_one_model_safely(tiny_qwen_dir: Path) -> None:
+    rerankers = [
+        QwenReranker(tiny_qwen_dir, dtype="float32", instruction=f"instruction {i % 3}")
+        for i in range(6)
+    ]
+    documents = EXAMPLES[1]["documents"]
+    expected = [scores_of(r, f"query {i}", documents) for i, r in enumerate(rerankers)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda i: scores_of(rerankers[i], f"query {i}", documents), range(6)))
+    for a, b in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
