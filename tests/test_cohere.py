@@ -10,7 +10,6 @@ from typing import Any
 import cohere
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, exception_texts, score_of
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -21,6 +20,8 @@ from memos_rerank_integrations import (
     RerankError,
     RerankTimeoutError,
 )
+
+from ._loopback import LoopbackServer, Reply, cohere_shaped, exception_texts, score_of
 
 KEY = "co-SECRET-abcdef-42"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -27,6 +26,8 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._fallback import FallbackAnswer
 from memos_rerank_integrations._types import rank_scores
+
+from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 
 KEY = "sk-fallback-SECRET-1234"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 1.0}

@@ -12,15 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from _loopback import (
-    LoopbackServer,
-    Recorded,
-    Reply,
-    cohere_results,
-    cohere_shaped,
-    exception_texts,
-    score_of,
-)
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -33,6 +24,16 @@ from memos_rerank_integrations import (
     Stage,
 )
 from memos_rerank_integrations._memos import DEFAULT_MEMOS_BASE_URL, MEMOS_ERROR_CODES
+
+from ._loopback import (
+    LoopbackServer,
+    Recorded,
+    Reply,
+    cohere_results,
+    cohere_shaped,
+    exception_texts,
+    score_of,
+)
 
 KEY = "sk-memos-SECRET-7f3a9c"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
