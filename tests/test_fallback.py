@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -27,6 +26,8 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._fallback import FallbackAnswer
 from memos_rerank_integrations._types import rank_scores
+
+from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 
 KEY = "sk-fallback-SECRET-1234"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 1.0}
@@ -256,14 +257,11 @@ def test_through_the_langchain_compressor(
 
     primary.script(Reply(500, {}))
     secondary.script(tei_shaped)
-    chain = FallbackReranker(
-        [
-            MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0),
-            HTTPReranker(secondary.url, api_format="tei"),
-        ]
-    )
+    tei = HTTPReranker(secondary.url, api_format="tei")
+    chain = FallbackReranker([MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0), tei])
     compressor = RerankCompressor(reranker=chain, top_n=2)
     out = compressor.compress_documents([Document(page_content=d) for d in DOCS], "q")
     assert [d.page_content for d in out] == [DOCS[i] for i in expected_order(DOCS)[:2]]
     assert all("rerank_fallback" not in d.metadata for d in out)
+    assert chain.last_backend is tei  # the record survives the adapter
     assert "FallbackReranker" in repr(chain) and KEY not in repr(chain)

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -20,6 +19,8 @@ from memos_rerank_integrations import (
     RerankTimeoutError,
     Stage,
 )
+
+from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 
 KEY = "tei-token-SECRET-55aa"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}

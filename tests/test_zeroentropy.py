@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, score_of
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -20,6 +19,8 @@ from memos_rerank_integrations import (
     ZeroEntropyReranker,
 )
 from memos_rerank_integrations._zeroentropy import DEFAULT_ZEROENTROPY_BASE_URL
+
+from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of
 
 KEY = "ze-SECRET-key-0099"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}

@@ -50,6 +50,7 @@ from ._types import (
 
 __all__ = [
     "HTTPBackend",
+    "HTTPClients",
     "InputLimits",
     "OnTooLong",
     "RemoteOptions",
@@ -713,7 +714,7 @@ class RemoteReranker:
 # --------------------------------------------------------------------------- HTTP
 
 
-class _Clients:
+class HTTPClients:
     """One sync and one async ``httpx`` client, made on first use and reused.
 
     Clients passed in are used as they are and never closed here. An async client
@@ -799,7 +800,7 @@ class HTTPBackend(RemoteReranker):
         self.url = _check_url(url)
         self.model = model
         self._api_key = api_key
-        self._clients = _Clients(timeout, http_client, async_http_client)
+        self._clients = HTTPClients(timeout, http_client, async_http_client)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, url={self.url!r})"

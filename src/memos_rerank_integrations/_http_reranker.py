@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
-from typing_extensions import Unpack
 
 from ._exceptions import InvalidInputError
 from ._http import HTTPBackend, RemoteOptions, join_url, read_scored_results, resolve_api_key
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["HTTPReranker"]
 

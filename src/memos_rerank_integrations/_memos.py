@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from typing_extensions import Unpack
 
 from ._exceptions import (
     AuthenticationError,
@@ -26,6 +25,9 @@ from ._http import (
     resolve_api_key,
     retry_after_seconds,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DEFAULT_MEMOS_BASE_URL", "MEMOS_ERROR_CODES", "MemOSReranker"]
 
