@@ -43,7 +43,8 @@ def run_demo(*args: str, hf_home: Path, **env: str) -> subprocess.CompletedProce
         if name not in env:
             child_env.pop(name, None)
     return subprocess.run(
-        [sys.executable, "-m", "memos_rerank_integrations._demo", *args],
+        # What the `memos-rerank` console script runs: cli.main -> demo.
+        [sys.executable, "-m", "memos_rerank_integrations.cli", "demo", *args],
         env=child_env,
         capture_output=True,
         text=True,
