@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -29,9 +30,10 @@ NOTEBOOK_BUDGET_S = 90
 
 
 @pytest.fixture(scope="module")
-def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> str:
+def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     name = "memos-rerank-tests"
-    spec_dir = tmp_path_factory.mktemp("jupyter") / "kernels" / name
+    jupyter_dir = tmp_path_factory.mktemp("jupyter")
+    spec_dir = jupyter_dir / "kernels" / name
     spec_dir.mkdir(parents=True)
     python_path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     spec = {
@@ -41,11 +43,12 @@ def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> str:
         "env": {"PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    jupyter_path = os.pathsep.join(
-        filter(None, [str(spec_dir.parents[1]), os.environ.get("JUPYTER_PATH")])
-    )
-    os.environ["JUPYTER_PATH"] = jupyter_path
-    return name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(
+            "JUPYTER_PATH",
+            os.pathsep.join(filter(None, [str(jupyter_dir), os.environ.get("JUPYTER_PATH")])),
+        )
+        yield name
 
 
 def test_every_notebook_is_tested() -> None:
