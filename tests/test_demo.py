@@ -159,3 +159,29 @@ def test_the_shipped_examples_match_the_reference_file() -> None:
         {"query": example.query, "documents": list(example.documents)} for example in EXAMPLES
     ] == reference["examples"]
     assert list(MEM0_PLAYBOOKS) == reference["mem0_playbooks"]
+
+
+def test_without_langchain_classic_the_compressor_runs_on_the_retriever(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As after `pip install '.[langchain]'`, which brings langchain-core only.
+    monkeypatch.setitem(sys.modules, "langchain_classic.retrievers", None)
+    assert main(["--backend", "embedding", "--top-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pip install langchain-classic" in out
+    parsed = sections(out)
+    assert parsed["LangChain"][LIQUOR] == parsed["LlamaIndex"][LIQUOR]
+    assert parsed["LangChain"][LIQUOR][0].text == "User prefers Jiangxiang-flavored baijiu."
+
+
+def test_a_missing_framework_is_reported_before_any_model_loads(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "llama_index", None)
+    started = time.monotonic()
+    assert main([]) == 1
+    assert time.monotonic() - started < 1.0
+    captured = capsys.readouterr()
+    assert "needs llama-index-core" in captured.err
+    assert "memos-rerank-integrations[all]" in captured.err
+    assert "Loading" not in captured.out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -80,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"--top-n must be a positive number, got {args.top_n}.")
         return 2
     _out("memos-rerank demo: the MemOS example memories, reranked in LangChain and LlamaIndex.")
+    missing = _missing_frameworks()
+    if missing:
+        _err(
+            f"The demo needs {' and '.join(missing)}: pip install 'memos-rerank-integrations[all]'"
+        )
+        return 1
     choice = _choose_reranker(args.backend, args.model, offline=args.offline, say=_out)
     if choice is None:
         return 1
@@ -94,6 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"Reranking failed: {type(exc).__name__}: {exc}")
         return 1
     return 0
+
+
+def _missing_frameworks() -> list[str]:
+    # Checked before any model loads, so a missing extra is reported at once.
+    return [
+        package
+        for module, package in (
+            ("langchain_core", "langchain-core"),
+            ("llama_index.core", "llama-index-core"),
+        )
+        if importlib.util.find_spec(module.split(".")[0]) is None
+        or importlib.util.find_spec(module) is None
+    ]
 
 
 def _out(line: str) -> None:
@@ -219,7 +239,6 @@ def _row(rank: int, score: float, stage: str, text: str, extra: str = "") -> str
 
 
 def _run_langchain(reranker: Any, top_n: int | None) -> None:
-    from langchain_classic.retrievers import ContextualCompressionRetriever
     from langchain_core.documents import Document
     from langchain_core.embeddings import DeterministicFakeEmbedding
     from langchain_core.vectorstores import InMemoryVectorStore
@@ -229,15 +248,29 @@ def _run_langchain(reranker: Any, top_n: int | None) -> None:
     memories = _memories()
     store = InMemoryVectorStore(DeterministicFakeEmbedding(size=64))
     store.add_documents([Document(page_content=text) for text in memories])
-    retriever = ContextualCompressionRetriever(
-        base_compressor=RerankCompressor(reranker=reranker, top_n=top_n, fallback=False),
-        base_retriever=store.as_retriever(search_kwargs={"k": len(memories)}),
-    )
+    base_retriever = store.as_retriever(search_kwargs={"k": len(memories)})
+    compressor = RerankCompressor(reranker=reranker, top_n=top_n, fallback=False)
+    search: Callable[[str], list[Any]]
     _out("")
-    _out("LangChain: ContextualCompressionRetriever + RerankCompressor")
+    try:
+        from langchain_classic.retrievers import ContextualCompressionRetriever
+    except ImportError:
+        # The retriever class lives in langchain-classic, which the langchain extra
+        # may not install; the compressor itself needs only langchain-core.
+        _out("LangChain: RerankCompressor over the vector store's retriever")
+        _out("  (pip install langchain-classic to run it in a ContextualCompressionRetriever)")
+
+        def search(query: str) -> list[Any]:
+            return list(compressor.compress_documents(base_retriever.invoke(query), query))
+    else:
+        _out("LangChain: ContextualCompressionRetriever + RerankCompressor")
+        retriever = ContextualCompressionRetriever(
+            base_compressor=compressor, base_retriever=base_retriever
+        )
+        search = retriever.invoke
     for query in _queries():
         _out(f"  Query: {query}")
-        for rank, document in enumerate(retriever.invoke(query), start=1):
+        for rank, document in enumerate(search(query), start=1):
             metadata = document.metadata
             _out(
                 _row(
