@@ -67,9 +67,9 @@ PROMPT_PREFIX = (
 )
 PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 _INSTRUCTION_CACHE_SIZE = 16
-# Split a batch when over a fifth of it would be padding, but not below a few hundred
+# Split a batch when over a tenth of it would be padding, but not below a few hundred
 # tokens per pass: smaller matrix multiplies run far below peak on CPUs.
-_MAX_PADDING = 0.2
+_MAX_PADDING = 0.1
 _MIN_BATCH_TOKENS = 256
 
 
