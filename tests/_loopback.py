@@ -38,6 +38,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    client_port: int = 0  # the same port for two requests means one pooled connection
 
 
 Responder = Callable[[Recorded], Reply]
@@ -100,7 +101,9 @@ class LoopbackServer:
                     body = json.loads(raw) if raw else None
                 except json.JSONDecodeError:
                     body = raw
-                request = Recorded("POST", self.path, dict(self.headers.items()), body)
+                request = Recorded(
+                    "POST", self.path, dict(self.headers.items()), body, self.client_address[1]
+                )
                 reply = server._next(request)
                 if reply.delay:
                     time.sleep(reply.delay)

@@ -265,3 +265,20 @@ def test_through_the_langchain_compressor(
     assert all("rerank_fallback" not in d.metadata for d in out)
     assert chain.last_backend is tei  # the record survives the adapter
     assert "FallbackReranker" in repr(chain) and KEY not in repr(chain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memos_cloud_then_a_local_qwen_reranker(
+    primary: LoopbackServer, tmp_path_factory: pytest.TempPathFactory, mode: str
+) -> None:
+    from memos_rerank_integrations import QwenReranker
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
+
+    local = QwenReranker(build_tiny_qwen_reranker(tmp_path_factory.mktemp("qwen")), device="cpu")
+    primary.script(Reply(503, {"message": "maintenance"}))
+    memos = MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0)
+    chain = FallbackReranker([memos, local])
+    docs = ["User likes playing badminton.", "User prefers concise replies."]
+    answer = detailed(chain, mode, "What are the user's hobbies?", docs)
+    assert answer.backend is local
+    assert answer.results == local.rerank("What are the user's hobbies?", docs)

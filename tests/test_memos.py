@@ -514,6 +514,23 @@ def test_own_clients_are_closed_and_remade(server: LoopbackServer) -> None:
     reranker.close()
 
 
+def test_connections_are_pooled(server: LoopbackServer) -> None:
+    server.script(*[cohere_shaped] * 6)
+    reranker = make(server)
+    for _ in range(3):
+        reranker.rerank("q", DOCS)
+
+    async def three_calls() -> None:
+        for _ in range(3):
+            await reranker.arerank("q", DOCS)
+
+    asyncio.run(three_calls())
+    ports = [request.client_port for request in server.requests]
+    assert len(set(ports[:3])) == 1  # one reused sync connection
+    assert len(set(ports[3:])) == 1  # one reused async connection
+    assert ports[0] != ports[3]
+
+
 def test_async_calls_from_two_event_loops(server: LoopbackServer) -> None:
     server.script(cohere_shaped, cohere_shaped)
     reranker = make(server)

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -401,8 +402,6 @@ def resolve_api_key(
     required: bool = True,
 ) -> SecretStr | None:
     """The key from the argument or the first set environment variable."""
-    import os
-
     if isinstance(api_key, SecretStr):
         api_key = api_key.get_secret_value()
     if api_key is None:
@@ -589,7 +588,7 @@ class RemoteReranker:
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
         """Rerank ``documents`` for ``query``: results sorted best first."""
-        query, requests, top_n, n = self._plan(query, documents, top_n)
+        query, requests, top_n = self._plan(query, documents, top_n)
         if not requests:
             return []
         if len(requests) == 1:
@@ -604,13 +603,13 @@ class RemoteReranker:
                     for future in futures:
                         future.cancel()
                     raise
-        return self._merge(requests, answers, top_n, n)
+        return self._merge(requests, answers, top_n)
 
     async def arerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
         """Async twin of :meth:`rerank`, on one reused async client."""
-        query, requests, top_n, n = self._plan(query, documents, top_n)
+        query, requests, top_n = self._plan(query, documents, top_n)
         if not requests:
             return []
         if len(requests) == 1:
@@ -630,15 +629,15 @@ class RemoteReranker:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
-        return self._merge(requests, answers, top_n, n)
+        return self._merge(requests, answers, top_n)
 
     def _plan(
         self, query: str, documents: Sequence[str], top_n: int | None
-    ) -> tuple[str, list[_Request], int | None, int]:
+    ) -> tuple[str, list[_Request], int | None]:
         docs = check_inputs(query, documents)
         top_n = check_top_n(top_n)
         if not docs:
-            return query, [], top_n, 0
+            return query, [], top_n
         limits = self.limits
         query = limits.fit("The query", query, limits.max_query_tokens)
         docs = [
@@ -659,7 +658,7 @@ class RemoteReranker:
             if sent is not None and sent >= len(positions):
                 sent = None
             requests.append(_Request(positions, [docs[i] for i in positions], sent))
-        return query, requests, top_n, len(docs)
+        return query, requests, top_n
 
     def _what(self, request: _Request) -> str:
         return f"{self.backend_name} request for {len(request.documents)} documents"
@@ -691,17 +690,13 @@ class RemoteReranker:
         requests: list[_Request],
         answers: list[dict[int, float]],
         top_n: int | None,
-        n_documents: int,
     ) -> list[RerankResult]:
         scores: dict[int, float] = {}
         for request, answer in zip(requests, answers, strict=True):
             for local, score in answer.items():
                 scores[request.positions[local]] = score
+        # Every document is here unless top_n was sent: validate_ranking saw to it.
         ranked_positions = sorted(scores)  # input order, so ties keep it
-        if top_n is None and len(ranked_positions) != n_documents:
-            raise MalformedResponseError(  # pragma: no cover - validate_ranking forbids it
-                f"The {self.backend_name} answers miss documents.", backend=self.backend_name
-            )
         ranked = rank_scores(
             [scores[i] for i in ranked_positions], top_n=top_n, thresholds=self.thresholds
         )
