@@ -100,7 +100,7 @@ def test_offline_falls_back_fast_and_ranks_the_baijiu_memory_first(empty_hf_home
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert elapsed < 90
+    assert elapsed < 120  # alone on two cores: under 10 s
     out = proc.stdout
     assert "cannot be reached" in out
     assert "Could not load Qwen/Qwen3-Reranker-0.6B" in out

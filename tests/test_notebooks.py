@@ -24,9 +24,10 @@ from ._backends import SRC
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_langchain.ipynb", "02_llama_index.ipynb", "03_thresholds.ipynb"]
-# Per cell; a whole notebook takes well under a minute on two cores.
+# Per cell; alone on two cores each notebook takes 10-20 s, the bounds leave room for a
+# busy machine while still catching a hang.
 CELL_TIMEOUT_S = 120
-NOTEBOOK_BUDGET_S = 90
+NOTEBOOK_BUDGET_S = 240
 
 
 @pytest.fixture(scope="module")
