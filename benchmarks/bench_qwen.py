@@ -350,12 +350,17 @@ def main() -> None:
     report["total_s"] = time.perf_counter() - started
     report["load_average_at_end"] = os.getloadavg()
     print(f"total {report['total_s']:.0f} s")
+    table = markdown(report)  # also settles each fraction of the floor on the run's best rate
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
+    print(table)
 
 
 TARGETS = {"memory": 4.0, "rag": 2.0, "one_memory": 2.5}
+
+
+def gap_text(gap: float) -> str:
+    return "n/a (one document per call)" if gap != gap else f"{gap:.2e}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -367,7 +372,12 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype, results in report["results"].items():
+        # The best GEMM rate seen for this dtype anywhere in the run: on a shared machine
+        # a single measurement can land in a busy moment and overstate the fraction.
+        rate = max(r["gemm_tflops"] for r in results.values()) * 1e12
         for workload, r in results.items():
+            floor = r["unique_tokens"] * 2 * report["non_embedding_parameters"] / rate
+            r["fraction_of_floor"] = floor / r["package_s"]
             lines.append(
                 f"| {dtype} | {workload} | {r['pairs']} | {r['recipe_pairs_per_s']:.2f} "
                 f"| {r['package_pairs_per_s']:.2f} | **{r['speedup']:.2f}x** "
@@ -387,7 +397,7 @@ def markdown(report: dict[str, Any]) -> str:
         ):
             lines.append(
                 f"| {label}, {workload} | {r[key]['max_abs_diff']:.2e} | {r[key]['same_top5']} "
-                f"| {r[key]['smallest_top_gap']:.2e} |"
+                f"| {gap_text(r[key]['smallest_top_gap'])} |"
             )
     default = report["default_vs_recipe_fp32_memory"]
     lines.append("")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -308,26 +308,32 @@ def test_default_dtype_follows_the_hardware(tiny_qwen_dir: Path) -> None:
 
 
 def test_bfloat16_drift_against_fp32_recipe(
-    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe
+    tiny_qwen_dir: Path,
+    qwen_recipe: ModelCardRecipe,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    example = EXAMPLES[1]
-    query, documents = example["query"], example["documents"]
+    query = EXAMPLES[1]["query"]
+    documents = EXAMPLES[1]["documents"] + EXAMPLES[0]["documents"] + ["", "Plays chess."]
     reference = qwen_recipe(query, documents)
     bf16 = scores_of(QwenReranker(tiny_qwen_dir, dtype="bfloat16"), query, documents)
     recipe_bf16 = ModelCardRecipe(tiny_qwen_dir, dtype=torch.bfloat16)(query, documents)
     drift = max(abs(a - b) for a, b in zip(bf16, reference, strict=True))
     recipe_drift = max(abs(a - b) for a, b in zip(recipe_bf16, reference, strict=True))
-    # bf16 keeps ~3 significant digits; the package's drift stays within the recipe's own
-    # bf16 drift order (its final projection is done in float32).
-    assert drift < 0.02
-    assert drift <= max(recipe_drift, 0.005) * 2
 
     def top5(scores: list[float]) -> list[int]:
         return sorted(range(len(scores)), key=lambda i: -scores[i])[:5]
 
-    gaps = sorted(reference)
-    if min(b - a for a, b in itertools.pairwise(gaps)) > 2 * drift:
-        assert top5(bf16) == top5(reference)
+    record_property("bf16_max_abs_diff", drift)
+    record_property("recipe_bf16_max_abs_diff", recipe_drift)
+    record_property("bf16_top5_order_changed", top5(bf16) != top5(reference))
+    # bf16 keeps ~3 significant digits; the package's final projection runs in float32,
+    # so it drifts no more than the recipe itself does in bf16.
+    assert drift < 0.02
+    assert drift <= max(recipe_drift, 0.005) * 2
+    # Only documents closer than the drift may swap places.
+    for i, j in itertools.combinations(range(len(documents)), 2):
+        if (reference[i] - reference[j]) * (bf16[i] - bf16[j]) < 0:
+            assert abs(reference[i] - reference[j]) <= 2 * drift
 
 
 def test_tokenizer_without_padding_token(
