@@ -610,3 +610,28 @@ def test_compressor_with_a_working_service_ranks(server: LoopbackServer) -> None
     out = compressor.compress_documents([Document(page_content=d) for d in DOCS], "q")
     assert [d.page_content for d in out] == [DOCS[i] for i in expected_order(DOCS)[:2]]
     assert [d.metadata["relevance_score"] for d in out] == [score_of(d.page_content) for d in out]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["500 always", "401", "invalid json", "duplicate index"])
+def test_llama_index_postprocessor_falls_back_too(
+    server: LoopbackServer, mode: str, name: str
+) -> None:
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    from memos_rerank_integrations.llama_index import RerankPostprocessor
+
+    replies, _, _ = FAILURES[name]
+    server.script(*replies)
+    nodes = [
+        NodeWithScore(node=TextNode(text=t, id_=f"n{i}"), score=0.1) for i, t in enumerate(DOCS)
+    ]
+    postprocessor = RerankPostprocessor(
+        reranker=make(server, max_retries=1, timeout=timeout_for(replies))
+    )
+    if mode == "sync":
+        out = postprocessor.postprocess_nodes(nodes, query_bundle=QueryBundle("q"))
+    else:
+        out = asyncio.run(postprocessor.apostprocess_nodes(nodes, query_bundle=QueryBundle("q")))
+    assert [n.node.node_id for n in out] == ["n0", "n1", "n2"]
+    assert all(n.node.metadata.get("rerank_fallback") is True for n in out)
