@@ -195,3 +195,10 @@ def exception_texts(error: BaseException) -> list[str]:
         texts += [str(current), repr(current), repr(vars(current))]
         pending += [current.__cause__, current.__context__]
     return texts
+
+
+def timeout_for(replies: Iterable[Reply]) -> float:
+    """A client timeout for a scripted scenario: short where the script is meant to
+    be slower than it, generous otherwise so that a loaded CI machine never turns
+    an expected 401 or 500 into a timeout."""
+    return 0.25 if any(reply.delay for reply in replies) else 10.0

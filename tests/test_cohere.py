@@ -21,7 +21,7 @@ from memos_rerank_integrations import (
     RerankTimeoutError,
 )
 
-from ._loopback import LoopbackServer, Reply, cohere_shaped, exception_texts, score_of
+from ._loopback import LoopbackServer, Reply, cohere_shaped, exception_texts, score_of, timeout_for
 
 KEY = "co-SECRET-abcdef-42"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
@@ -136,7 +136,7 @@ def test_failures_map_onto_the_error_tree(server: LoopbackServer, mode: str, nam
     replies, error_class, requests = FAILURES[name]
     server.script(*replies)
     with pytest.raises(error_class) as caught:
-        invoke(make(server, max_retries=1, timeout=0.25), mode, "q", DOCS)
+        invoke(make(server, max_retries=1, timeout=timeout_for(replies)), mode, "q", DOCS)
     assert caught.value.backend == "cohere"
     assert len(server.requests) == requests  # the SDK's own retries are off
 

@@ -27,7 +27,7 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._fallback import FallbackAnswer
 from memos_rerank_integrations._types import rank_scores
 
-from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
+from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped, timeout_for
 
 KEY = "sk-fallback-SECRET-1234"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 1.0}
@@ -121,7 +121,9 @@ def test_memos_fails_and_the_tei_server_answers(
 ) -> None:
     primary.script(failure)
     secondary.script(tei_shaped)
-    memos = MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0, timeout=0.2)
+    memos = MemOSReranker(
+        api_key=KEY, base_url=primary.url, max_retries=0, timeout=timeout_for([failure])
+    )
     tei = HTTPReranker(secondary.url, api_format="tei")
     chain = FallbackReranker([memos, tei])
     with caplog.at_level(logging.WARNING):

@@ -20,7 +20,15 @@ from memos_rerank_integrations import (
     Stage,
 )
 
-from ._loopback import LoopbackServer, Recorded, Reply, cohere_shaped, score_of, tei_shaped
+from ._loopback import (
+    LoopbackServer,
+    Recorded,
+    Reply,
+    cohere_shaped,
+    score_of,
+    tei_shaped,
+    timeout_for,
+)
 
 KEY = "tei-token-SECRET-55aa"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
@@ -184,7 +192,9 @@ CASES = [(fmt, name) for fmt, table in FAILURES.items() for name in table]
 def test_failures(server: LoopbackServer, mode: str, api_format: Any, name: str) -> None:
     replies, error_class, requests = FAILURES[api_format][name]
     server.script(*replies)
-    reranker = HTTPReranker(server.url, api_format=api_format, max_retries=1, timeout=0.25, **FAST)
+    reranker = HTTPReranker(
+        server.url, api_format=api_format, max_retries=1, timeout=timeout_for(replies), **FAST
+    )
     with pytest.raises(error_class) as caught:
         invoke(reranker, mode, "q", DOCS)
     assert caught.value.backend == "http"

@@ -10,14 +10,8 @@ import httpx
 
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._extras import missing_extra
-from ._http import (
-    HTTPClients,
-    RemoteOptions,
-    RemoteReranker,
-    error_for_status,
-    error_for_transport,
-    resolve_api_key,
-)
+from ._http import HTTPClients, error_for_status, error_for_transport
+from ._remote import RemoteOptions, RemoteReranker, resolve_api_key
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -43,7 +37,7 @@ class CohereReranker(RemoteReranker):
     is passed to Cohere as is. The SDK's own retries are off: retries, limits,
     splitting (100 documents per request by default, one Cohere search unit) and
     validation are those of every remote backend (see
-    :class:`~memos_rerank_integrations._http.RemoteOptions`), and SDK errors map onto
+    :class:`~memos_rerank_integrations._remote.RemoteOptions`), and SDK errors map onto
     this package's error tree. ``client`` / ``async_client`` take ready-made SDK
     clients (any object with a Cohere-v2 ``rerank``); the key is then not needed.
     """

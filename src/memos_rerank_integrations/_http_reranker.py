@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 import httpx
 
 from ._exceptions import InvalidInputError
-from ._http import HTTPBackend, RemoteOptions, join_url, read_scored_results, resolve_api_key
+from ._http import HTTPBackend, join_url
 from ._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
+from ._remote import RemoteOptions, read_scored_results, resolve_api_key
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -40,7 +41,7 @@ class HTTPReranker(HTTPBackend):
     Without the template such a model's scores are close to random. The
     length limits apply to your text, before the template is added.
     Retries, limits, splitting and validation are those of every remote backend
-    (see :class:`~memos_rerank_integrations._http.RemoteOptions`).
+    (see :class:`~memos_rerank_integrations._remote.RemoteOptions`).
     """
 
     backend_name = "http"

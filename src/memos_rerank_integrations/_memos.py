@@ -16,15 +16,8 @@ from ._exceptions import (
     RateLimitError,
     RerankError,
 )
-from ._http import (
-    HTTPBackend,
-    RemoteOptions,
-    error_for_status,
-    join_url,
-    read_scored_results,
-    resolve_api_key,
-    retry_after_seconds,
-)
+from ._http import HTTPBackend, error_for_status, join_url, retry_after_seconds
+from ._remote import RemoteOptions, read_scored_results, resolve_api_key
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -57,7 +50,7 @@ class MemOSReranker(HTTPBackend):
     2,048 and documents over 32,768 estimated tokens are cut with a warning (or
     rejected with ``on_too_long="raise"``); the per-request document count and
     token budget split big calls into several requests whose answers are merged.
-    See :class:`~memos_rerank_integrations._http.RemoteOptions` for the other
+    See :class:`~memos_rerank_integrations._remote.RemoteOptions` for the other
     options (backoff, splitting, concurrency, thresholds).
     """
 
