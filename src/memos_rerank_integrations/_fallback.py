@@ -1,0 +1,243 @@
+"""A chain of rerankers tried in order until one answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
+from ._remote import validate_ranking
+from ._types import DEFAULT_THRESHOLDS, RerankResult, Stage, check_inputs, check_top_n
+
+__all__ = ["FallbackAnswer", "FallbackReranker"]
+
+logger = logging.getLogger(__name__)
+
+# Which backend answered each FallbackReranker's latest call, per thread / asyncio
+# task: a context variable, so concurrent calls never see each other's answer.
+# Keyed by a serial number rather than id(), which can be reused after collection.
+_ANSWERED: contextvars.ContextVar[Mapping[int, int]] = contextvars.ContextVar(
+    "memos_rerank_fallback_answered", default=MappingProxyType({})
+)
+_SERIALS = itertools.count()
+
+
+@dataclass(frozen=True)
+class FallbackAnswer:
+    """The record of one call: the ``results``, the ``backend`` that produced them,
+    its ``position`` in the chain and the ``errors`` of the backends tried before it."""
+
+    results: list[RerankResult]
+    backend: Any
+    position: int
+    errors: tuple[Exception, ...]
+
+
+class FallbackReranker:
+    """Try rerankers in order (e.g. MemOS cloud, then a local ``QwenReranker``);
+    the first that answers wins.
+
+    Any object with ``rerank`` and/or ``arerank`` works. A backend that raises, or
+    answers with an invalid ranking, is logged at WARNING (naming the error type)
+    and the next one is tried. When all fail, the last error is raised; the
+    earlier ones hang off it as ``__context__`` so the traceback shows the chain.
+
+    Which backend answered: :meth:`rerank_detailed` / :meth:`arerank_detailed`
+    return a :class:`FallbackAnswer` for that very call. :attr:`last_backend` is the
+    backend that answered the latest call *made in the current thread or asyncio
+    task*, so it stays right under concurrency (64 tasks sharing one instance each
+    see their own), and reads ``None`` in a context that made no successful call.
+    """
+
+    def __init__(self, rerankers: Sequence[Any]) -> None:
+        if isinstance(rerankers, (str, bytes)) or not isinstance(rerankers, Sequence):
+            raise InvalidInputError(
+                "FallbackReranker takes a list of rerankers, e.g. "
+                "FallbackReranker([MemOSReranker(), QwenReranker()])."
+            )
+        if not rerankers:
+            raise InvalidInputError("FallbackReranker needs at least one reranker.")
+        for position, backend in enumerate(rerankers):
+            if not (_method(backend, "rerank") or _method(backend, "arerank")):
+                raise InvalidInputError(
+                    f"rerankers[{position}] ({type(backend).__name__}) has neither "
+                    "rerank(query, documents, top_n=None) nor arerank(...)."
+                )
+        self._rerankers = tuple(rerankers)
+        self._serial = next(_SERIALS)
+
+    @property
+    def rerankers(self) -> tuple[Any, ...]:
+        return self._rerankers
+
+    @property
+    def last_backend(self) -> Any:
+        """The backend that answered this thread's / task's latest call, or ``None``."""
+        position = _ANSWERED.get().get(self._serial)
+        return None if position is None else self._rerankers[position]
+
+    def __repr__(self) -> str:
+        return f"FallbackReranker({list(self._rerankers)!r})"
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        return self.rerank_detailed(query, documents, top_n).results
+
+    async def arerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        return (await self.arerank_detailed(query, documents, top_n)).results
+
+    def rerank_detailed(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> FallbackAnswer:
+        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
+        errors: list[Exception] = []
+        for position, backend in enumerate(self._rerankers):
+            try:
+                raw = _call_sync(backend, query, docs, top_n)
+                results = _checked(raw, len(docs), top_n, backend)
+            except Exception as error:
+                self._failed(position, error, errors)
+                continue
+            return self._answered(results, position, errors)
+        raise _chained(errors)
+
+    async def arerank_detailed(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> FallbackAnswer:
+        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
+        errors: list[Exception] = []
+        for position, backend in enumerate(self._rerankers):
+            try:
+                raw = await _call_async(backend, query, docs, top_n)
+                results = _checked(raw, len(docs), top_n, backend)
+            except Exception as error:
+                self._failed(position, error, errors)
+                continue
+            return self._answered(results, position, errors)
+        raise _chained(errors)
+
+    def _failed(self, position: int, error: Exception, errors: list[Exception]) -> None:
+        errors.append(error)
+        total = len(self._rerankers)
+        name = type(self._rerankers[position]).__name__
+        detail = f": {error}" if isinstance(error, RerankError) else ""
+        if position + 1 < total:
+            following = type(self._rerankers[position + 1]).__name__
+            logger.warning(
+                "Reranker %d/%d (%s) failed with %s%s; falling back to %d/%d (%s).",
+                position + 1,
+                total,
+                name,
+                type(error).__name__,
+                detail,
+                position + 2,
+                total,
+                following,
+            )
+        else:
+            logger.warning(
+                "Reranker %d/%d (%s) failed with %s%s; no reranker left.",
+                position + 1,
+                total,
+                name,
+                type(error).__name__,
+                detail,
+            )
+
+    def _answered(
+        self, results: list[RerankResult], position: int, errors: list[Exception]
+    ) -> FallbackAnswer:
+        _ANSWERED.set(MappingProxyType({**_ANSWERED.get(), self._serial: position}))
+        return FallbackAnswer(results, self._rerankers[position], position, tuple(errors))
+
+    def close(self) -> None:
+        """Close every backend that has ``close()``."""
+        for backend in self._rerankers:
+            if _method(backend, "close"):
+                backend.close()
+
+    async def aclose(self) -> None:
+        """Close every backend, with ``aclose()`` where it has one."""
+        for backend in self._rerankers:
+            if _method(backend, "aclose"):
+                await backend.aclose()
+            elif _method(backend, "close"):
+                backend.close()
+
+    def __enter__(self) -> FallbackReranker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> FallbackReranker:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _method(backend: Any, name: str) -> bool:
+    return callable(getattr(backend, name, None))
+
+
+def _call_sync(backend: Any, query: str, docs: list[str], top_n: int | None) -> Any:
+    if _method(backend, "rerank"):
+        return backend.rerank(query, docs, top_n=top_n)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(backend.arerank(query, docs, top_n=top_n))
+    raise InvalidInputError(
+        f"{type(backend).__name__} is async-only and cannot be called from rerank() "
+        "inside a running event loop; use arerank()."
+    )
+
+
+async def _call_async(backend: Any, query: str, docs: list[str], top_n: int | None) -> Any:
+    if _method(backend, "arerank"):
+        answer = backend.arerank(query, docs, top_n=top_n)
+        return await answer if inspect.isawaitable(answer) else answer
+    return await asyncio.to_thread(backend.rerank, query, docs, top_n=top_n)
+
+
+def _checked(raw: Any, count: int, top_n: int | None, backend: Any) -> list[RerankResult]:
+    """A duck-typed backend's answer, checked before it is trusted and sorted best first;
+    results without a :class:`Stage` get one from the default thresholds."""
+    name = type(backend).__name__
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise MalformedResponseError(f"{name} returned {type(raw).__name__}, not a list.")
+    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in raw]
+    scores = validate_ranking(pairs, n_documents=count, top_n_sent=top_n, backend=name)
+    results = []
+    for item in raw:
+        score = scores[item.index]
+        stage = getattr(item, "stage", None)
+        if not isinstance(stage, Stage):
+            stage = DEFAULT_THRESHOLDS.stage(score)
+        results.append(RerankResult(item.index, score, stage))
+    results.sort(key=lambda result: (-result.score, result.index))
+    return results
+
+
+def _chained(errors: list[Exception]) -> Exception:
+    """The last error, with each earlier one at the end of the next one's context chain."""
+    for earlier, later in itertools.pairwise(errors):
+        seen = {id(later)}
+        tail: BaseException = later
+        while tail.__context__ is not None and id(tail.__context__) not in seen:
+            tail = tail.__context__
+            seen.add(id(tail))
+        if id(earlier) not in seen and tail.__context__ is None:
+            tail.__context__ = earlier
+    return errors[-1]

@@ -1,0 +1,162 @@
+"""The MemOS cloud "Rerank Memory" API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from ._exceptions import (
+    AuthenticationError,
+    BackendUnavailableError,
+    InvalidInputError,
+    MalformedResponseError,
+    RateLimitError,
+    RerankError,
+)
+from ._http import HTTPBackend, error_for_status, join_url, retry_after_seconds
+from ._remote import RemoteOptions, read_scored_results, resolve_api_key
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["DEFAULT_MEMOS_BASE_URL", "MEMOS_ERROR_CODES", "MemOSReranker"]
+
+DEFAULT_MEMOS_BASE_URL = "https://memos.memtensor.cn/api/openmem/v1"
+
+# Business codes from the MemOS documentation. They may come with HTTP 200 or with
+# a non-2xx status; either way the code decides the error class.
+MEMOS_ERROR_CODES: Mapping[int, type[RerankError]] = {
+    40000: InvalidInputError,  # malformed body
+    40002: InvalidInputError,  # a required field is empty
+    40003: InvalidInputError,  # empty documents
+    40100: AuthenticationError,  # key required
+    40130: AuthenticationError,  # key required
+    40132: AuthenticationError,  # key invalid or expired
+    40309: RateLimitError,  # token rate limit
+    50000: BackendUnavailableError,  # internal error
+}
+
+_SUCCESS_CODES = (0, 200)
+
+
+class MemOSReranker(HTTPBackend):
+    """Rerank with the MemOS cloud reranker (``memos-reranker-0.6b`` or ``-4b``).
+
+    The key comes from ``api_key`` or ``MEMOS_API_KEY``; the endpoint from
+    ``base_url``, ``MEMOS_BASE_URL`` or the public MemOS endpoint. Queries over
+    2,048 and documents over 32,768 estimated tokens are cut with a warning (or
+    rejected with ``on_too_long="raise"``); the per-request document count and
+    token budget split big calls into several requests whose answers are merged.
+    See :class:`~memos_rerank_integrations._remote.RemoteOptions` for the other
+    options (backoff, splitting, concurrency, thresholds).
+    """
+
+    backend_name = "memos"
+
+    def __init__(
+        self,
+        model: str = "memos-reranker-0.6b",
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 10.0,
+        max_retries: int = 2,
+        http_client: httpx.Client | None = None,
+        async_http_client: httpx.AsyncClient | None = None,
+        **options: Unpack[RemoteOptions],
+    ) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidInputError(f"model must be a non-empty str, got {model!r}.")
+        key = resolve_api_key(
+            api_key, ["MEMOS_API_KEY"], owner="MemOSReranker", backend=self.backend_name
+        )
+        base = base_url or os.environ.get("MEMOS_BASE_URL") or DEFAULT_MEMOS_BASE_URL
+        settings: dict[str, Any] = {
+            "max_query_tokens": 2048,
+            "max_document_tokens": 32768,
+            # One version of the docs caps a call at 8k document tokens in total.
+            "max_tokens_per_request": 8192,
+            **options,
+        }
+        super().__init__(
+            join_url(base, "rerank"),
+            model=model,
+            api_key=key,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=http_client,
+            async_http_client=async_http_client,
+            **settings,
+        )
+
+    def _auth_headers(self) -> dict[str, str]:
+        assert self._api_key is not None
+        return {"Authorization": f"Token {self._api_key.get_secret_value()}"}
+
+    def _body(self, query: str, documents: list[str], top_n: int | None) -> object:
+        body: dict[str, object] = {"model": self.model, "query": query, "documents": documents}
+        if top_n is not None:
+            body["top_n"] = top_n
+        return body
+
+    def _read_results(self, payload: object) -> list[tuple[object, object]]:
+        # Documented unwrapped; accept the {"code": 0, "data": {...}} envelope the
+        # rest of the MemOS API uses, in case the service adopts it.
+        if isinstance(payload, Mapping) and "results" not in payload:
+            data = payload.get("data")
+            if isinstance(data, Mapping):
+                payload = data
+        return read_scored_results(payload, backend=self.backend_name)
+
+    def _business_error(
+        self, payload: object, status: int, headers: Mapping[str, str]
+    ) -> RerankError | None:
+        if not isinstance(payload, Mapping) or "code" not in payload:
+            return None
+        raw = payload["code"]
+        try:
+            code = int(raw)
+        except (TypeError, ValueError):
+            return MalformedResponseError(
+                f"The memos answer has a non-numeric code {self._clean(raw)!r}.",
+                status_code=status,
+                backend=self.backend_name,
+            )
+        if code in _SUCCESS_CODES and 200 <= status < 300:
+            return None
+        message = self._clean(payload.get("message") or "no message")
+        kind = MEMOS_ERROR_CODES.get(code)
+        if kind is None:
+            # Unknown five-digit codes follow the documented ones: HTTP status * 100 + n.
+            like_status = code // 100 if 10000 <= code < 60000 else status
+            if 200 <= like_status < 300:
+                return MalformedResponseError(
+                    f"The memos service answered with code {code}: {message}",
+                    status_code=status,
+                    code=code,
+                    backend=self.backend_name,
+                )
+            error = error_for_status(
+                like_status,
+                backend=self.backend_name,
+                payload=payload,
+                headers=headers,
+                secret=self._api_key,
+            )
+            error.status_code, error.code = status, code
+            return error
+        text = f"The memos service answered with code {code}: {message}"
+        if kind is RateLimitError:
+            return RateLimitError(
+                text,
+                retry_after=retry_after_seconds(headers),
+                status_code=status,
+                code=code,
+                backend=self.backend_name,
+            )
+        if kind is AuthenticationError:
+            text += ". Check MEMOS_API_KEY or the api_key argument."
+        return kind(text, status_code=status, code=code, backend=self.backend_name)

@@ -1,0 +1,204 @@
+"""A real HTTP server on 127.0.0.1 for tests of the remote backends.
+
+Each request takes the next scripted :class:`Reply` (or, once the script is used
+up, the ``default`` responder's answer) and is recorded with its path, headers
+and JSON body. The server runs in a daemon thread and serves requests in
+parallel, so concurrency tests hit it for real.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """One scripted answer. ``body``: bytes/str sent as is, anything else as JSON."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    # Seconds between single-byte writes of the body: a server that keeps each
+    # read short but the whole answer long.
+    trickle: float = 0.0
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    client_port: int = 0  # the same port for two requests means one pooled connection
+
+
+Responder = Callable[[Recorded], Reply]
+
+
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 makes a burst of 64 connections wait for SYN retries.
+    request_queue_size = 256
+
+
+class LoopbackServer:
+    def __init__(self, default: Responder | None = None) -> None:
+        self.requests: list[Recorded] = []
+        self._script: deque[Reply | Responder] = deque()
+        self._default = default
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def script(self, *replies: Reply | Responder) -> None:
+        with self._lock:
+            self._script.extend(replies)
+
+    def start(self) -> LoopbackServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _next(self, request: Recorded) -> Reply:
+        with self._lock:
+            self.requests.append(request)
+            planned = self._script.popleft() if self._script else None
+        if planned is None:
+            if self._default is None:
+                return Reply(500, {"message": "loopback server: no scripted reply left"})
+            planned = self._default
+        return planned if isinstance(planned, Reply) else planned(request)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw) if raw else None
+                except json.JSONDecodeError:
+                    body = raw
+                request = Recorded(
+                    "POST", self.path, dict(self.headers.items()), body, self.client_address[1]
+                )
+                reply = server._next(request)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                if isinstance(reply.body, bytes):
+                    payload = reply.body
+                elif isinstance(reply.body, str):
+                    payload = reply.body.encode()
+                else:
+                    payload = json.dumps(reply.body).encode()
+                try:
+                    self.send_response(reply.status)
+                    headers = {"Content-Type": "application/json", **reply.headers}
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if not reply.trickle:
+                        self.wfile.write(payload)
+                    for byte in payload if reply.trickle else b"":
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(reply.trickle)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout tests)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep test output clean
+
+        return Handler
+
+
+@contextmanager
+def loopback(default: Responder | None = None) -> Iterator[LoopbackServer]:
+    server = LoopbackServer(default).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---- answers in the services' shapes
+
+
+def score_of(document: str) -> float:
+    """A deterministic score the fake services give a document, from its text.
+
+    Documents named ``"doc <n>"`` score ``((n * 37) % 101) / 100``; tests derive
+    the expected order from the same formula, independently of the code under test.
+    """
+    number = int(document.split()[-1])
+    return ((number * 37) % 101) / 100
+
+
+def cohere_results(documents: Iterable[str], top_n: int | None = None) -> dict[str, Any]:
+    ranked = sorted(
+        ({"index": i, "relevance_score": score_of(d)} for i, d in enumerate(documents)),
+        key=lambda item: -item["relevance_score"],
+    )
+    return {"id": "test", "results": ranked[:top_n] if top_n else ranked}
+
+
+def cohere_shaped(request: Recorded) -> Reply:
+    """A Cohere/Jina/vLLM/MemOS-shaped ``/rerank`` service."""
+    body = request.body
+    return Reply(200, cohere_results(body["documents"], body.get("top_n")))
+
+
+def tei_shaped(request: Recorded) -> Reply:
+    """A text-embeddings-inference ``/rerank`` service: a bare list."""
+    texts = request.body["texts"]
+    ranked = sorted(
+        ({"index": i, "score": score_of(t)} for i, t in enumerate(texts)),
+        key=lambda item: -item["score"],
+    )
+    return Reply(200, ranked)
+
+
+def exception_texts(error: BaseException) -> list[str]:
+    """``str`` and ``repr`` of an exception and of everything reachable from it
+    through ``__cause__`` and ``__context__``."""
+    texts: list[str] = []
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        texts += [str(current), repr(current), repr(vars(current))]
+        pending += [current.__cause__, current.__context__]
+    return texts
+
+
+def timeout_for(replies: Iterable[Reply]) -> float:
+    """A client timeout for a scripted scenario: short where the script is meant to
+    be slower than it, generous otherwise so that a loaded CI machine never turns
+    an expected 401 or 500 into a timeout."""
+    return 0.25 if any(reply.delay for reply in replies) else 10.0
