@@ -494,3 +494,24 @@ def test_limit_padding_splits_only_wasteful_batches() -> None:
     assert len(runs) > 1
     # Small batches are kept whole: a bigger matmul is worth more than its padding.
     assert limit_padding(batch, lengths, max_padding=0.2, min_tokens=1000) == [batch]
+
+
+async def test_arerank_does_not_block_the_event_loop(fp32: QwenReranker) -> None:
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    documents = ["The quick brown fox jumps over the lazy dog. " * 40] * 8
+    task = asyncio.create_task(ticker())
+    results = await fp32.arerank(
+        "Which animal jumps?", [f"{i} {d}" for i, d in enumerate(documents)]
+    )
+    done.set()
+    await task
+    assert len(results) == len(documents)
+    assert ticks > 1  # the loop kept running while the model did
