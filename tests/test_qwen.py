@@ -23,7 +23,7 @@ from memos_rerank_integrations import (
     StageThresholds,
 )
 from memos_rerank_integrations._local_engine import limit_padding, resolve_dtype
-from memos_rerank_integrations._qwen import PROMPT_PREFIX
+from memos_rerank_integrations._qwen import PROMPT_PREFIX, _Prefix, _Row
 
 from . import _qwen_fixtures
 from ._qwen_fixtures import ModelCardRecipe, by_index
@@ -515,3 +515,36 @@ async def test_arerank_does_not_block_the_event_loop(fp32: QwenReranker) -> None
     await task
     assert len(results) == len(documents)
     assert ticks > 1  # the loop kept running while the model did
+
+
+def test_rows_with_different_cached_prefixes_share_a_pass(
+    fp32: QwenReranker, qwen_recipe: ModelCardRecipe
+) -> None:
+    """Rows resting on cached prefixes of different lengths (rerank_many mixes calls)
+    give in one padded, masked pass exactly what each gives alone."""
+    scorer = fp32._loaded()
+    base = scorer._instruction_prefix(fp32.instruction)
+    documents = ["User likes playing badminton.", "I don't drink alcohol."]
+    sequences = scorer.sequences(
+        fp32.instruction, "hobbies?", documents, max_length=8192, max_query_length=None
+    )
+    cuts = [10, len(base.ids) - 3, len(base.ids)]
+    rows = [
+        _Row(base.crop(cut), sequence[cut:])
+        for cut, sequence in zip(cuts, [sequences[0], sequences[1], sequences[0]], strict=True)
+    ]
+    with torch.inference_mode():
+        scores = scorer._run(rows, 10**6, keep_kv=False)
+        alone = [scorer._run([row], 10**6, keep_kv=False)[0] for row in rows]
+        extended = scorer._run(rows, 10**6, keep_kv=True)
+        extended_alone = [scorer._run([row], 10**6, keep_kv=True)[0] for row in rows]
+    expected = qwen_recipe("hobbies?", documents)
+    assert scores == pytest.approx([expected[0], expected[1], expected[0]], abs=TOLERANCE)
+    assert scores == pytest.approx(alone, abs=1e-5)
+    for together, single in zip(extended, extended_alone, strict=True):
+        assert isinstance(together, _Prefix) and isinstance(single, _Prefix)
+        assert together.ids == single.ids
+        assert together.kv is not None and single.kv is not None
+        for (k1, v1), (k2, v2) in zip(together.kv, single.kv, strict=True):
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4)

@@ -302,13 +302,13 @@ class _QwenScorer:
             )
         elif past:
             cache = DynamicCache(self._stack_prefixes(rows, past))
-        if cache is not None and not keep_kv:
-            _read_only(cache)
             attention_mask = torch.ones((size, past + width), dtype=torch.long)
             offsets = torch.tensor([len(row.prefix.ids) for row in rows])
             for i, offset in enumerate(offsets.tolist()):
                 attention_mask[i, offset:past] = 0
             position_ids = offsets[:, None] + torch.arange(width)[None, :]
+        if cache is not None and not keep_kv:
+            _read_only(cache)
         output = self.decoder(
             input_ids=input_ids.to(self.device),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
