@@ -27,6 +27,9 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    # Seconds between single-byte writes of the body: a server that keeps each
+    # read short but the whole answer long.
+    trickle: float = 0.0
 
 
 @dataclass
@@ -35,9 +38,15 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    client_port: int = 0  # the same port for two requests means one pooled connection
 
 
 Responder = Callable[[Recorded], Reply]
+
+
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 makes a burst of 64 connections wait for SYN retries.
+    request_queue_size = 256
 
 
 class LoopbackServer:
@@ -46,7 +55,7 @@ class LoopbackServer:
         self._script: deque[Reply | Responder] = deque()
         self._default = default
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
@@ -92,7 +101,9 @@ class LoopbackServer:
                     body = json.loads(raw) if raw else None
                 except json.JSONDecodeError:
                     body = raw
-                request = Recorded("POST", self.path, dict(self.headers.items()), body)
+                request = Recorded(
+                    "POST", self.path, dict(self.headers.items()), body, self.client_address[1]
+                )
                 reply = server._next(request)
                 if reply.delay:
                     time.sleep(reply.delay)
@@ -109,7 +120,12 @@ class LoopbackServer:
                         self.send_header(name, value)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if not reply.trickle:
+                        self.wfile.write(payload)
+                    for byte in payload if reply.trickle else b"":
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(reply.trickle)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout tests)
 
@@ -163,3 +179,26 @@ def tei_shaped(request: Recorded) -> Reply:
         key=lambda item: -item["score"],
     )
     return Reply(200, ranked)
+
+
+def exception_texts(error: BaseException) -> list[str]:
+    """``str`` and ``repr`` of an exception and of everything reachable from it
+    through ``__cause__`` and ``__context__``."""
+    texts: list[str] = []
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        texts += [str(current), repr(current), repr(vars(current))]
+        pending += [current.__cause__, current.__context__]
+    return texts
+
+
+def timeout_for(replies: Iterable[Reply]) -> float:
+    """A client timeout for a scripted scenario: short where the script is meant to
+    be slower than it, generous otherwise so that a loaded CI machine never turns
+    an expected 401 or 500 into a timeout."""
+    return 0.25 if any(reply.delay for reply in replies) else 10.0

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -27,6 +26,8 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._fallback import FallbackAnswer
 from memos_rerank_integrations._types import rank_scores
+
+from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped, timeout_for
 
 KEY = "sk-fallback-SECRET-1234"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 1.0}
@@ -120,7 +121,9 @@ def test_memos_fails_and_the_tei_server_answers(
 ) -> None:
     primary.script(failure)
     secondary.script(tei_shaped)
-    memos = MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0, timeout=0.2)
+    memos = MemOSReranker(
+        api_key=KEY, base_url=primary.url, max_retries=0, timeout=timeout_for([failure])
+    )
     tei = HTTPReranker(secondary.url, api_format="tei")
     chain = FallbackReranker([memos, tei])
     with caplog.at_level(logging.WARNING):
@@ -256,14 +259,28 @@ def test_through_the_langchain_compressor(
 
     primary.script(Reply(500, {}))
     secondary.script(tei_shaped)
-    chain = FallbackReranker(
-        [
-            MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0),
-            HTTPReranker(secondary.url, api_format="tei"),
-        ]
-    )
+    tei = HTTPReranker(secondary.url, api_format="tei")
+    chain = FallbackReranker([MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0), tei])
     compressor = RerankCompressor(reranker=chain, top_n=2)
     out = compressor.compress_documents([Document(page_content=d) for d in DOCS], "q")
     assert [d.page_content for d in out] == [DOCS[i] for i in expected_order(DOCS)[:2]]
     assert all("rerank_fallback" not in d.metadata for d in out)
+    assert chain.last_backend is tei  # the record survives the adapter
     assert "FallbackReranker" in repr(chain) and KEY not in repr(chain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memos_cloud_then_a_local_qwen_reranker(
+    primary: LoopbackServer, tmp_path_factory: pytest.TempPathFactory, mode: str
+) -> None:
+    from memos_rerank_integrations import QwenReranker
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
+
+    local = QwenReranker(build_tiny_qwen_reranker(tmp_path_factory.mktemp("qwen")), device="cpu")
+    primary.script(Reply(503, {"message": "maintenance"}))
+    memos = MemOSReranker(api_key=KEY, base_url=primary.url, max_retries=0)
+    chain = FallbackReranker([memos, local])
+    docs = ["User likes playing badminton.", "User prefers concise replies."]
+    answer = detailed(chain, mode, "What are the user's hobbies?", docs)
+    assert answer.backend is local
+    assert answer.results == local.rerank("What are the user's hobbies?", docs)

@@ -23,17 +23,19 @@ from memos_rerank_integrations import (
     RerankTimeoutError,
 )
 from memos_rerank_integrations._http import (
+    error_for_status,
+    error_for_transport,
+    join_url,
+    retry_after_seconds,
+)
+from memos_rerank_integrations._remote import (
     InputLimits,
     RemoteReranker,
     RetryPolicy,
-    error_for_status,
-    error_for_transport,
     estimate_tokens,
-    join_url,
     plan_requests,
     read_scored_results,
     resolve_api_key,
-    retry_after_seconds,
     validate_ranking,
 )
 from memos_rerank_integrations._types import rank_scores

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -19,6 +18,16 @@ from memos_rerank_integrations import (
     RerankError,
     RerankTimeoutError,
     Stage,
+)
+
+from ._loopback import (
+    LoopbackServer,
+    Recorded,
+    Reply,
+    cohere_shaped,
+    score_of,
+    tei_shaped,
+    timeout_for,
 )
 
 KEY = "tei-token-SECRET-55aa"
@@ -65,6 +74,30 @@ def test_cohere_format_like_vllm(server: LoopbackServer, mode: str) -> None:
         "model": "Qwen/Qwen3-Reranker-0.6B",
         "top_n": 3,
     }
+
+
+@pytest.mark.parametrize("instruction", [None, "Find memories about the user's hobbies"])
+def test_qwen3_template_for_vllm(server: LoopbackServer, instruction: str | None) -> None:
+    from memos_rerank_integrations._qwen import (
+        DEFAULT_INSTRUCTION,
+        PROMPT_PREFIX,
+        PROMPT_SUFFIX,
+        format_body,
+    )
+
+    def answer(request: Recorded) -> Reply:
+        n = len(request.body["documents"])
+        return Reply(200, {"results": [{"index": i, "relevance_score": 0.5} for i in range(n)]})
+
+    server.script(answer)
+    query, docs = "What are the user's hobbies?", ["User likes badminton.", "Lives in Hangzhou."]
+    HTTPReranker(server.url, template="qwen3", instruction=instruction).rerank(query, docs)
+    body = server.requests[0].body
+    used = instruction or DEFAULT_INSTRUCTION
+    # vLLM scores query + document: together they must be the model card's prompt.
+    for sent, original in zip(body["documents"], docs, strict=True):
+        expected = PROMPT_PREFIX + format_body(used, query, original) + PROMPT_SUFFIX
+        assert body["query"] + sent == expected
 
 
 def test_no_key_no_model_sends_neither(server: LoopbackServer) -> None:
@@ -159,7 +192,9 @@ CASES = [(fmt, name) for fmt, table in FAILURES.items() for name in table]
 def test_failures(server: LoopbackServer, mode: str, api_format: Any, name: str) -> None:
     replies, error_class, requests = FAILURES[api_format][name]
     server.script(*replies)
-    reranker = HTTPReranker(server.url, api_format=api_format, max_retries=1, timeout=0.25, **FAST)
+    reranker = HTTPReranker(
+        server.url, api_format=api_format, max_retries=1, timeout=timeout_for(replies), **FAST
+    )
     with pytest.raises(error_class) as caught:
         invoke(reranker, mode, "q", DOCS)
     assert caught.value.backend == "http"
@@ -202,6 +237,9 @@ def test_key_not_in_repr_or_logs(server: LoopbackServer, caplog: pytest.LogCaptu
         {"path": 3},
         {"max_concurrency": 0},
         {"max_tokens_per_request": -5},
+        {"template": "llama"},
+        {"instruction": "no template"},
+        {"template": "qwen3", "instruction": 5},
     ],
 )
 def test_bad_options(kwargs: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from memos_rerank_integrations import (
     StageThresholds,
 )
 from memos_rerank_integrations._local_engine import limit_padding, resolve_dtype
-from memos_rerank_integrations._qwen import PROMPT_PREFIX
+from memos_rerank_integrations._qwen import PROMPT_PREFIX, _Prefix, _Row
 
 from . import _qwen_fixtures
 from ._qwen_fixtures import ModelCardRecipe, by_index
@@ -308,26 +308,32 @@ def test_default_dtype_follows_the_hardware(tiny_qwen_dir: Path) -> None:
 
 
 def test_bfloat16_drift_against_fp32_recipe(
-    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe
+    tiny_qwen_dir: Path,
+    qwen_recipe: ModelCardRecipe,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    example = EXAMPLES[1]
-    query, documents = example["query"], example["documents"]
+    query = EXAMPLES[1]["query"]
+    documents = EXAMPLES[1]["documents"] + EXAMPLES[0]["documents"] + ["", "Plays chess."]
     reference = qwen_recipe(query, documents)
     bf16 = scores_of(QwenReranker(tiny_qwen_dir, dtype="bfloat16"), query, documents)
     recipe_bf16 = ModelCardRecipe(tiny_qwen_dir, dtype=torch.bfloat16)(query, documents)
     drift = max(abs(a - b) for a, b in zip(bf16, reference, strict=True))
     recipe_drift = max(abs(a - b) for a, b in zip(recipe_bf16, reference, strict=True))
-    # bf16 keeps ~3 significant digits; the package's drift stays within the recipe's own
-    # bf16 drift order (its final projection is done in float32).
-    assert drift < 0.02
-    assert drift <= max(recipe_drift, 0.005) * 2
 
     def top5(scores: list[float]) -> list[int]:
         return sorted(range(len(scores)), key=lambda i: -scores[i])[:5]
 
-    gaps = sorted(reference)
-    if min(b - a for a, b in itertools.pairwise(gaps)) > 2 * drift:
-        assert top5(bf16) == top5(reference)
+    record_property("bf16_max_abs_diff", drift)
+    record_property("recipe_bf16_max_abs_diff", recipe_drift)
+    record_property("bf16_top5_order_changed", top5(bf16) != top5(reference))
+    # bf16 keeps ~3 significant digits; the package's final projection runs in float32,
+    # so it drifts no more than the recipe itself does in bf16.
+    assert drift < 0.02
+    assert drift <= max(recipe_drift, 0.005) * 2
+    # Only documents closer than the drift may swap places.
+    for i, j in itertools.combinations(range(len(documents)), 2):
+        if (reference[i] - reference[j]) * (bf16[i] - bf16[j]) < 0:
+            assert abs(reference[i] - reference[j]) <= 2 * drift
 
 
 def test_tokenizer_without_padding_token(
@@ -488,3 +494,57 @@ def test_limit_padding_splits_only_wasteful_batches() -> None:
     assert len(runs) > 1
     # Small batches are kept whole: a bigger matmul is worth more than its padding.
     assert limit_padding(batch, lengths, max_padding=0.2, min_tokens=1000) == [batch]
+
+
+async def test_arerank_does_not_block_the_event_loop(fp32: QwenReranker) -> None:
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    documents = ["The quick brown fox jumps over the lazy dog. " * 40] * 8
+    task = asyncio.create_task(ticker())
+    results = await fp32.arerank(
+        "Which animal jumps?", [f"{i} {d}" for i, d in enumerate(documents)]
+    )
+    done.set()
+    await task
+    assert len(results) == len(documents)
+    assert ticks > 1  # the loop kept running while the model did
+
+
+def test_rows_with_different_cached_prefixes_share_a_pass(
+    fp32: QwenReranker, qwen_recipe: ModelCardRecipe
+) -> None:
+    """Rows resting on cached prefixes of different lengths (rerank_many mixes calls)
+    give in one padded, masked pass exactly what each gives alone."""
+    scorer = fp32._loaded()
+    base = scorer._instruction_prefix(fp32.instruction)
+    documents = ["User likes playing badminton.", "I don't drink alcohol."]
+    sequences = scorer.sequences(
+        fp32.instruction, "hobbies?", documents, max_length=8192, max_query_length=None
+    )
+    cuts = [10, len(base.ids) - 3, len(base.ids)]
+    rows = [
+        _Row(base.crop(cut), sequence[cut:])
+        for cut, sequence in zip(cuts, [sequences[0], sequences[1], sequences[0]], strict=True)
+    ]
+    with torch.inference_mode():
+        scores = scorer._run(rows, 10**6, keep_kv=False)
+        alone = [scorer._run([row], 10**6, keep_kv=False)[0] for row in rows]
+        extended = scorer._run(rows, 10**6, keep_kv=True)
+        extended_alone = [scorer._run([row], 10**6, keep_kv=True)[0] for row in rows]
+    expected = qwen_recipe("hobbies?", documents)
+    assert scores == pytest.approx([expected[0], expected[1], expected[0]], abs=TOLERANCE)
+    assert scores == pytest.approx(alone, abs=1e-5)
+    for together, single in zip(extended, extended_alone, strict=True):
+        assert isinstance(together, _Prefix) and isinstance(single, _Prefix)
+        assert together.ids == single.ids
+        assert together.kv is not None and single.kv is not None
+        for (k1, v1), (k2, v2) in zip(together.kv, single.kv, strict=True):
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4)

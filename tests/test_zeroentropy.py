@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from _loopback import LoopbackServer, Reply, cohere_shaped, score_of
 from memos_rerank_integrations import (
     AuthenticationError,
     BackendUnavailableError,
@@ -20,6 +19,8 @@ from memos_rerank_integrations import (
     ZeroEntropyReranker,
 )
 from memos_rerank_integrations._zeroentropy import DEFAULT_ZEROENTROPY_BASE_URL
+
+from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, timeout_for
 
 KEY = "ze-SECRET-key-0099"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
@@ -128,7 +129,7 @@ def test_failures(server: LoopbackServer, mode: str, name: str) -> None:
     replies, error_class, requests = FAILURES[name]
     server.script(*replies)
     with pytest.raises(error_class) as caught:
-        invoke(make(server, max_retries=1, timeout=0.25), mode, "q", DOCS)
+        invoke(make(server, max_retries=1, timeout=timeout_for(replies)), mode, "q", DOCS)
     assert caught.value.backend == "zeroentropy"
     assert len(server.requests) == requests
 

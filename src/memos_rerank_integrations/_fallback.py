@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from ._http import validate_ranking
+from ._remote import validate_ranking
 from ._types import DEFAULT_THRESHOLDS, RerankResult, Stage, check_inputs, check_top_n
 
 __all__ = ["FallbackAnswer", "FallbackReranker"]

@@ -1,30 +1,22 @@
-"""What every remote backend shares: input limits, splitting big calls and merging
-the answers, the retry policy, error mapping, strict response validation, and one
-HTTP transport with a sync and an async client.
-
-A remote backend is a :class:`RemoteReranker` (splitting, limits, retries, merge)
-that provides ``_score_chunk`` / ``_ascore_chunk``. Backends that speak plain
-HTTP subclass :class:`HTTPBackend` and only say how to build the request body and
-headers and how to read the results out of the JSON answer; the sync and async
-paths run through the same builder and parser.
+"""The one HTTP transport of the remote backends: a reused sync and async
+``httpx`` client, per-attempt deadlines, mapping HTTP answers onto the error tree,
+and :class:`HTTPBackend`, whose subclasses only say how to build the request body
+and headers and how to read the results out of the JSON answer. The sync and
+async paths run through the same builder and parser; retries, limits, splitting
+and validation come from :class:`~._remote.RemoteReranker`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import itertools
 import json
 import logging
 import math
-import random
 import threading
 import time
-import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypedDict, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -34,251 +26,26 @@ from ._exceptions import (
     BackendUnavailableError,
     InvalidInputError,
     MalformedResponseError,
-    ModelLoadError,
     RateLimitError,
     RerankError,
     RerankTimeoutError,
 )
-from ._types import (
-    DEFAULT_THRESHOLDS,
-    RerankResult,
-    StageThresholds,
-    check_inputs,
-    check_top_n,
-    rank_scores,
-)
+from ._remote import RemoteReranker
 
 __all__ = [
     "HTTPBackend",
-    "InputLimits",
-    "OnTooLong",
-    "RemoteOptions",
-    "RemoteReranker",
-    "RetryPolicy",
+    "HTTPClients",
     "error_for_status",
     "error_for_transport",
-    "estimate_tokens",
     "join_url",
-    "plan_requests",
-    "read_scored_results",
-    "resolve_api_key",
     "retry_after_seconds",
-    "validate_ranking",
 ]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-OnTooLong = Literal["truncate", "raise"]
-
 # A response larger than this is not a ranking of any sane request.
 _MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 300
-
-
-# --------------------------------------------------------------------------- limits
-
-
-def estimate_tokens(text: str) -> int:
-    """A tokenizer-free, deliberately high token estimate.
-
-    One token per non-ASCII character (CJK text is close to that) plus one per
-    four ASCII characters (English averages a little over four per token).
-    """
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return (len(text) - ascii_chars) + math.ceil(ascii_chars / 4)
-
-
-def _truncate(text: str, limit: int, count: Callable[[str], int]) -> str:
-    """The longest prefix of ``text`` that ``count`` puts at or under ``limit``."""
-    low, high = 0, len(text)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if count(text[:middle]) <= limit:
-            low = middle
-        else:
-            high = middle - 1
-    return text[:low]
-
-
-@dataclass(frozen=True)
-class InputLimits:
-    """Client-side size limits and how a call is split into requests.
-
-    ``max_query_tokens`` / ``max_document_tokens`` (``None`` = unlimited) are checked
-    with ``count_tokens`` (an estimate unless you pass a real tokenizer's counter);
-    ``on_too_long="truncate"`` cuts the text's tail with a warning, ``"raise"``
-    raises :class:`InvalidInputError`. A call is split so that no request holds more
-    than ``max_documents_per_request`` documents or (query included)
-    ``max_tokens_per_request`` estimated tokens; a single document over that budget
-    goes alone. At most ``max_concurrency`` requests of one call are in flight.
-    """
-
-    max_query_tokens: int | None = None
-    max_document_tokens: int | None = None
-    on_too_long: OnTooLong = "truncate"
-    max_documents_per_request: int = 64
-    max_tokens_per_request: int | None = None
-    max_concurrency: int = 4
-    count_tokens: Callable[[str], int] = estimate_tokens
-
-    def __post_init__(self) -> None:
-        for name in ("max_query_tokens", "max_document_tokens", "max_tokens_per_request"):
-            _check_positive(name, getattr(self, name), optional=True)
-        for name in ("max_documents_per_request", "max_concurrency"):
-            _check_positive(name, getattr(self, name), optional=False)
-        if self.on_too_long not in ("truncate", "raise"):
-            raise InvalidInputError(
-                f"on_too_long must be 'truncate' or 'raise', got {self.on_too_long!r}."
-            )
-        if not callable(self.count_tokens):
-            raise InvalidInputError("count_tokens must be a callable str -> int.")
-
-    def fit(self, what: str, text: str, limit: int | None) -> str:
-        """``text`` within ``limit`` tokens: unchanged, truncated with a warning, or an error."""
-        if limit is None:
-            return text
-        tokens = self.count_tokens(text)
-        if tokens <= limit:
-            return text
-        if self.on_too_long == "raise":
-            raise InvalidInputError(
-                f"{what} is about {tokens} tokens, over the limit of {limit}. Shorten it, "
-                "raise the limit, or pass on_too_long='truncate'."
-            )
-        warnings.warn(
-            f"{what} is about {tokens} tokens, over the limit of {limit}; its end was cut. "
-            "Pass on_too_long='raise' to get an error instead.",
-            UserWarning,
-            stacklevel=4,
-        )
-        return _truncate(text, limit, self.count_tokens)
-
-
-def _check_positive(name: str, value: object, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive int or None" if optional else "a positive int"
-        raise InvalidInputError(f"{name} must be {allowed}, got {value!r}.")
-
-
-def plan_requests(
-    document_tokens: Sequence[int],
-    *,
-    query_tokens: int,
-    max_documents: int,
-    max_tokens: int | None,
-) -> list[list[int]]:
-    """Split document positions, in order, into requests within both caps."""
-    requests: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for index, tokens in enumerate(document_tokens):
-        over_count = len(current) >= max_documents
-        over_tokens = max_tokens is not None and query_tokens + used + tokens > max_tokens
-        if current and (over_count or over_tokens):
-            requests.append(current)
-            current, used = [], 0
-        current.append(index)
-        used += tokens
-    if current:
-        requests.append(current)
-    return requests
-
-
-# --------------------------------------------------------------------------- retries
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter, within a bounded total time.
-
-    Retried: connection failures, timeouts, rate limits (``Retry-After`` honoured)
-    and server-side failures (:class:`BackendUnavailableError`). Never retried:
-    authentication, input and malformed-response errors. Each attempt gets at most
-    ``timeout`` seconds and a call at most ``(max_retries + 1) * timeout`` plus
-    ``max_retries * backoff_max`` seconds. A ``Retry-After`` longer than
-    ``backoff_max`` is not waited for: the :class:`RateLimitError` is raised with
-    ``retry_after`` set, so the caller decides.
-    """
-
-    timeout: float = 10.0
-    max_retries: int = 2
-    backoff_base: float = 0.5
-    backoff_max: float = 8.0
-
-    def __post_init__(self) -> None:
-        for name in ("timeout", "backoff_base", "backoff_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidInputError(f"{name} must be a number of seconds, got {value!r}.")
-            if not math.isfinite(value) or value < 0 or (name == "timeout" and value == 0):
-                raise InvalidInputError(f"{name} must be a finite, positive number, got {value!r}.")
-        retries = self.max_retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise InvalidInputError(f"max_retries must be an int >= 0, got {retries!r}.")
-
-    @property
-    def total_budget(self) -> float:
-        return (self.max_retries + 1) * self.timeout + self.max_retries * self.backoff_max
-
-    def delay(self, attempt: int, error: RerankError, remaining: float) -> float | None:
-        """Seconds to wait before retrying after ``error``, or ``None`` to give up."""
-        if attempt >= self.max_retries or not _is_retryable(error):
-            return None
-        if isinstance(error, RateLimitError) and error.retry_after is not None:
-            wait = max(0.0, error.retry_after)
-            if wait > self.backoff_max:
-                return None
-        else:
-            ceiling = min(self.backoff_max, self.backoff_base * 2**attempt)
-            wait = ceiling / 2 + random.uniform(0, ceiling / 2)
-        # Waiting must leave time for another attempt inside the call's budget.
-        return wait if wait < remaining else None
-
-    def run(self, attempt: Callable[[float], T], *, what: str) -> T:
-        deadline = time.monotonic() + self.total_budget
-        for number in itertools.count():
-            try:
-                return attempt(min(self.timeout, deadline - time.monotonic()))
-            except RerankError as error:
-                wait = self.delay(number, error, deadline - time.monotonic())
-                if wait is None:
-                    raise
-                _log_retry(what, error, number, wait)
-                time.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def arun(self, attempt: Callable[[float], Awaitable[T]], *, what: str) -> T:
-        deadline = time.monotonic() + self.total_budget
-        for number in itertools.count():
-            try:
-                return await attempt(min(self.timeout, deadline - time.monotonic()))
-            except RerankError as error:
-                wait = self.delay(number, error, deadline - time.monotonic())
-                if wait is None:
-                    raise
-                _log_retry(what, error, number, wait)
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _is_retryable(error: RerankError) -> bool:
-    if isinstance(error, ModelLoadError):
-        return False
-    return isinstance(error, (RateLimitError, RerankTimeoutError, BackendUnavailableError))
-
-
-def _log_retry(what: str, error: RerankError, attempt: int, wait: float) -> None:
-    logger.info(
-        "%s failed with %s (%s); retry %d in %.2f s",
-        what,
-        type(error).__name__,
-        error,
-        attempt + 1,
-        wait,
-    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -391,329 +158,10 @@ def error_for_transport(exc: Exception, *, backend: str, timeout: float) -> Rera
     )
 
 
-def resolve_api_key(
-    api_key: str | SecretStr | None,
-    env_names: Sequence[str],
-    *,
-    owner: str,
-    backend: str,
-    required: bool = True,
-) -> SecretStr | None:
-    """The key from the argument or the first set environment variable."""
-    import os
-
-    if isinstance(api_key, SecretStr):
-        api_key = api_key.get_secret_value()
-    if api_key is None:
-        api_key = next((os.environ[name] for name in env_names if os.environ.get(name)), None)
-    if api_key is not None and not isinstance(api_key, str):
-        raise InvalidInputError(f"api_key must be a str, got {type(api_key).__name__}.")
-    if api_key is not None:
-        api_key = api_key.strip()
-    if not api_key:
-        if not required:
-            return None
-        names = " or ".join(env_names)
-        raise AuthenticationError(
-            f"{owner} needs an API key: pass api_key=... or set {names}.", backend=backend
-        )
-    if any(char in api_key for char in "\r\n"):
-        raise AuthenticationError("The API key contains a line break.", backend=backend)
-    return SecretStr(api_key)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def read_scored_results(
-    payload: object, *, backend: str, score_key: str = "relevance_score", bare_list: bool = False
-) -> list[tuple[object, object]]:
-    """Raw ``(index, score)`` pairs from ``{"results": [{"index", score_key}]}`` or,
-    with ``bare_list``, from a bare list of such items (text-embeddings-inference)."""
-    if bare_list:
-        items = payload
-    else:
-        items = payload.get("results") if isinstance(payload, Mapping) else None
-    if not isinstance(items, list):
-        raise MalformedResponseError(
-            f"The {backend} answer has no list of results.", backend=backend
-        )
-    pairs = []
-    for position, item in enumerate(items):
-        if not isinstance(item, Mapping) or "index" not in item or score_key not in item:
-            raise MalformedResponseError(
-                f"Result {position} of the {backend} answer lacks 'index' or {score_key!r}.",
-                backend=backend,
-            )
-        pairs.append((item["index"], item[score_key]))
-    return pairs
-
-
-def validate_ranking(
-    pairs: Sequence[tuple[object, object]],
-    *,
-    n_documents: int,
-    top_n_sent: int | None,
-    backend: str,
-) -> dict[int, float]:
-    """Check a backend's ``(index, score)`` pairs; returns index -> score.
-
-    Every index an int in range, none twice, every score a finite number, and one
-    result per document (or exactly ``min(top_n, n)`` when ``top_n`` was sent).
-    """
-    expected = n_documents if top_n_sent is None else min(top_n_sent, n_documents)
-    scores: dict[int, float] = {}
-    for index, score in pairs:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise MalformedResponseError(
-                f"The {backend} answer has an index of type {type(index).__name__}, "
-                "not an integer.",
-                backend=backend,
-            )
-        if not 0 <= index < n_documents:
-            raise MalformedResponseError(
-                f"The {backend} answer has index {index}, outside 0..{n_documents - 1}.",
-                backend=backend,
-            )
-        if index in scores:
-            raise MalformedResponseError(
-                f"The {backend} answer ranks document {index} twice.", backend=backend
-            )
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise MalformedResponseError(
-                f"The {backend} answer has a score of type {type(score).__name__} for "
-                f"document {index}, not a number.",
-                backend=backend,
-            )
-        if not math.isfinite(score):
-            raise MalformedResponseError(
-                f"The {backend} answer has a non-finite score {score!r} for document {index}.",
-                backend=backend,
-            )
-        scores[index] = float(score)
-    if len(scores) != expected:
-        raise MalformedResponseError(
-            f"The {backend} answer ranks {len(scores)} documents, expected {expected}.",
-            backend=backend,
-        )
-    return scores
-
-
-# --------------------------------------------------------------------------- the reranker
-
-
-class RemoteOptions(TypedDict, total=False):
-    """Keyword options every remote backend accepts besides its own."""
-
-    backoff_base: float
-    backoff_max: float
-    max_documents_per_request: int
-    max_tokens_per_request: int | None
-    max_concurrency: int
-    max_query_tokens: int | None
-    max_document_tokens: int | None
-    on_too_long: OnTooLong
-    count_tokens: Callable[[str], int]
-    thresholds: StageThresholds
-
-
-@dataclass(frozen=True)
-class _Request:
-    positions: list[int]
-    documents: list[str]
-    top_n: int | None
-
-
-class RemoteReranker:
-    """Input checks, limits, splitting, bounded concurrency, retries and the merge.
-
-    Subclasses implement ``_score_chunk`` and ``_ascore_chunk``: one request for
-    some documents, returning raw ``(index, score)`` pairs or raising a
-    :class:`RerankError`.
-    """
-
-    backend_name: ClassVar[str] = "remote"
-
-    def __init__(
-        self,
-        *,
-        timeout: float,
-        max_retries: int,
-        backoff_base: float = 0.5,
-        backoff_max: float = 8.0,
-        max_documents_per_request: int = 64,
-        max_tokens_per_request: int | None = None,
-        max_concurrency: int = 4,
-        max_query_tokens: int | None = None,
-        max_document_tokens: int | None = None,
-        on_too_long: OnTooLong = "truncate",
-        count_tokens: Callable[[str], int] = estimate_tokens,
-        thresholds: StageThresholds = DEFAULT_THRESHOLDS,
-    ) -> None:
-        self.retry = RetryPolicy(
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff_base=backoff_base,
-            backoff_max=backoff_max,
-        )
-        self.limits = InputLimits(
-            max_query_tokens=max_query_tokens,
-            max_document_tokens=max_document_tokens,
-            on_too_long=on_too_long,
-            max_documents_per_request=max_documents_per_request,
-            max_tokens_per_request=max_tokens_per_request,
-            max_concurrency=max_concurrency,
-            count_tokens=count_tokens,
-        )
-        if not isinstance(thresholds, StageThresholds):
-            raise InvalidInputError("thresholds must be a StageThresholds.")
-        self.thresholds = thresholds
-
-    def _sends_top_n(self) -> bool:
-        """Whether the service takes ``top_n``; if not, the cut happens after the merge."""
-        return True
-
-    # Subclasses provide these two.
-    def _score_chunk(
-        self, query: str, documents: list[str], top_n: int | None, timeout: float
-    ) -> list[tuple[object, object]]:
-        raise NotImplementedError
-
-    async def _ascore_chunk(
-        self, query: str, documents: list[str], top_n: int | None, timeout: float
-    ) -> list[tuple[object, object]]:
-        raise NotImplementedError
-
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        """Rerank ``documents`` for ``query``: results sorted best first."""
-        query, requests, top_n, n = self._plan(query, documents, top_n)
-        if not requests:
-            return []
-        if len(requests) == 1:
-            answers = [self._run_request(query, requests[0])]
-        else:
-            workers = min(self.limits.max_concurrency, len(requests))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(self._run_request, query, r) for r in requests]
-                try:
-                    answers = [future.result() for future in futures]
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-        return self._merge(requests, answers, top_n, n)
-
-    async def arerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        """Async twin of :meth:`rerank`, on one reused async client."""
-        query, requests, top_n, n = self._plan(query, documents, top_n)
-        if not requests:
-            return []
-        if len(requests) == 1:
-            answers = [await self._arun_request(query, requests[0])]
-        else:
-            gate = asyncio.Semaphore(self.limits.max_concurrency)
-
-            async def gated(request: _Request) -> dict[int, float]:
-                async with gate:
-                    return await self._arun_request(query, request)
-
-            tasks = [asyncio.ensure_future(gated(r)) for r in requests]
-            try:
-                answers = list(await asyncio.gather(*tasks))
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-        return self._merge(requests, answers, top_n, n)
-
-    def _plan(
-        self, query: str, documents: Sequence[str], top_n: int | None
-    ) -> tuple[str, list[_Request], int | None, int]:
-        docs = check_inputs(query, documents)
-        top_n = check_top_n(top_n)
-        if not docs:
-            return query, [], top_n, 0
-        limits = self.limits
-        query = limits.fit("The query", query, limits.max_query_tokens)
-        docs = [
-            limits.fit(f"documents[{i}]", doc, limits.max_document_tokens)
-            for i, doc in enumerate(docs)
-        ]
-        groups = plan_requests(
-            [limits.count_tokens(doc) for doc in docs],
-            query_tokens=limits.count_tokens(query),
-            max_documents=limits.max_documents_per_request,
-            max_tokens=limits.max_tokens_per_request,
-        )
-        requests = []
-        for positions in groups:
-            # Each request's own top_n holds the global top_n: anything cut there
-            # is beaten by top_n documents of the same request.
-            sent = top_n if self._sends_top_n() else None
-            if sent is not None and sent >= len(positions):
-                sent = None
-            requests.append(_Request(positions, [docs[i] for i in positions], sent))
-        return query, requests, top_n, len(docs)
-
-    def _what(self, request: _Request) -> str:
-        return f"{self.backend_name} request for {len(request.documents)} documents"
-
-    def _run_request(self, query: str, request: _Request) -> dict[int, float]:
-        def attempt(timeout: float) -> dict[int, float]:
-            pairs = self._score_chunk(query, request.documents, request.top_n, timeout)
-            return self._validate(pairs, request)
-
-        return self.retry.run(attempt, what=self._what(request))
-
-    async def _arun_request(self, query: str, request: _Request) -> dict[int, float]:
-        async def attempt(timeout: float) -> dict[int, float]:
-            pairs = await self._ascore_chunk(query, request.documents, request.top_n, timeout)
-            return self._validate(pairs, request)
-
-        return await self.retry.arun(attempt, what=self._what(request))
-
-    def _validate(self, pairs: list[tuple[object, object]], request: _Request) -> dict[int, float]:
-        return validate_ranking(
-            pairs,
-            n_documents=len(request.documents),
-            top_n_sent=request.top_n,
-            backend=self.backend_name,
-        )
-
-    def _merge(
-        self,
-        requests: list[_Request],
-        answers: list[dict[int, float]],
-        top_n: int | None,
-        n_documents: int,
-    ) -> list[RerankResult]:
-        scores: dict[int, float] = {}
-        for request, answer in zip(requests, answers, strict=True):
-            for local, score in answer.items():
-                scores[request.positions[local]] = score
-        ranked_positions = sorted(scores)  # input order, so ties keep it
-        if top_n is None and len(ranked_positions) != n_documents:
-            raise MalformedResponseError(  # pragma: no cover - validate_ranking forbids it
-                f"The {self.backend_name} answers miss documents.", backend=self.backend_name
-            )
-        ranked = rank_scores(
-            [scores[i] for i in ranked_positions], top_n=top_n, thresholds=self.thresholds
-        )
-        return [
-            RerankResult(index=ranked_positions[r.index], score=r.score, stage=r.stage)
-            for r in ranked
-        ]
-
-
 # --------------------------------------------------------------------------- HTTP
 
 
-class _Clients:
+class HTTPClients:
     """One sync and one async ``httpx`` client, made on first use and reused.
 
     Clients passed in are used as they are and never closed here. An async client
@@ -799,7 +247,7 @@ class HTTPBackend(RemoteReranker):
         self.url = _check_url(url)
         self.model = model
         self._api_key = api_key
-        self._clients = _Clients(timeout, http_client, async_http_client)
+        self._clients = HTTPClients(timeout, http_client, async_http_client)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, url={self.url!r})"

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
-from typing_extensions import Unpack
 
 from ._exceptions import InvalidInputError
-from ._http import HTTPBackend, RemoteOptions, join_url, read_scored_results, resolve_api_key
+from ._http import HTTPBackend, join_url
+from ._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
+from ._remote import RemoteOptions, read_scored_results, resolve_api_key
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["HTTPReranker"]
 
 APIFormat = Literal["cohere", "tei"]
+Template = Literal["qwen3"]
 
 
 class HTTPReranker(HTTPBackend):
@@ -27,8 +32,16 @@ class HTTPReranker(HTTPBackend):
     The request goes to ``{base_url}/{path}``; vLLM also serves ``path="v1/rerank"``.
     With ``api_key`` every request carries ``Authorization: Bearer <key>``.
     ``truncate`` and ``raw_scores`` are passed to TEI as they are.
+
+    ``template="qwen3"`` is for an original Qwen3-Reranker (or a model fine-tuned
+    from it, like MemOS's) served by vLLM with its ``hf_overrides``: the server
+    scores the concatenation of query and document, so the query is sent as the
+    model card's prompt prefix plus ``<Instruct>: {instruction}\n<Query>: {query}\n``
+    and each document as ``<Document>: {document}`` plus the prompt suffix.
+    Without the template such a model's scores are close to random. The
+    length limits apply to your text, before the template is added.
     Retries, limits, splitting and validation are those of every remote backend
-    (see :class:`~memos_rerank_integrations._http.RemoteOptions`).
+    (see :class:`~memos_rerank_integrations._remote.RemoteOptions`).
     """
 
     backend_name = "http"
@@ -45,6 +58,8 @@ class HTTPReranker(HTTPBackend):
         max_retries: int = 2,
         truncate: bool = True,
         raw_scores: bool = False,
+        template: Template | None = None,
+        instruction: str | None = None,
         http_client: httpx.Client | None = None,
         async_http_client: httpx.AsyncClient | None = None,
         **options: Unpack[RemoteOptions],
@@ -57,6 +72,14 @@ class HTTPReranker(HTTPBackend):
             raise InvalidInputError(f"base_url must be a str, got {type(base_url).__name__}.")
         if not isinstance(path, str):
             raise InvalidInputError(f"path must be a str, got {type(path).__name__}.")
+        if template not in (None, "qwen3"):
+            raise InvalidInputError(f"template must be None or 'qwen3', got {template!r}.")
+        if instruction is not None and (template is None or not isinstance(instruction, str)):
+            raise InvalidInputError(
+                "instruction must be a str, and applies only with template='qwen3'."
+            )
+        self.template: Template | None = template
+        self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         key = resolve_api_key(api_key, [], owner="HTTPReranker", backend="http", required=False)
         self.api_format: APIFormat = api_format
         self.truncate = bool(truncate)
@@ -86,6 +109,9 @@ class HTTPReranker(HTTPBackend):
         return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
 
     def _body(self, query: str, documents: list[str], top_n: int | None) -> object:
+        if self.template == "qwen3":
+            query = f"{PROMPT_PREFIX}<Instruct>: {self.instruction}\n<Query>: {query}\n"
+            documents = [f"<Document>: {document}{PROMPT_SUFFIX}" for document in documents]
         if self.api_format == "tei":
             return {
                 "query": query,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from typing_extensions import Unpack
 
 from ._exceptions import (
     AuthenticationError,
@@ -17,15 +16,11 @@ from ._exceptions import (
     RateLimitError,
     RerankError,
 )
-from ._http import (
-    HTTPBackend,
-    RemoteOptions,
-    error_for_status,
-    join_url,
-    read_scored_results,
-    resolve_api_key,
-    retry_after_seconds,
-)
+from ._http import HTTPBackend, error_for_status, join_url, retry_after_seconds
+from ._remote import RemoteOptions, read_scored_results, resolve_api_key
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DEFAULT_MEMOS_BASE_URL", "MEMOS_ERROR_CODES", "MemOSReranker"]
 
@@ -55,7 +50,7 @@ class MemOSReranker(HTTPBackend):
     2,048 and documents over 32,768 estimated tokens are cut with a warning (or
     rejected with ``on_too_long="raise"``); the per-request document count and
     token budget split big calls into several requests whose answers are merged.
-    See :class:`~memos_rerank_integrations._http.RemoteOptions` for the other
+    See :class:`~memos_rerank_integrations._remote.RemoteOptions` for the other
     options (backoff, splitting, concurrency, thresholds).
     """
 

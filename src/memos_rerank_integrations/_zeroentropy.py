@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import httpx
-from typing_extensions import Unpack
 
 from ._exceptions import InvalidInputError
-from ._http import HTTPBackend, RemoteOptions, join_url, read_scored_results, resolve_api_key
+from ._http import HTTPBackend, join_url
+from ._remote import RemoteOptions, read_scored_results, resolve_api_key
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DEFAULT_ZEROENTROPY_BASE_URL", "ZeroEntropyReranker"]
 
@@ -24,7 +28,7 @@ class ZeroEntropyReranker(HTTPBackend):
     already ends in ``/v1`` (as the SDK's variable does) is not given a second one.
     ``latency`` (e.g. ``"fast"`` or ``"slow"``) is sent only when set. Retries,
     limits, splitting and validation are those of every remote backend (see
-    :class:`~memos_rerank_integrations._http.RemoteOptions`).
+    :class:`~memos_rerank_integrations._remote.RemoteOptions`).
     """
 
     backend_name = "zeroentropy"
