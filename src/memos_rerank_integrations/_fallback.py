@@ -13,8 +13,14 @@ from types import MappingProxyType
 from typing import Any
 
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from ._remote import validate_ranking
-from ._types import DEFAULT_THRESHOLDS, RerankResult, Stage, check_inputs, check_top_n
+from ._types import (
+    DEFAULT_THRESHOLDS,
+    RerankResult,
+    Stage,
+    check_inputs,
+    check_top_n,
+    validate_ranking,
+)
 
 __all__ = ["FallbackAnswer", "FallbackReranker"]
 

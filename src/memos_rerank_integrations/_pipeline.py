@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from ._types import RerankResult, Stage, StageThresholds
+from ._types import RerankResult, Stage, StageThresholds, validate_ranking
 
 __all__ = ["Outcome", "RerankSettings", "arun", "run"]
 
@@ -102,33 +102,17 @@ def check_query(query: object) -> str:
     return query
 
 
-def _validated(raw: object, count: int) -> list[RerankResult]:
+def _validated(raw: object, count: int, backend: str) -> list[RerankResult]:
     """Backends are duck-typed, so their answer is checked before it is trusted:
     exactly one finite score per document, no index twice."""
-    if not isinstance(raw, Sequence):
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
         raise MalformedResponseError(
             f"The reranker returned {type(raw).__name__}, not a list of results."
         )
-    seen: set[int] = set()
-    results = []
-    for item in raw:
-        index, score = getattr(item, "index", None), getattr(item, "score", None)
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-            raise MalformedResponseError(f"The reranker returned an invalid index {index!r}.")
-        if index in seen:
-            raise MalformedResponseError(f"The reranker returned index {index} twice.")
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise MalformedResponseError(f"The reranker returned a non-numeric score {score!r}.")
-        if not math.isfinite(score):
-            raise MalformedResponseError(f"The reranker returned a non-finite score {score!r}.")
-        seen.add(index)
-        results.append((index, float(score)))
-    if len(seen) != count:
-        raise MalformedResponseError(
-            f"The reranker returned {len(seen)} results for {count} documents."
-        )
-    results.sort(key=lambda pair: (-pair[1], pair[0]))
-    return [RerankResult(index, score, Stage.IRRELEVANT) for index, score in results]
+    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in raw]
+    scores = validate_ranking(pairs, n_documents=count, top_n_sent=None, backend=backend)
+    ranked = sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))
+    return [RerankResult(index, score, Stage.IRRELEVANT) for index, score in ranked]
 
 
 def _select(settings: RerankSettings, raw: object, count: int) -> list[RerankResult]:
@@ -140,7 +124,7 @@ def _select(settings: RerankSettings, raw: object, count: int) -> list[RerankRes
         floor = max(floor, settings.thresholds.min_score(settings.min_stage))
     kept = [
         RerankResult(result.index, result.score, settings.thresholds.stage(result.score))
-        for result in _validated(raw, count)
+        for result in _validated(raw, count, settings._model_name())
         if result.score >= floor
     ]
     return kept if settings.top_n is None else kept[: settings.top_n]

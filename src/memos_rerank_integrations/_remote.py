@@ -42,6 +42,7 @@ from ._types import (
     check_inputs,
     check_top_n,
     rank_scores,
+    validate_ranking,
 )
 
 __all__ = [
@@ -325,56 +326,6 @@ def read_scored_results(
             )
         pairs.append((item["index"], item[score_key]))
     return pairs
-
-
-def validate_ranking(
-    pairs: Sequence[tuple[object, object]],
-    *,
-    n_documents: int,
-    top_n_sent: int | None,
-    backend: str,
-) -> dict[int, float]:
-    """Check a backend's ``(index, score)`` pairs; returns index -> score.
-
-    Every index an int in range, none twice, every score a finite number, and one
-    result per document (or exactly ``min(top_n, n)`` when ``top_n`` was sent).
-    """
-    expected = n_documents if top_n_sent is None else min(top_n_sent, n_documents)
-    scores: dict[int, float] = {}
-    for index, score in pairs:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise MalformedResponseError(
-                f"The {backend} answer has an index of type {type(index).__name__}, "
-                "not an integer.",
-                backend=backend,
-            )
-        if not 0 <= index < n_documents:
-            raise MalformedResponseError(
-                f"The {backend} answer has index {index}, outside 0..{n_documents - 1}.",
-                backend=backend,
-            )
-        if index in scores:
-            raise MalformedResponseError(
-                f"The {backend} answer ranks document {index} twice.", backend=backend
-            )
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise MalformedResponseError(
-                f"The {backend} answer has a score of type {type(score).__name__} for "
-                f"document {index}, not a number.",
-                backend=backend,
-            )
-        if not math.isfinite(score):
-            raise MalformedResponseError(
-                f"The {backend} answer has a non-finite score {score!r} for document {index}.",
-                backend=backend,
-            )
-        scores[index] = float(score)
-    if len(scores) != expected:
-        raise MalformedResponseError(
-            f"The {backend} answer ranks {len(scores)} documents, expected {expected}.",
-            backend=backend,
-        )
-    return scores
 
 
 # --------------------------------------------------------------------------- the reranker
