@@ -210,6 +210,14 @@ def test_demo_hook_calls_demo_main_lazily(
     assert received == [["--fast"]]
 
 
+def test_demo_help_is_the_demos_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--backend {auto,qwen,embedding}" in out and "--offline" in out
+
+
 def test_demo_missing_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

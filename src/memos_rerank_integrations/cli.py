@@ -139,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     # The demo lives in its own module (written separately); it is imported only
     # when this subcommand runs, so the others work even where it is absent.
     demo = commands.add_parser(
-        "demo", help="rerank the MemOS examples end to end (options go to the demo)"
+        "demo",
+        help="rerank the MemOS examples end to end (options go to the demo)",
+        add_help=False,  # --help reaches the demo's own parser
     )
     demo.set_defaults(run=_demo)
     return parser
