@@ -8,11 +8,12 @@ parallel, so concurrency tests hit it for real.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,3 +203,22 @@ def timeout_for(replies: Iterable[Reply]) -> float:
     be slower than it, generous otherwise so that a loaded CI machine never turns
     an expected 401 or 500 into a timeout."""
     return 0.25 if any(reply.delay for reply in replies) else 10.0
+
+
+# ---- what the remote-backend test modules share
+
+# Backoff small enough to keep retry tests fast.
+FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
+MODES = ["sync", "async"]
+
+
+def invoke(reranker: Any, mode: str, *args: Any, **kwargs: Any) -> Any:
+    """Call ``rerank`` or, in a fresh event loop, ``arerank``."""
+    if mode == "sync":
+        return reranker.rerank(*args, **kwargs)
+    return asyncio.run(reranker.arerank(*args, **kwargs))
+
+
+def expected_order(docs: Sequence[str]) -> list[int]:
+    """The ranking the fake services' scores imply, ties in input order."""
+    return sorted(range(len(docs)), key=lambda i: (-score_of(docs[i]), i))

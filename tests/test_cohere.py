@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import cohere
@@ -21,19 +20,21 @@ from memos_rerank_integrations import (
     RerankTimeoutError,
 )
 
-from ._loopback import LoopbackServer, Reply, cohere_shaped, exception_texts, score_of, timeout_for
+from ._loopback import (
+    FAST,
+    MODES,
+    LoopbackServer,
+    Reply,
+    cohere_shaped,
+    exception_texts,
+    expected_order,
+    invoke,
+    score_of,
+    timeout_for,
+)
 
 KEY = "co-SECRET-abcdef-42"
-FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
 DOCS = ["doc 21", "doc 22", "doc 23"]
-MODES = ["sync", "async"]
-
-
-@pytest.fixture
-def server() -> Iterator[LoopbackServer]:
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -44,16 +45,6 @@ def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make(server: LoopbackServer, **kwargs: Any) -> CohereReranker:
     return CohereReranker(**{"api_key": KEY, "base_url": server.url, **FAST, **kwargs})
-
-
-def invoke(reranker: CohereReranker, mode: str, *args: Any, **kwargs: Any) -> Any:
-    if mode == "sync":
-        return reranker.rerank(*args, **kwargs)
-    return asyncio.run(reranker.arerank(*args, **kwargs))
-
-
-def expected_order(docs: list[str]) -> list[int]:
-    return sorted(range(len(docs)), key=lambda i: (-score_of(docs[i]), i))
 
 
 @pytest.mark.parametrize("mode", MODES)

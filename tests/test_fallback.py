@@ -27,12 +27,20 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._fallback import FallbackAnswer
 from memos_rerank_integrations._types import rank_scores
 
-from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, tei_shaped, timeout_for
+from ._loopback import (
+    MODES,
+    LoopbackServer,
+    Reply,
+    cohere_shaped,
+    expected_order,
+    score_of,
+    tei_shaped,
+    timeout_for,
+)
 
 KEY = "sk-fallback-SECRET-1234"
 FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 1.0}
 DOCS = ["doc 8", "doc 9", "doc 10"]
-MODES = ["sync", "async"]
 
 
 @pytest.fixture
@@ -47,10 +55,6 @@ def secondary() -> Iterator[LoopbackServer]:
     srv = LoopbackServer().start()
     yield srv
     srv.stop()
-
-
-def expected_order(docs: Sequence[str]) -> list[int]:
-    return sorted(range(len(docs)), key=lambda i: (-score_of(docs[i]), i))
 
 
 def detailed(chain: FallbackReranker, mode: str, *args: Any, **kwargs: Any) -> FallbackAnswer:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,36 +19,20 @@ from memos_rerank_integrations import (
 )
 
 from ._loopback import (
+    FAST,
+    MODES,
     LoopbackServer,
     Recorded,
     Reply,
     cohere_shaped,
-    score_of,
+    expected_order,
+    invoke,
     tei_shaped,
     timeout_for,
 )
 
 KEY = "tei-token-SECRET-55aa"
-FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
 DOCS = ["doc 4", "doc 5", "doc 6", "doc 7"]
-MODES = ["sync", "async"]
-
-
-@pytest.fixture
-def server() -> Iterator[LoopbackServer]:
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
-
-
-def invoke(reranker: HTTPReranker, mode: str, *args: Any, **kwargs: Any) -> Any:
-    if mode == "sync":
-        return reranker.rerank(*args, **kwargs)
-    return asyncio.run(reranker.arerank(*args, **kwargs))
-
-
-def expected_order(docs: list[str]) -> list[int]:
-    return sorted(range(len(docs)), key=lambda i: (-score_of(docs[i]), i))
 
 
 def tei_list(scores: list[tuple[Any, Any]]) -> Reply:

@@ -6,7 +6,6 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,45 +25,29 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._memos import DEFAULT_MEMOS_BASE_URL, MEMOS_ERROR_CODES
 
 from ._loopback import (
+    FAST,
+    MODES,
     LoopbackServer,
     Recorded,
     Reply,
     cohere_results,
     cohere_shaped,
     exception_texts,
+    expected_order,
+    invoke,
     score_of,
     timeout_for,
 )
 
 KEY = "sk-memos-SECRET-7f3a9c"
-FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
 DOCS = ["doc 1", "doc 2", "doc 3"]
 OK = cohere_results(DOCS)
-
-
-@pytest.fixture
-def server() -> Iterator[LoopbackServer]:
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
 
 
 def make(server: LoopbackServer, **kwargs: Any) -> MemOSReranker:
     options = {"api_key": KEY, "base_url": server.url, **FAST, **kwargs}
     return MemOSReranker(**options)
 
-
-def invoke(reranker: MemOSReranker, mode: str, *args: Any, **kwargs: Any) -> Any:
-    if mode == "sync":
-        return reranker.rerank(*args, **kwargs)
-    return asyncio.run(reranker.arerank(*args, **kwargs))
-
-
-def expected_order(docs: list[str]) -> list[int]:
-    return sorted(range(len(docs)), key=lambda i: (-score_of(docs[i]), i))
-
-
-MODES = ["sync", "async"]
 
 # name -> (replies the server gives, error class, requests made with max_retries=1)
 FAILURES: dict[str, tuple[list[Reply], type[RerankError], int]] = {

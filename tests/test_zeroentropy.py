@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,19 +18,19 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._zeroentropy import DEFAULT_ZEROENTROPY_BASE_URL
 
-from ._loopback import LoopbackServer, Reply, cohere_shaped, score_of, timeout_for
+from ._loopback import (
+    FAST,
+    MODES,
+    LoopbackServer,
+    Reply,
+    cohere_shaped,
+    expected_order,
+    invoke,
+    timeout_for,
+)
 
 KEY = "ze-SECRET-key-0099"
-FAST: dict[str, Any] = {"backoff_base": 0.001, "backoff_max": 2.0}
 DOCS = ["doc 11", "doc 12", "doc 13"]
-MODES = ["sync", "async"]
-
-
-@pytest.fixture
-def server() -> Iterator[LoopbackServer]:
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -43,16 +41,6 @@ def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make(server: LoopbackServer, **kwargs: Any) -> ZeroEntropyReranker:
     return ZeroEntropyReranker(**{"api_key": KEY, "base_url": server.url, **FAST, **kwargs})
-
-
-def invoke(reranker: ZeroEntropyReranker, mode: str, *args: Any, **kwargs: Any) -> Any:
-    if mode == "sync":
-        return reranker.rerank(*args, **kwargs)
-    return asyncio.run(reranker.arerank(*args, **kwargs))
-
-
-def expected_order(docs: list[str]) -> list[int]:
-    return sorted(range(len(docs)), key=lambda i: (-score_of(docs[i]), i))
 
 
 @pytest.mark.parametrize("mode", MODES)
