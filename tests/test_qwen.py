@@ -26,28 +26,10 @@ from memos_rerank_integrations._local_engine import limit_padding, resolve_dtype
 from memos_rerank_integrations._qwen import PROMPT_PREFIX, _Prefix, _Row
 
 from . import _qwen_fixtures
+from ._backends import MEMOS_EXAMPLES
 from ._qwen_fixtures import ModelCardRecipe, by_index
 
-# The reranking examples of the MemOS reranker documentation.
-EXAMPLES: list[dict[str, Any]] = [
-    {
-        "query": "Any liquor recommendations for me?",
-        "documents": [
-            "User prefers Jiangxiang-flavored baijiu, like Moutai.",
-            "I don't drink alcohol.",
-        ],
-    },
-    {
-        "query": "What are the user's hobbies?",
-        "documents": [
-            "User likes playing badminton.",
-            "User is a backend developer in Hangzhou.",
-            "User prefers concise replies.",
-            "User prefers Jiangxiang-flavored baijiu.",
-            "User is going on a business trip to Beijing next Wednesday.",
-        ],
-    },
-]
+EXAMPLES = MEMOS_EXAMPLES
 TOLERANCE = 1e-4
 
 tiny_qwen_dir = _qwen_fixtures.tiny_qwen_dir
