@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._exceptions import InvalidInputError
-from ._local_engine import budget_batches, load_shared, require_local, resolve_device, resolve_dtype
+from ._local_engine import (
+    budget_batches,
+    limit_padding,
+    load_shared,
+    require_local,
+    resolve_device,
+    resolve_dtype,
+)
 from ._types import (
     RerankResult,
     StageThresholds,
@@ -45,6 +52,10 @@ Encodings = Mapping[str, Sequence[Sequence[int]]]
 
 # Tokenizers without a known limit report this sentinel (about 1e30) as model_max_length.
 _NO_LIMIT = 10**9
+# As in the Qwen path: split a batch when over a tenth of it would be padding, but not
+# below a few hundred tokens per pass.
+_MAX_PADDING = 0.1
+_MIN_BATCH_TOKENS = 256
 
 
 @dataclass
@@ -127,18 +138,29 @@ def run_batches(
     in input order."""
     import torch
 
+    # A row repeated (the same document twice in a call) is run once, so it ties exactly.
+    names = list(encodings)
+    first_seen: dict[tuple[tuple[int, ...], ...], int] = {}
+    unique_of = []
+    for row in range(len(encodings["input_ids"])):
+        key = tuple(tuple(encodings[name][row]) for name in names)
+        unique_of.append(first_seen.setdefault(key, len(first_seen)))
+    unique = {name: [list(key[n]) for key in first_seen] for n, name in enumerate(names)}
     rows_in_order: list[int] = []
     outputs: list[torch.Tensor] = []
     with torch.inference_mode():
-        lengths = [len(ids) for ids in encodings["input_ids"]]
-        for rows in budget_batches(lengths, max_tokens=max_batch_tokens):
-            batch = _pad_rows(encodings, rows, loaded.pad_id, loaded.device)
-            outputs.append(forward(loaded.model, batch).float().cpu())
-            rows_in_order.extend(rows)
+        lengths = [len(ids) for ids in unique["input_ids"]]
+        for budget_batch in budget_batches(lengths, max_tokens=max_batch_tokens):
+            for rows in limit_padding(
+                budget_batch, lengths, max_padding=_MAX_PADDING, min_tokens=_MIN_BATCH_TOKENS
+            ):
+                batch = _pad_rows(unique, rows, loaded.pad_id, loaded.device)
+                outputs.append(forward(loaded.model, batch).float().cpu())
+                rows_in_order.extend(rows)
         stacked = torch.cat(outputs)
         result = torch.empty_like(stacked)
         result[torch.tensor(rows_in_order)] = stacked
-    return result
+    return result[torch.tensor(unique_of)]
 
 
 def _check_positive(name: str, value: object) -> int:
