@@ -12,12 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from . import _offline  # noqa: I001 - sets Mem0's environment before mem0 is imported
-from ._offline import NetworkGuard, memory_config, network_guard
-
 import pydantic
+import pytest
 from mem0 import AsyncMemory, Memory
 from mem0.utils.factory import RerankerFactory
 
@@ -33,6 +29,7 @@ from memos_rerank_integrations.mem0 import Mem0Reranker, Mem0RerankerConfig, reg
 from . import _qwen_fixtures
 from ._backends import SUBPROCESS_ENV, OverlapReranker
 from ._loopback import LoopbackServer, Reply
+from ._offline import NetworkGuard, memory_config, network_guard
 
 tiny_qwen_dir = _qwen_fixtures.tiny_qwen_dir
 
@@ -287,9 +284,9 @@ async def test_arerank_matches_rerank() -> None:
 
 
 def test_config_validation_lists_the_valid_options() -> None:
-    with pytest.raises(pydantic.ValidationError, match="Valid options: .*max_batch_tokens"):
+    with pytest.raises(pydantic.ValidationError, match=r"Valid options: .*max_batch_tokens"):
         Mem0RerankerConfig(backend="qwen", max_batch_size=4)
-    with pytest.raises(pydantic.ValidationError, match="Valid providers: .*cross_encoder"):
+    with pytest.raises(pydantic.ValidationError, match=r"Valid providers: .*cross_encoder"):
         Mem0RerankerConfig(backend="qwen3")
     with pytest.raises(pydantic.ValidationError, match="disagree"):
         Mem0RerankerConfig(backend="qwen", top_n=3, top_k=5)

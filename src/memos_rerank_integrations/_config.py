@@ -65,6 +65,10 @@ PROVIDERS: Mapping[str, tuple[str, str]] = {
 
 # Constructor arguments that are never written into a config or a pickle.
 _SECRETS = frozenset({"api_key"})
+# Backends whose key can only be passed as an argument (no environment variable): a
+# pickle, which never holds the key, could not give it back, so pickling one that has
+# a key is refused.
+_KEY_ONLY_AS_ARGUMENT = frozenset({"HTTPReranker"})
 # Constructor arguments that hold the caller's own objects (clients with their
 # transports, proxies and auth): a config cannot describe them, and a pickle of them
 # could carry credentials, so to_config() and pickling refuse them.
@@ -580,6 +584,12 @@ class Configurable:
         options = {}
         for key, value in self._config_options().items():
             if key in _SECRETS:
+                if value is not None and type(self).__name__ in _KEY_ONLY_AS_ARGUMENT:
+                    raise TypeError(
+                        f"Cannot pickle {owner} with an api_key: pickles never hold keys, and "
+                        f"{owner} reads none from the environment. Rebuild it in the worker "
+                        "with from_config(backend.to_config(), api_key=...)."
+                    )
                 continue
             if key in _USER_OBJECTS and value is not None:
                 raise TypeError(

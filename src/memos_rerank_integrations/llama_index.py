@@ -69,7 +69,7 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     @classmethod
     def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> RerankPostprocessor:
         """The inverse of :meth:`to_dict`: a backend config is built with ``from_config``."""
-        built: RerankPostprocessor = super().from_dict(settings_from_dict(data), **kwargs)
+        built: RerankPostprocessor = super().from_dict(settings_from_dict({**data, **kwargs}))
         return built
 
     def __getstate__(self) -> dict[str, Any]:
