@@ -305,6 +305,15 @@ def test_the_key_is_a_secret_in_the_config_and_reaches_the_backend(
     plugin = Mem0Reranker(config)
     assert plugin.reranker._api_key.get_secret_value() == "sk-plugin-secret-7"
     assert "sk-plugin-secret-7" not in repr(plugin)
+    # A key nested in a backend option is masked too, and errors never echo the input.
+    llm = {"provider": "openai", "config": {"api_key": "sk-nested-secret-8", "model": "m"}}
+    nested = Mem0RerankerConfig(backend="llm", llm=llm)
+    assert "sk-nested-secret-8" not in repr(nested) and "sk-nested-secret-8" not in str(nested)
+    with pytest.raises(pydantic.ValidationError) as raised:
+        Mem0RerankerConfig(backend="llm", llm=llm, api_key="sk-plugin-secret-7", typo=1)
+    assert "typo" in str(raised.value)
+    assert "sk-plugin-secret-7" not in str(raised.value)
+    assert "sk-nested-secret-8" not in str(raised.value)
 
 
 def test_register_is_idempotent_and_refuses_mem0s_own_names() -> None:

@@ -126,8 +126,9 @@ def test_unpickled_backends_work_in_a_spawned_process(
     live: LoopbackServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backends = keyed_backends(live.url)  # built with explicit keys, none in the environment
-    for key, value in KEYS.items():  # the workers' environment holds the keys
-        monkeypatch.setenv(key, value)
+    worker_keys = {name: f"worker-{key}" for name, key in KEYS.items()}
+    for name, value in worker_keys.items():  # the workers' environment holds other keys
+        monkeypatch.setenv(name, value)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         futures = {
@@ -141,12 +142,13 @@ def test_unpickled_backends_work_in_a_spawned_process(
         assert pid != os.getpid()
         order = [index for index, _, _ in ranking]
         assert order == (grades if name == "llm" else expected_order(DOCS)), name
+    # The key each request carried is the workers' own, from their environment.
     auth = {(r.path, header(r, "Authorization")) for r in live.requests}
     assert auth == {
-        ("/rerank", f"Token {KEYS['MEMOS_API_KEY']}"),
-        ("/v2/rerank", f"Bearer {KEYS['CO_API_KEY']}"),
-        ("/v1/models/rerank", f"Bearer {KEYS['ZERO_ENTROPY_API_KEY']}"),
-        ("/v1/chat/completions", f"Bearer {KEYS['OPENAI_API_KEY']}"),
+        ("/rerank", f"Token {worker_keys['MEMOS_API_KEY']}"),
+        ("/v2/rerank", f"Bearer {worker_keys['CO_API_KEY']}"),
+        ("/v1/models/rerank", f"Bearer {worker_keys['ZERO_ENTROPY_API_KEY']}"),
+        ("/v1/chat/completions", f"Bearer {worker_keys['OPENAI_API_KEY']}"),
     }
 
 
@@ -208,6 +210,11 @@ def test_copies_keep_the_key_and_share_your_clients() -> None:
             assert duplicate is not backend
             assert duplicate._auth_headers() == {"Authorization": "Bearer k-copy"}
             assert duplicate._clients.sync() is client
+        chain = FallbackReranker([backend])
+        deep = copy.deepcopy(chain)
+        assert deep.rerankers[0] is not backend  # a deep copy copies the chain's backends
+        assert deep.rerankers[0]._clients.sync() is client
+        assert copy.copy(chain).rerankers[0] is backend
     finally:
         client.close()
 

@@ -18,6 +18,7 @@ process that unpickles. API keys are in neither: they come back from the environ
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -42,6 +43,7 @@ __all__ = [
     "Configurable",
     "check_config",
     "from_config",
+    "mask_secrets",
     "settings_from_dict",
     "settings_to_dict",
     "strip_secrets",
@@ -433,6 +435,20 @@ def strip_secrets(value: Any) -> Any:
     return value
 
 
+def mask_secrets(value: Any) -> Any:
+    """Nested config data with key-, token-, secret- or password-named values masked."""
+    if isinstance(value, Mapping):
+        return {
+            key: "**********"
+            if isinstance(key, str) and _is_secret(key) and item is not None
+            else mask_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [mask_secrets(item) for item in value]
+    return value
+
+
 def _provider_of(cls: type[Any]) -> str:
     for name, (module, attribute) in PROVIDERS.items():
         if cls.__module__ == _PACKAGE + module and cls.__qualname__ == attribute:
@@ -613,7 +629,14 @@ class Configurable:
         return copied
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        return self.__copy__()
+        try:
+            options = self._config_options()
+        except TypeError:
+            return self.__copy__()
+        if isinstance(options.get("rerankers"), (list, tuple)):
+            options["rerankers"] = [copy.deepcopy(item, memo) for item in options["rerankers"]]
+        copied: Self = type(self)(**options)
+        return copied
 
 
 # --------------------------------------------------------------------------- adapters

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from ._config import check_config, from_config, strip_secrets, thresholds_from
+from ._config import check_config, from_config, mask_secrets, strip_secrets, thresholds_from
 from ._exceptions import InvalidInputError, MalformedResponseError
 from ._extras import missing_extra
 from ._pipeline import Outcome, RerankSettings, arun, check_query, run
@@ -57,7 +57,8 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
     ``rerank_stage``. ``text_key`` is the field of Mem0's result dicts that is scored.
     """
 
-    model_config = ConfigDict(extra="allow")
+    # Inputs may hold keys: validation errors must not echo them.
+    model_config = ConfigDict(extra="allow", hide_input_in_errors=True)
 
     api_key: SecretStr | None = Field(default=None, description="The backend's API key.")
     backend: str = Field(default="qwen", description="This package's backend name.")
@@ -111,6 +112,11 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
             )
         check_config({"provider": self.backend, "config": self.backend_options()})
         return self
+
+    def __repr_args__(self) -> Any:
+        # Backend options may nest keys (an LLM config's api_key): never show them.
+        for name, value in super().__repr_args__():
+            yield name, mask_secrets(value) if name in (self.model_extra or {}) else value
 
     @property
     def limit(self) -> int | None:
