@@ -311,9 +311,10 @@ def test_the_key_is_a_secret_in_the_config_and_reaches_the_backend(
     assert "sk-nested-secret-8" not in repr(nested) and "sk-nested-secret-8" not in str(nested)
     with pytest.raises(pydantic.ValidationError) as raised:
         Mem0RerankerConfig(backend="llm", llm=llm, api_key="sk-plugin-secret-7", typo=1)
-    assert "typo" in str(raised.value)
-    assert "sk-plugin-secret-7" not in str(raised.value)
-    assert "sk-nested-secret-8" not in str(raised.value)
+    message = str(raised.value)
+    assert "typo" in message
+    for key in ("sk-plugin-secret-7", "sk-nested-secret-8"):  # not even a truncated part
+        assert not any(key[i : i + 6] in message for i in range(len(key) - 5)), message
 
 
 def test_register_is_idempotent_and_refuses_mem0s_own_names() -> None:
