@@ -366,6 +366,17 @@ def test_bad_configs_are_invalid_input(config: Any, message: str) -> None:
         from_config(config)
 
 
+def test_deeply_nested_fallbacks_are_refused() -> None:
+    config: dict[str, Any] = {"provider": "http", "config": {"base_url": "http://127.0.0.1:9"}}
+    for _ in range(9):
+        config = {"provider": "fallback", "config": {"rerankers": [config]}}
+    assert isinstance(from_config(config["config"]["rerankers"][0]), FallbackReranker)  # 8 deep
+    for _ in range(5000):  # far past the recursion limit: still a clear, cheap error
+        config = {"provider": "fallback", "config": {"rerankers": [config]}}
+    with pytest.raises(InvalidInputError, match="nested more than 8 levels"):
+        from_config(config)
+
+
 def test_mem0_llm_errors_never_show_the_key() -> None:
     llm = {"provider": "openai", "config": {"api_key": KEY, "no_such_option": 1}}
     with pytest.raises(InvalidInputError) as raised:

@@ -330,16 +330,29 @@ def _resolve(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return target, options
 
 
-def check_config(config: Mapping[str, Any]) -> None:
+def check_config(config: Mapping[str, Any], *, _depth: int = 0) -> None:
     """Check a config's provider name and option names without building anything."""
     name, options = _split(config)
     target, resolved = _resolve(name, options)
-    if target == "fallback":
-        rerankers = resolved.get("rerankers")
-        if isinstance(rerankers, Sequence) and not isinstance(rerankers, (str, bytes)):
-            for item in rerankers:
-                if isinstance(item, Mapping):
-                    check_config(item)
+    for item in _nested_configs(target, resolved, _depth):
+        check_config(item, _depth=_depth + 1)
+
+
+# A fallback chain of fallback chains is fine; a config nested deeper is a mistake (or
+# an attack on the recursion limit).
+_MAX_NESTING = 8
+
+
+def _nested_configs(target: str, options: Mapping[str, Any], depth: int) -> list[Any]:
+    rerankers = options.get("rerankers") if target == "fallback" else None
+    if not isinstance(rerankers, Sequence) or isinstance(rerankers, (str, bytes)):
+        return []
+    nested = [item for item in rerankers if isinstance(item, Mapping)]
+    if nested and depth >= _MAX_NESTING:
+        raise InvalidInputError(
+            f"Fallback configs are nested more than {_MAX_NESTING} levels deep."
+        )
+    return nested
 
 
 def thresholds_from(value: object) -> StageThresholds:
@@ -394,18 +407,21 @@ def from_config(config: Mapping[str, Any], **options: Any) -> Reranker:
     Unknown providers and options raise :class:`InvalidInputError` listing the valid
     ones; a backend's own checks run as when it is constructed directly.
     """
+    return _build(config, options, 0)
+
+
+def _build(config: Mapping[str, Any], options: dict[str, Any], depth: int) -> Reranker:
     name, config_options = _split(config)
     target, kwargs = _resolve(name, {**config_options, **options})
     if "thresholds" in kwargs:
         kwargs["thresholds"] = thresholds_from(kwargs["thresholds"])
     if target == "llm" and "llm" in kwargs:
         kwargs["llm"] = _build_llm(kwargs["llm"])
-    if target == "fallback" and "rerankers" in kwargs:
-        rerankers = kwargs["rerankers"]
-        if isinstance(rerankers, Sequence) and not isinstance(rerankers, (str, bytes)):
-            kwargs["rerankers"] = [
-                from_config(item) if isinstance(item, Mapping) else item for item in rerankers
-            ]
+    if _nested_configs(target, kwargs, depth):
+        kwargs["rerankers"] = [
+            _build(item, {}, depth + 1) if isinstance(item, Mapping) else item
+            for item in kwargs["rerankers"]
+        ]
     backend: Reranker = _backend_class(target)(**kwargs)
     return backend
 
