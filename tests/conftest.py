@@ -1,5 +1,5 @@
-"""Test-wide settings (nothing in the suite may reach the Hugging Face Hub) and the
-loopback ``server`` fixture of the remote-backend tests."""
+"""Test-wide settings (nothing in the suite may reach the Hugging Face Hub; Mem0 runs
+without telemetry) and the loopback ``server`` fixture of the remote-backend tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from . import _offline  # noqa: F401 - Mem0's settings, read when mem0 is first imported
 from ._loopback import LoopbackServer, loopback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -51,6 +51,7 @@ PUBLIC_API = [
     "StageThresholds",
     "ZeroEntropyReranker",
     "__version__",
+    "from_config",
 ]
 
 

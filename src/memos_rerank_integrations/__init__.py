@@ -1,8 +1,8 @@
 """Relevance reranking for LangChain, LlamaIndex and agent-memory pipelines.
 
-The core types are imported eagerly; backends are imported on first access so
-that ``import memos_rerank_integrations`` never imports torch, langchain,
-llama_index or cohere.
+The core types are imported eagerly; backends (and ``from_config``) are imported
+on first access so that ``import memos_rerank_integrations`` never imports torch,
+langchain, llama_index or cohere.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ._types import DEFAULT_THRESHOLDS, Reranker, RerankResult, Stage, StageThre
 
 if TYPE_CHECKING:
     from ._cohere import CohereReranker
+    from ._config import from_config
     from ._cross_encoder import CrossEncoderReranker
     from ._embedding import EmbeddingReranker
     from ._fallback import FallbackReranker
@@ -46,6 +47,7 @@ _LAZY = {
     "ZeroEntropyReranker": "._zeroentropy",
     "FallbackReranker": "._fallback",
     "LLMReranker": "._llm",
+    "from_config": "._config",
 }
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "StageThresholds",
     "ZeroEntropyReranker",
     "__version__",
+    "from_config",
 ]
 
 

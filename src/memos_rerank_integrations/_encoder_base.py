@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._config import Configurable
 from ._exceptions import InvalidInputError
 from ._local_engine import (
     budget_batches,
@@ -196,7 +197,7 @@ def _check_calls(calls: object) -> list[tuple[str, list[str], int | None]]:
     return checked
 
 
-class LocalEncoderReranker(ABC):
+class LocalEncoderReranker(Configurable, ABC):
     """Base of the rerankers that run a Hugging Face encoder in this process."""
 
     _kind: ClassVar[str]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ._config import Configurable
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._types import (
     DEFAULT_THRESHOLDS,
@@ -46,7 +47,7 @@ class FallbackAnswer:
     errors: tuple[Exception, ...]
 
 
-class FallbackReranker:
+class FallbackReranker(Configurable):
     """Try rerankers in order (e.g. MemOS cloud, then a local ``QwenReranker``);
     the first that answers wins.
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from ._config import Configurable
 from ._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
@@ -401,7 +402,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-class LLMReranker:
+class LLMReranker(Configurable):
     """Rerank with a chat model: each document gets a grade 0-4 on the five stages.
 
     ``llm`` is a LangChain chat model (anything with ``invoke`` / ``ainvoke`` returning

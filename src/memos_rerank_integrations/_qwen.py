@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._config import Configurable
 from ._exceptions import InvalidInputError, ModelLoadError
 from ._local_engine import (
     budget_batches,
@@ -404,7 +405,7 @@ def _load_scorer(model: str, device: torch.device, dtype: torch.dtype) -> _QwenS
     return _QwenScorer(tokenizer, lm.get_decoder(), head, bias, device)
 
 
-class QwenReranker:
+class QwenReranker(Configurable):
     """Rerank with a Qwen3-Reranker model (or a fine-tune such as MemReranker) locally.
 
     Scores are the model card's ``P("yes")`` in [0, 1], equal to its transformers

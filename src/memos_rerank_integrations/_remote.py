@@ -25,6 +25,7 @@ from typing import ClassVar, Literal, TypedDict, TypeVar
 
 from pydantic import SecretStr
 
+from ._config import Configurable
 from ._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
@@ -353,7 +354,7 @@ class _Request:
     top_n: int | None
 
 
-class RemoteReranker:
+class RemoteReranker(Configurable):
     """Input checks, limits, splitting, bounded concurrency, retries and the merge.
 
     Subclasses implement ``_score_chunk`` and ``_ascore_chunk``: one request for

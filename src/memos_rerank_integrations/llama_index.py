@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ._config import settings_from_dict, settings_to_dict
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
 from ._pipeline import FALLBACK_KEY, STAGE_KEY, Outcome, RerankSettings, arun, check_query, run
@@ -59,6 +61,22 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     @classmethod
     def class_name(cls) -> str:
         return "RerankPostprocessor"
+
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """JSON-ready fields; the backend as its ``to_config()`` (see ``from_config``)."""
+        return settings_to_dict(super().to_dict(**kwargs))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> RerankPostprocessor:
+        """The inverse of :meth:`to_dict`: a backend config is built with ``from_config``."""
+        built: RerankPostprocessor = super().from_dict(settings_from_dict({**data, **kwargs}))
+        return built
+
+    def __getstate__(self) -> dict[str, Any]:
+        # LlamaIndex drops fields that fail to pickle; the backend must not vanish silently.
+        pickle.dumps(self.reranker)
+        state: dict[str, Any] = super().__getstate__()
+        return state
 
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None

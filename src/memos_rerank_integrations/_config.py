@@ -1,0 +1,685 @@
+"""Backends from a config, and back: :func:`from_config`, ``to_config()`` and pickling.
+
+A config is ``{"provider": NAME, "config": {OPTION: VALUE, ...}}``, the shape of a
+Mem0 reranker block. NAME is one of this package's backends (``qwen``,
+``cross_encoder``, ``embedding``, ``memos``, ``cohere``, ``http``, ``zero_entropy``,
+``llm``, ``fallback``), whose options are its constructor's keyword arguments, or one
+of Mem0's reranker providers (``cohere``, ``sentence_transformer``, ``huggingface``,
+``llm_reranker``, ``zero_entropy``) with Mem0's config keys, mapped onto the backend
+that does the same job (see :data:`MEM0_PROVIDERS`).
+
+Every backend inherits :class:`Configurable`, which remembers the arguments its
+constructor was called with. ``to_config()`` turns the explicit ones into a config
+(plain JSON data); pickling stores them too and calls the constructor again on
+unpickling, so HTTP clients, loaded models and locks are made afresh, lazily, in the
+process that unpickles. API keys are in neither: they come back from the environment
+(or an explicit ``api_key``) when the backend is rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
+
+from ._exceptions import InvalidInputError
+from ._types import StageThresholds
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from ._types import Reranker
+
+__all__ = [
+    "MEM0_PROVIDERS",
+    "PROVIDERS",
+    "Configurable",
+    "check_config",
+    "from_config",
+    "mask_secrets",
+    "settings_from_dict",
+    "settings_to_dict",
+    "strip_secrets",
+    "thresholds_from",
+]
+
+_PACKAGE = __name__.rpartition(".")[0]
+
+# This package's provider names -> (private module, class).
+PROVIDERS: Mapping[str, tuple[str, str]] = {
+    "qwen": ("._qwen", "QwenReranker"),
+    "cross_encoder": ("._cross_encoder", "CrossEncoderReranker"),
+    "embedding": ("._embedding", "EmbeddingReranker"),
+    "memos": ("._memos", "MemOSReranker"),
+    "cohere": ("._cohere", "CohereReranker"),
+    "http": ("._http_reranker", "HTTPReranker"),
+    "zero_entropy": ("._zeroentropy", "ZeroEntropyReranker"),
+    "llm": ("._llm", "LLMReranker"),
+    "fallback": ("._fallback", "FallbackReranker"),
+}
+
+# Constructor arguments that are never written into a config or a pickle.
+_SECRETS = frozenset({"api_key"})
+# Backends whose key can only be passed as an argument (no environment variable): a
+# pickle, which never holds the key, could not give it back, so pickling one that has
+# a key is refused.
+_KEY_ONLY_AS_ARGUMENT = frozenset({"HTTPReranker"})
+# Constructor arguments that hold the caller's own objects (clients with their
+# transports, proxies and auth): a config cannot describe them, and a pickle of them
+# could carry credentials, so to_config() and pickling refuse them.
+_USER_OBJECTS = frozenset({"http_client", "async_http_client", "client", "async_client"})
+
+
+# --------------------------------------------------------------------------- Mem0
+
+
+@dataclass(frozen=True)
+class _Mem0Provider:
+    """One of Mem0's reranker providers: the backend it maps to, the Mem0 keys it
+    accepts on top of that backend's own options, and the translation."""
+
+    target: str
+    keys: frozenset[str]
+    translate: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _drop(options: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {key: value for key, value in options.items() if key not in names}
+
+
+def _translate_cohere(options: dict[str, Any]) -> dict[str, Any]:
+    options = _none_dropped(options)
+    chunks = options.get("max_chunks_per_doc")
+    if chunks is not None:
+        raise InvalidInputError(
+            f"max_chunks_per_doc={chunks!r} is an option of Cohere's v1 API; CohereReranker "
+            "uses the v2 API, which cuts each document at max_tokens_per_doc instead. Set "
+            "max_tokens_per_doc (or drop max_chunks_per_doc)."
+        )
+    return _drop(options, "top_k", "provider", "return_documents", "max_chunks_per_doc")
+
+
+def _translate_zero_entropy(options: dict[str, Any]) -> dict[str, Any]:
+    return _drop(_none_dropped(options), "top_k", "provider")
+
+
+def _batch_tokens(options: dict[str, Any], default_max_length: int) -> dict[str, Any]:
+    """Mem0's ``batch_size`` (pairs per forward pass) as this package's token budget."""
+    batch_size = options.get("batch_size")
+    out = _drop(options, "batch_size", "show_progress_bar", "api_key", "top_k", "provider")
+    if batch_size is None:
+        return out
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if "max_batch_tokens" in options:
+        raise InvalidInputError(
+            "Give batch_size (Mem0's pairs per batch) or max_batch_tokens (this package's "
+            "tokens per batch), not both."
+        )
+    max_length = options.get("max_length", default_max_length)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise InvalidInputError(f"max_length must be a positive int, got {max_length!r}.")
+    out["max_batch_tokens"] = batch_size * max_length
+    return out
+
+
+def _translate_sentence_transformer(options: dict[str, Any]) -> dict[str, Any]:
+    options = {"model": "cross-encoder/ms-marco-MiniLM-L-6-v2", **_none_dropped(options)}
+    return _batch_tokens(options, 512)
+
+
+def _translate_huggingface(options: dict[str, Any]) -> dict[str, Any]:
+    options = {"model": "BAAI/bge-reranker-base", **_none_dropped(options)}
+    return _batch_tokens(options, 512)
+
+
+def _none_dropped(options: dict[str, Any]) -> dict[str, Any]:
+    """Mem0 writes its unset common options as None, meaning "the default"."""
+    common = ("model", "api_key", "device", "provider", "top_k")
+    return {k: v for k, v in options.items() if not (k in common and v is None)}
+
+
+def _translate_llm_reranker(options: dict[str, Any]) -> dict[str, Any]:
+    prompt = options.get("scoring_prompt")
+    if prompt is not None:
+        raise InvalidInputError(
+            "scoring_prompt replaces Mem0's whole system prompt (and is deprecated there); "
+            "LLMReranker's prompt asks for a grade 0-4 on the five stages. Pass your task as "
+            "instruction=... instead."
+        )
+    # Mem0's LLMReranker builds its LLM exactly like this.
+    provider = options.get("provider") or "openai"
+    nested = options.get("llm")
+    if nested is not None and not isinstance(nested, Mapping):
+        raise InvalidInputError(
+            "llm must be a mapping {'provider': ..., 'config': {...}}, "
+            f"got {type(nested).__name__}."
+        )
+    llm_config: dict[str, Any] = {}
+    if nested is not None:
+        provider = nested.get("provider", provider)
+        llm_config = dict(nested.get("config") or {})
+    llm_config.setdefault("model", options.get("model") or "gpt-5-mini")
+    llm_config.setdefault("temperature", options.get("temperature", 0.0))
+    llm_config.setdefault("max_tokens", options.get("max_tokens", 100))
+    if options.get("api_key"):
+        llm_config.setdefault("api_key", options["api_key"])
+    out = _drop(
+        options,
+        "model",
+        "api_key",
+        "provider",
+        "top_k",
+        "temperature",
+        "max_tokens",
+        "scoring_prompt",
+        "llm",
+    )
+    out["llm"] = {"provider": provider, "config": llm_config}
+    return out
+
+
+# Mem0's reranker providers and their config keys (mem0ai 2.2: mem0/configs/rerankers/).
+MEM0_PROVIDERS: Mapping[str, _Mem0Provider] = {
+    "cohere": _Mem0Provider(
+        "cohere",
+        frozenset(
+            {"model", "api_key", "top_k", "provider", "return_documents", "max_chunks_per_doc"}
+        ),
+        _translate_cohere,
+    ),
+    "zero_entropy": _Mem0Provider(
+        "zero_entropy",
+        frozenset({"model", "api_key", "top_k", "provider"}),
+        _translate_zero_entropy,
+    ),
+    "sentence_transformer": _Mem0Provider(
+        "cross_encoder",
+        frozenset(
+            {"model", "api_key", "top_k", "provider", "device", "batch_size", "show_progress_bar"}
+        ),
+        _translate_sentence_transformer,
+    ),
+    "huggingface": _Mem0Provider(
+        "cross_encoder",
+        frozenset(
+            {
+                "model",
+                "api_key",
+                "top_k",
+                "provider",
+                "device",
+                "batch_size",
+                "max_length",
+                "normalize",
+            }
+        ),
+        _translate_huggingface,
+    ),
+    "llm_reranker": _Mem0Provider(
+        "llm",
+        frozenset(
+            {
+                "model",
+                "api_key",
+                "top_k",
+                "provider",
+                "temperature",
+                "max_tokens",
+                "scoring_prompt",
+                "llm",
+            }
+        ),
+        _translate_llm_reranker,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _backend_class(name: str) -> type[Any]:
+    module, attribute = PROVIDERS[name]
+    cls: type[Any] = getattr(importlib.import_module(module, _PACKAGE), attribute)
+    return cls
+
+
+def _signature_options(cls: type[Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """(every keyword option, the required ones) of a backend's constructor."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    names: set[str] = set()
+    required: set[str] = set()
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            from ._remote import RemoteOptions, RemoteReranker
+
+            if issubclass(cls, RemoteReranker):
+                names |= RemoteOptions.__required_keys__ | RemoteOptions.__optional_keys__
+        elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+            names.add(parameter.name)
+            if parameter.default is inspect.Parameter.empty:
+                required.add(parameter.name)
+    return frozenset(names), frozenset(required)
+
+
+def _all_names() -> list[str]:
+    return sorted(set(PROVIDERS) | set(MEM0_PROVIDERS))
+
+
+def _split(config: object) -> tuple[str, dict[str, Any]]:
+    if hasattr(config, "model_dump") and not isinstance(config, Mapping):
+        config = config.model_dump()
+    if not isinstance(config, Mapping):
+        raise InvalidInputError(
+            "A backend config is a mapping {'provider': NAME, 'config': {...}}, "
+            f"got {type(config).__name__}."
+        )
+    extra = sorted(set(config) - {"provider", "config"})
+    if extra:
+        raise InvalidInputError(
+            f"Unknown top-level key(s) {extra} in a backend config; it holds only 'provider' "
+            "and 'config'."
+        )
+    name = config.get("provider")
+    if not isinstance(name, str) or (name not in PROVIDERS and name not in MEM0_PROVIDERS):
+        raise InvalidInputError(
+            f"Unknown reranker provider {name!r}. Valid providers: {', '.join(_all_names())}."
+        )
+    options = config.get("config")
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise InvalidInputError(
+            f"The 'config' of provider {name!r} must be a mapping of options, "
+            f"got {type(options).__name__}."
+        )
+    for key in options:
+        if not isinstance(key, str):
+            raise InvalidInputError(f"Option names must be str, got {key!r}.")
+    return name, dict(options)
+
+
+def _resolve(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(this package's provider, its constructor options), keys checked."""
+    dialect = MEM0_PROVIDERS.get(name)
+    target = name if name in PROVIDERS else dialect.target if dialect else name
+    cls = _backend_class(target)
+    valid, required = _signature_options(cls)
+    accepted = valid | (dialect.keys if dialect is not None else frozenset())
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        what = f"{name!r} (Mem0's keys and {cls.__name__}'s)" if dialect else repr(name)
+        raise InvalidInputError(
+            f"Unknown option(s) {unknown} for reranker provider {what}. "
+            f"Valid options: {', '.join(sorted(accepted))}."
+        )
+    if dialect is not None:
+        options = dialect.translate(options)
+    missing = sorted(required - set(options))
+    if missing:
+        raise InvalidInputError(
+            f"Reranker provider {name!r} needs option(s) {missing} ({cls.__name__})."
+        )
+    return target, options
+
+
+def check_config(config: Mapping[str, Any], *, _depth: int = 0) -> None:
+    """Check a config's provider name and option names without building anything."""
+    name, options = _split(config)
+    target, resolved = _resolve(name, options)
+    for item in _nested_configs(target, resolved, _depth):
+        check_config(item, _depth=_depth + 1)
+
+
+# A fallback chain of fallback chains is fine; a config nested deeper is a mistake (or
+# an attack on the recursion limit).
+_MAX_NESTING = 8
+
+
+def _nested_configs(target: str, options: Mapping[str, Any], depth: int) -> list[Any]:
+    rerankers = options.get("rerankers") if target == "fallback" else None
+    if not isinstance(rerankers, Sequence) or isinstance(rerankers, (str, bytes)):
+        return []
+    nested = [item for item in rerankers if isinstance(item, Mapping)]
+    if nested and depth >= _MAX_NESTING:
+        raise InvalidInputError(
+            f"Fallback configs are nested more than {_MAX_NESTING} levels deep."
+        )
+    return nested
+
+
+def thresholds_from(value: object) -> StageThresholds:
+    """A :class:`StageThresholds` from itself, four cut points or a mapping of its fields."""
+    if isinstance(value, StageThresholds):
+        return value
+    if isinstance(value, Mapping):
+        fields = {"weak", "partial", "relevant", "highly_relevant"}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown threshold name(s) {unknown}; use {', '.join(sorted(fields))}."
+            )
+        return StageThresholds(**value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return StageThresholds.from_cuts(list(value))
+    raise InvalidInputError(
+        "thresholds must be a StageThresholds, four increasing cut points or a mapping "
+        f"of weak/partial/relevant/highly_relevant, got {type(value).__name__}."
+    )
+
+
+def _build_llm(value: object) -> object:
+    if not isinstance(value, Mapping):
+        return value  # the caller's own chat model
+    unknown = sorted(set(value) - {"provider", "config", "timeout"})
+    provider = value.get("provider")
+    if unknown or not isinstance(provider, str):
+        raise InvalidInputError(
+            "An LLM in a config is a mapping {'provider': <a Mem0 LLM provider, e.g. "
+            "'openai'>, 'config': {...}, 'timeout': seconds (optional)}"
+            + (f"; unknown key(s) {unknown}." if unknown else ".")
+        )
+    try:
+        from .mem0 import Mem0LLM
+    except ImportError as exc:
+        from ._extras import missing_extra
+
+        raise missing_extra(
+            "mem0", "mem0ai", feature="An LLM given as {'provider', 'config'}"
+        ) from exc
+    if "timeout" in value:
+        return Mem0LLM(provider, value.get("config"), timeout=value["timeout"])
+    return Mem0LLM(provider, value.get("config"))
+
+
+def from_config(config: Mapping[str, Any], **options: Any) -> Reranker:
+    """Build a backend from ``{"provider": NAME, "config": {...}}``.
+
+    ``options`` are added to (and override) the config's options: pass what a config
+    cannot hold, e.g. ``api_key=...``, ``http_client=...`` or ``llm=ChatOpenAI(...)``.
+    Unknown providers and options raise :class:`InvalidInputError` listing the valid
+    ones; a backend's own checks run as when it is constructed directly.
+    """
+    return _build(config, options, 0)
+
+
+def _build(config: Mapping[str, Any], options: dict[str, Any], depth: int) -> Reranker:
+    name, config_options = _split(config)
+    target, kwargs = _resolve(name, {**config_options, **options})
+    if "thresholds" in kwargs:
+        kwargs["thresholds"] = thresholds_from(kwargs["thresholds"])
+    if target == "llm" and "llm" in kwargs:
+        kwargs["llm"] = _build_llm(kwargs["llm"])
+    if _nested_configs(target, kwargs, depth):
+        kwargs["rerankers"] = [
+            _build(item, {}, depth + 1) if isinstance(item, Mapping) else item
+            for item in kwargs["rerankers"]
+        ]
+    backend: Reranker = _backend_class(target)(**kwargs)
+    return backend
+
+
+# --------------------------------------------------------------------------- to_config
+
+
+_SECRET_SUFFIXES = ("api_key", "_secret", "_password", "_token", "access_key", "secret_key")
+_SECRET_NAMES = frozenset({"token", "secret", "password", "credentials", "api_key"})
+
+
+def _is_secret(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES)
+
+
+def strip_secrets(value: Any) -> Any:
+    """A copy of nested config data without key-, token-, secret- or password-named entries."""
+    if isinstance(value, Mapping):
+        return {
+            key: strip_secrets(item)
+            for key, item in value.items()
+            if not (isinstance(key, str) and _is_secret(key))
+        }
+    if isinstance(value, (list, tuple)):
+        return [strip_secrets(item) for item in value]
+    return value
+
+
+def mask_secrets(value: Any) -> Any:
+    """Nested config data with key-, token-, secret- or password-named values masked."""
+    if isinstance(value, Mapping):
+        return {
+            key: "**********"
+            if isinstance(key, str) and _is_secret(key) and item is not None
+            else mask_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [mask_secrets(item) for item in value]
+    return value
+
+
+def _provider_of(cls: type[Any]) -> str:
+    for name, (module, attribute) in PROVIDERS.items():
+        if cls.__module__ == _PACKAGE + module and cls.__qualname__ == attribute:
+            return name
+    raise TypeError(
+        f"{cls.__qualname__} is not one of this package's backends, so it has no config "
+        f"(to_config covers {', '.join(sorted(PROVIDERS))}). It still pickles."
+    )
+
+
+def _plain(owner: str, key: str, value: Any) -> Any:
+    """``value`` as JSON data for a config, or a TypeError saying why it cannot be."""
+    if key == "llm":
+        to_config = getattr(value, "to_config", None)
+        if callable(to_config):
+            return to_config()
+        raise TypeError(
+            f"{owner} wraps your own LLM object ({type(value).__name__}), which a config "
+            "cannot describe. Build it with from_config({'provider': 'llm', 'config': "
+            "{'llm': {'provider': 'openai', 'config': {...}}}}) to get one with a config, or "
+            "pass llm=... to from_config when rebuilding."
+        )
+    if key == "rerankers":
+        configs = []
+        for position, backend in enumerate(value):
+            to_config = getattr(backend, "to_config", None)
+            if not callable(to_config):
+                raise TypeError(
+                    f"{owner}: rerankers[{position}] ({type(backend).__name__}) has no to_config()."
+                )
+            configs.append(to_config())
+        return configs
+    if key == "count_tokens":
+        from ._remote import estimate_tokens
+
+        if value is estimate_tokens:
+            return _OMIT
+        raise TypeError(
+            f"{owner}: count_tokens={value!r} is a function, which a config cannot hold; "
+            "pass count_tokens=... to from_config when rebuilding."
+        )
+    if isinstance(value, StageThresholds):
+        return list(value.cuts)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__module__ == "torch" and type(value).__name__ in ("dtype", "device"):
+        return str(value).removeprefix("torch.")
+    return _json_data(owner, key, value)
+
+
+_OMIT = object()
+
+
+def _json_data(owner: str, key: str, value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"{owner}: {key}={value!r} is not a finite number.")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_data(owner, key, item) for item in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_data(owner, key, item) for k, item in value.items()}
+    raise TypeError(
+        f"{owner}: option {key}={type(value).__name__} is not plain data, so it cannot go "
+        "into a config."
+    )
+
+
+def _rebuild(cls: type[Any], options: dict[str, Any]) -> Any:
+    return cls(**options)
+
+
+class Configurable:
+    """What makes a backend configurable and picklable: the arguments its constructor
+    was called with, recorded before ``__init__`` runs.
+
+    * :meth:`to_config` returns ``{"provider", "config"}`` with the options that were
+      passed explicitly (defaults stay defaults), as plain JSON data; never the key.
+    * Pickling stores the same options (Python objects allowed, e.g. a
+      ``StageThresholds``) and calls the constructor again when unpickled, so clients,
+      models and locks are rebuilt lazily there. The key is never pickled: the rebuilt
+      backend reads it from the environment, as a backend built without ``api_key``
+      does (unpickling raises :class:`AuthenticationError` if it is not set there).
+    * Your own HTTP/SDK clients and LLM objects cannot go into a config or a pickle:
+      both raise ``TypeError`` naming the option (rebuild with ``from_config(config,
+      http_client=...)``). ``copy.copy`` / ``copy.deepcopy`` build a new backend from
+      the same arguments, key included, sharing those objects.
+    """
+
+    _config_call: tuple[tuple[Any, ...], dict[str, Any]]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        instance = super().__new__(cls)
+        recorded = dict(kwargs)
+        for name in _SECRETS & set(recorded):
+            if isinstance(recorded[name], str):
+                recorded[name] = SecretStr(recorded[name])
+        instance._config_call = (args, recorded)
+        return instance
+
+    def _config_options(self) -> dict[str, Any]:
+        """The constructor's explicit arguments by name (``**options`` flattened)."""
+        args, kwargs = self._config_call
+        signature = inspect.signature(type(self).__init__)
+        bound = signature.bind(self, *args, **kwargs)
+        parameters = list(signature.parameters.values())
+        options: dict[str, Any] = {}
+        for parameter in parameters[1:]:
+            if parameter.name not in bound.arguments:
+                continue
+            value = bound.arguments[parameter.name]
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                options.update(value)
+            elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(
+                        f"{type(self).__name__} was given extra positional arguments, which "
+                        "cannot be rebuilt by name."
+                    )
+            else:
+                options[parameter.name] = value
+        return options
+
+    def to_config(self) -> dict[str, Any]:
+        """``{"provider": NAME, "config": {...}}``: what :func:`from_config` rebuilds
+        into an equal backend. API keys are never included."""
+        owner = type(self).__name__
+        provider = _provider_of(type(self))
+        config: dict[str, Any] = {}
+        for key, value in self._config_options().items():
+            if key in _SECRETS:
+                continue
+            if key in _USER_OBJECTS:
+                if value is None:
+                    continue
+                raise TypeError(
+                    f"{owner} was built with your own {key}, which a config cannot describe; "
+                    f"pass {key}=... to from_config when rebuilding."
+                )
+            plain = _plain(owner, key, value)
+            if plain is not _OMIT:
+                config[key] = plain
+        return {"provider": provider, "config": config}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        owner = type(self).__name__
+        options = {}
+        for key, value in self._config_options().items():
+            if key in _SECRETS:
+                if value is not None and type(self).__name__ in _KEY_ONLY_AS_ARGUMENT:
+                    raise TypeError(
+                        f"Cannot pickle {owner} with an api_key: pickles never hold keys, and "
+                        f"{owner} reads none from the environment. Rebuild it in the worker "
+                        "with from_config(backend.to_config(), api_key=...)."
+                    )
+                continue
+            if key in _USER_OBJECTS and value is not None:
+                raise TypeError(
+                    f"Cannot pickle {owner} built with your own {key}: a client's transport, "
+                    "auth and pools do not travel between processes. Pickle a backend built "
+                    f"without {key}, or rebuild it in the worker."
+                )
+            if key == "llm" and not callable(getattr(value, "to_config", None)):
+                raise TypeError(
+                    f"Cannot pickle {owner} around your own LLM object "
+                    f"({type(value).__name__}): it may hold API keys and clients. Build it "
+                    "from a config (llm={'provider': ..., 'config': {...}}) or rebuild it in "
+                    "the worker."
+                )
+            options[key] = value
+        return (_rebuild, (type(self), options))
+
+    def __copy__(self) -> Self:
+        args, kwargs = self._config_call
+        copied: Self = type(self)(*args, **kwargs)
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        try:
+            options = self._config_options()
+        except TypeError:
+            return self.__copy__()
+        if isinstance(options.get("rerankers"), (list, tuple)):
+            options["rerankers"] = [copy.deepcopy(item, memo) for item in options["rerankers"]]
+        copied: Self = type(self)(**options)
+        return copied
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def settings_to_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's dumped fields as JSON data: the backend as its ``to_config()``
+    (kept as the object when it has none), stages by name, enums by value."""
+    from enum import Enum
+
+    from ._types import Stage
+
+    out = dict(data)
+    to_config = getattr(out.get("reranker"), "to_config", None)
+    if callable(to_config):
+        out["reranker"] = to_config()
+    for key, value in out.items():
+        if isinstance(value, Stage):
+            out[key] = value.label
+        elif isinstance(value, Enum):
+            out[key] = value.value
+    return out
+
+
+def settings_from_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`settings_to_dict`: a backend config becomes the backend."""
+    out = dict(data)
+    if isinstance(out.get("reranker"), Mapping):
+        out["reranker"] = from_config(out["reranker"])
+    return out
