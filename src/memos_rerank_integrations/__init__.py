@@ -24,6 +24,7 @@ from ._types import DEFAULT_THRESHOLDS, Reranker, RerankResult, Stage, StageThre
 
 if TYPE_CHECKING:
     from ._cohere import CohereReranker
+    from ._compare import Comparison, acompare, compare
     from ._cross_encoder import CrossEncoderReranker
     from ._embedding import EmbeddingReranker
     from ._fallback import FallbackReranker
@@ -46,6 +47,9 @@ _LAZY = {
     "ZeroEntropyReranker": "._zeroentropy",
     "FallbackReranker": "._fallback",
     "LLMReranker": "._llm",
+    "compare": "._compare",
+    "acompare": "._compare",
+    "Comparison": "._compare",
 }
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "AuthenticationError",
     "BackendUnavailableError",
     "CohereReranker",
+    "Comparison",
     "CrossEncoderReranker",
     "EmbeddingReranker",
     "FallbackReranker",
@@ -72,6 +77,8 @@ __all__ = [
     "StageThresholds",
     "ZeroEntropyReranker",
     "__version__",
+    "acompare",
+    "compare",
 ]
 
 
