@@ -32,6 +32,7 @@ PUBLIC_API = [
     "AuthenticationError",
     "BackendUnavailableError",
     "CohereReranker",
+    "Comparison",
     "CrossEncoderReranker",
     "EmbeddingReranker",
     "FallbackReranker",
@@ -51,6 +52,8 @@ PUBLIC_API = [
     "StageThresholds",
     "ZeroEntropyReranker",
     "__version__",
+    "acompare",
+    "compare",
 ]
 
 
