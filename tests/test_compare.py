@@ -236,3 +236,12 @@ def test_cli_compare_help_is_its_own(capsys: pytest.CaptureFixture[str]) -> None
         cli_main(["compare", "--help"])
     assert exit_info.value.code == 0
     assert "KIND[=MODEL_OR_URL]" in capsys.readouterr().out
+
+
+def test_table_lists_only_the_documents_it_shows() -> None:
+    docs = [f"memory number {i}" for i in range(10)]
+    scores = [0.0] * 9 + [1.0]
+    comparison = compare("q", docs, rerankers={"s": ScriptedReranker(scores)}, top_n=2)
+    legend = [line for line in str(comparison).splitlines() if line.startswith("[")]
+    assert legend == ["[0] memory number 0", "[1] memory number 1", "[9] memory number 9"]
+    assert len(comparison.to_dict()["documents"]) == 10

@@ -78,4 +78,4 @@ def test_shipped_cut_points_beat_the_qwen_defaults_on_held_out_queries(
 
 
 def test_the_defaults_are_the_qwen_scale() -> None:
-    assert DEFAULT_THRESHOLDS == StageThresholds(0.2, 0.4, 0.6, 0.8)
+    assert StageThresholds(0.2, 0.4, 0.6, 0.8) == DEFAULT_THRESHOLDS

@@ -103,7 +103,7 @@ class Comparison:
 
     def table(self, *, text_width: int = _TEXT_WIDTH) -> str:
         """The columns side by side (``[index] score stage`` per rank), their time,
-        then each document's text after its index."""
+        then the text of each document shown, after its index."""
         header = ["rank", *(column.name for column in self.columns)]
         depth = max((len(column.ranking) for column in self.columns), default=0)
         rows = [header]
@@ -132,8 +132,9 @@ class Comparison:
                 ).rstrip()
             )
         lines.append("")
-        for index, text in enumerate(self.documents):
-            lines.append(f"[{index}] {_clip(text, text_width)}")
+        shown = sorted({row.index for column in self.columns for row in column.ranking})
+        for index in shown:
+            lines.append(f"[{index}] {_clip(self.documents[index], text_width)}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
