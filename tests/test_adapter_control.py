@@ -141,14 +141,22 @@ def test_options_are_strict(adapter: str) -> None:
 # -- stage cut points ------------------------------------------------------------------
 
 
-class OwnCuts(ScriptedReranker):
-    """A backend that carries its own cut points (as every backend of this package does)."""
+OWN_CUTS = StageThresholds(0.05, 0.2, 0.4, 0.85)
 
-    thresholds = StageThresholds(0.05, 0.2, 0.4, 0.85)
+
+class OwnCuts(ScriptedReranker):
+    """A backend that carries its own cut points (as every backend of this package does),
+    while its results carry the default stages: the adapters stage with the cut points."""
+
+    thresholds = OWN_CUTS
+
+
+class StagesOwnResults(ScriptedReranker):
+    """A backend without a thresholds attribute whose results carry stages of OWN_CUTS."""
 
     def _answer(self, documents: Sequence[str]) -> list[RerankResult]:
         self.calls += 1
-        return rank_scores(SCORES[: len(documents)], thresholds=self.thresholds)
+        return rank_scores(SCORES[: len(documents)], thresholds=OWN_CUTS)
 
 
 class StagedOnly:
@@ -181,7 +189,7 @@ def test_stages_the_results_carry_are_kept_without_cut_points(adapter: str) -> N
     assert stages(out) == {"3": "partial", "1": "highly_relevant", "0": "weak"}
     # A FallbackReranker reports the stages of the backend that answered.
     chain = FallbackReranker(
-        [ScriptedReranker(error=BackendUnavailableError("x")), OwnCuts(SCORES)]
+        [ScriptedReranker(error=BackendUnavailableError("x")), StagesOwnResults(SCORES)]
     )
     assert stages(call(adapter, {"reranker": chain}))["1"] == "relevant"
 

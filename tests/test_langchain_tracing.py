@@ -247,6 +247,9 @@ def test_rerank_retriever_reads_configurable() -> None:
     one = retriever.invoke(QUERY, config={"configurable": {"rerank_top_n": 1}})
     assert ids(one) == ["m0"] and len(backend.calls) == 1
     assert len(retriever.invoke(QUERY)) == 2  # the override was for that call only
+    retriever.invoke(QUERY, config={"configurable": {"rerank_top_n": 1}})
+    direct = retriever.base_compressor.compress_documents(store_retriever().invoke(QUERY), QUERY)
+    assert len(direct) == 2  # nothing of that call's config is left behind
 
 
 async def test_rerank_retriever_async_and_forced_rerank() -> None:

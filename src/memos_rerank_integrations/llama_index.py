@@ -94,7 +94,8 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     def class_name(cls) -> str:
         return "RerankPostprocessor"
 
-    @dispatcher.span
+    # LlamaIndex spans this implementation of an abstract method itself (its dispatcher
+    # mixin); the async twin is not abstract, so it is spanned here.
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
