@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from langchain_core.documents import Document
 from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 
-from memos_rerank_integrations import BackendUnavailableError, StageThresholds
+from memos_rerank_integrations import DEFAULT_THRESHOLDS, BackendUnavailableError, StageThresholds
 from memos_rerank_integrations.langchain import RerankCompressor
 from memos_rerank_integrations.llama_index import RerankPostprocessor
 
@@ -37,8 +37,14 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
         "top_n": draw(st.none() | st.integers(min_value=1, max_value=15)),
         "min_score": draw(st.none() | st.floats(min_value=0.0, max_value=1.0)),
         "min_stage": draw(st.none() | st.sampled_from(["weak", "partial", "relevant", 4])),
-        "thresholds": draw(cut_points),
+        "thresholds": draw(st.none() | cut_points),
     }
+
+
+def _thresholds(case: dict[str, object]) -> StageThresholds:
+    """The adapter's cut points, else (the scripted backend has none) the defaults."""
+    given = case["thresholds"]
+    return DEFAULT_THRESHOLDS if given is None else given  # type: ignore[return-value]
 
 
 def _backend(case: dict[str, object]) -> ScriptedReranker:
@@ -52,7 +58,7 @@ def _expected_indices(case: dict[str, object]) -> list[int]:
     top_n = case["top_n"] if case["top_n"] is not None else len(texts)
     if case["fails"]:
         return list(range(len(texts)))[:top_n]  # type: ignore[misc]
-    thresholds: StageThresholds = case["thresholds"]  # type: ignore[assignment]
+    thresholds = _thresholds(case)
     floor = -math.inf
     if case["min_score"] is not None:
         floor = case["min_score"]  # type: ignore[assignment]
@@ -86,7 +92,7 @@ def test_langchain_compressor_properties(case: dict[str, object]) -> None:
         else:
             score = doc.metadata["relevance_score"]
             assert score == case["scores"][int(doc.id)]  # type: ignore[index, arg-type]
-            thresholds: StageThresholds = case["thresholds"]  # type: ignore[assignment]
+            thresholds = _thresholds(case)
             assert doc.metadata["rerank_stage"] == thresholds.stage(score).label
     scores = [d.metadata.get("relevance_score", 0.0) for d in out]
     assert scores == sorted(scores, reverse=True)

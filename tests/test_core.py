@@ -32,6 +32,7 @@ PUBLIC_API = [
     "AuthenticationError",
     "BackendUnavailableError",
     "CohereReranker",
+    "Comparison",
     "CrossEncoderReranker",
     "EmbeddingReranker",
     "FallbackReranker",
@@ -52,6 +53,8 @@ PUBLIC_API = [
     "ZeroEntropyReranker",
     "__version__",
     "from_config",
+    "acompare",
+    "compare",
 ]
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -11,12 +13,13 @@ from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
 from llama_index.core.llms import MockLLM
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 from pydantic import Field
 
 from memos_rerank_integrations import BackendUnavailableError, InvalidInputError
-from memos_rerank_integrations.llama_index import RerankPostprocessor
+from memos_rerank_integrations.llama_index import RerankPostprocessor, RerankQueryBundle
 
 from ._backends import MEMOS_EXAMPLES, OverlapReranker, ScriptedReranker, SyncOnlyReranker
 
@@ -185,3 +188,154 @@ def test_emits_instrumentation_and_callback_events() -> None:
 def test_class_name_and_global_settings_untouched() -> None:
     assert RerankPostprocessor.class_name() == "RerankPostprocessor"
     assert Settings.callback_manager is not None
+
+
+# -- tracing: the span, the events' facts ----------------------------------------------
+
+
+class _Spans(SimpleSpanHandler):
+    @classmethod
+    def class_name(cls) -> str:
+        return "Spans"
+
+
+@contextmanager
+def instrumented() -> Iterator[tuple[_Recorder, _Spans]]:
+    recorder, spans = _Recorder(), _Spans()
+    root = get_dispatcher()
+    root.add_event_handler(recorder)
+    root.add_span_handler(spans)
+    try:
+        yield recorder, spans
+    finally:
+        root.event_handlers.remove(recorder)
+        root.span_handlers.remove(spans)
+
+
+def _rerank_events(recorder: _Recorder) -> tuple[ReRankStartEvent, ReRankEndEvent]:
+    (start,) = [e for e in recorder.events if isinstance(e, ReRankStartEvent)]
+    (end,) = [e for e in recorder.events if isinstance(e, ReRankEndEvent)]
+    return start, end
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_span_and_end_event_carry_the_facts(use_async: bool) -> None:
+    engine = query_engine(RerankPostprocessor(reranker=OverlapReranker(), top_n=2))
+    with instrumented() as (recorder, spans):
+        if use_async:
+            response = await engine.aquery("playing badminton hobbies")
+        else:
+            response = engine.query("playing badminton hobbies")
+    start, end = _rerank_events(recorder)
+    assert end.tags["rerank_backend"] == "overlap-test"
+    assert end.tags["rerank_documents"] == 5 and end.tags["rerank_kept"] == 2
+    assert end.tags["rerank_top_n"] == 2
+    assert end.tags["rerank_fallback"] is False and end.tags["rerank_skipped"] is False
+    assert end.tags["rerank_error"] is None
+    assert end.tags["rerank_duration_ms"] > 0.0
+    assert [n.node.node_id for n in end.nodes] == [n.node.node_id for n in response.source_nodes]
+    method = "_apostprocess_nodes" if use_async else "_postprocess_nodes"
+    (span,) = [
+        s for s in spans.completed_spans if s.id_.startswith(f"RerankPostprocessor.{method}")
+    ]
+    assert start.span_id == end.span_id == span.id_
+    assert span.parent_id is not None  # nested in the query engine's span
+    assert span.duration is not None and span.duration >= 0
+
+
+def test_fallback_facts_in_events_and_callback_payload() -> None:
+    debug = LlamaDebugHandler()
+    post = RerankPostprocessor(
+        reranker=ScriptedReranker(error=BackendUnavailableError("down")),
+        callback_manager=CallbackManager([debug]),
+    )
+    with instrumented() as (recorder, _):
+        out = post.postprocess_nodes(nodes(), query_str="q")
+    _, end = _rerank_events(recorder)
+    assert end.tags["rerank_fallback"] is True
+    assert end.tags["rerank_error"] == "BackendUnavailableError: down"
+    ((_, cb_end),) = debug.get_event_pairs(CBEventType.RERANKING)
+    assert cb_end.payload is not None and cb_end.payload["rerank_fallback"] is True
+    assert cb_end.payload[EventPayload.NODES] == out
+
+
+def test_error_drops_the_span() -> None:
+    post = RerankPostprocessor(
+        reranker=ScriptedReranker(error=BackendUnavailableError("down")), fallback=False
+    )
+    with instrumented() as (_, spans), pytest.raises(BackendUnavailableError):
+        post.postprocess_nodes(nodes(), query_str="q")
+    (dropped,) = [s for s in spans.dropped_spans if s.id_.startswith("RerankPostprocessor.")]
+    assert "down" in dropped.metadata["error"]
+
+
+# -- per-query control -----------------------------------------------------------------
+
+
+def test_enabled_false_skips_without_a_backend_call() -> None:
+    backend = ScriptedReranker(error=AssertionError("must not be called"))
+    given = nodes()
+    post = RerankPostprocessor(reranker=backend, top_n=3, enabled=False)
+    with instrumented() as (recorder, _):
+        out = post.postprocess_nodes(given, query_str="q")
+    assert backend.calls == 0
+    assert [n.node.node_id for n in out] == ["n0", "n1", "n2"]
+    assert [n.score for n in out] == [n.score for n in given[:3]]
+    assert all(n.node.metadata["rerank_skipped"] is True for n in out)
+    assert all("rerank_stage" not in n.node.metadata for n in out)
+    assert "rerank_skipped" in out[0].node.excluded_llm_metadata_keys
+    _, end = _rerank_events(recorder)
+    assert end.tags["rerank_skipped"] is True and end.tags["rerank_fallback"] is False
+
+
+async def test_skip_if_decides_per_query() -> None:
+    backend = OverlapReranker()
+    post = RerankPostprocessor(reranker=backend, skip_if=lambda q: len(q.split()) <= 3)
+    skipped = await post.apostprocess_nodes(nodes(), query_str="badminton")
+    assert backend.calls == [] and all(n.node.metadata["rerank_skipped"] for n in skipped)
+    reranked = await post.apostprocess_nodes(nodes(), query_str="which hobbies like badminton")
+    assert [call[0] for call in backend.calls] == ["arerank"]
+    assert reranked[0].node.node_id == "n0" and "rerank_stage" in reranked[0].node.metadata
+
+
+def test_query_bundle_options_through_a_query_engine() -> None:
+    backend = OverlapReranker()
+    engine = query_engine(RerankPostprocessor(reranker=backend, top_n=3))
+    one = engine.query(RerankQueryBundle("playing badminton hobbies", rerank_top_n=1))
+    assert [n.node.node_id for n in one.source_nodes] == ["n0"]
+    skipped = engine.query(RerankQueryBundle("playing badminton hobbies", rerank=False))
+    assert len(backend.calls) == 1
+    assert len(skipped.source_nodes) == 3
+    assert all(n.node.metadata["rerank_skipped"] for n in skipped.source_nodes)
+    assert len(engine.query("playing badminton hobbies").source_nodes) == 3
+
+
+async def test_query_bundle_forces_a_disabled_postprocessor() -> None:
+    backend = OverlapReranker()
+    post = RerankPostprocessor(reranker=backend, enabled=False, top_n=1)
+    out = await post.apostprocess_nodes(
+        nodes(), query_bundle=RerankQueryBundle("playing badminton", rerank=True)
+    )
+    assert [call[0] for call in backend.calls] == ["arerank"]
+    assert out[0].node.node_id == "n0" and "rerank_stage" in out[0].node.metadata
+
+
+@pytest.mark.parametrize(
+    ("bundle", "message"),
+    [
+        (RerankQueryBundle("q", rerank="no"), "'rerank' must be True or False"),  # type: ignore[arg-type]
+        (RerankQueryBundle("q", rerank_top_n=0), "'rerank_top_n' must be a positive int"),
+        (RerankQueryBundle("q", rerank_top_n="2"), "'rerank_top_n'"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_query_bundle_options_are_caller_errors(bundle: QueryBundle, message: str) -> None:
+    backend = OverlapReranker()
+    with pytest.raises(InvalidInputError, match=message):
+        RerankPostprocessor(reranker=backend).postprocess_nodes(nodes(), query_bundle=bundle)
+    assert backend.calls == []
+
+
+def test_query_bundle_round_trips_as_json() -> None:
+    bundle = RerankQueryBundle("q", rerank=False, rerank_top_n=2)
+    assert isinstance(bundle, QueryBundle) and str(bundle) == "q"
+    assert RerankQueryBundle.from_json(bundle.to_json()) == bundle

@@ -4,7 +4,10 @@ Each one is executed top to bottom by ``nbclient`` in a fresh kernel of this ver
 interpreter (a kernelspec written to a temporary ``JUPYTER_PATH``), with this
 checkout's ``src`` on ``PYTHONPATH`` and ``HF_HUB_OFFLINE=1``. The notebooks assert
 on their own results (e.g. the baijiu memory first for the liquor query), so a
-wrong ranking fails here, not only an exception.
+wrong ranking fails here, not only an exception; their outputs hold no warning.
+
+``notebooks/rendered/`` holds an executed copy of each (``python notebooks/render.py``)
+for readers without Jupyter: the same code, with its outputs and plots.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from nbclient import NotebookClient
 from ._backends import SRC
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+RENDERED = NOTEBOOKS / "rendered"
+PLOTS = {"01_langchain.ipynb": 0, "02_llama_index.ipynb": 1, "03_thresholds.ipynb": 3}
+WARNING_MARKS = ("Warning", "deprecated", "IProgress")
 NAMES = ["01_langchain.ipynb", "02_llama_index.ipynb", "03_thresholds.ipynb"]
 # Per cell; alone on two cores each notebook takes 10-20 s, the bounds leave room for a
 # busy machine while still catching a hang.
@@ -81,7 +87,35 @@ def test_runs_offline(name: str, kernel_name: str) -> None:
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs)
     assert "Traceback" not in text
-    if name == "03_thresholds.ipynb":
-        # The plots render (inline backend, headless).
-        images = [output for output in outputs if "image/png" in output.get("data", {})]
-        assert len(images) >= 3
+    # No warning of a library (deprecations, tqdm without ipywidgets) in the outputs.
+    assert not [mark for mark in WARNING_MARKS if mark in text], text
+    # The plots render (inline backend, headless).
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(images) == PLOTS[name]
+
+
+def code_sources(notebook: nbformat.NotebookNode) -> list[str]:
+    return [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rendered_copy_is_current(name: str) -> None:
+    """The committed rendered copy runs the notebook's present code, with every output
+    and plot; its markdown twin shows the same plots as PNG files."""
+    stored = nbformat.read(NOTEBOOKS / name, as_version=4)
+    rendered = nbformat.read(RENDERED / name, as_version=4)
+    assert [c.source for c in rendered.cells] == [c.source for c in stored.cells], (
+        f"rendered/{name} is stale: run python notebooks/render.py"
+    )
+    code_cells = [cell for cell in rendered.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code_cells)
+    outputs = [output for cell in code_cells for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == PLOTS[name]
+    markdown = (RENDERED / name.replace(".ipynb", ".md")).read_text(encoding="utf-8")
+    for source in code_sources(stored):
+        assert source.rstrip() in markdown
+    for k in range(1, PLOTS[name] + 1):
+        png = f"{name.removesuffix('.ipynb')}_{k}.png"
+        assert f"]({png})" in markdown
+        assert (RENDERED / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

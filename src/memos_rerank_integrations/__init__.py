@@ -25,6 +25,7 @@ from ._types import DEFAULT_THRESHOLDS, Reranker, RerankResult, Stage, StageThre
 if TYPE_CHECKING:
     from ._cohere import CohereReranker
     from ._config import from_config
+    from ._compare import Comparison, acompare, compare
     from ._cross_encoder import CrossEncoderReranker
     from ._embedding import EmbeddingReranker
     from ._fallback import FallbackReranker
@@ -48,6 +49,9 @@ _LAZY = {
     "FallbackReranker": "._fallback",
     "LLMReranker": "._llm",
     "from_config": "._config",
+    "compare": "._compare",
+    "acompare": "._compare",
+    "Comparison": "._compare",
 }
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "AuthenticationError",
     "BackendUnavailableError",
     "CohereReranker",
+    "Comparison",
     "CrossEncoderReranker",
     "EmbeddingReranker",
     "FallbackReranker",
@@ -75,6 +80,8 @@ __all__ = [
     "ZeroEntropyReranker",
     "__version__",
     "from_config",
+    "acompare",
+    "compare",
 ]
 
 

@@ -145,9 +145,9 @@ def _choose_reranker(backend: str, model: str, *, offline: bool, say: Say) -> _C
         )
         return None
     say(
-        "Note: stages use the default cut points, made for calibrated scores such as "
-        "Qwen3-Reranker's; cosine similarities sit lower (fit cut points with "
-        "memos_rerank_integrations.calibration.fit_thresholds)."
+        "Note: stages use all-MiniLM-L6-v2's own cut points, fitted on the package's "
+        "labelled memories; for your data, fit cut points with "
+        "memos_rerank_integrations.calibration.fit_thresholds."
     )
     return _Choice(
         embedding,

@@ -7,14 +7,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._encoder_base import LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
-from ._types import DEFAULT_THRESHOLDS, StageThresholds
+from ._types import StageThresholds
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EmbeddingReranker", "default_embedding_model"]
+__all__ = ["MINILM_THRESHOLDS", "EmbeddingReranker", "default_embedding_model"]
 
 HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+# all-MiniLM-L6-v2's stage cut points: calibration.fit_thresholds(balanced=True) on the
+# "fit" queries of notebooks/data/labelled_memories.json, scored in float32, rounded to
+# three decimals (tests/test_stage_defaults.py re-fits them and checks the held-out half).
+MINILM_THRESHOLDS = StageThresholds(
+    weak=0.124, partial=0.247, relevant=0.371, highly_relevant=0.524
+)
 
 
 def default_embedding_model() -> str:
@@ -38,12 +45,14 @@ class EmbeddingReranker(LocalEncoderReranker):
     Texts longer than ``max_length`` tokens lose their tail.
 
     Scores: with ``normalize=True`` (the default) the cosine clipped to [0, 1],
-    ``max(cos, 0)``. Unrelated texts score near 0 and the default stage cut points
-    keep their plain meaning: above 0.8 is a near paraphrase, 0.4-0.6 shares a
-    topic. (The other honest choice, ``(cos + 1) / 2``, would put almost every
-    pair of all-MiniLM-L6-v2 between 0.5 and 0.75, that is in the same two
-    stages.) Documents pointing away from the query all score 0 and keep their
+    ``max(cos, 0)``; unrelated texts score near 0. (The other honest choice,
+    ``(cos + 1) / 2``, would put almost every pair of all-MiniLM-L6-v2 between 0.5
+    and 0.75.) Documents pointing away from the query all score 0 and keep their
     input order. With ``normalize=False`` the raw cosine in [-1, 1].
+
+    Stages: ``thresholds`` defaults to cut points fitted for all-MiniLM-L6-v2 on the
+    package's labelled memories (``MINILM_THRESHOLDS``: 0.124 / 0.247 / 0.371 /
+    0.524), not the Qwen-style 0.2 / 0.4 / 0.6 / 0.8; fit your own for another model.
 
     ``model`` defaults to :func:`default_embedding_model`. Loading, sharing,
     device and dtype choice and batching work as in
@@ -66,7 +75,7 @@ class EmbeddingReranker(LocalEncoderReranker):
         max_length: int = 256,
         normalize: bool = True,
         max_batch_tokens: int = 8192,
-        thresholds: StageThresholds = DEFAULT_THRESHOLDS,
+        thresholds: StageThresholds = MINILM_THRESHOLDS,
     ) -> None:
         super().__init__(
             default_embedding_model() if model is None else model,

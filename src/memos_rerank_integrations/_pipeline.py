@@ -1,31 +1,55 @@
-"""What both framework adapters share: their options, result validation,
-thresholds before the ``top_n`` cut, and the fallback to the original order.
+"""What both framework adapters share: their options, per-call overrides, result
+validation, thresholds before the ``top_n`` cut, the fallback to the original order,
+skipping, and the facts each call reports (a DEBUG log record, trace fields).
 
 The adapters differ only in how they read text from, and write scores onto,
-their framework's objects.
+their framework's objects, and in how they show a call to their framework's tracing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from ._types import RerankResult, Stage, StageThresholds, validate_ranking
+from ._types import (
+    DEFAULT_THRESHOLDS,
+    RerankResult,
+    Stage,
+    StageThresholds,
+    check_top_n,
+    validate_ranking,
+)
 
-__all__ = ["Outcome", "RerankSettings", "arun", "run"]
+__all__ = [
+    "CallOptions",
+    "Outcome",
+    "RerankSettings",
+    "arun",
+    "call_options",
+    "copy_metadata",
+    "run",
+]
 
 logger = logging.getLogger("memos_rerank_integrations")
 
 SCORE_KEY = "relevance_score"
 STAGE_KEY = "rerank_stage"
 FALLBACK_KEY = "rerank_fallback"
+SKIPPED_KEY = "rerank_skipped"
+
+# Per-call override keys: LangChain's ``config["configurable"]``, LlamaIndex's
+# ``RerankQueryBundle`` attributes.
+RERANK_OPTION = "rerank"
+TOP_N_OPTION = "rerank_top_n"
 
 
 class RerankSettings(BaseModel):
@@ -40,12 +64,26 @@ class RerankSettings(BaseModel):
     top_n: int | None = Field(default=None, description="Keep at most this many; None keeps all.")
     min_score: float | None = Field(default=None, description="Drop results scoring below this.")
     min_stage: Stage | None = Field(default=None, description="Drop results below this stage.")
-    thresholds: StageThresholds = Field(
-        default_factory=StageThresholds, description="Cut points that map scores onto stages."
+    thresholds: StageThresholds | None = Field(
+        default=None,
+        description="Cut points that map scores onto stages. None (the default) uses the "
+        "backend's own (its `thresholds` attribute, e.g. EmbeddingReranker's fitted ones), "
+        "else the stages its results carry, else the package defaults.",
     )
     fallback: bool = Field(
         default=True,
         description="On a backend error, return the input in its original order, flagged.",
+    )
+    enabled: bool = Field(
+        default=True,
+        strict=True,
+        description="False skips reranking: the input comes back in its order, cut to "
+        "top_n, flagged rerank_skipped, and the backend is not called.",
+    )
+    skip_if: Callable[[str], bool] | None = Field(
+        default=None,
+        description="Called with the query; a true answer skips reranking for that call "
+        "(e.g. lambda q: len(q.split()) <= 3).",
     )
 
     @field_validator("reranker")
@@ -59,12 +97,11 @@ class RerankSettings(BaseModel):
             )
         return value
 
-    @field_validator("top_n")
+    @field_validator("top_n", mode="before")
     @classmethod
-    def _check_top_n(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"top_n must be a positive int or None (keep all), got {value}.")
-        return value
+    def _check_top_n(cls, value: Any) -> int | None:
+        # Strict like the backends: True is not 1 and "3" is not 3.
+        return check_top_n(value)
 
     @field_validator("min_score")
     @classmethod
@@ -82,24 +119,107 @@ class RerankSettings(BaseModel):
         name = getattr(self.reranker, "model", None)
         return name if isinstance(name, str) else type(self.reranker).__name__
 
+    def _stage_thresholds(self) -> StageThresholds | None:
+        """The cut points results are staged with: the adapter's, else the backend's;
+        None when neither has any (then the stages the results carry are kept)."""
+        if self.thresholds is not None:
+            return self.thresholds
+        own = getattr(self.reranker, "thresholds", None)
+        return own if isinstance(own, StageThresholds) else None
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call overrides: ``rerank`` (True forces, False skips; None follows
+    ``enabled`` and ``skip_if``) and ``top_n`` (None keeps the adapter's)."""
+
+    rerank: bool | None = None
+    top_n: int | None = None
+
+
+def call_options(values: Any, *, source: str) -> CallOptions:
+    """Read the ``rerank`` and ``rerank_top_n`` overrides from a mapping (or an object's
+    attributes); ``source`` names where they came from in error messages."""
+    if isinstance(values, Mapping):
+        rerank, top_n = values.get(RERANK_OPTION), values.get(TOP_N_OPTION)
+    else:
+        rerank, top_n = getattr(values, RERANK_OPTION, None), getattr(values, TOP_N_OPTION, None)
+    if rerank is not None and not isinstance(rerank, bool):
+        raise InvalidInputError(
+            f"{source} {RERANK_OPTION!r} must be True or False, got {rerank!r}."
+        )
+    if top_n is not None:
+        try:
+            check_top_n(top_n)
+        except InvalidInputError:
+            raise InvalidInputError(
+                f"{source} {TOP_N_OPTION!r} must be a positive int, got {top_n!r}."
+            ) from None
+    return CallOptions(rerank=rerank, top_n=top_n)
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an adapter should return: ``results`` (kept, best first) on success, or
-    ``fallback_indices`` (original order, cut to ``top_n``) after a backend error."""
+    """One adapter call: ``results`` (kept, best first) after reranking, or, when the
+    input passes through (``fell_back`` after a backend error, or ``skipped``), the
+    ``passthrough`` indices (original order, cut to ``top_n``)."""
 
     results: list[RerankResult] | None
-    fallback_indices: list[int] | None = None
+    passthrough: list[int] = field(default_factory=list)
+    fell_back: bool = False
+    skipped: bool = False
+    backend: str = ""
+    documents: int = 0
+    top_n: int | None = None
+    duration_ms: float = 0.0
+    error: str | None = None
 
     @property
-    def is_fallback(self) -> bool:
-        return self.results is None
+    def kept(self) -> int:
+        return len(self.passthrough) if self.results is None else len(self.results)
+
+    def facts(self) -> dict[str, Any]:
+        """The call's facts under ``rerank_*`` keys: the DEBUG record's ``extra``, the
+        LlamaIndex event tags."""
+        return {
+            "rerank_backend": self.backend,
+            "rerank_documents": self.documents,
+            "rerank_top_n": self.top_n,
+            "rerank_kept": self.kept,
+            "rerank_duration_ms": self.duration_ms,
+            "rerank_fallback": self.fell_back,
+            "rerank_skipped": self.skipped,
+            "rerank_error": self.error,
+        }
 
 
 def check_query(query: object) -> str:
     if not isinstance(query, str):
         raise InvalidInputError(f"query must be a str, got {type(query).__name__}.")
     return query
+
+
+def copy_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``metadata``, as LangChain's partner rerankers make; a value that
+    cannot be deep-copied (a lock, a client) is shared instead of failing the call."""
+    try:
+        return copy.deepcopy(dict(metadata))
+    except Exception:
+        copied = {}
+        for key, value in metadata.items():
+            try:
+                copied[key] = copy.deepcopy(value)
+            except Exception:
+                copied[key] = value
+        return copied
+
+
+def safe_error(error: BaseException) -> str:
+    """How an error is named in logs and traces: a ``RerankError``'s message never holds
+    a credential, any other error is named by its type only (its text might)."""
+    if isinstance(error, RerankError):
+        return f"{type(error).__name__}: {error}"
+    return type(error).__name__
 
 
 def _validated(raw: object, count: int, backend: str) -> list[RerankResult]:
@@ -109,62 +229,158 @@ def _validated(raw: object, count: int, backend: str) -> list[RerankResult]:
         raise MalformedResponseError(
             f"The reranker returned {type(raw).__name__}, not a list of results."
         )
-    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in raw]
+    items = list(raw)
+    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in items]
     scores = validate_ranking(pairs, n_documents=count, top_n_sent=None, backend=backend)
+    stages: dict[int, Stage] = {}
+    for item in items:
+        stage = getattr(item, "stage", None)
+        if isinstance(stage, Stage):
+            stages[item.index] = stage
     ranked = sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))
-    return [RerankResult(index, score, Stage.IRRELEVANT) for index, score in ranked]
-
-
-def _select(settings: RerankSettings, raw: object, count: int) -> list[RerankResult]:
-    """Re-stage with the adapter's thresholds, filter, then cut to ``top_n``."""
-    floor = -math.inf
-    if settings.min_score is not None:
-        floor = settings.min_score
-    if settings.min_stage is not None:
-        floor = max(floor, settings.thresholds.min_score(settings.min_stage))
-    kept = [
-        RerankResult(result.index, result.score, settings.thresholds.stage(result.score))
-        for result in _validated(raw, count, settings._model_name())
-        if result.score >= floor
+    return [
+        RerankResult(index, score, stages.get(index, DEFAULT_THRESHOLDS.stage(score)))
+        for index, score in ranked
     ]
-    return kept if settings.top_n is None else kept[: settings.top_n]
 
 
-def _fall_back(settings: RerankSettings, error: Exception, count: int) -> Outcome:
-    if not settings.fallback:
-        raise error
-    detail = f": {error}" if isinstance(error, RerankError) else ""
-    logger.warning(
-        "Reranking failed with %s%s; returning the %d documents in their original order.",
-        type(error).__name__,
-        detail,
-        count,
+def _select(
+    settings: RerankSettings, raw: object, count: int, top_n: int | None
+) -> list[RerankResult]:
+    """Re-stage with the adapter's (or the backend's) cut points, filter, then cut."""
+    thresholds = settings._stage_thresholds()
+    results = _validated(raw, count, settings._model_name())
+    if thresholds is not None:
+        results = [RerankResult(r.index, r.score, thresholds.stage(r.score)) for r in results]
+    kept = [
+        result
+        for result in results
+        if (settings.min_score is None or result.score >= settings.min_score)
+        and (settings.min_stage is None or result.stage >= settings.min_stage)
+    ]
+    return kept if top_n is None else kept[:top_n]
+
+
+class _Call:
+    """One adapter call in progress: its options, its clock, and how it ends."""
+
+    def __init__(
+        self, settings: RerankSettings, query: str, count: int, options: CallOptions, adapter: str
+    ) -> None:
+        self.settings = settings
+        self.count = count
+        self.adapter = adapter
+        self.backend = settings._model_name()
+        self.top_n = settings.top_n if options.top_n is None else options.top_n
+        self.started = time.perf_counter()
+        if options.rerank is not None:
+            self.skip = not options.rerank
+        else:
+            skip_if = settings.skip_if
+            self.skip = not settings.enabled or (
+                count > 0 and skip_if is not None and bool(skip_if(query))
+            )
+
+    def _head(self) -> list[int]:
+        keep = self.count if self.top_n is None else min(self.count, self.top_n)
+        return list(range(keep))
+
+    def _end(self, **fields: Any) -> Outcome:
+        outcome = Outcome(
+            backend=self.backend,
+            documents=self.count,
+            top_n=self.top_n,
+            duration_ms=(time.perf_counter() - self.started) * 1000.0,
+            **fields,
+        )
+        _log(self.adapter, outcome)
+        return outcome
+
+    def done(self, results: list[RerankResult]) -> Outcome:
+        return self._end(results=results)
+
+    def skipped(self) -> Outcome:
+        return self._end(results=None, passthrough=self._head(), skipped=True)
+
+    def failed(self, error: Exception) -> Outcome:
+        """The fallback outcome, or ``error`` re-raised when fallback is off."""
+        described = safe_error(error)
+        if not self.settings.fallback:
+            self._end(results=[], error=described)
+            raise error
+        logger.warning(
+            "Reranking failed with %s; returning the %d documents in their original order.",
+            described,
+            self.count,
+        )
+        return self._end(results=None, passthrough=self._head(), fell_back=True, error=described)
+
+
+def _log(adapter: str, outcome: Outcome) -> None:
+    """The one DEBUG record per call, its values in ``extra`` for structured handlers."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    if outcome.skipped:
+        how = "skipped reranking"
+    elif outcome.fell_back:
+        how = "fell back to the input order"
+    elif outcome.error is not None:
+        how = f"failed with {outcome.error}"
+    else:
+        how = "reranked"
+    logger.debug(
+        "%s %s: %s, %d documents, kept %d, %.1f ms",
+        adapter,
+        how,
+        outcome.backend,
+        outcome.documents,
+        outcome.kept,
+        outcome.duration_ms,
+        extra={"rerank_adapter": adapter, **outcome.facts()},
     )
-    keep = count if settings.top_n is None else min(count, settings.top_n)
-    return Outcome(results=None, fallback_indices=list(range(keep)))
 
 
-def run(settings: RerankSettings, query: str, texts: list[str]) -> Outcome:
+def run(
+    settings: RerankSettings,
+    query: str,
+    texts: list[str],
+    options: CallOptions = CallOptions(),
+    *,
+    adapter: str = "adapter",
+) -> Outcome:
     """Rerank ``texts`` synchronously, applying the adapter's options."""
+    call = _Call(settings, query, len(texts), options, adapter)
     if not texts:
-        return Outcome(results=[])
+        return call.done([])
+    if call.skip:
+        return call.skipped()
     try:
         raw = settings.reranker.rerank(query, texts)
-        return Outcome(results=_select(settings, raw, len(texts)))
+        return call.done(_select(settings, raw, len(texts), call.top_n))
     except Exception as error:
-        return _fall_back(settings, error, len(texts))
+        return call.failed(error)
 
 
-async def arun(settings: RerankSettings, query: str, texts: list[str]) -> Outcome:
+async def arun(
+    settings: RerankSettings,
+    query: str,
+    texts: list[str],
+    options: CallOptions = CallOptions(),
+    *,
+    adapter: str = "adapter",
+) -> Outcome:
     """The async twin of :func:`run`; a backend without ``arerank`` runs in a thread."""
+    call = _Call(settings, query, len(texts), options, adapter)
     if not texts:
-        return Outcome(results=[])
+        return call.done([])
+    if call.skip:
+        return call.skipped()
     try:
         arerank = getattr(settings.reranker, "arerank", None)
         if callable(arerank):
             raw = await arerank(query, texts)
         else:
             raw = await asyncio.to_thread(settings.reranker.rerank, query, texts)
-        return Outcome(results=_select(settings, raw, len(texts)))
+        return call.done(_select(settings, raw, len(texts), call.top_n))
     except Exception as error:
-        return _fall_back(settings, error, len(texts))
+        return call.failed(error)

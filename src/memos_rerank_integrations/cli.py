@@ -49,9 +49,9 @@ class _Document:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``memos-rerank`` command line; returns the process exit code."""
     parser = _parser()
-    # Options after ``demo`` belong to the demo, which parses them itself.
+    # Options after ``demo`` / ``compare`` belong to that command, which parses them itself.
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "demo":
+    if extra and args.command not in ("demo", "compare"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.demo_args = extra
     command: Callable[[argparse.Namespace], int] = args.run
@@ -144,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,  # --help reaches the demo's own parser
     )
     demo.set_defaults(run=_demo)
+
+    compare = commands.add_parser(
+        "compare",
+        help="rerank documents with several backends and print the orders side by side",
+        add_help=False,  # --help reaches the command's own parser (in ._compare)
+    )
+    compare.set_defaults(run=_compare)
     return parser
 
 
@@ -391,6 +398,12 @@ def _demo(args: argparse.Namespace) -> int:
         raise _UserError("The demo is not available in this installation.") from None
     code = demo.main(list(args.demo_args))
     return code if isinstance(code, int) else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ._compare import main as compare_main
+
+    return compare_main(list(args.demo_args))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,25 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from ._config import settings_from_dict, settings_to_dict
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
-from ._pipeline import FALLBACK_KEY, STAGE_KEY, Outcome, RerankSettings, arun, check_query, run
+from ._pipeline import (
+    FALLBACK_KEY,
+    SKIPPED_KEY,
+    STAGE_KEY,
+    CallOptions,
+    Outcome,
+    RerankSettings,
+    arun,
+    call_options,
+    check_query,
+    copy_metadata,
+    run,
+)
 
 try:
     from llama_index.core.bridge.pydantic import Field
@@ -32,12 +45,25 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "llama-index", "llama-index-core", feature="memos_rerank_integrations.llama_index"
     ) from exc
 
-__all__ = ["RerankPostprocessor"]
+__all__ = ["RerankPostprocessor", "RerankQueryBundle"]
 
 dispatcher = get_dispatcher(__name__)
 
 RETRIEVAL_SCORE_KEY = "retrieval_score"
-_ADDED_KEYS = (RETRIEVAL_SCORE_KEY, STAGE_KEY, FALLBACK_KEY)
+_ADDED_KEYS = (RETRIEVAL_SCORE_KEY, STAGE_KEY, FALLBACK_KEY, SKIPPED_KEY)
+
+
+@dataclass
+class RerankQueryBundle(QueryBundle):
+    """A ``QueryBundle`` with per-query rerank options for :class:`RerankPostprocessor`:
+    ``rerank`` (``False`` skips reranking for this query, ``True`` forces it past
+    ``enabled`` / ``skip_if``) and ``rerank_top_n`` (keep this many instead of
+    ``top_n``). Pass it where a query string goes:
+    ``query_engine.query(RerankQueryBundle("...", rerank_top_n=3))``.
+    """
+
+    rerank: bool | None = None
+    rerank_top_n: int | None = None
 
 
 class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
@@ -45,13 +71,21 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     ``rerank`` / ``arerank``).
 
     Returns new ``NodeWithScore`` objects, best first, whose ``score`` is the rerank
-    score (a plain float), on copies of the nodes (same ids) that carry
-    ``metadata["retrieval_score"]`` (the incoming score) and
+    score (a plain float), on copies of the nodes (same ids, metadata deep-copied) that
+    carry ``metadata["retrieval_score"]`` (the incoming score) and
     ``metadata["rerank_stage"]``; both keys are excluded from LLM and embedding
     text. The incoming nodes are never mutated. ``min_score`` and ``min_stage``
     apply before the ``top_n`` cut. On a backend error with ``fallback`` true, the
     nodes keep their original order and scores, cut to ``top_n``, flagged with
-    ``metadata["rerank_fallback"] = True``.
+    ``metadata["rerank_fallback"] = True``; a skipped query (``enabled=False``,
+    ``skip_if(query)`` true, or a :class:`RerankQueryBundle` with ``rerank=False``)
+    comes back the same way flagged ``metadata["rerank_skipped"] = True``, without a
+    backend call.
+
+    Each call is an instrumentation span with ``ReRankStartEvent`` / ``ReRankEndEvent``
+    (whose ``tags`` hold ``rerank_backend``, ``rerank_documents``, ``rerank_kept``,
+    ``rerank_fallback``, ``rerank_skipped``, ``rerank_error`` and
+    ``rerank_duration_ms``) and a ``CBEventType.RERANKING`` callback event.
     """
 
     metadata_mode: MetadataMode = Field(
@@ -78,32 +112,39 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         state: dict[str, Any] = super().__getstate__()
         return state
 
+    # LlamaIndex spans this implementation of an abstract method itself (its dispatcher
+    # mixin); the async twin is not abstract, so it is spanned here.
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
-        query, texts = self._inputs(nodes, query_bundle)
+        query, texts, options = self._inputs(nodes, query_bundle)
         if not nodes:
+            run(self, query, texts, options, adapter=type(self).__name__)
             return []
-        with self._events(nodes, query_bundle) as finish:
-            return finish(_build(nodes, run(self, query, texts)))
+        with self._events(nodes, query_bundle, options) as finish:
+            return finish(nodes, run(self, query, texts, options, adapter=type(self).__name__))
 
+    @dispatcher.span
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
-        query, texts = self._inputs(nodes, query_bundle)
+        query, texts, options = self._inputs(nodes, query_bundle)
         if not nodes:
+            await arun(self, query, texts, options, adapter=type(self).__name__)
             return []
-        with self._events(nodes, query_bundle) as finish:
-            return finish(_build(nodes, await arun(self, query, texts)))
+        with self._events(nodes, query_bundle, options) as finish:
+            outcome = await arun(self, query, texts, options, adapter=type(self).__name__)
+            return finish(nodes, outcome)
 
     def _inputs(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
-    ) -> tuple[str, list[str]]:
+    ) -> tuple[str, list[str], CallOptions]:
         if query_bundle is None:
             raise InvalidInputError(
                 "RerankPostprocessor needs a query: pass query_bundle or query_str."
             )
         query = check_query(query_bundle.query_str)
+        options = call_options(query_bundle, source="The query bundle's")
         texts = []
         for position, item in enumerate(nodes):
             node = getattr(item, "node", None)
@@ -117,16 +158,16 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
                     f"nodes[{position}] content must be a str, got {type(text).__name__}."
                 )
             texts.append(text)
-        return query, texts
+        return query, texts, options
 
     @contextmanager
     def _events(
-        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
-    ) -> Iterator[Callable[[list[NodeWithScore]], list[NodeWithScore]]]:
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None, options: CallOptions
+    ) -> Iterator[Callable[[list[NodeWithScore], Outcome], list[NodeWithScore]]]:
         """Emit ReRankStart/End events and the RERANKING callback event around one
-        rerank; the yielded ``finish`` records the output and returns it."""
+        rerank; the yielded ``finish`` builds the output, records it and returns it."""
         model = self._model_name()
-        top_n = self.top_n if self.top_n is not None else len(nodes)
+        top_n = options.top_n or self.top_n or len(nodes)
         dispatcher.event(
             ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=top_n, model_name=model)
         )
@@ -138,9 +179,11 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         }
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
 
-            def finish(result: list[NodeWithScore]) -> list[NodeWithScore]:
-                event.on_end(payload={EventPayload.NODES: result})
-                dispatcher.event(ReRankEndEvent(nodes=result))
+            def finish(given: list[NodeWithScore], outcome: Outcome) -> list[NodeWithScore]:
+                result = _build(given, outcome)
+                facts = outcome.facts()
+                event.on_end(payload={EventPayload.NODES: result, **facts})
+                dispatcher.event(ReRankEndEvent(nodes=result, tags=facts))
                 return result
 
             yield finish
@@ -148,9 +191,12 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
 
 def _copy(item: NodeWithScore, extra: dict[str, Any]) -> Any:
     node = item.node
+    metadata = copy_metadata(node.metadata)
+    for key in (RETRIEVAL_SCORE_KEY, *extra):
+        metadata.pop(key, None)  # our keys come last, after the original metadata
     return node.model_copy(
         update={
-            "metadata": {**node.metadata, RETRIEVAL_SCORE_KEY: item.score, **extra},
+            "metadata": {**metadata, RETRIEVAL_SCORE_KEY: item.score, **extra},
             "excluded_llm_metadata_keys": _with_keys(node.excluded_llm_metadata_keys),
             "excluded_embed_metadata_keys": _with_keys(node.excluded_embed_metadata_keys),
         }
@@ -163,9 +209,10 @@ def _with_keys(keys: list[str]) -> list[str]:
 
 def _build(nodes: list[NodeWithScore], outcome: Outcome) -> list[NodeWithScore]:
     if outcome.results is None:
+        flag = SKIPPED_KEY if outcome.skipped else FALLBACK_KEY
         return [
-            NodeWithScore(node=_copy(nodes[i], {FALLBACK_KEY: True}), score=nodes[i].score)
-            for i in outcome.fallback_indices or []
+            NodeWithScore(node=_copy(nodes[i], {flag: True}), score=nodes[i].score)
+            for i in outcome.passthrough
         ]
     return [
         NodeWithScore(node=_copy(nodes[r.index], {STAGE_KEY: r.stage.label}), score=r.score)

@@ -1,0 +1,476 @@
+"""A/B helper: the same documents through several rerankers, side by side with the
+vector (input) order, as Mem0's reranker guide asks ("log the reranked vs.
+non-reranked lists"). ``memos-rerank compare`` is its command line.
+
+>>> comparison = compare(query, documents, rerankers={"minilm": EmbeddingReranker()})
+>>> print(comparison)          # a table: vector order first, then each reranker
+>>> comparison.to_dict()       # the same, JSON-ready, for structured logs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
+from ._types import Stage, check_inputs, check_top_n, validate_ranking
+
+__all__ = [
+    "VECTOR_ORDER",
+    "Comparison",
+    "ComparisonColumn",
+    "RankedDocument",
+    "acompare",
+    "compare",
+]
+
+VECTOR_ORDER = "vector order"
+_TEXT_WIDTH = 100
+
+
+@dataclass(frozen=True)
+class RankedDocument:
+    """One row of a column: the document's ``index`` in the input, its ``score``
+    and ``stage`` (``None`` in the vector column without ``vector_scores``)."""
+
+    index: int
+    score: float | None
+    stage: Stage | None
+
+
+@dataclass(frozen=True)
+class ComparisonColumn:
+    """One ordering: the vector (input) order or a reranker's, best first, with how
+    long the reranker took; ``error`` names a backend error instead of a ranking."""
+
+    name: str
+    ranking: tuple[RankedDocument, ...]
+    duration_ms: float | None = None
+    error: str | None = None
+
+    @property
+    def order(self) -> list[int]:
+        """The input indices, best first."""
+        return [row.index for row in self.ranking]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The orders and scores of several rerankers over the same documents; the first
+    column is the vector (input) order. ``str(comparison)`` is a table."""
+
+    query: str
+    documents: tuple[str, ...]
+    columns: tuple[ComparisonColumn, ...]
+
+    def __getitem__(self, name: str) -> ComparisonColumn:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON types."""
+        return {
+            "query": self.query,
+            "documents": list(self.documents),
+            "columns": [
+                {
+                    "name": column.name,
+                    "duration_ms": column.duration_ms,
+                    "error": column.error,
+                    "ranking": [
+                        {
+                            "rank": rank,
+                            "index": row.index,
+                            "score": row.score,
+                            "stage": None if row.stage is None else row.stage.label,
+                        }
+                        for rank, row in enumerate(column.ranking, 1)
+                    ],
+                }
+                for column in self.columns
+            ],
+        }
+
+    def table(self, *, text_width: int = _TEXT_WIDTH) -> str:
+        """The columns side by side (``[index] score stage`` per rank), their time,
+        then the text of each document shown, after its index."""
+        header = ["rank", *(column.name for column in self.columns)]
+        depth = max((len(column.ranking) for column in self.columns), default=0)
+        rows = [header]
+        for position in range(depth):
+            cells = [str(position + 1)]
+            for column in self.columns:
+                cells.append(
+                    _cell(column.ranking[position]) if position < len(column.ranking) else ""
+                )
+            rows.append(cells)
+        timing = ["time"]
+        for column in self.columns:
+            if column.error is not None:
+                timing.append(f"failed: {column.error}")
+            elif column.duration_ms is None:
+                timing.append("")
+            else:
+                timing.append(f"{column.duration_ms:.1f} ms")
+        rows.append(timing)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [f"query: {_clip(self.query, text_width)}"]
+        for row in rows:
+            lines.append(
+                "  ".join(
+                    cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+                ).rstrip()
+            )
+        lines.append("")
+        shown = sorted({row.index for column in self.columns for row in column.ranking})
+        for index in shown:
+            lines.append(f"[{index}] {_clip(self.documents[index], text_width)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _cell(row: RankedDocument) -> str:
+    parts = [f"[{row.index}]"]
+    if row.score is not None:
+        parts.append(f"{row.score:.3f}")
+    if row.stage is not None:
+        parts.append(row.stage.label)
+    return " ".join(parts)
+
+
+def _clip(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _label(reranker: Any) -> str:
+    model = getattr(reranker, "model", None)
+    name = type(reranker).__name__
+    return f"{name}({model})" if isinstance(model, str) and model else name
+
+
+def _named(rerankers: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    if isinstance(rerankers, Mapping):
+        pairs = [(str(name), reranker) for name, reranker in rerankers.items()]
+    elif isinstance(rerankers, (str, bytes)) or not isinstance(rerankers, Sequence):
+        raise InvalidInputError(
+            "rerankers must be a list of rerankers or a mapping of names to rerankers."
+        )
+    else:
+        pairs = [(_label(reranker), reranker) for reranker in rerankers]
+    if not pairs:
+        raise InvalidInputError("compare needs at least one reranker.")
+    seen: dict[str, int] = {VECTOR_ORDER: 1}
+    named = []
+    for name, reranker in pairs:
+        if not (
+            callable(getattr(reranker, "rerank", None))
+            or callable(getattr(reranker, "arerank", None))
+        ):
+            raise InvalidInputError(f"{name!r} has neither rerank(...) nor arerank(...).")
+        seen[name] = seen.get(name, 0) + 1
+        named.append((name if seen[name] == 1 else f"{name} #{seen[name]}", reranker))
+    return named
+
+
+def _vector_column(count: int, vector_scores: Sequence[float] | None) -> ComparisonColumn:
+    if vector_scores is None:
+        return ComparisonColumn(
+            VECTOR_ORDER, tuple(RankedDocument(i, None, None) for i in range(count))
+        )
+    if isinstance(vector_scores, (str, bytes)) or len(vector_scores) != count:
+        raise InvalidInputError("vector_scores must hold one number per document.")
+    scores = []
+    for position, score in enumerate(vector_scores):
+        if (
+            isinstance(score, bool)
+            or not isinstance(score, (int, float))
+            or not math.isfinite(score)
+        ):
+            raise InvalidInputError(
+                f"vector_scores[{position}] must be a finite number, got {score!r}."
+            )
+        scores.append(float(score))
+    return ComparisonColumn(
+        VECTOR_ORDER, tuple(RankedDocument(i, s, None) for i, s in enumerate(scores))
+    )
+
+
+def _ranked(name: str, raw: object, count: int) -> tuple[RankedDocument, ...]:
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise MalformedResponseError(
+            f"{name} returned {type(raw).__name__}, not a list of results."
+        )
+    items = list(raw)
+    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in items]
+    scores = validate_ranking(pairs, n_documents=count, top_n_sent=None, backend=name)
+    stages = {
+        item.index: item.stage for item in items if isinstance(getattr(item, "stage", None), Stage)
+    }
+    order = sorted(scores, key=lambda index: (-scores[index], index))
+    return tuple(RankedDocument(int(i), scores[i], stages.get(i)) for i in order)
+
+
+def _column(
+    name: str, count: int, started: float, raw: object = None, error: RerankError | None = None
+) -> ComparisonColumn:
+    elapsed = (time.perf_counter() - started) * 1000.0
+    if error is None:
+        try:
+            return ComparisonColumn(name, _ranked(name, raw, count), elapsed)
+        except RerankError as bad:
+            error = bad
+    return ComparisonColumn(name, (), elapsed, f"{type(error).__name__}: {error}")
+
+
+def _no_running_loop(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise InvalidInputError(
+        f"{name} is async-only and compare() was called inside a running event loop; "
+        "use await acompare(...)."
+    )
+
+
+def _checked(
+    query: object, documents: object, top_n: int | None, vector_scores: Sequence[float] | None
+) -> tuple[str, list[str], ComparisonColumn]:
+    docs = check_inputs(query, documents)
+    check_top_n(top_n)
+    return str(query), docs, _vector_column(len(docs), vector_scores)
+
+
+def _cut(comparison: Comparison, top_n: int | None) -> Comparison:
+    if top_n is None:
+        return comparison
+    columns = tuple(
+        ComparisonColumn(c.name, c.ranking[:top_n], c.duration_ms, c.error)
+        for c in comparison.columns
+    )
+    return Comparison(comparison.query, comparison.documents, columns)
+
+
+def compare(
+    query: str,
+    documents: Sequence[str],
+    rerankers: Sequence[Any] | Mapping[str, Any],
+    *,
+    vector_scores: Sequence[float] | None = None,
+    top_n: int | None = None,
+    warm_up: bool = False,
+) -> Comparison:
+    """Rerank ``documents`` (in their vector-search order) with each reranker in turn.
+
+    ``rerankers`` is a list (columns are named after each backend's class and model)
+    or a mapping of column names to rerankers. ``vector_scores`` (one per document)
+    show in the first column; ``top_n`` shows only the best ``top_n`` of each. A
+    backend error (a ``RerankError``) fills its column with the error instead of
+    failing the comparison; rerankers run one after another, so their times do not
+    interfere. A local backend's first call loads its model: ``warm_up=True`` first
+    scores one pair per reranker, untimed, so the times are scoring times.
+    """
+    query, docs, vector = _checked(query, documents, top_n, vector_scores)
+    columns = [vector]
+    for name, reranker in _named(rerankers):
+        sync = callable(getattr(reranker, "rerank", None))
+        if not sync:
+            _no_running_loop(name)
+        started = time.perf_counter()
+        try:
+            if sync:
+                if warm_up:
+                    reranker.rerank(query, docs[:1])
+                    started = time.perf_counter()
+                raw = reranker.rerank(query, docs)
+            else:
+                if warm_up:
+                    asyncio.run(reranker.arerank(query, docs[:1]))
+                    started = time.perf_counter()
+                raw = asyncio.run(reranker.arerank(query, docs))
+        except RerankError as error:
+            columns.append(_column(name, len(docs), started, error=error))
+            continue
+        columns.append(_column(name, len(docs), started, raw))
+    return _cut(Comparison(query, tuple(docs), tuple(columns)), top_n)
+
+
+async def acompare(
+    query: str,
+    documents: Sequence[str],
+    rerankers: Sequence[Any] | Mapping[str, Any],
+    *,
+    vector_scores: Sequence[float] | None = None,
+    top_n: int | None = None,
+    warm_up: bool = False,
+) -> Comparison:
+    """The async twin of :func:`compare`: awaits each backend's ``arerank`` (a
+    backend with only ``rerank`` runs in a worker thread)."""
+    query, docs, vector = _checked(query, documents, top_n, vector_scores)
+    columns = [vector]
+    for name, reranker in _named(rerankers):
+        started = time.perf_counter()
+        try:
+            if callable(getattr(reranker, "arerank", None)):
+                if warm_up:
+                    await reranker.arerank(query, docs[:1])
+                    started = time.perf_counter()
+                raw = await reranker.arerank(query, docs)
+            else:
+                if warm_up:
+                    await asyncio.to_thread(reranker.rerank, query, docs[:1])
+                    started = time.perf_counter()
+                raw = await asyncio.to_thread(reranker.rerank, query, docs)
+        except RerankError as error:
+            columns.append(_column(name, len(docs), started, error=error))
+            continue
+        columns.append(_column(name, len(docs), started, raw))
+    return _cut(Comparison(query, tuple(docs), tuple(columns)), top_n)
+
+
+# -- memos-rerank compare --------------------------------------------------------------
+
+_PROG = "memos-rerank compare"
+_KINDS = ("embedding", "qwen", "cross-encoder", "http", "memos", "cohere", "zeroentropy")
+
+
+class _UserError(Exception):
+    """A problem with the command line or its input: reported in one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Rerank documents with one or more backends and print the orders side by "
+        "side, the input (vector) order first. Documents come from --input (or stdin): one per "
+        "line, or JSON lines with a string 'text' and an optional numeric 'score' (the vector "
+        "score, shown in the first column).",
+    )
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
+    parser.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        metavar="KIND[=MODEL_OR_URL]",
+        help="a column; repeat for more (default: embedding). KIND is one of "
+        f"{', '.join(_KINDS)}; MODEL is a Hugging Face id or a local directory (required for "
+        "cross-encoder), http takes the server's base URL (http=http://127.0.0.1:8080). "
+        "memos, cohere and zeroentropy read their API keys from the environment.",
+    )
+    parser.add_argument("--top-n", type=int, default=None, help="show the best N of each column")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", help="cpu, cuda, mps (local backends; default: best available)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 (local backends)")
+    return parser
+
+
+def _backend(spec: str, args: argparse.Namespace) -> Any:
+    kind, _, target = spec.partition("=")
+    kind = kind.strip()
+    target = target.strip()
+    local: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
+    model: dict[str, Any] = {"model": target} if target else {}
+    if kind == "embedding":
+        from ._embedding import EmbeddingReranker
+
+        return EmbeddingReranker(**model, **local)
+    if kind == "qwen":
+        from ._qwen import QwenReranker
+
+        return QwenReranker(**model, **local)
+    if kind == "cross-encoder":
+        if not target:
+            raise _UserError("cross-encoder needs a model: --backend cross-encoder=MODEL.")
+        from ._cross_encoder import CrossEncoderReranker
+
+        return CrossEncoderReranker(target, **local)
+    if kind == "http":
+        if not target:
+            raise _UserError("http needs the server's URL: --backend http=URL.")
+        from ._http_reranker import HTTPReranker
+
+        return HTTPReranker(target)
+    remote = {
+        "memos": "._memos:MemOSReranker",
+        "cohere": "._cohere:CohereReranker",
+        "zeroentropy": "._zeroentropy:ZeroEntropyReranker",
+    }
+    if kind in remote:
+        module, _, name = remote[kind].partition(":")
+        return getattr(importlib.import_module(module, __package__), name)(**model)
+    raise _UserError(f"Unknown backend {kind!r}; use one of: {', '.join(_KINDS)}.")
+
+
+def _read(stream: TextIO, fmt: str, name: str) -> tuple[list[str], list[float] | None]:
+    lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(stream, 1)]
+    lines = [(number, line) for number, line in lines if line.strip()]
+    if fmt == "auto":
+        fmt = (
+            "jsonl"
+            if name.endswith((".jsonl", ".ndjson"))
+            or (lines and lines[0][1].lstrip().startswith("{"))
+            else "lines"
+        )
+    if fmt == "lines":
+        return [line for _, line in lines], None
+    texts: list[str] = []
+    scores: list[float] = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise _UserError(f"{name} line {number}: not valid JSON ({exc}).") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise _UserError(f"{name} line {number}: expected a JSON object with a string 'text'.")
+        texts.append(record["text"])
+        score = record.get("score")
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            scores.append(float(score))
+    return texts, scores if len(scores) == len(texts) else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``memos-rerank compare``: returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if not args.query.strip():
+            raise _UserError("--query must not be empty.")
+        if args.top_n is not None and args.top_n < 1:
+            raise _UserError(f"--top-n must be a positive integer, got {args.top_n}.")
+        if args.input == "-":
+            texts, scores = _read(sys.stdin, args.format, "stdin")
+        else:
+            with open(args.input, encoding="utf-8") as stream:
+                texts, scores = _read(stream, args.format, args.input)
+        if not texts:
+            raise _UserError("No documents to compare.")
+        specs = args.backend or ["embedding"]
+        rerankers = {spec: _backend(spec, args) for spec in specs}
+        comparison = compare(
+            args.query, texts, rerankers, vector_scores=scores, top_n=args.top_n, warm_up=True
+        )
+    except (_UserError, RerankError, ImportError, OSError) as exc:
+        sys.stderr.write(
+            f"memos-rerank: error: {' '.join(str(exc).split()) or type(exc).__name__}\n"
+        )
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(comparison.to_dict(), ensure_ascii=False, indent=2) + "\n")
+    else:
+        sys.stdout.write(comparison.table() + "\n")
+    sys.stdout.flush()
+    return 0
