@@ -532,3 +532,24 @@ def test_llama_index_pickling_keeps_the_backend() -> None:
             pickle.dumps(held)
     finally:
         client.close()
+
+
+def _short_query(query: str) -> bool:
+    return len(query.split()) <= 3
+
+
+def test_llama_index_skip_if_is_never_dropped_silently() -> None:
+    from memos_rerank_integrations.llama_index import RerankPostprocessor
+
+    backend = HTTPReranker("http://127.0.0.1:9", model="m")
+    named = RerankPostprocessor(reranker=backend, skip_if=_short_query)
+    assert pickle.loads(pickle.dumps(named)).skip_if is _short_query
+    anonymous = RerankPostprocessor(reranker=backend, skip_if=lambda q: not q)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pickle.dumps(anonymous)
+    with pytest.raises(TypeError, match="skip_if"):
+        named.to_dict()
+    restored = RerankPostprocessor.from_dict(
+        RerankPostprocessor(reranker=backend).to_dict(), skip_if=_short_query
+    )
+    assert restored.skip_if is _short_query

@@ -24,8 +24,8 @@ from ._types import DEFAULT_THRESHOLDS, Reranker, RerankResult, Stage, StageThre
 
 if TYPE_CHECKING:
     from ._cohere import CohereReranker
-    from ._config import from_config
     from ._compare import Comparison, acompare, compare
+    from ._config import from_config
     from ._cross_encoder import CrossEncoderReranker
     from ._embedding import EmbeddingReranker
     from ._fallback import FallbackReranker
@@ -79,9 +79,9 @@ __all__ = [
     "StageThresholds",
     "ZeroEntropyReranker",
     "__version__",
-    "from_config",
     "acompare",
     "compare",
+    "from_config",
 ]
 
 

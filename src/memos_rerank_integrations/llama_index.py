@@ -97,7 +97,15 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         return "RerankPostprocessor"
 
     def to_dict(self, **kwargs: Any) -> dict[str, Any]:
-        """JSON-ready fields; the backend as its ``to_config()`` (see ``from_config``)."""
+        """JSON-ready fields; the backend as its ``to_config()`` (see ``from_config``).
+
+        A ``skip_if`` function cannot be written as data: set it again after
+        :meth:`from_dict` (a ``TypeError`` says so rather than dropping it)."""
+        if self.skip_if is not None:
+            raise TypeError(
+                "RerankPostprocessor.to_dict() cannot hold skip_if (a function); build "
+                "the dict without it and pass skip_if=... to from_dict()."
+            )
         return settings_to_dict(super().to_dict(**kwargs))
 
     @classmethod
@@ -107,8 +115,10 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         return built
 
     def __getstate__(self) -> dict[str, Any]:
-        # LlamaIndex drops fields that fail to pickle; the backend must not vanish silently.
+        # LlamaIndex drops fields that fail to pickle; the backend and skip_if must not
+        # vanish silently (a lambda cannot be pickled: the error says so).
         pickle.dumps(self.reranker)
+        pickle.dumps(self.skip_if)
         state: dict[str, Any] = super().__getstate__()
         return state
 
