@@ -148,6 +148,11 @@ class LoopbackServer:
                         self.wfile.write(bytes([byte]))
                         self.wfile.flush()
                         time.sleep(reply.header_trickle)
+                elif reply.stream is None and not reply.trickle:
+                    # One write: split writes meet delayed ACKs (40 ms per request).
+                    self.wfile.write(head_bytes + payload)
+                    self.wfile.flush()
+                    return
                 else:
                     self.wfile.write(head_bytes)
                 if reply.stream is not None:
