@@ -262,19 +262,34 @@ def test_keys_are_stripped_of_surrounding_whitespace(server: LoopbackServer, nam
 # ---------------------------------------------------------------- LLM answers
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        '{"grade": 1e400}',
-        '{"grade": ' + "9" * 400 + "}",
-        '{"grade": ' + "9" * 5000 + "}",
-        '{"grade": ' + "[" * 50_000 + "]" * 50_000 + "}",
-        "[" * 100_000,
-        "1e400",
-        "9" * 5000,
-    ],
-    ids=["1e400", "400 digits", "5000 digits", "deep grade", "deep answer", "text 1e400", "long"],
-)
+UNREADABLE_ANSWERS = [
+    '{"grade": 1e400}',
+    '{"grade": ' + "9" * 400 + "}",
+    '{"grade": ' + "9" * 5000 + "}",
+    '{"grade": ' + "[" * 50_000 + "]" * 50_000 + "}",
+    "[" * 100_000,
+    "1e400",
+    "9" * 5000,
+]
+ANSWER_IDS = [
+    "1e400",
+    "400 digits",
+    "5000 digits",
+    "deep grade",
+    "deep answer",
+    "text 1e400",
+    "long",
+]
+
+
+@pytest.mark.parametrize("answer", UNREADABLE_ANSWERS, ids=ANSWER_IDS)
+def test_the_grade_parser_itself_never_raises(answer: str) -> None:
+    from memos_rerank_integrations._llm import parse_grade
+
+    assert parse_grade(answer) is None
+
+
+@pytest.mark.parametrize("answer", UNREADABLE_ANSWERS, ids=ANSWER_IDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_llm_answers_that_cannot_be_read_are_malformed(answer: str, mode: str) -> None:
     from langchain_core.language_models import FakeListChatModel

@@ -180,24 +180,52 @@ def test_a_split_call_keeps_one_deadline(
     assert len(server.requests) == 2  # the third never started: no time was left
 
 
+def _401_or_trickle(request: Recorded) -> Reply:
+    if request.body["documents"] == ["doc 1"]:
+        return Reply(401, {"message": "no"})
+    return Reply(200, cohere_results(request.body["documents"]), header_trickle=0.2)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_one_failed_request_fails_the_call_at_once(
     server: LoopbackServer, backend: Callable[..., Any], mode: str
 ) -> None:
-    def slow_or_401(request: Recorded) -> Reply:
-        if request.body["documents"] == ["doc 1"]:
-            return Reply(401, {"message": "no"})
-        return Reply(200, cohere_results(request.body["documents"]), delay=4.0)
-
-    server.script(*[slow_or_401] * 3)
+    server.script(*[_401_or_trickle] * 3)
     reranker = backend(
         server, timeout=6.0, max_retries=0, max_documents_per_request=1, max_concurrency=3
     )
     started = time.monotonic()
     with pytest.raises(AuthenticationError):
         within(bound(6.0) + SLACK, call(reranker, mode, "q", DOCS))
-    # Not after the other two requests' four seconds.
+    # Not after the other two requests' twenty seconds ...
     assert time.monotonic() - started < 2.0
+    # ... which are stopped (those that had started), not left running to their timeouts.
+    def all_stopped() -> bool:
+        return len(server.hangups) == len(server.requests) - 1
+
+    while not all_stopped() and time.monotonic() < started + 3.0:
+        time.sleep(0.05)
+    assert all_stopped()
+
+
+def test_with_a_client_passed_in_the_call_still_fails_at_once(server: LoopbackServer) -> None:
+    import httpx
+
+    # Its sockets are not ours to stop: the caller must not wait for them.
+    server.script(*[_401_or_trickle] * 3)
+    with httpx.Client() as client:
+        reranker = _memos(
+            server,
+            timeout=6.0,
+            max_retries=0,
+            max_documents_per_request=1,
+            max_concurrency=3,
+            http_client=client,
+        )
+        started = time.monotonic()
+        with pytest.raises(AuthenticationError):
+            within(bound(6.0) + SLACK, call(reranker, "sync", "q", DOCS))
+        assert time.monotonic() - started < 2.0
 
 
 # ---------------------------------------------------------------- one size cap
@@ -259,6 +287,48 @@ def test_a_small_gzipped_answer_is_read(
     results = within(10.0, call(backend(server, max_retries=0), mode, "q", DOCS))
     assert [r.index for r in results] == [item["index"] for item in OK["results"]]
     assert "gzip" in server.requests[0].headers.get("Accept-Encoding", "")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_passed_in_reads_gzip_and_asks_only_for_what_we_decode(
+    server: LoopbackServer, mode: str
+) -> None:
+    import gzip
+    import json
+
+    import httpx
+
+    # httpx would decode each compressed chunk whole, and ask for br / zstd when their
+    # packages are installed: the backend reads raw bytes and asks for its own list.
+    headers = {"Accept-Encoding": "gzip, deflate, br, zstd"}
+    body = gzip.compress(json.dumps(OK).encode())
+    server.script(
+        Reply(200, body, headers={"Content-Encoding": "gzip"}),
+        Reply(200, gzip_bomb(), headers={"Content-Encoding": "gzip"}),
+    )
+
+    async def both(reranker: MemOSReranker) -> tuple[Any, BaseException | None]:
+        results = await reranker.arerank("q", DOCS)
+        try:
+            await reranker.arerank("q", DOCS)
+        except MalformedResponseError as error:
+            return results, error
+        return results, None
+
+    with httpx.Client(headers=headers) as client:
+        reranker = _memos(server, max_retries=0, http_client=client)
+        if mode == "sync":
+            results = within(10.0, call(reranker, mode, "q", DOCS))
+            with pytest.raises(MalformedResponseError, match="larger than"):
+                within(10.0, call(reranker, mode, "q", DOCS))
+        else:
+            reranker = _memos(
+                server, max_retries=0, async_http_client=httpx.AsyncClient(headers=headers)
+            )
+            results, error = within(20.0, lambda: asyncio.run(both(reranker)))
+            assert error is not None and "larger than" in str(error)
+    assert [r.index for r in results] == [item["index"] for item in OK["results"]]
+    assert [r.headers["Accept-Encoding"] for r in server.requests] == ["gzip, deflate"] * 2
 
 
 # ---------------------------------------------------------------- through the adapter
