@@ -405,3 +405,40 @@ def test_clients_passed_in_are_held_to_the_bound_too(server: LoopbackServer, mod
         )
         with pytest.raises(RerankTimeoutError):
             within(bound(0.5) + SLACK, call(reranker, mode, "q", DOCS))
+
+
+def test_a_straggler_on_a_client_passed_in_does_not_hold_up_interpreter_exit() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ._backends import SUBPROCESS_ENV
+
+    script = """
+import httpx
+from memos_rerank_integrations import MemOSReranker, RerankTimeoutError
+from tests._loopback import Reply, cohere_results, loopback
+
+with loopback() as server:
+    server.script(Reply(200, cohere_results(["doc 1"]), header_trickle=0.2))  # ~20 s
+    reranker = MemOSReranker(
+        api_key="k", base_url=server.url, timeout=0.5, max_retries=0,
+        http_client=httpx.Client(),  # sockets that are not ours to stop
+    )
+    try:
+        reranker.rerank("q", ["doc 1"])
+    except RerankTimeoutError:
+        print("timed out")
+"""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "timed out"
+    assert time.monotonic() - started < 15.0  # not the ~20 s the straggler would take

@@ -19,12 +19,13 @@ their retries. Three things keep it:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -236,13 +237,36 @@ def run_in_threads(
 
     The caller waits until all are done, one fails (its error is raised) or the
     deadline passes (``expired()`` is raised), never longer: the tasks still running
-    are cancelled through ``deadline`` and left to end on their own.
+    are cancelled through ``deadline`` and left to end on their own. The workers are
+    daemon threads, not an executor's, whose threads the interpreter joins at exit:
+    a straggler stuck on a socket that is not ours must not hold the process up.
     """
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memos-rerank")
+    futures: list[Future[T]] = [Future() for _ in tasks]
+    jobs = collections.deque(
+        zip(futures, tasks, [contextvars.copy_context() for _ in tasks], strict=True)
+    )
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                future, task, context = jobs.popleft()
+            if deadline.cancelled:
+                future.cancel()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = context.run(task)
+            except BaseException as error:  # handed to the caller through the future
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    for _ in range(min(workers, len(tasks))):
+        threading.Thread(target=work, name="memos-rerank-request", daemon=True).start()
     try:
-        futures: list[Future[T]] = [
-            pool.submit(contextvars.copy_context().run, task) for task in tasks
-        ]
         pending: set[Future[T]] = set(futures)
         while pending:
             left = deadline.remaining()
@@ -255,4 +279,5 @@ def run_in_threads(
         return [future.result() for future in futures]
     finally:
         deadline.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        for future in futures:
+            future.cancel()  # those not started yet; running ones stop through deadline
