@@ -199,6 +199,7 @@ def test_one_failed_request_fails_the_call_at_once(
         within(bound(6.0) + SLACK, call(reranker, mode, "q", DOCS))
     # Not after the other two requests' twenty seconds ...
     assert time.monotonic() - started < 2.0
+
     # ... which are stopped (those that had started), not left running to their timeouts.
     def all_stopped() -> bool:
         return len(server.hangups) == len(server.requests) - 1
