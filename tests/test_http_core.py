@@ -465,8 +465,9 @@ def test_body_decoder_reads_what_it_asks_for(encoding: str | None, encode: Any) 
     data = b'{"results": []}' * 1000
     encoded = encode(data)
     decoder = _BodyDecoder(encoding, limit=len(data), backend="t")
-    # Fed in awkward pieces, as a socket delivers them.
-    out = b"".join(decoder.decode(encoded[i : i + 7]) for i in range(0, len(encoded), 7))
+    # Fed in awkward pieces, as a socket delivers them (a lone first byte included).
+    pieces = [encoded[:1]] + [encoded[i : i + 7] for i in range(1, len(encoded), 7)]
+    out = b"".join(decoder.decode(piece) for piece in pieces)
     assert out + decoder.flush() == data
 
 
