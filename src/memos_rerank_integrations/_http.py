@@ -233,12 +233,17 @@ class _BodyDecoder:
 
 
 class _ZlibStage:
+    # Input kept while a "deflate" body may still turn out to be raw deflate.
+    _SNIFF_BYTES = 64 * 1024
+
     def __init__(
         self, coding: str, limit: int, too_large: Callable[[], MalformedResponseError]
     ) -> None:
         gzip = coding in ("gzip", "x-gzip")
         self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
-        self._raw_fallback = not gzip  # "deflate" is zlib-wrapped, but some send raw
+        # "deflate" means zlib-wrapped, but some servers send raw deflate (as httpx
+        # accepts): until the first output, a zlib error retries the input seen as raw.
+        self._seen: bytearray | None = None if gzip else bytearray()
         self._limit = limit
         self._produced = 0
         self._too_large = too_large
@@ -247,15 +252,18 @@ class _ZlibStage:
         if not data or self._zlib.eof:
             return b""
         room = self._limit - self._produced
+        if self._seen is not None:
+            self._seen += data
         try:
             out = self._zlib.decompress(data, room + 1)
         except zlib.error:
-            if not (self._raw_fallback and self._produced == 0):
+            if self._seen is None:
                 raise
             self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-            self._raw_fallback = False
+            data, self._seen = bytes(self._seen), None
             out = self._zlib.decompress(data, room + 1)
-        self._raw_fallback = False
+        if self._seen is not None and (out or len(self._seen) > self._SNIFF_BYTES):
+            self._seen = None
         self._produced += len(out)
         if self._produced > self._limit:
             raise self._too_large()
