@@ -4,11 +4,15 @@ UnicodeEncodeError or a tokenizer's TypeError."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from memos_rerank_integrations import (
     AuthenticationError,
@@ -27,7 +31,15 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
-from ._loopback import MODES, LoopbackServer, Reply, cohere_results, exception_texts, invoke
+from ._loopback import (
+    MODES,
+    LoopbackServer,
+    Reply,
+    cohere_results,
+    exception_texts,
+    invoke,
+    loopback,
+)
 
 KEY = "sk-tree-SECRET-2718"
 DOCS = ["doc 1", "doc 2", "doc 3"]
@@ -323,3 +335,86 @@ def test_llm_answers_full_of_unclosed_tags_are_read_in_linear_time() -> None:
     assert time.monotonic() - started < 5.0
     assert parse_grade('<THINKING>4</thinking> {"grade": 2}') == 2
     assert parse_grade("<think>1</think> <think>0</think> 3") == 3
+
+
+# ---------------------------------------------------------------- anything at all
+
+_EDGES = st.sampled_from([10**400, -(10**400), 2**63, 1e308, -0.0, math.inf, "\ud800", "0.5"])
+_JSON = st.recursive(
+    _EDGES
+    | st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(codec=None, exclude_categories=[])),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["results", "index", "relevance_score", "code"]), children
+        )
+    ),
+    max_leaves=12,
+)
+_RESULT = st.fixed_dictionaries(
+    {
+        "index": st.integers(0, 2) | _JSON,
+        "relevance_score": _EDGES | st.floats(0, 1) | _JSON,
+    }
+)
+_BODIES = (
+    st.binary(max_size=64)
+    | _JSON.map(lambda value: json.dumps(value))
+    | st.lists(_RESULT, max_size=4).map(lambda items: json.dumps({"results": items}))
+    | st.lists(_RESULT, max_size=4).map(
+        lambda items: json.dumps({"code": 0, "data": {"results": items}})
+    )
+)
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[LoopbackServer]:
+    with loopback() as server:
+        yield server
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(status=st.sampled_from([200, 200, 200, 400, 429, 500]), body=_BODIES)
+@example(200, json.dumps({"results": [{"index": 0, "relevance_score": 10**400}]}))
+@example(200, json.dumps({"code": 1e999}).replace("Infinity", "1e999"))
+@example(500, '{"message": "\\ud800"}')
+@pytest.mark.parametrize("name", ["memos", "cohere"])
+def test_whatever_a_server_answers_only_rerank_errors_come_out(
+    shared_server: LoopbackServer, name: str, status: int, body: Any
+) -> None:
+    shared_server.script(Reply(status, body))
+    reranker = REMOTE[name](shared_server)
+    try:
+        results = reranker.rerank("q", DOCS)
+    except RerankError:
+        return
+    assert all(type(r.index) is int and type(r.score) is float for r in results)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.tuples(_JSON, _JSON), max_size=4), top_n=st.none() | st.integers(1, 4))
+def test_validate_ranking_raises_only_malformed_response_errors(pairs: Any, top_n: Any) -> None:
+    from memos_rerank_integrations._types import validate_ranking
+
+    try:
+        scores = validate_ranking(pairs, n_documents=3, top_n_sent=top_n, backend="t")
+    except MalformedResponseError as error:
+        assert len(str(error)) < 300
+        return
+    assert all(type(i) is int and type(s) is float for i, s in scores.items())
+
+
+@settings(max_examples=200, deadline=None)
+@given(query=st.text(alphabet=st.characters(codec=None)), docs=st.lists(st.text(), max_size=3))
+def test_check_inputs_raises_only_invalid_input_errors(query: str, docs: list[str]) -> None:
+    from memos_rerank_integrations._types import check_inputs
+
+    try:
+        checked = check_inputs(query, docs)
+    except InvalidInputError:
+        return
+    (query + "".join(checked)).encode("utf-8")  # what passes can be sent
