@@ -14,7 +14,8 @@ their retries. Three things keep it:
 - the synchronous path runs a call's requests in worker threads
   (:func:`run_in_threads`) and waits for them only until the deadline, so the caller
   gets its answer in time even where the sockets are not ours (a client passed in,
-  a proxy mount, a DNS lookup); stragglers are told to stop and are not waited for.
+  an httpx whose pools :func:`guard_sockets` cannot reach, a DNS lookup); stragglers
+  are told to stop and are not waited for.
 """
 
 from __future__ import annotations
