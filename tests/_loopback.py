@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections import deque
@@ -31,6 +32,11 @@ class Reply:
     # Seconds between single-byte writes of the body: a server that keeps each
     # read short but the whole answer long.
     trickle: float = 0.0
+    # The same for the status line and headers (the body follows at once).
+    header_trickle: float = 0.0
+    # A body produced piece by piece (a huge or endless answer): sent chunked, after
+    # ``body`` (if any) is ignored. Called once per reply.
+    stream: Callable[[], Iterable[bytes]] | None = None
 
 
 @dataclass
@@ -49,10 +55,17 @@ class _Server(ThreadingHTTPServer):
     # The default backlog of 5 makes a burst of 64 connections wait for SYN retries.
     request_queue_size = 256
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up mid-request (a cancelled attempt) is expected here.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
 
 class LoopbackServer:
     def __init__(self, default: Responder | None = None) -> None:
         self.requests: list[Recorded] = []
+        # time.monotonic() of each answer the client stopped reading (it hung up).
+        self.hangups: list[float] = []
         self._script: deque[Reply | Responder] = deque()
         self._default = default
         self._lock = threading.Lock()
@@ -108,27 +121,53 @@ class LoopbackServer:
                 reply = server._next(request)
                 if reply.delay:
                     time.sleep(reply.delay)
+                try:
+                    self._answer(reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    with server._lock:
+                        server.hangups.append(time.monotonic())
+
+            def _answer(self, reply: Reply) -> None:
                 if isinstance(reply.body, bytes):
                     payload = reply.body
                 elif isinstance(reply.body, str):
                     payload = reply.body.encode()
                 else:
                     payload = json.dumps(reply.body).encode()
-                try:
-                    self.send_response(reply.status)
-                    headers = {"Content-Type": "application/json", **reply.headers}
-                    for name, value in headers.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    if not reply.trickle:
-                        self.wfile.write(payload)
-                    for byte in payload if reply.trickle else b"":
+                headers = {"Content-Type": "application/json", **reply.headers}
+                if reply.stream is not None:
+                    headers["Transfer-Encoding"] = "chunked"
+                else:
+                    headers["Content-Length"] = str(len(payload))
+                phrase = self.responses.get(reply.status, ("",))[0]
+                head = f"HTTP/1.1 {reply.status} {phrase}\r\n"
+                head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                head_bytes = (head + "\r\n").encode("latin-1")
+                if reply.header_trickle:
+                    for byte in head_bytes:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(reply.header_trickle)
+                elif reply.stream is None and not reply.trickle:
+                    # One write: split writes meet delayed ACKs (40 ms per request).
+                    self.wfile.write(head_bytes + payload)
+                    self.wfile.flush()
+                    return
+                else:
+                    self.wfile.write(head_bytes)
+                if reply.stream is not None:
+                    for piece in reply.stream():
+                        if piece:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.write(b"0\r\n\r\n")
+                elif reply.trickle:
+                    for byte in payload:
                         self.wfile.write(bytes([byte]))
                         self.wfile.flush()
                         time.sleep(reply.trickle)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout tests)
+                else:
+                    self.wfile.write(payload)
+                self.wfile.flush()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean

@@ -191,10 +191,28 @@ def test_input_checks() -> None:
         check_inputs("q", "abc")
     with pytest.raises(InvalidInputError, match=r"documents\[1\]"):
         check_inputs("q", ["a", 3])
+    with pytest.raises(InvalidInputError, match=r"documents\[1\] must be a str, got bytes"):
+        check_inputs("q", ["a", b"b"])
     assert check_top_n(None) is None and check_top_n(3) == 3
-    for bad in (0, -1, True, 2.0):
+    for bad in (0, -1, True, 2.0, "3"):
         with pytest.raises(InvalidInputError, match="top_n"):
             check_top_n(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [("\ud800", 0), ("abc\udfff", 3), ("记忆\udc80x", 2), ("x" * 10_000 + "\ud83d", 10_000)],
+)
+def test_lone_surrogates_are_invalid_input_naming_the_document(text: str, where: int) -> None:
+    message = rf"documents\[2\] contains a lone surrogate \(U\+D[89A-F]\w\w at character {where}\)"
+    with pytest.raises(InvalidInputError, match=message):
+        check_inputs("q", ["fine", "also fine 记忆 😀", text])
+    with pytest.raises(InvalidInputError, match=f"The query contains .* at character {where}"):
+        check_inputs(text, ["fine"])
+    # Other non-ASCII text is fine (an emoji is one code point in a str, not a pair).
+    assert check_inputs("😀 记忆 café", ["\U0001f600"]) == ["😀"]
+    with pytest.raises(InvalidInputError, match="U\\+D83D at character 0"):
+        check_inputs("q", ["\ud83d\ude00"])  # a UTF-16 pair spelled out is two lone halves
 
 
 def test_error_tree() -> None:

@@ -288,3 +288,169 @@ def test_memos_cloud_then_a_local_qwen_reranker(
     answer = detailed(chain, mode, "What are the user's hobbies?", docs)
     assert answer.backend is local
     assert answer.results == local.rerank("What are the user's hobbies?", docs)
+
+
+# ---------------------------------------------------------------- duck-typed answers
+
+
+class ListedReranker:
+    """Answers with the given items as they are (any order, any number types)."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = items
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> Any:
+        return list(self.items)
+
+    async def arerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> Any:
+        return list(self.items)
+
+
+def _item(index: Any, score: Any) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(index=index, score=score)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_valid_but_unsorted_ranking_comes_back_best_first(mode: str) -> None:
+    # In input order, not by score; 1 and 3 tie and keep input order.
+    backend = ListedReranker([_item(0, 0.1), _item(1, 0.7), _item(2, 0.9), _item(3, 0.7)])
+    answer = detailed(FallbackReranker([backend]), mode, "q", ["a", "b", "c", "d"])
+    assert [(r.index, r.score) for r in answer.results] == [(2, 0.9), (1, 0.7), (3, 0.7), (0, 0.1)]
+    assert [r.stage for r in answer.results] == [
+        Stage.HIGHLY_RELEVANT,
+        Stage.RELEVANT,
+        Stage.RELEVANT,
+        Stage.IRRELEVANT,
+    ]
+
+
+def _numpy_backend() -> ListedReranker:
+    import numpy as np
+
+    return ListedReranker(
+        [_item(np.int64(1), np.float32(0.75)), _item(np.int32(0), np.float64(0.25))]
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_numpy_scored_backends_are_used_and_give_plain_numbers(mode: str) -> None:
+    chain = FallbackReranker([_numpy_backend(), LengthReranker()])
+    answer = detailed(chain, mode, "q", ["a", "b"])
+    assert answer.position == 0 and answer.errors == ()
+    assert [(r.index, r.score) for r in answer.results] == [(1, 0.75), (0, 0.25)]
+    assert all(type(r.index) is int and type(r.score) is float for r in answer.results)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_numpy_scored_backends_are_used_by_both_adapters(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from langchain_core.documents import Document
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    from memos_rerank_integrations.langchain import RerankCompressor
+    from memos_rerank_integrations.llama_index import RerankPostprocessor
+
+    compressor = RerankCompressor(reranker=_numpy_backend())
+    postprocessor = RerankPostprocessor(reranker=_numpy_backend())
+    docs = [Document(page_content=t) for t in ("a", "b")]
+    nodes = [NodeWithScore(node=TextNode(text=t), score=0.0) for t in ("a", "b")]
+    if mode == "sync":
+        out = compressor.compress_documents(docs, "q")
+        ranked = postprocessor.postprocess_nodes(nodes, query_bundle=QueryBundle("q"))
+    else:
+        out = asyncio.run(compressor.acompress_documents(docs, "q"))
+        ranked = asyncio.run(postprocessor.apostprocess_nodes(nodes, query_bundle=QueryBundle("q")))
+    assert [d.page_content for d in out] == ["b", "a"]
+    assert [type(d.metadata["relevance_score"]) for d in out] == [float, float]
+    assert [n.node.get_content() for n in ranked] == ["b", "a"]
+    assert [n.score for n in ranked] == [0.75, 0.25]
+    assert "rerank_fallback" not in caplog.text and not caplog.records
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        "numpy bool score",
+        "numpy bool index",
+        "numpy nan",
+        "numpy inf",
+        "float index",
+        "string score",
+        "huge int score",
+    ],
+)
+def test_numbers_that_are_not_scores_are_still_rejected(items: str) -> None:
+    import numpy as np
+
+    bad = {
+        "numpy bool score": [_item(0, np.bool_(True)), _item(1, 0.5)],
+        "numpy bool index": [_item(np.bool_(False), 0.1), _item(1, 0.5)],
+        "numpy nan": [_item(0, np.float32("nan")), _item(1, 0.5)],
+        "numpy inf": [_item(0, np.float64("inf")), _item(1, 0.5)],
+        "float index": [_item(np.float64(0.0), 0.1), _item(1, 0.5)],
+        "string score": [_item(0, "0.1"), _item(1, 0.5)],
+        "huge int score": [_item(0, 10**400), _item(1, 0.5)],
+    }[items]
+    chain = FallbackReranker([ListedReranker(bad), LengthReranker()])
+    answer = chain.rerank_detailed("q", ["a", "b"])
+    assert answer.position == 1
+    assert [type(error) for error in answer.errors] == [MalformedResponseError]
+
+
+# ---------------------------------------------------------------- secrets in foreign errors
+
+
+class LeakyReranker:
+    """Raises an exception that is not a RerankError and whose text holds the key
+    (as a provider SDK's error echoing a request header might)."""
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> Any:
+        try:
+            raise ValueError(f"upstream said: Authorization: Bearer {KEY}")
+        except ValueError as inner:
+            raise RuntimeError(f"request failed with key={KEY}") from inner
+
+    async def arerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> Any:
+        return self.rerank(query, documents, top_n)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_foreign_error_holding_the_key_is_never_logged(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from langchain_core.documents import Document
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    from memos_rerank_integrations.langchain import RerankCompressor
+    from memos_rerank_integrations.llama_index import RerankPostprocessor
+
+    caplog.set_level(logging.DEBUG)
+    docs = [Document(page_content=t) for t in ("a", "b")]
+    nodes = [NodeWithScore(node=TextNode(text=t), score=0.0) for t in ("a", "b")]
+    compressor = RerankCompressor(reranker=LeakyReranker(), fallback=True)
+    postprocessor = RerankPostprocessor(reranker=LeakyReranker(), fallback=True)
+    rescued = FallbackReranker([LeakyReranker(), LengthReranker()])
+    alone = FallbackReranker([LeakyReranker()])
+    if mode == "sync":
+        out = compressor.compress_documents(docs, "q")
+        ranked = postprocessor.postprocess_nodes(nodes, query_bundle=QueryBundle("q"))
+        answer = rescued.rerank_detailed("q", ["a", "b"])
+        with pytest.raises(RuntimeError):
+            alone.rerank("q", ["a"])
+    else:
+        out = asyncio.run(compressor.acompress_documents(docs, "q"))
+        ranked = asyncio.run(postprocessor.apostprocess_nodes(nodes, query_bundle=QueryBundle("q")))
+        answer = asyncio.run(rescued.arerank_detailed("q", ["a", "b"]))
+        with pytest.raises(RuntimeError):
+            asyncio.run(alone.arerank("q", ["a"]))
+    assert all(d.metadata["rerank_fallback"] for d in out)
+    assert all(n.node.metadata["rerank_fallback"] for n in ranked)
+    assert answer.position == 1
+    # Each failure was logged, by its type, and nowhere with the key or a traceback.
+    assert caplog.text.count("RuntimeError") >= 4
+    assert KEY not in caplog.text
+    for record in caplog.records:
+        assert record.exc_info is None and KEY not in record.getMessage()

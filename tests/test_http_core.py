@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import threading
 import time
+import zlib
 from typing import Any
 
 import httpx
@@ -275,7 +277,8 @@ def test_resolve_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_api_key(None, ["A_KEY"], owner="X", backend="x", required=False) is None
     with pytest.raises(AuthenticationError, match=r"pass api_key=\.\.\. or set A_KEY or B_KEY"):
         resolve_api_key("  ", ["A_KEY", "B_KEY"], owner="X", backend="x")
-    with pytest.raises(AuthenticationError, match="line break"):
+    # A key no HTTP header can carry is the caller's input error, told at construction.
+    with pytest.raises(InvalidInputError, match="line break"):
         resolve_api_key("a\nb", ["A_KEY"], owner="X", backend="x")
 
 
@@ -333,3 +336,298 @@ def test_split_and_merge_equal_one_big_request(
     assert results == rank_scores(scores, top_n=top_n)
     assert all(size <= per_request for size, _ in service.calls)
     assert all(sent is None or sent < size for size, sent in service.calls)
+
+
+class TiesReversed(InProcessService):
+    """Lists tied documents in the reverse of their input order, as a server may."""
+
+    def _answer(self, documents: list[str], top_n: int | None) -> list[tuple[object, object]]:
+        self.calls.append((len(documents), top_n))
+        ranked = sorted(range(len(documents)), key=lambda i: (-self.scores[documents[i]], -i))
+        return [(i, self.scores[documents[i]]) for i in ranked[:top_n]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scores=st.lists(st.sampled_from([0.0, 0.5, 0.5, 1.0]), min_size=2, max_size=30),
+    per_request=st.integers(1, 7),
+    top_n=st.one_of(st.none(), st.integers(1, 35)),
+    use_async=st.booleans(),
+)
+def test_ties_keep_input_order_whatever_order_the_server_lists_them(
+    scores: list[float], per_request: int, top_n: int | None, use_async: bool
+) -> None:
+    docs = [f"doc {i}" for i in range(len(scores))]
+    service = TiesReversed(
+        dict(zip(docs, scores, strict=True)), max_documents_per_request=per_request
+    )
+    if use_async:
+        results = asyncio.run(service.arerank("q", docs, top_n=top_n))
+    else:
+        results = service.rerank("q", docs, top_n=top_n)
+    indices = [r.index for r in results]
+    if top_n is None:
+        assert indices == sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    else:
+        # Which of the documents tied at a cut the service keeps is its choice; what
+        # comes back is best first, ties in input order.
+        assert len(indices) == min(top_n, len(scores))
+        assert indices == sorted(indices, key=lambda i: (-scores[i], i))
+
+
+def test_ties_keep_input_order_against_a_real_server(server: Any) -> None:
+    from memos_rerank_integrations import MemOSReranker
+
+    from ._loopback import Recorded, Reply
+
+    def reversed_ties(request: Recorded) -> Reply:
+        n = len(request.body["documents"])
+        return Reply(
+            200, {"results": [{"index": i, "relevance_score": 0.5} for i in reversed(range(n))]}
+        )
+
+    server.script(*[reversed_ties] * 3)
+    docs = [f"doc {i}" for i in range(7)]
+    reranker = MemOSReranker(api_key="k", base_url=server.url, max_documents_per_request=3)
+    assert [r.index for r in reranker.rerank("q", docs)] == list(range(7))
+
+
+# ---------------------------------------------------------------- numbers from duck-typed backends
+
+
+def test_validate_ranking_takes_numpy_scalars_and_returns_plain_numbers() -> None:
+    import numpy as np
+
+    pairs = [(np.int64(1), np.float32(0.5)), (np.uint8(0), np.float16(0.25)), (np.int32(2), 3)]
+    scores = validate_ranking(pairs, n_documents=3, top_n_sent=None, backend="t")
+    assert scores == {1: 0.5, 0: 0.25, 2: 3.0}
+    assert all(type(i) is int and type(s) is float for i, s in scores.items())
+    assert list(scores) == [1, 0, 2]  # the answer's order is kept
+
+
+@pytest.mark.parametrize(
+    "index, score, match",
+    [
+        ("bool_", 0.5, "index of type bool"),
+        (0, "bool_", "score of type bool"),
+        (0, "nan32", "non-finite"),
+        (0, "inf64", "non-finite"),
+        (0, "huge", "non-finite"),
+        (0, "-huge", "non-finite"),
+        ("huge", 0.5, r"index 10+\.\.\., outside"),
+        ("float64", 0.5, "index of type float64"),
+        (0, b"0.5", "score of type bytes"),
+        (0, 1j, "score of type complex"),
+    ],
+)
+def test_validate_ranking_still_rejects(index: Any, score: Any, match: str) -> None:
+    import numpy as np
+
+    named = {
+        "bool_": np.bool_(True),
+        "nan32": np.float32("nan"),
+        "inf64": np.float64("inf"),
+        "float64": np.float64(0.0),
+        "huge": 10**400,
+        "-huge": -(10**400),
+    }
+    index, score = named.get(index, index), named.get(score, score)
+    with pytest.raises(MalformedResponseError, match=match) as caught:
+        validate_ranking([(index, score)], n_documents=1, top_n_sent=None, backend="t")
+    assert len(str(caught.value)) < 200
+
+
+# ---------------------------------------------------------------- decoding under the cap
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+@pytest.mark.parametrize(
+    "encoding, encode",
+    [
+        (None, lambda b: b),
+        ("identity", lambda b: b),
+        ("gzip", _gzip),
+        ("x-gzip", _gzip),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some servers send
+        ("deflate, gzip", lambda b: _gzip(zlib.compress(b))),
+        ("GZIP", _gzip),
+    ],
+)
+def test_body_decoder_reads_what_it_asks_for(encoding: str | None, encode: Any) -> None:
+    from memos_rerank_integrations._http import _BodyDecoder
+
+    data = b'{"results": []}' * 1000
+    encoded = encode(data)
+    decoder = _BodyDecoder(encoding, limit=len(data), backend="t")
+    # Fed in awkward pieces, as a socket delivers them (a lone first byte included).
+    pieces = [encoded[:1]] + [encoded[i : i + 7] for i in range(1, len(encoded), 7)]
+    out = b"".join(decoder.decode(piece) for piece in pieces)
+    assert out + decoder.flush() == data
+
+
+def test_body_decoder_stops_a_bomb_at_the_cap_without_inflating_it() -> None:
+    import tracemalloc
+
+    from memos_rerank_integrations._http import _BodyDecoder
+
+    packer = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = b"\0" * (1 << 20)
+    bomb = b"".join([packer.compress(block) for _ in range(128)] + [packer.flush()])  # 128 MiB
+    decoder = _BodyDecoder("gzip", limit=1 << 20, backend="t")
+    tracemalloc.start()
+    try:
+        with pytest.raises(MalformedResponseError, match=f"larger than {1 << 20} bytes"):
+            decoder.decode(bomb)  # one piece: zlib is never asked for more than the cap + 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # about the 1 MiB cap, not the 128 MiB inflated
+
+
+@pytest.mark.parametrize(
+    "encoding, data, match",
+    [
+        ("br", b"\x00", "Content-Encoding 'br'"),
+        ("gzip, zstd", b"\x00", "Content-Encoding 'zstd'"),
+        ("gzip", b"not gzip at all", "could not be decompressed"),
+        ("deflate", b"\xff\xfe\xfd", "could not be decompressed"),
+    ],
+)
+def test_body_decoder_rejects_what_it_cannot_read(encoding: str, data: bytes, match: str) -> None:
+    from memos_rerank_integrations._http import _BodyDecoder
+
+    with pytest.raises(MalformedResponseError, match=match):
+        decoder = _BodyDecoder(encoding, limit=1000, backend="t")
+        decoder.decode(data)
+        decoder.flush()
+
+
+# ---------------------------------------------------------------- one deadline per call
+
+
+def test_an_attempt_never_starts_without_time_left() -> None:
+    from memos_rerank_integrations._deadline import Deadline
+
+    policy = RetryPolicy(timeout=1.0, max_retries=3, backoff_base=0.001, backoff_max=0.01)
+    calls: list[float] = []
+    deadline = Deadline(0.0)
+    with pytest.raises(RerankTimeoutError, match="No time was left"):
+        policy.run(calls.append, what="test request", deadline=deadline, backend="t")
+    with pytest.raises(RerankTimeoutError, match="No time was left"):
+        asyncio.run(policy.arun(_async(calls.append), what="test request", deadline=deadline))
+    assert calls == []
+
+
+def _async(function: Any) -> Any:
+    async def wrapped(*args: Any) -> Any:
+        return function(*args)
+
+    return wrapped
+
+
+def test_each_attempt_gets_the_smaller_of_timeout_and_what_is_left() -> None:
+    from memos_rerank_integrations._deadline import Deadline
+
+    policy = RetryPolicy(timeout=5.0, max_retries=0)
+    seen: list[float] = []
+    policy.run(seen.append, what="test", deadline=Deadline(0.5))
+    assert 0 < seen[0] <= 0.5
+
+
+def test_async_attempts_are_cut_at_their_timeout_then_retried() -> None:
+    policy = RetryPolicy(timeout=0.2, max_retries=1, backoff_base=0.001, backoff_max=0.01)
+    calls: list[float] = []
+
+    async def hangs(timeout: float) -> str:
+        calls.append(timeout)
+        await asyncio.sleep(60)
+        return "never"
+
+    started = time.monotonic()
+    with pytest.raises(RerankTimeoutError, match=r"within 0\.2 s"):
+        asyncio.run(policy.arun(hangs, what="test request", backend="t"))
+    assert len(calls) == 2 and time.monotonic() - started < policy.total_budget + 1.0
+
+
+def test_a_cancelled_call_stops_sleeping_before_its_retry() -> None:
+    from memos_rerank_integrations._deadline import Deadline
+
+    policy = RetryPolicy(timeout=1.0, max_retries=1, backoff_base=4.0, backoff_max=5.0)
+    deadline = Deadline(policy.total_budget)
+    attempts = 0
+
+    def fails(timeout: float) -> None:
+        nonlocal attempts
+        attempts += 1
+        threading.Timer(0.2, deadline.cancel).start()
+        raise BackendUnavailableError("down")
+
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailableError):
+        policy.run(fails, what="test", deadline=deadline)
+    assert attempts == 1 and time.monotonic() - started < 1.5  # not the 2-4 s backoff
+
+
+def test_run_in_threads_returns_in_order_and_fails_fast() -> None:
+    from memos_rerank_integrations._deadline import Deadline, run_in_threads
+
+    def task(value: int, pause: float) -> Any:
+        def run() -> int:
+            time.sleep(pause)
+            if value < 0:
+                raise AuthenticationError("no")
+            return value
+
+        return run
+
+    deadline = Deadline(10.0)
+    assert run_in_threads(
+        [task(1, 0.1), task(2, 0.0), task(3, 0.05)],
+        deadline=deadline,
+        workers=2,
+        expired=lambda: RerankTimeoutError("late"),
+    ) == [1, 2, 3]
+    assert deadline.cancelled  # whatever is left of a decided call is told to stop
+
+    started = time.monotonic()
+    with pytest.raises(AuthenticationError):
+        run_in_threads(
+            [task(1, 3.0), task(-1, 0.1), task(3, 3.0)],
+            deadline=Deadline(10.0),
+            workers=3,
+            expired=lambda: RerankTimeoutError("late"),
+        )
+    assert time.monotonic() - started < 1.5  # not waiting for the 3 s siblings
+
+    started = time.monotonic()
+    with pytest.raises(RerankTimeoutError, match="late"):
+        run_in_threads(
+            [task(1, 3.0)],
+            deadline=Deadline(0.3),
+            workers=1,
+            expired=lambda: RerankTimeoutError("late"),
+        )
+    assert time.monotonic() - started < 1.3
+
+
+def test_own_clients_guard_every_transport_proxies_included(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memos_rerank_integrations._deadline import DeadlineNetworkBackend, guard_sockets
+    from memos_rerank_integrations._http import HTTPClients
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    client = HTTPClients(1.0, None, None).sync()
+    transports = [client._transport, *(t for t in client._mounts.values() if t is not None)]
+    assert len(transports) >= 2  # the proxy from the environment is still used
+    for transport in transports:
+        assert isinstance(transport._pool._network_backend, DeadlineNetworkBackend)  # type: ignore[attr-defined]
+    assert guard_sockets(client)  # idempotent
+    client.close()

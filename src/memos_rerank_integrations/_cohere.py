@@ -12,6 +12,7 @@ from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._extras import missing_extra
 from ._http import HTTPClients, error_for_status, error_for_transport
 from ._remote import RemoteOptions, RemoteReranker, resolve_api_key
+from ._types import check_text
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -59,6 +60,7 @@ class CohereReranker(RemoteReranker):
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"model must be a non-empty str, got {model!r}.")
+        check_text("model", model)
         if max_tokens_per_doc is not None and (
             isinstance(max_tokens_per_doc, bool)
             or not isinstance(max_tokens_per_doc, int)
@@ -82,7 +84,7 @@ class CohereReranker(RemoteReranker):
             required=needs_key,
         )
         self._given_client, self._given_async_client = client, async_client
-        self._clients = HTTPClients(timeout, None, None)
+        self._clients = HTTPClients(timeout, None, None, backend=self.backend_name)
         # SDK clients wrap our httpx clients; remade when those are (new loop, close).
         self._sdk: tuple[object, Any] | None = None
         self._async_sdk: tuple[object, Any] | None = None
@@ -120,6 +122,14 @@ class CohereReranker(RemoteReranker):
                 sdk = self._cohere.AsyncClientV2(httpx_client=http, **self._sdk_options())
                 self._async_sdk = (http, sdk)
             return self._async_sdk[1]
+
+    def _prepare(self) -> None:
+        # The first SDK client of a process takes about a second to build (the SDK's
+        # imports): not time a call's deadline should spend.
+        self._sync_client()
+
+    def _aprepare(self) -> None:
+        self._async_sdk_client()
 
     def _arguments(
         self, query: str, documents: list[str], top_n: int | None, timeout: float

@@ -227,12 +227,13 @@ def _checked(raw: Any, count: int, top_n: int | None, backend: Any) -> list[Rera
     pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in raw]
     scores = validate_ranking(pairs, n_documents=count, top_n_sent=top_n, backend=name)
     results = []
-    for item in raw:
-        score = scores[item.index]
+    # validate_ranking keeps the answer's order, with plain int indices and float scores
+    # (a numpy-scored backend's numpy.int64 / numpy.float32 do not leak out).
+    for item, (index, score) in zip(raw, scores.items(), strict=True):
         stage = getattr(item, "stage", None)
         if not isinstance(stage, Stage):
             stage = DEFAULT_THRESHOLDS.stage(score)
-        results.append(RerankResult(item.index, score, stage))
+        results.append(RerankResult(index, score, stage))
     results.sort(key=lambda result: (-result.score, result.index))
     return results
 

@@ -15,12 +15,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import SecretStr
 
+from ._deadline import guard_sockets
 from ._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
@@ -33,6 +35,8 @@ from ._exceptions import (
 from ._remote import RemoteReranker
 
 __all__ = [
+    "ACCEPT_ENCODING",
+    "MAX_RESPONSE_BYTES",
     "HTTPBackend",
     "HTTPClients",
     "error_for_status",
@@ -43,8 +47,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# A response larger than this is not a ranking of any sane request.
-_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# A response larger than this, decoded, is not a ranking of any sane request.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 300
 
 
@@ -54,6 +58,8 @@ _MAX_MESSAGE_CHARS = 300
 def _clean(text: object, secret: SecretStr | None) -> str:
     """A server-provided message made safe to show: no key, one line, bounded length."""
     message = " ".join(str(text).split())
+    # A server may send lone surrogates ("\\ud800" in JSON); they would break printing.
+    message = message.encode("utf-8", "replace").decode("utf-8")
     if secret is not None:
         value = secret.get_secret_value()
         if value:
@@ -82,9 +88,10 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError):
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        return max(0.0, when.timestamp() - time.time())
+        return max(0.0, seconds)
     return value if math.isfinite(value) and value >= 0 else None
 
 
@@ -161,12 +168,214 @@ def error_for_transport(exc: Exception, *, backend: str, timeout: float) -> Rera
 # --------------------------------------------------------------------------- HTTP
 
 
+# Only encodings _BodyDecoder reads are asked for (httpx would add br and zstd when
+# their packages are installed, and decode those without a size bound).
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+class _BodyDecoder:
+    """Undoes a ``Content-Encoding`` as the body arrives, never producing more than
+    ``limit`` bytes: a gzip bomb stops at the cap instead of filling the memory.
+
+    zlib is asked for at most ``limit + 1`` bytes per input piece, so a stage holds
+    no more than that however well the input compresses.
+    """
+
+    def __init__(self, content_encoding: str | None, *, limit: int, backend: str) -> None:
+        self._limit = limit
+        self._backend = backend
+        self.size = 0
+        codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+        self._stages: list[_ZlibStage] = []
+        for coding in reversed([c for c in codings if c and c != "identity"]):
+            if coding not in ("gzip", "x-gzip", "deflate"):
+                raise MalformedResponseError(
+                    f"The {backend} answer uses Content-Encoding {_clean(coding, None)!r}, "
+                    f"which this client did not ask for ({ACCEPT_ENCODING}).",
+                    backend=backend,
+                )
+            self._stages.append(_ZlibStage(coding, limit, self._too_large))
+
+    def _too_large(self) -> MalformedResponseError:
+        return MalformedResponseError(
+            f"The {self._backend} answer is larger than {self._limit} bytes.",
+            backend=self._backend,
+        )
+
+    def decode(self, data: bytes) -> bytes:
+        try:
+            for stage in self._stages:
+                data = stage.decode(data)
+        except zlib.error as exc:
+            raise self._unreadable(exc) from None
+        return self._counted(data)
+
+    def flush(self) -> bytes:
+        data = b""
+        try:
+            for stage in self._stages:
+                data = stage.decode(data) + stage.flush()
+        except zlib.error as exc:
+            raise self._unreadable(exc) from None
+        return self._counted(data)
+
+    def _counted(self, data: bytes) -> bytes:
+        self.size += len(data)
+        if self.size > self._limit:
+            raise self._too_large()
+        return data
+
+    def _unreadable(self, exc: zlib.error) -> MalformedResponseError:
+        return MalformedResponseError(
+            f"The {self._backend} answer could not be decompressed ({exc}).",
+            backend=self._backend,
+        )
+
+
+class _ZlibStage:
+    # Input kept while a "deflate" body may still turn out to be raw deflate.
+    _SNIFF_BYTES = 64 * 1024
+
+    def __init__(
+        self, coding: str, limit: int, too_large: Callable[[], MalformedResponseError]
+    ) -> None:
+        gzip = coding in ("gzip", "x-gzip")
+        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
+        # "deflate" means zlib-wrapped, but some servers send raw deflate (as httpx
+        # accepts): until the first output, a zlib error retries the input seen as raw.
+        self._seen: bytearray | None = None if gzip else bytearray()
+        self._limit = limit
+        self._produced = 0
+        self._too_large = too_large
+
+    def decode(self, data: bytes) -> bytes:
+        if not data or self._zlib.eof:
+            return b""
+        room = self._limit - self._produced
+        if self._seen is not None:
+            self._seen += data
+        try:
+            out = self._zlib.decompress(data, room + 1)
+        except zlib.error:
+            if self._seen is None:
+                raise
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            data, self._seen = bytes(self._seen), None
+            out = self._zlib.decompress(data, room + 1)
+        if self._seen is not None and (out or len(self._seen) > self._SNIFF_BYTES):
+            self._seen = None
+        self._produced += len(out)
+        if self._produced > self._limit:
+            raise self._too_large()
+        return out
+
+    def flush(self) -> bytes:
+        out = self._zlib.flush()
+        self._produced += len(out)
+        if self._produced > self._limit:
+            raise self._too_large()
+        return out
+
+
+class _DecodedStream(httpx.SyncByteStream):
+    def __init__(self, stream: httpx.SyncByteStream, decoder: _BodyDecoder) -> None:
+        self._stream, self._decoder = stream, decoder
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            yield self._decoder.decode(chunk)
+        yield self._decoder.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _AsyncDecodedStream(httpx.AsyncByteStream):
+    def __init__(self, stream: httpx.AsyncByteStream, decoder: _BodyDecoder) -> None:
+        self._stream, self._decoder = stream, decoder
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield self._decoder.decode(chunk)
+        yield self._decoder.flush()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _decoder_for(response: httpx.Response, backend: str) -> _BodyDecoder:
+    """A capped decoder for ``response``'s body; the response then reads as identity."""
+    decoder = _BodyDecoder(
+        response.headers.get("content-encoding"), limit=MAX_RESPONSE_BYTES, backend=backend
+    )
+    for name in ("content-encoding", "content-length"):
+        response.headers.pop(name, None)
+    return decoder
+
+
+class _GuardedClient(httpx.Client):
+    """The sync client this package makes: sockets that keep the attempt deadline
+    (:func:`~._deadline.guard_sockets`) and answers decoded under the size cap, for
+    every caller of :meth:`send` (``stream``, ``request``, the Cohere SDK)."""
+
+    def __init__(self, *, backend: str, **options: Any) -> None:
+        super().__init__(**options)
+        self._backend_name = backend
+        guard_sockets(self)
+
+    def send(
+        self, request: httpx.Request, *, stream: bool = False, **options: Any
+    ) -> httpx.Response:
+        request.headers["Accept-Encoding"] = ACCEPT_ENCODING
+        response = super().send(request, stream=True, **options)
+        try:
+            decoder = _decoder_for(response, self._backend_name)
+            assert isinstance(response.stream, httpx.SyncByteStream)
+            response.stream = _DecodedStream(response.stream, decoder)
+            if not stream:
+                response.read()
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+
+class _GuardedAsyncClient(httpx.AsyncClient):
+    """The async client this package makes: answers decoded under the size cap (the
+    deadline is kept by ``asyncio.wait_for`` around each attempt)."""
+
+    def __init__(self, *, backend: str, **options: Any) -> None:
+        super().__init__(**options)
+        self._backend_name = backend
+
+    async def send(
+        self, request: httpx.Request, *, stream: bool = False, **options: Any
+    ) -> httpx.Response:
+        request.headers["Accept-Encoding"] = ACCEPT_ENCODING
+        response = await super().send(request, stream=True, **options)
+        try:
+            decoder = _decoder_for(response, self._backend_name)
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            response.stream = _AsyncDecodedStream(response.stream, decoder)
+            if not stream:
+                await response.aread()
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
+
 class HTTPClients:
     """One sync and one async ``httpx`` client, made on first use and reused.
 
     Clients passed in are used as they are and never closed here. An async client
     belongs to the event loop that first used it; one we made is replaced when a
-    call comes from another loop (``asyncio.run`` twice, per-test loops).
+    call comes from another loop (``asyncio.run`` twice, per-test loops). The
+    clients we make keep the attempt deadline on their sockets and cap decoded
+    answers at :data:`MAX_RESPONSE_BYTES` (see :class:`_GuardedClient`).
+
+    Not picklable as is: ``_sync``, ``_async`` (live clients), ``_async_loop`` and
+    ``_lock``.
     """
 
     def __init__(
@@ -174,6 +383,8 @@ class HTTPClients:
         timeout: float,
         client: httpx.Client | None,
         async_client: httpx.AsyncClient | None,
+        *,
+        backend: str = "remote",
     ) -> None:
         if client is not None and not isinstance(client, httpx.Client):
             raise InvalidInputError(f"http_client must be an httpx.Client, got {client!r}.")
@@ -182,6 +393,7 @@ class HTTPClients:
                 f"async_http_client must be an httpx.AsyncClient, got {async_client!r}."
             )
         self._timeout = timeout
+        self._backend = backend
         self._sync = client
         self._owns_sync = client is None
         self._async = async_client
@@ -192,14 +404,14 @@ class HTTPClients:
     def sync(self) -> httpx.Client:
         with self._lock:
             if self._sync is None:
-                self._sync = httpx.Client(timeout=self._timeout)
+                self._sync = _GuardedClient(backend=self._backend, timeout=self._timeout)
             return self._sync
 
     def async_(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._owns_async and (self._async is None or self._async_loop is not loop):
-                self._async = httpx.AsyncClient(timeout=self._timeout)
+                self._async = _GuardedAsyncClient(backend=self._backend, timeout=self._timeout)
                 self._async_loop = loop
             assert self._async is not None
             return self._async
@@ -247,7 +459,9 @@ class HTTPBackend(RemoteReranker):
         self.url = _check_url(url)
         self.model = model
         self._api_key = api_key
-        self._clients = HTTPClients(timeout, http_client, async_http_client)
+        self._clients = HTTPClients(
+            timeout, http_client, async_http_client, backend=self.backend_name
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, url={self.url!r})"
@@ -272,10 +486,23 @@ class HTTPBackend(RemoteReranker):
     def _request_args(
         self, query: str, documents: list[str], top_n: int | None
     ) -> tuple[bytes, dict[str, str]]:
-        body = json.dumps(self._body(query, documents, top_n), ensure_ascii=False)
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        try:
+            body = json.dumps(self._body(query, documents, top_n), ensure_ascii=False)
+            content = body.encode("utf-8")
+        except (UnicodeEncodeError, ValueError, RecursionError) as exc:
+            # check_inputs has vetted query and documents; this is an option's text.
+            raise InvalidInputError(
+                f"The {self.backend_name} request cannot be encoded as JSON in UTF-8 "
+                f"({type(exc).__name__}); check the text options (model, instruction).",
+                backend=self.backend_name,
+            ) from None
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": ACCEPT_ENCODING,
+        }
         headers.update(self._auth_headers())
-        return body.encode("utf-8"), headers
+        return content, headers
 
     def _score_chunk(
         self, query: str, documents: list[str], top_n: int | None, timeout: float
@@ -287,9 +514,18 @@ class HTTPBackend(RemoteReranker):
             with self._clients.sync().stream(
                 "POST", self.url, content=content, headers=headers, timeout=timeout
             ) as response:
+                # Raw bytes, decoded here under the size cap: a client passed in would
+                # otherwise inflate each compressed chunk whole.
+                decoder = _BodyDecoder(
+                    response.headers.get("content-encoding"),
+                    limit=MAX_RESPONSE_BYTES,
+                    backend=self.backend_name,
+                )
                 body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += self._checked_chunk(chunk, body, deadline, timeout)
+                for chunk in response.iter_raw():
+                    self._check_time(deadline, timeout)
+                    body += decoder.decode(chunk)
+                body += decoder.flush()
                 return self._parse(response.status_code, response.headers, bytes(body))
         except httpx.HTTPError as exc:
             raise error_for_transport(exc, backend=self.backend_name, timeout=timeout) from exc
@@ -304,28 +540,28 @@ class HTTPBackend(RemoteReranker):
             async with self._clients.async_().stream(
                 "POST", self.url, content=content, headers=headers, timeout=timeout
             ) as response:
+                decoder = _BodyDecoder(
+                    response.headers.get("content-encoding"),
+                    limit=MAX_RESPONSE_BYTES,
+                    backend=self.backend_name,
+                )
                 body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += self._checked_chunk(chunk, body, deadline, timeout)
+                async for chunk in response.aiter_raw():
+                    self._check_time(deadline, timeout)
+                    body += decoder.decode(chunk)
+                body += decoder.flush()
                 return self._parse(response.status_code, response.headers, bytes(body))
         except httpx.HTTPError as exc:
             raise error_for_transport(exc, backend=self.backend_name, timeout=timeout) from exc
 
-    def _checked_chunk(
-        self, chunk: bytes, body: bytearray, deadline: float, timeout: float
-    ) -> bytes:
-        # httpx's read timeout is per chunk; a server trickling bytes would never trip it.
+    def _check_time(self, deadline: float, timeout: float) -> None:
+        # For clients passed in: httpx's read timeout is per chunk, so a server
+        # trickling bytes would never trip it. (Our own clients' sockets stop anyway.)
         if time.monotonic() > deadline:
             raise RerankTimeoutError(
                 f"The {self.backend_name} answer took longer than {timeout:.3g} s.",
                 backend=self.backend_name,
             )
-        if len(body) + len(chunk) > _MAX_RESPONSE_BYTES:
-            raise MalformedResponseError(
-                f"The {self.backend_name} answer is larger than {_MAX_RESPONSE_BYTES} bytes.",
-                backend=self.backend_name,
-            )
-        return chunk
 
     def _parse(
         self, status: int, headers: Mapping[str, str], content: bytes
@@ -333,8 +569,10 @@ class HTTPBackend(RemoteReranker):
         try:
             payload: object = json.loads(content)
             parsed = True
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            payload, parsed = content.decode("utf-8", "replace")[:_MAX_MESSAGE_CHARS], False
+        except (ValueError, RecursionError):
+            # Invalid JSON or UTF-8, an integer of over 4,300 digits, nesting deeper
+            # than the parser's recursion limit.
+            payload, parsed = content[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace"), False
         if not 200 <= status < 300:
             error = self._business_error(payload, status, headers) if parsed else None
             raise error or error_for_status(

@@ -10,6 +10,7 @@ from ._exceptions import InvalidInputError
 from ._http import HTTPBackend, join_url
 from ._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
 from ._remote import RemoteOptions, read_scored_results, resolve_api_key
+from ._types import check_text
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -78,6 +79,10 @@ class HTTPReranker(HTTPBackend):
             raise InvalidInputError(
                 "instruction must be a str, and applies only with template='qwen3'."
             )
+        if instruction is not None:
+            check_text("instruction", instruction)
+        if model is not None:
+            check_text("model", model)
         self.template: Template | None = template
         self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         key = resolve_api_key(api_key, [], owner="HTTPReranker", backend="http", required=False)

@@ -37,6 +37,7 @@ from ._types import (
     RerankResult,
     StageThresholds,
     check_inputs,
+    check_text,
     check_top_n,
     rank_scores,
 )
@@ -107,7 +108,8 @@ class _Answer:
 
 # ---------------------------------------------------------------- parsing
 
-_THINK = re.compile(r"<think(?:ing)?>.*?</think(?:ing)?>", re.IGNORECASE | re.DOTALL)
+_THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
 _FENCE = re.compile(r"```[\w-]*")
 _SCALE = re.compile(r"\b0\s*(?:-|–|—|to)\s*4\b", re.IGNORECASE)
 _OUT_OF_FOUR = re.compile(r"\s*(?:/|\bout\s+of\b)\s*4\b(?!\.\d)", re.IGNORECASE)
@@ -136,6 +138,21 @@ def _stage_word_grade(word: str) -> int:
     return 3
 
 
+def _strip_thinking(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` blocks, in one pass (a lazy regex
+    would rescan the rest of the answer for every unclosed opening tag)."""
+    parts, position = [], 0
+    while True:
+        opened = _THINK_OPEN.search(text, position)
+        closed = None if opened is None else _THINK_CLOSE.search(text, opened.end())
+        if opened is None or closed is None:
+            break
+        parts += [text[position : opened.start()], " "]
+        position = closed.end()
+    parts.append(text[position:])
+    return "".join(parts)
+
+
 def _number_grade(value: float) -> int | None:
     if not math.isfinite(value) or value != int(value) or not 0 <= value <= 4:
         return None
@@ -146,13 +163,14 @@ def _json_grade(text: str) -> tuple[bool, int | None]:
     """(found JSON, grade). A JSON answer is read by its grade field only, so numbers
     in an explanation field cannot conflict with it."""
     candidates = [text]
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if match is not None and match.group(0) != text:
-        candidates.append(match.group(0))
+    # From the first "{" to the last "}" (what a greedy regex would match, in linear time).
+    first, last = text.find("{"), text.rfind("}")
+    if first != -1 and last > first and (first, last) != (0, len(text) - 1):
+        candidates.append(text[first : last + 1])
     for candidate in candidates:
         try:
             value = json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, a 4,300-digit int, deep nesting
             continue
         if isinstance(value, dict):
             keys = {str(key).lower(): key for key in value}
@@ -165,8 +183,10 @@ def _json_grade(text: str) -> tuple[bool, int | None]:
 def _value_grade(value: object) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return _number_grade(float(value))
+    if isinstance(value, int):
+        return value if 0 <= value <= 4 else None  # no float(): 10**400 would overflow
+    if isinstance(value, float):
+        return _number_grade(value)
     if isinstance(value, str):
         return _text_grade(value)
     return None
@@ -190,7 +210,7 @@ def parse_grade(answer: str) -> int | None:
     Accepts extra words, markdown, code fences, ``"3/4"``, stage names and JSON such as
     ``{"grade": 2}``; rejects refusals, conflicting grades and numbers outside 0-4.
     """
-    text = _FENCE.sub(" ", _THINK.sub(" ", answer)).strip()
+    text = _FENCE.sub(" ", _strip_thinking(answer)).strip()
     if not text:
         return None
     found, grade = _json_grade(text)
@@ -212,14 +232,26 @@ def _expected_grade(grade: int, logprobs: Any) -> float | None:
             if not isinstance(alternative, dict):
                 continue
             token = str(alternative.get("token", "")).strip()
-            logprob = alternative.get("logprob")
-            if token in {"0", "1", "2", "3", "4"} and isinstance(logprob, (int, float)):
+            logprob = _logprob(alternative.get("logprob"))
+            if token in {"0", "1", "2", "3", "4"} and logprob is not None:
                 mass[int(token)] += math.exp(logprob)
         total = sum(mass)
         if total <= 0 or not math.isfinite(total):
             return None
         return sum(g * p for g, p in enumerate(mass)) / total
     return None
+
+
+def _logprob(value: object) -> float | None:
+    """A log-probability (a finite number <= 0), or ``None`` for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and value < -10_000:
+        return -math.inf  # exp() of it is 0; float() of a 400-digit int would overflow
+    if isinstance(value, int) and value > 0:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and number <= 0 else None
 
 
 def _answer_text(output: object) -> str:
@@ -444,6 +476,8 @@ class LLMReranker(Configurable):
             raise InvalidInputError(
                 f"instruction must be a str or None, got {type(instruction).__name__}."
             )
+        if instruction is not None:
+            check_text("instruction", instruction)
         if max_document_chars is not None:
             _check_int("max_document_chars", max_document_chars, 1)
         if not isinstance(thresholds, StageThresholds):
@@ -524,6 +558,16 @@ class LLMReranker(Configurable):
         return _Prompt(self._system, _USER_TEMPLATE.format(query=query, document=document))
 
     def _score(self, answer: _Answer) -> float | None:
+        try:
+            return self._read_score(answer)
+        except Exception:
+            # The parser is written not to raise; should an answer still defeat it, the
+            # answer is unreadable (asked again, then MalformedResponseError), never an
+            # error outside the tree.
+            logger.debug("An LLM answer could not be parsed.", exc_info=True)
+            return None
+
+    def _read_score(self, answer: _Answer) -> float | None:
         grade = parse_grade(answer.text)
         if grade is None:
             return None

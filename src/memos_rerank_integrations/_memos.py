@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from ._exceptions import (
 )
 from ._http import HTTPBackend, error_for_status, join_url, retry_after_seconds
 from ._remote import RemoteOptions, read_scored_results, resolve_api_key
+from ._types import check_text
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -70,6 +73,7 @@ class MemOSReranker(HTTPBackend):
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"model must be a non-empty str, got {model!r}.")
+        check_text("model", model)
         key = resolve_api_key(
             api_key, ["MEMOS_API_KEY"], owner="MemOSReranker", backend=self.backend_name
         )
@@ -117,11 +121,10 @@ class MemOSReranker(HTTPBackend):
         if not isinstance(payload, Mapping) or "code" not in payload:
             return None
         raw = payload["code"]
-        try:
-            code = int(raw)
-        except (TypeError, ValueError):
+        code = _business_code(raw)
+        if code is None:
             return MalformedResponseError(
-                f"The memos answer has a non-numeric code {self._clean(raw)!r}.",
+                f"The memos answer has a code that is not an integer: {self._clean(raw)[:40]!r}.",
                 status_code=status,
                 backend=self.backend_name,
             )
@@ -160,3 +163,21 @@ class MemOSReranker(HTTPBackend):
         if kind is AuthenticationError:
             text += ". Check MEMOS_API_KEY or the api_key argument."
         return kind(text, status_code=status, code=code, backend=self.backend_name)
+
+
+def _business_code(raw: object) -> int | None:
+    """The integer in a MemOS ``code`` field (``40132``, ``"40132"``, ``40132.0``), or
+    ``None`` for anything else: booleans, fractions, ``1e999``, NaN, huge numbers."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, float) and math.isfinite(raw) and raw.is_integer():
+        raw = int(raw)
+    if isinstance(raw, int):
+        return raw if abs(raw) < _MAX_CODE else None
+    if isinstance(raw, str) and _CODE_TEXT.fullmatch(raw.strip()):
+        return int(raw.strip())
+    return None
+
+
+_MAX_CODE = 10**18
+_CODE_TEXT = re.compile(r"[+-]?[0-9]{1,18}")

@@ -11,21 +11,21 @@ for the sync and async paths. HTTP backends build on :mod:`._http`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
 import os
 import random
-import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar, Literal, TypedDict, TypeVar
 
 from pydantic import SecretStr
 
 from ._config import Configurable
+from ._deadline import Deadline, run_in_threads
 from ._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
@@ -181,15 +181,17 @@ def plan_requests(
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter, within a bounded total time.
+    """Exponential backoff with jitter, within one deadline per call.
 
     Retried: connection failures, timeouts, rate limits (``Retry-After`` honoured)
     and server-side failures (:class:`BackendUnavailableError`). Never retried:
-    authentication, input and malformed-response errors. Each attempt gets at most
-    ``timeout`` seconds and a call at most ``(max_retries + 1) * timeout`` plus
-    ``max_retries * backoff_max`` seconds. A ``Retry-After`` longer than
-    ``backoff_max`` is not waited for: the :class:`RateLimitError` is raised with
-    ``retry_after`` set, so the caller decides.
+    authentication, input and malformed-response errors. A call (all its requests
+    and their retries together) must be over :attr:`total_budget` seconds after it
+    started, ``(max_retries + 1) * timeout + max_retries * backoff_max``; each
+    attempt (connect, headers and body) gets at most ``timeout`` of them, and a
+    backoff is slept only when an attempt can still follow it. A ``Retry-After``
+    longer than ``backoff_max`` is not waited for: the :class:`RateLimitError` is
+    raised with ``retry_after`` set, so the caller decides.
     """
 
     timeout: float = 10.0
@@ -212,6 +214,10 @@ class RetryPolicy:
     def total_budget(self) -> float:
         return (self.max_retries + 1) * self.timeout + self.max_retries * self.backoff_max
 
+    def deadline(self) -> Deadline:
+        """A fresh deadline for one call, :attr:`total_budget` seconds from now."""
+        return Deadline(self.total_budget)
+
     def delay(self, attempt: int, error: RerankError, remaining: float) -> float | None:
         """Seconds to wait before retrying after ``error``, or ``None`` to give up."""
         if attempt >= self.max_retries or not _is_retryable(error):
@@ -223,33 +229,73 @@ class RetryPolicy:
         else:
             ceiling = min(self.backoff_max, self.backoff_base * 2**attempt)
             wait = ceiling / 2 + random.uniform(0, ceiling / 2)
-        # Waiting must leave time for another attempt inside the call's budget.
+        # Waiting must leave time for another attempt inside the call's deadline.
         return wait if wait < remaining else None
 
-    def run(self, attempt: Callable[[float], T], *, what: str) -> T:
-        deadline = time.monotonic() + self.total_budget
+    def _attempt_timeout(self, deadline: Deadline, what: str, backend: str | None) -> float:
+        remaining = deadline.remaining()
+        if deadline.cancelled or remaining <= 0:
+            raise RerankTimeoutError(
+                f"No time was left for the {what} within the call's deadline of "
+                f"{deadline.seconds:.3g} s.",
+                backend=backend,
+            )
+        return min(self.timeout, remaining)
+
+    def run(
+        self,
+        attempt: Callable[[float], T],
+        *,
+        what: str,
+        deadline: Deadline | None = None,
+        backend: str | None = None,
+    ) -> T:
+        """``attempt(timeout)`` until it succeeds, retries run out or ``deadline``
+        (default: a fresh one) leaves no time; each try runs in
+        :meth:`Deadline.attempt`, which our HTTP clients' sockets keep."""
+        deadline = self.deadline() if deadline is None else deadline
         for number in itertools.count():
+            timeout = self._attempt_timeout(deadline, what, backend)
             try:
-                return attempt(min(self.timeout, deadline - time.monotonic()))
+                with deadline.attempt(timeout):
+                    return attempt(timeout)
             except RerankError as error:
-                wait = self.delay(number, error, deadline - time.monotonic())
+                wait = self.delay(number, error, deadline.remaining())
                 if wait is None:
                     raise
                 _log_retry(what, error, number, wait)
-                time.sleep(wait)
+                if deadline.sleep(wait):
+                    raise  # the call was decided meanwhile (a sibling request failed)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def arun(self, attempt: Callable[[float], Awaitable[T]], *, what: str) -> T:
-        deadline = time.monotonic() + self.total_budget
+    async def arun(
+        self,
+        attempt: Callable[[float], Awaitable[T]],
+        *,
+        what: str,
+        deadline: Deadline | None = None,
+        backend: str | None = None,
+    ) -> T:
+        """The async twin of :meth:`run`; each try also runs under ``asyncio.wait_for``,
+        so connect, headers and body end at its timeout whatever the client."""
+        deadline = self.deadline() if deadline is None else deadline
         for number in itertools.count():
+            timeout = self._attempt_timeout(deadline, what, backend)
             try:
-                return await attempt(min(self.timeout, deadline - time.monotonic()))
+                with deadline.attempt(timeout):
+                    return await asyncio.wait_for(attempt(timeout), timeout)
             except RerankError as error:
-                wait = self.delay(number, error, deadline - time.monotonic())
-                if wait is None:
-                    raise
-                _log_retry(what, error, number, wait)
-                await asyncio.sleep(wait)
+                failure = error
+            except asyncio.TimeoutError:
+                failure = RerankTimeoutError(
+                    f"The {what} got no complete answer within {timeout:.3g} s.",
+                    backend=backend,
+                )
+            wait = self.delay(number, failure, deadline.remaining())
+            if wait is None:
+                raise failure
+            _log_retry(what, failure, number, wait)
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -281,7 +327,10 @@ def resolve_api_key(
     backend: str,
     required: bool = True,
 ) -> SecretStr | None:
-    """The key from the argument or the first set environment variable."""
+    """The key from the argument or the first set environment variable, stripped of
+    surrounding whitespace. A missing key is an :class:`AuthenticationError`; one
+    that no HTTP header can carry (control or non-ASCII characters) is an
+    :class:`InvalidInputError`, raised here, when the backend is made."""
     if isinstance(api_key, SecretStr):
         api_key = api_key.get_secret_value()
     if api_key is None:
@@ -297,9 +346,31 @@ def resolve_api_key(
         raise AuthenticationError(
             f"{owner} needs an API key: pass api_key=... or set {names}.", backend=backend
         )
-    if any(char in api_key for char in "\r\n"):
-        raise AuthenticationError("The API key contains a line break.", backend=backend)
+    problem = _key_problem(api_key)
+    if problem is not None:
+        # Caller input, not a rejected credential: nothing was sent. The key itself is
+        # never part of the message.
+        raise InvalidInputError(f"The API key given to {owner} {problem}.", backend=backend)
     return SecretStr(api_key)
+
+
+def _key_problem(key: str) -> str | None:
+    """Why ``key`` cannot go into an HTTP header, or ``None``."""
+    for char in key:
+        code = ord(char)
+        if code < 0x20 or code == 0x7F:
+            what = "a line break" if char in "\r\n" else "a control character"
+            return (
+                f"contains {what} (U+{code:04X}); an HTTP header cannot carry it. Check "
+                "how the key was read (a trailing newline inside quotes, a pasted tab)"
+            )
+        if code > 0x7E:
+            return (
+                f"contains a non-ASCII character (U+{code:04X}); keys are ASCII and an "
+                "HTTP header cannot carry it. Check for a typographic quote, a non-breaking "
+                "space or an ellipsis pasted with the key"
+            )
+    return None
 
 
 # --------------------------------------------------------------------------- validation
@@ -403,6 +474,12 @@ class RemoteReranker(Configurable):
         """Whether the service takes ``top_n``; if not, the cut happens after the merge."""
         return True
 
+    def _prepare(self) -> None:
+        """Local set-up a sync call needs, done before its deadline starts (no I/O)."""
+
+    def _aprepare(self) -> None:
+        """The same for an async call (runs in the event loop, so: quick, no I/O)."""
+
     # Subclasses provide these two.
     def _score_chunk(
         self, query: str, documents: list[str], top_n: int | None, timeout: float
@@ -417,39 +494,42 @@ class RemoteReranker(Configurable):
     def rerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
-        """Rerank ``documents`` for ``query``: results sorted best first."""
+        """Rerank ``documents`` for ``query``: results sorted best first.
+
+        The call is over within :attr:`RetryPolicy.total_budget` seconds, however many
+        requests it is split into: they run on worker threads and this thread waits
+        for them only until the call's deadline, or until one of them fails.
+        """
         query, requests, top_n = self._plan(query, documents, top_n)
         if not requests:
             return []
-        if len(requests) == 1:
-            answers = [self._run_request(query, requests[0])]
-        else:
-            workers = min(self.limits.max_concurrency, len(requests))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(self._run_request, query, r) for r in requests]
-                try:
-                    answers = [future.result() for future in futures]
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+        self._prepare()
+        deadline = self.retry.deadline()
+        answers = run_in_threads(
+            [functools.partial(self._run_request, query, r, deadline) for r in requests],
+            deadline=deadline,
+            workers=min(self.limits.max_concurrency, len(requests)),
+            expired=lambda: self._expired(deadline, len(requests)),
+        )
         return self._merge(requests, answers, top_n)
 
     async def arerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
-        """Async twin of :meth:`rerank`, on one reused async client."""
+        """Async twin of :meth:`rerank`, on one reused async client and one deadline."""
         query, requests, top_n = self._plan(query, documents, top_n)
         if not requests:
             return []
+        self._aprepare()
+        deadline = self.retry.deadline()
         if len(requests) == 1:
-            answers = [await self._arun_request(query, requests[0])]
+            answers = [await self._arun_request(query, requests[0], deadline)]
         else:
             gate = asyncio.Semaphore(self.limits.max_concurrency)
 
             async def gated(request: _Request) -> dict[int, float]:
                 async with gate:
-                    return await self._arun_request(query, request)
+                    return await self._arun_request(query, request, deadline)
 
             tasks = [asyncio.ensure_future(gated(r)) for r in requests]
             try:
@@ -460,6 +540,14 @@ class RemoteReranker(Configurable):
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
         return self._merge(requests, answers, top_n)
+
+    def _expired(self, deadline: Deadline, count: int) -> RerankTimeoutError:
+        parts = "" if count == 1 else f" ({count} requests)"
+        return RerankTimeoutError(
+            f"The {self.backend_name} call{parts} took longer than its deadline of "
+            f"{deadline.seconds:.3g} s.",
+            backend=self.backend_name,
+        )
 
     def _plan(
         self, query: str, documents: Sequence[str], top_n: int | None
@@ -493,19 +581,25 @@ class RemoteReranker(Configurable):
     def _what(self, request: _Request) -> str:
         return f"{self.backend_name} request for {len(request.documents)} documents"
 
-    def _run_request(self, query: str, request: _Request) -> dict[int, float]:
+    def _run_request(self, query: str, request: _Request, deadline: Deadline) -> dict[int, float]:
         def attempt(timeout: float) -> dict[int, float]:
             pairs = self._score_chunk(query, request.documents, request.top_n, timeout)
             return self._validate(pairs, request)
 
-        return self.retry.run(attempt, what=self._what(request))
+        return self.retry.run(
+            attempt, what=self._what(request), deadline=deadline, backend=self.backend_name
+        )
 
-    async def _arun_request(self, query: str, request: _Request) -> dict[int, float]:
+    async def _arun_request(
+        self, query: str, request: _Request, deadline: Deadline
+    ) -> dict[int, float]:
         async def attempt(timeout: float) -> dict[int, float]:
             pairs = await self._ascore_chunk(query, request.documents, request.top_n, timeout)
             return self._validate(pairs, request)
 
-        return await self.retry.arun(attempt, what=self._what(request))
+        return await self.retry.arun(
+            attempt, what=self._what(request), deadline=deadline, backend=self.backend_name
+        )
 
     def _validate(self, pairs: list[tuple[object, object]], request: _Request) -> dict[int, float]:
         return validate_ranking(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -18,6 +20,7 @@ __all__ = [
     "Stage",
     "StageThresholds",
     "check_inputs",
+    "check_text",
     "check_top_n",
     "rank_scores",
     "validate_ranking",
@@ -173,21 +176,88 @@ def check_top_n(top_n: int | None) -> int | None:
     return top_n
 
 
+# Lone surrogates: a str can hold them (from "\\ud800" in JSON, or bytes decoded with
+# errors="surrogateescape"), but no UTF-8 encoder or tokenizer takes them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(what: str, text: str) -> None:
+    """Raise :class:`InvalidInputError` if ``text`` holds a lone surrogate."""
+    if text.isascii():
+        return
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise InvalidInputError(
+            f"{what} contains a lone surrogate (U+{ord(found.group()):04X} at character "
+            f"{found.start()}), which is not valid Unicode text and cannot be encoded as "
+            "UTF-8. Decode the source with errors='replace', or remove the character."
+        )
+
+
 def check_inputs(query: object, documents: object) -> list[str]:
-    """Validate a backend call's query and documents; returns the documents as a list."""
+    """Validate a backend call's query and documents; returns the documents as a list.
+
+    Every backend calls this first, so every backend raises the same
+    :class:`InvalidInputError` for a query or document that is not a str or cannot
+    be encoded (a lone surrogate), naming the document.
+    """
     if not isinstance(query, str):
         raise InvalidInputError(f"query must be a str, got {type(query).__name__}.")
     if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
         raise InvalidInputError(
             f"documents must be a sequence of str, got {type(documents).__name__}."
         )
+    check_text("The query", query)
     docs = list(documents)
     for position, document in enumerate(docs):
         if not isinstance(document, str):
             raise InvalidInputError(
                 f"documents[{position}] must be a str, got {type(document).__name__}."
             )
+        check_text(f"documents[{position}]", document)
     return docs
+
+
+def _is_boolean(value: object) -> bool:
+    # numpy.bool_ is no bool subclass, but float() and int() take it.
+    kind = type(value)
+    return isinstance(value, bool) or (
+        kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    )
+
+
+def _as_index(value: object) -> int | None:
+    """``value`` as a plain int if it is an integer (``operator.index`` takes it:
+    int, numpy.int64, ...), else ``None``; booleans are not indices."""
+    if _is_boolean(value):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except Exception:  # TypeError, or whatever a foreign __index__ raises
+        return None
+
+
+def _as_score(value: object) -> float | None:
+    """``value`` as a plain float if it is a real number (``float()`` takes it without
+    parsing text: int, float, numpy.float32, Decimal, ...), else ``None``; ints too large
+    for a float give ``inf``, which the caller rejects like any non-finite score."""
+    if _is_boolean(value) or isinstance(value, (str, bytes, bytearray, memoryview)):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return math.inf
+    except Exception:  # TypeError, ValueError, or whatever a foreign __float__ raises
+        return None
+
+
+def _shown(value: object) -> str:
+    """A short, safe rendering of a value from an untrusted answer."""
+    try:
+        text = repr(value)
+    except Exception:  # e.g. an int over Python's 4,300-digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def validate_ranking(
@@ -197,41 +267,47 @@ def validate_ranking(
     top_n_sent: int | None,
     backend: str,
 ) -> dict[int, float]:
-    """Check a backend's ``(index, score)`` pairs; returns index -> score.
+    """Check a backend's ``(index, score)`` pairs; returns plain int index -> float score.
 
-    Every index an int in range, none twice, every score a finite number, and one
-    result per document (or exactly ``min(top_n, n)`` when ``top_n`` was sent).
+    Every index an integer in range (anything ``operator.index`` takes, such as
+    ``numpy.int64``), none twice; every score a finite real number (anything
+    ``float()`` takes without parsing text, such as ``numpy.float32``); booleans are
+    neither. One result per document, or exactly ``min(top_n, n)`` when ``top_n`` was
+    sent. Everything wrong is a :class:`MalformedResponseError`.
     """
     expected = n_documents if top_n_sent is None else min(top_n_sent, n_documents)
     scores: dict[int, float] = {}
-    for index, score in pairs:
-        if isinstance(index, bool) or not isinstance(index, int):
+    for raw_index, raw_score in pairs:
+        index = _as_index(raw_index)
+        if index is None:
             raise MalformedResponseError(
-                f"The {backend} answer has an index of type {type(index).__name__}, "
+                f"The {backend} answer has an index of type {type(raw_index).__name__}, "
                 "not an integer.",
                 backend=backend,
             )
         if not 0 <= index < n_documents:
             raise MalformedResponseError(
-                f"The {backend} answer has index {index}, outside 0..{n_documents - 1}.",
+                f"The {backend} answer has index {_shown(index)}, outside 0..{n_documents - 1}.",
                 backend=backend,
             )
         if index in scores:
             raise MalformedResponseError(
                 f"The {backend} answer ranks document {index} twice.", backend=backend
             )
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
+        score = _as_score(raw_score)
+        if score is None:
             raise MalformedResponseError(
-                f"The {backend} answer has a score of type {type(score).__name__} for "
+                f"The {backend} answer has a score of type {type(raw_score).__name__} for "
                 f"document {index}, not a number.",
                 backend=backend,
             )
         if not math.isfinite(score):
             raise MalformedResponseError(
-                f"The {backend} answer has a non-finite score {score!r} for document {index}.",
+                f"The {backend} answer has a non-finite score {_shown(raw_score)} for "
+                f"document {index}.",
                 backend=backend,
             )
-        scores[index] = float(score)
+        scores[index] = score
     if len(scores) != expected:
         raise MalformedResponseError(
             f"The {backend} answer ranks {len(scores)} documents, expected {expected}.",

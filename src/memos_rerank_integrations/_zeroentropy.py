@@ -10,6 +10,7 @@ import httpx
 from ._exceptions import InvalidInputError
 from ._http import HTTPBackend, join_url
 from ._remote import RemoteOptions, read_scored_results, resolve_api_key
+from ._types import check_text
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -48,6 +49,7 @@ class ZeroEntropyReranker(HTTPBackend):
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"model must be a non-empty str, got {model!r}.")
+        check_text("model", model)
         if latency is not None and not isinstance(latency, str):
             raise InvalidInputError(f"latency must be a str or None, got {latency!r}.")
         key = resolve_api_key(
