@@ -51,6 +51,7 @@ from ._local_engine import (
     resolve_device,
     resolve_dtype,
 )
+from ._qwen_engine import PackedQwen3, PackedRow, packed_engine
 from ._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
@@ -298,6 +299,8 @@ class _QwenScorer:
         # is deprecated and warns on every call); older versions know only the old name.
         parameters = inspect.signature(decoder.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # The packed engine, where the model's architecture allows (else transformers').
+        self.engine: PackedQwen3 | None = packed_engine(decoder)
 
     # -- the recipe's token sequences ------------------------------------------------
 
@@ -416,9 +419,15 @@ class _QwenScorer:
         lengths = [len(row.prefix.ids) + len(row.ids) for row in rows]
         widths = [len(row.ids) for row in rows]
         for budget_batch in budget_batches(lengths, max_tokens=max_batch_tokens):
-            for batch in limit_padding(
-                budget_batch, widths, max_padding=_MAX_PADDING, min_tokens=_MIN_BATCH_TOKENS
-            ):
+            # Packed rows run no padding: only transformers' padded batches are split.
+            batches = (
+                [budget_batch]
+                if self.engine is not None
+                else limit_padding(
+                    budget_batch, widths, max_padding=_MAX_PADDING, min_tokens=_MIN_BATCH_TOKENS
+                )
+            )
+            for batch in batches:
                 for index, value in zip(
                     batch, self._forward([rows[i] for i in batch], keep_kv), strict=True
                 ):
@@ -426,6 +435,24 @@ class _QwenScorer:
         return out
 
     def _forward(self, rows: Sequence[_Row], keep_kv: bool) -> list[float | _Prefix]:
+        import torch
+
+        if self.engine is not None:
+            packed = [PackedRow(row.prefix.kv, len(row.prefix.ids), row.ids) for row in rows]
+            if keep_kv:
+                kvs = self.engine.forward(packed, keep_kv=True)
+                return [
+                    _Prefix(row.prefix.ids + tuple(row.ids), kv)  # type: ignore[arg-type]
+                    for row, kv in zip(rows, kvs, strict=True)
+                ]
+            hidden = torch.stack(self.engine.forward(packed, keep_kv=False))  # type: ignore[arg-type]
+            engine_scores: list[float] = torch.sigmoid(
+                hidden.float() @ self.head + self.bias
+            ).tolist()
+            return list(engine_scores)
+        return self._forward_transformers(rows, keep_kv)
+
+    def _forward_transformers(self, rows: Sequence[_Row], keep_kv: bool) -> list[float | _Prefix]:
         import torch
         from transformers import DynamicCache
 
