@@ -4,8 +4,8 @@ The weights are the loaded ``Qwen3Model``'s own, used in place. (Fusing q/k/v an
 gate/up projections into one matrix each was measured and dropped: on the CPU
 measured, MKL runs the separate matmuls 0-20% faster.) Rows of any length, each
 resting on its own cached prefix, are packed into one ``[tokens, hidden]`` matrix:
-no padding is ever run through a matrix multiply. Attention runs per row over its cached prefix and its
-own tokens (causal). In the last layer only what the caller reads is computed: the
+no padding is ever run through a matrix multiply. Attention runs per row over its
+cached prefix and its own tokens (causal). In the last layer only what the caller reads is computed: the
 last token of each scored row, or only the keys and values of a row whose KV cache
 is kept.
 
