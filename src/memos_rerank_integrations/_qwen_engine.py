@@ -5,9 +5,9 @@ gate/up projections into one matrix each was measured and dropped: on the CPU
 measured, MKL runs the separate matmuls 0-20% faster.) Rows of any length, each
 resting on its own cached prefix, are packed into one ``[tokens, hidden]`` matrix:
 no padding is ever run through a matrix multiply. Attention runs per row over its
-cached prefix and its own tokens (causal). In the last layer only what the caller reads is computed: the
-last token of each scored row, or only the keys and values of a row whose KV cache
-is kept.
+cached prefix and its own tokens (causal). In the last layer only what the caller
+reads is computed: the last token of each scored row, or only the keys and values
+of a row whose KV cache is kept.
 
 The arithmetic is the model's: RMSNorm in float32 as ``Qwen3RMSNorm``, rotary
 embeddings from the model's own ``rotary_emb`` (any RoPE scaling it was configured
