@@ -28,6 +28,24 @@ class ModelCardRecipe:
         self.token_true_id = self.tokenizer.convert_tokens_to_ids("yes")
         self.token_false_id = self.tokenizer.convert_tokens_to_ids("no")
 
+    def sequences(
+        self, query: str, documents: Sequence[str], instruction: str | None = None
+    ) -> list[list[int]]:
+        """The token ids the card's code below feeds the model (unpadded)."""
+        if instruction is None:
+            instruction = DEFAULT_INSTRUCTION
+        pairs = [
+            f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}" for doc in documents
+        ]
+        inputs = self.tokenizer(
+            pairs,
+            padding=False,
+            truncation="longest_first",
+            return_attention_mask=False,
+            max_length=self.max_length - len(self.prefix_tokens) - len(self.suffix_tokens),
+        )
+        return [self.prefix_tokens + list(ele) + self.suffix_tokens for ele in inputs["input_ids"]]
+
     def __call__(
         self, query: str, documents: Sequence[str], instruction: str | None = None
     ) -> list[float]:

@@ -479,3 +479,61 @@ def test_any_input_gives_a_sorted_ranking_of_every_document(
         assert better.score > worse.score or (
             better.score == worse.score and better.index < worse.index
         )
+
+
+def test_count_tokens_is_the_sum_of_pair_lengths(one_label: Path) -> None:
+    reranker = CrossEncoderReranker(one_label, dtype="float32", max_length=24)
+    tokenizer = AutoTokenizer.from_pretrained(one_label)
+    expected = sum(
+        len(tokenizer([QUERY], [d], truncation="only_second", max_length=24)["input_ids"][0])
+        for d in DOCUMENTS
+    )
+    assert reranker.count_tokens(QUERY, DOCUMENTS) == expected
+    assert reranker.count_tokens(QUERY, []) == 0
+    with pytest.raises(InvalidInputError):
+        reranker.count_tokens(QUERY, [None])  # type: ignore[list-item]
+
+
+def test_huge_texts_are_read_only_as_far_as_they_fit(
+    one_label: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Megabytes of query and document cost what fits in max_length. (The plain
+    recipe cannot even be run on them: the tokenizer's truncation of a long pair
+    builds every combination of overflowing pieces, tens of GB; the reference below
+    scores prefixes that tokenize to the same first tokens.)"""
+    huge = "user likes playing badminton and tea " * 100_000  # 3.7 MB
+    documents = [huge, "User likes playing badminton.", huge[5:]]
+    query = "what are the hobbies of the user " * 50_000  # 1.6 MB: both sides cut
+    short = [document[:5000] for document in documents]
+    plain = reference_logits(one_label, QUERY, short, max_length=32)
+    # An even room (33 - 3 special tokens) splits the same way whichever side is longer.
+    long_query = reference_logits(
+        one_label, query[:5000], short, max_length=33, truncation="longest_first"
+    )
+    seen: list[int] = []
+    reranker = CrossEncoderReranker(one_label, dtype="float32", max_length=32)
+    tokenizer_type = type(reranker._loaded().tokenizer)
+    original = tokenizer_type.__call__
+
+    def measuring(this: object, text: object, *args: object, **kwargs: object) -> object:
+        for part in (text, args[0] if args else kwargs.get("text_pair")):
+            if part is not None:
+                texts = [part] if isinstance(part, str) else list(part)  # type: ignore[call-overload]
+                seen.append(sum(len(t) for t in texts))
+        return original(this, text, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tokenizer_type, "__call__", measuring)
+    got = scores_by_index(reranker.rerank(QUERY, documents))
+    assert got == pytest.approx(torch.sigmoid(plain[:, 0]).tolist(), abs=1e-5)
+    assert max(seen) < 20_000  # never the megabytes
+    wide = CrossEncoderReranker(one_label, dtype="float32", max_length=33)
+    got_long = scores_by_index(wide.rerank(query, documents))
+    assert got_long == pytest.approx(torch.sigmoid(long_query[:, 0]).tolist(), abs=1e-5)
+    assert max(seen) < 20_000
+
+
+def test_tokenizing_does_not_wait_for_a_running_forward_pass(one_label: Path) -> None:
+    reranker = CrossEncoderReranker(one_label, dtype="float32")
+    loaded = reranker._loaded()
+    with loaded.lock, ThreadPoolExecutor(max_workers=1) as pool:  # as if a pass were running
+        assert pool.submit(reranker.count_tokens, QUERY, DOCUMENTS).result(timeout=30) > 0

@@ -197,3 +197,25 @@ def test_bad_input_is_rejected(minilm: EmbeddingReranker) -> None:
         minilm.rerank(LIQUOR, [BAIJIU], top_n=-1)
     with pytest.raises(InvalidInputError, match="max_length"):
         EmbeddingReranker(max_length=-5)
+
+
+def test_count_tokens_counts_the_query_and_every_document(minilm: EmbeddingReranker) -> None:
+    tokenizer, _ = load_plain(MINILM)
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, truncation=True, max_length=256)["input_ids"])
+
+    documents = [BAIJIU, NO_ALCOHOL, LONG, BAIJIU]
+    assert minilm.count_tokens(LIQUOR, documents) == length(LIQUOR) + sum(map(length, documents))
+    assert minilm.count_tokens(LIQUOR, []) == 0
+
+
+def test_huge_texts_are_read_only_as_far_as_they_fit(minilm: EmbeddingReranker) -> None:
+    huge = LONG * 2_000  # 2.5 MB
+    # The reference reads 20 kB prefixes: their first 256 tokens are the same.
+    expected = reference_cosines(MINILM, huge[:20_000], [huge[:20_000], BADMINTON, huge[7:20_000]])
+    with minilm._loaded().tokenizer_lock:  # the tokenizer's work, measured by its input
+        texts = minilm._encode(minilm._loaded(), [(huge, [huge, BADMINTON, huge[7:]])])
+    assert sum(len(ids) for ids in texts.encodings["input_ids"]) <= 3 * 256
+    got = scores_by_index(minilm.rerank(huge, [huge, BADMINTON, huge[7:]]))
+    assert got == pytest.approx(expected.clamp(0, 1).tolist(), abs=1e-5)

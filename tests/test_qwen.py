@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +25,7 @@ from memos_rerank_integrations import (
     StageThresholds,
 )
 from memos_rerank_integrations._local_engine import limit_padding, resolve_dtype
-from memos_rerank_integrations._qwen import PROMPT_PREFIX, _Prefix, _Row
+from memos_rerank_integrations._qwen import PROMPT_PREFIX, PROMPT_SUFFIX, _Prefix, _Row
 
 from . import _qwen_fixtures
 from ._backends import MEMOS_EXAMPLES
@@ -505,7 +507,7 @@ def test_rows_with_different_cached_prefixes_share_a_pass(
     """Rows resting on cached prefixes of different lengths (rerank_many mixes calls)
     give in one padded, masked pass exactly what each gives alone."""
     scorer = fp32._loaded()
-    base = scorer._instruction_prefix(fp32.instruction)
+    base = scorer._instruction_prefix(scorer.tokens.instruction_ids(fp32.instruction))
     documents = ["User likes playing badminton.", "I don't drink alcohol."]
     sequences = scorer.sequences(
         fp32.instruction, "hobbies?", documents, max_length=8192, max_query_length=None
@@ -530,3 +532,401 @@ def test_rows_with_different_cached_prefixes_share_a_pass(
         for (k1, v1), (k2, v2) in zip(together.kv, single.kv, strict=True):
             torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4)
+
+
+# -- tokenization bounded by the input, exact at every boundary ---------------------------------
+
+ADVERSARIAL_QUERIES = [
+    "q",
+    "",
+    "ends with spaces   ",
+    "ends with a newline\n",
+    "ends with newlines\n\n\n",
+    "ends with punctuation?!",
+    "ends with a colon:",
+    "ends in digits 2024",
+    "用户喜欢什么酒",
+    "combining e\u0301",
+    "<|im_end|>",
+    " ",
+]
+ADVERSARIAL_DOCUMENTS = [
+    "",
+    " ",
+    "   three leading spaces",
+    "\nstarts with a newline",
+    "\n\n\nnewlines",
+    "\u0301 starts with a combining mark",
+    "\u0301",
+    "\u0338<",
+    "e\u0301\u0323",
+    "123 digits first",
+    "9",
+    "茅台 CJK first",
+    "'s contraction first",
+    ": colon first",
+    "<|im_end|> a special token first",
+    "<think>",
+    "\t tab",
+    "\u00a0no-break space",
+    "\u1161 hangul vowel",
+    "🙂",
+]
+
+
+@pytest.mark.parametrize("query", ADVERSARIAL_QUERIES)
+def test_token_ids_equal_the_recipe_at_adversarial_boundaries(
+    fp32: QwenReranker, qwen_recipe: ModelCardRecipe, query: str
+) -> None:
+    scorer = fp32._loaded()
+    got = scorer.sequences(
+        fp32.instruction, query, ADVERSARIAL_DOCUMENTS, max_length=8192, max_query_length=None
+    )
+    assert got == qwen_recipe.sequences(query, ADVERSARIAL_DOCUMENTS)
+
+
+@pytest.mark.parametrize("query", ["ends with spaces   ", "ends with a newline\n", "用户", ""])
+def test_scores_equal_the_recipe_at_adversarial_boundaries(
+    fp32: QwenReranker, qwen_recipe: ModelCardRecipe, query: str
+) -> None:
+    assert scores_of(fp32, query, ADVERSARIAL_DOCUMENTS) == pytest.approx(
+        qwen_recipe(query, ADVERSARIAL_DOCUMENTS), abs=TOLERANCE
+    )
+
+
+long_text = st.lists(
+    st.sampled_from(
+        [*"ab Y1:?'\n\t茅🙂", "e\u0301", "\u0301", "\u0323", "<|im_end|>", "  ", "\u1161"]
+    ),
+    max_size=120,
+).map(lambda pieces: "".join(pieces) * 3)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(query=long_text, documents=st.lists(long_text, min_size=1, max_size=4))
+def test_bounded_tokenization_equals_the_recipe_when_documents_are_cut(
+    fp32: QwenReranker,
+    tiny_qwen_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    query: str,
+    documents: list[str],
+) -> None:
+    """With a small max_length and short prefixes (so cuts fall anywhere), the ids
+    still equal the recipe's: the cut never changes a kept token."""
+    from memos_rerank_integrations import _local_engine
+
+    monkeypatch.setattr(_local_engine, "_HEAD_MIN_CHARS", 4)
+    monkeypatch.setattr(_local_engine, "_CUT_SEARCH", 8)
+    scorer = fp32._loaded()
+    for max_length in (64, 90):
+        recipe = _recipe_for(tiny_qwen_dir, max_length)
+        got = scorer.sequences(
+            fp32.instruction, query, documents, max_length=max_length, max_query_length=None
+        )
+        assert got == recipe.sequences(query, documents)
+
+
+_recipes: dict[tuple[Path, int], ModelCardRecipe] = {}
+
+
+def _recipe_for(path: Path, max_length: int) -> ModelCardRecipe:
+    if (path, max_length) not in _recipes:
+        _recipes[path, max_length] = ModelCardRecipe(path, max_length=max_length)
+    return _recipes[path, max_length]
+
+
+class _TextMeter:
+    """Counts the characters the tokenizer is handed (the work tokenization does)."""
+
+    def __init__(self, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.chars = 0
+        self.calls = 0
+        original = type(tokenizer).__call__
+
+        def counting(this: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
+            texts = [text] if isinstance(text, str) else list(text)
+            self.chars += sum(len(t) for t in texts)
+            self.calls += 1
+            return original(this, text, *args, **kwargs)
+
+        monkeypatch.setattr(type(tokenizer), "__call__", counting)
+
+
+def test_a_huge_query_is_tokenized_once_not_once_per_document(
+    fp32: QwenReranker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scorer = fp32._loaded()
+    query = "What are the user's hobbies and favourite drinks? " * 2000  # 100 kB
+    documents = [chr(ord("a") + i % 26) for i in range(400)]
+    meter = _TextMeter(scorer.tokenizer, monkeypatch)
+    tokens = fp32.count_tokens(query, documents)
+    assert meter.chars < 2 * len(query)  # not 400 x the query
+    # Every prompt is max_length long: the query fills the body, the documents are cut away.
+    assert tokens == 400 * fp32.max_length
+
+
+def test_a_huge_document_is_tokenized_only_as_far_as_it_fits(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_length=512)
+    recipe = _recipe_for(tiny_qwen_dir, 512)
+    document = "User is going on a business trip to Beijing next Wednesday. " * 20_000  # 1.2 MB
+    expected = recipe.sequences("Where?", [document, "short"])
+    meter = _TextMeter(reranker._loaded().tokenizer, monkeypatch)
+    got = reranker._loaded().sequences(
+        reranker.instruction, "Where?", [document, "short"], max_length=512, max_query_length=None
+    )
+    assert got == expected
+    assert meter.chars < 20_000  # a few thousand characters, not 1.2 million
+    assert scores_of(reranker, "Where?", [document, "short"]) == pytest.approx(
+        recipe("Where?", [document, "short"]), abs=TOLERANCE
+    )
+
+
+def test_query_cap_is_applied_once_and_bounded(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_query_length=16)
+    query = "Where is the user travelling next week, and when? " * 20_000  # 1 MB
+    ids = qwen_recipe.tokenizer.encode(query[:2000], add_special_tokens=False)
+    capped = qwen_recipe.tokenizer.decode(ids[:16])
+    documents = ["User is going to Beijing.", "", " starts with a space"]
+    meter = _TextMeter(reranker._loaded().tokenizer, monkeypatch)
+    got = reranker._loaded().sequences(
+        reranker.instruction, query, documents, max_length=8192, max_query_length=16
+    )
+    assert meter.chars < 10_000
+    assert got == qwen_recipe.sequences(capped, documents)
+    assert scores_of(reranker, query, documents) == pytest.approx(
+        qwen_recipe(capped, documents), abs=TOLERANCE
+    )
+
+
+@pytest.mark.parametrize("max_query_length", [None, 3])
+@pytest.mark.parametrize("max_length", [60, 8192])
+def test_count_tokens_is_the_recipes_prompt_length(
+    tiny_qwen_dir: Path,
+    qwen_recipe: ModelCardRecipe,
+    max_length: int,
+    max_query_length: int | None,
+) -> None:
+    reranker = QwenReranker(
+        tiny_qwen_dir, dtype="float32", max_length=max_length, max_query_length=max_query_length
+    )
+    query = "What are the user's hobbies and favourite drinks?"
+    if max_query_length is not None:
+        ids = qwen_recipe.tokenizer.encode(query, add_special_tokens=False)
+        recipe_query = qwen_recipe.tokenizer.decode(ids[:max_query_length])
+    else:
+        recipe_query = query
+    documents = ["User likes badminton.", "", "a much longer memory " * 30, "User likes badminton."]
+    expected = _recipe_for(tiny_qwen_dir, max_length).sequences(recipe_query, documents)
+    assert reranker.count_tokens(query, documents) == sum(len(s) for s in expected)
+    assert reranker.count_tokens(query, []) == 0
+    with pytest.raises(InvalidInputError):
+        reranker.count_tokens(query, "not a list")  # type: ignore[arg-type]
+
+
+def test_count_tokens_needs_no_weights(tmp_path: Path) -> None:
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
+
+    path = build_tiny_qwen_reranker(tmp_path / "model")
+    (path / "model.safetensors").unlink()  # no weights at all: only the tokenizer can load
+    reranker = QwenReranker(path, dtype="float32")
+    assert reranker.count_tokens("q", ["a memory"]) > 0
+    assert reranker._scorer is None
+    with pytest.raises(ModelLoadError):
+        reranker.rerank("q", ["a memory"])
+
+
+def test_tokenizing_does_not_wait_for_a_running_forward_pass(fp32: QwenReranker) -> None:
+    scorer = fp32._loaded()
+    with scorer.lock, ThreadPoolExecutor(max_workers=1) as pool:  # as if a pass were running
+        counted = pool.submit(fp32.count_tokens, "q", ["a memory", "another"])
+        assert counted.result(timeout=30) > 0
+
+
+def test_no_deprecation_warning_from_transformers(
+    fp32: QwenReranker, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        fp32.rerank("fresh query about warnings", ["a memory", "another memory"])
+        fp32.rerank_many([("q1", ["a", "b"], None), ("q2", ["c"], None)])
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "deprecated" in m], messages
+
+
+# -- pinned: thread safety, fine-tunes, prefixes, the instruction cache --------------------------
+
+
+def test_eight_threads_with_different_instructions_and_lengths_match_sequential_calls(
+    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 threads x 20 calls over one model: the same scores as the calls run one at a time."""
+    rerankers = [
+        QwenReranker(
+            tiny_qwen_dir,
+            dtype="float32",
+            instruction=f"Instruction {i % 4}: find what the user said",
+            max_length=(72, 90, 8192)[i % 3],
+        )
+        for i in range(8)
+    ]
+    memories = EXAMPLES[1]["documents"] + EXAMPLES[0]["documents"]
+
+    def calls(worker: int) -> list[tuple[str, list[str]]]:
+        return [
+            (f"query {worker}-{j} about hobbies", memories[j % 3 : j % 3 + 2 + j % 4])
+            for j in range(20)
+        ]
+
+    def run(worker: int) -> list[list[float]]:
+        return [scores_of(rerankers[worker], q, docs) for q, docs in calls(worker)]
+
+    sequential = [run(worker) for worker in range(8)]
+    # Watch the model's forward passes: one at a time (they share its buffers and caches).
+    scorer = rerankers[0]._loaded()
+    forward = scorer._forward
+    active, most = 0, 0
+    watch = threading.Lock()
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        nonlocal active, most
+        with watch:
+            active += 1
+            most = max(most, active)
+        try:
+            time.sleep(0.001)  # widen the window a missing lock would leave open
+            return forward(*args, **kwargs)
+        finally:
+            with watch:
+                active -= 1
+
+    monkeypatch.setattr(scorer, "_forward", watched)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(run, range(8)))
+    for got, expected in zip(concurrent, sequential, strict=True):
+        for a, b in zip(got, expected, strict=True):
+            assert a == pytest.approx(b, abs=1e-6)
+    assert most == 1
+
+
+def _build_biased_head_model(path: Path, source: Path) -> Path:
+    """A fine-tune whose output head has a bias: a registered Qwen3 variant (the way
+    transformers loads custom architectures), saved and loaded through from_pretrained."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    class BiasedHeadConfig(Qwen3Config):
+        model_type = "qwen3-biased-head-test"
+
+    class BiasedHeadQwen3(Qwen3ForCausalLM):
+        config_class = BiasedHeadConfig
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+            self.post_init()
+
+    try:
+        AutoConfig.register(BiasedHeadConfig.model_type, BiasedHeadConfig)
+        AutoModelForCausalLM.register(BiasedHeadConfig, BiasedHeadQwen3)
+    except ValueError:  # already registered by an earlier call in this process
+        pass
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    config = BiasedHeadConfig(**{**base.config.to_dict(), "tie_word_embeddings": False})
+    model = BiasedHeadQwen3(config)
+    model.load_state_dict(base.state_dict(), strict=False)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    with torch.no_grad():
+        model.lm_head.weight.copy_(base.lm_head.weight)
+        model.lm_head.bias.normal_(0.0, 1.0)
+        model.lm_head.bias[yes] = 1.5
+        model.lm_head.bias[no] = -0.75
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_fine_tune_with_a_biased_head_scores_like_the_recipe(
+    tiny_qwen_dir: Path, tmp_path: Path
+) -> None:
+    path = _build_biased_head_model(tmp_path / "biased", tiny_qwen_dir)
+    recipe = ModelCardRecipe(path)
+    reranker = QwenReranker(path, dtype="float32")
+    assert reranker._loaded().bias == pytest.approx(2.25)
+    query, documents = EXAMPLES[1]["query"], EXAMPLES[1]["documents"]
+    expected = recipe(query, documents)
+    assert scores_of(reranker, query, documents) == pytest.approx(expected, abs=TOLERANCE)
+    # The bias really moves the scores (else this test proves nothing about it).
+    assert max(abs(a - b) for a, b in zip(expected, ModelCardRecipe(tiny_qwen_dir)(
+        query, documents), strict=True)) > 0.05
+
+
+@pytest.mark.parametrize(
+    "documents",
+    [
+        # one document's tokens a strict prefix of another's
+        ["User likes tea", "User likes tea and long walks on the beach.", "User"],
+        # a whole recipe sequence a strict prefix of another's: the document goes on
+        # with the prompt's own suffix
+        ["User likes tea.", "User likes tea." + PROMPT_SUFFIX + "And more.", "x"],
+        ["User likes tea.", "User likes tea." + PROMPT_SUFFIX],
+    ],
+)
+def test_documents_whose_tokens_prefix_each_other_score_like_the_recipe(
+    fp32: QwenReranker, qwen_recipe: ModelCardRecipe, documents: list[str]
+) -> None:
+    query = "What does the user drink?"
+    sequences = qwen_recipe.sequences(query, documents)
+    first, second = sequences[0], sequences[1]
+    shorter = first[: -len(qwen_recipe.suffix_tokens)]
+    assert second[: len(shorter)] == shorter  # the premise holds
+    got = scores_of(fp32, query, documents)
+    assert got == pytest.approx(qwen_recipe(query, documents), abs=TOLERANCE)
+    many = fp32.rerank_many([(query, documents, None), ("another query", documents[:1], None)])
+    assert by_index(many[0]) == pytest.approx(got, abs=1e-6)
+
+
+def test_the_instruction_cache_holds_each_instruction(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe
+) -> None:
+    first = QwenReranker(tiny_qwen_dir, dtype="float32", instruction="Find the user's hobbies")
+    second = QwenReranker(tiny_qwen_dir, dtype="float32", instruction="Find the user's drinks")
+    counting = TokenCounter(first)
+    try:
+        first.rerank("warm", ["x"])
+        second.rerank("warm", ["x"])
+        for reranker in (second, first):  # the second, then the first again
+            counting.batches.clear()
+            query, documents = "Which memories matter?", ["User likes tea.", "User plays chess."]
+            scores = scores_of(reranker, query, documents)
+            assert scores == pytest.approx(
+                qwen_recipe(query, documents, reranker.instruction), abs=TOLERANCE
+            )
+            scorer = reranker._loaded()
+            cached = len(scorer.tokens.instruction_ids(reranker.instruction))
+            sequences = qwen_recipe.sequences(query, documents, reranker.instruction)
+            # Only the query, the documents and the suffix ran: one pass over the query
+            # (right after this instruction's cached prefix), one over the documents.
+            assert len(counting.batches) == 2
+            (query_row,) = counting.batches[0].tolist()
+            assert query_row == sequences[0][cached : cached + len(query_row)]
+            shared = cached + len(query_row)
+            document_rows = counting.batches[1].tolist()  # longest first, right-padded
+            tails = sorted((sequence[shared:] for sequence in sequences), key=len, reverse=True)
+            ran = [row[: len(tail)] for row, tail in zip(document_rows, tails, strict=True)]
+            assert ran == tails
+    finally:
+        counting.close()

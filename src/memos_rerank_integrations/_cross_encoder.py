@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._encoder_base import LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
+from ._encoder_base import (
+    EncodedCalls,
+    LoadedEncoder,
+    LocalEncoderReranker,
+    load_encoder,
+    run_batches,
+)
 from ._exceptions import InvalidInputError, ModelLoadError
+from ._local_engine import head_text
 from ._types import DEFAULT_THRESHOLDS, StageThresholds
 
 if TYPE_CHECKING:
@@ -87,34 +95,52 @@ class CrossEncoderReranker(LocalEncoderReranker):
             )
         return loaded
 
-    def _score(
-        self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]
-    ) -> list[list[float]]:
-        import torch
+    def count_tokens(self, query: str, documents: Sequence[str]) -> int:
+        """The tokens of every (query, document) pair as the model reads them: the
+        sum over documents of the pair's length after templates, truncation to
+        ``max_length`` and the tokenizer's special tokens."""
+        return super().count_tokens(query, documents)
 
+    def _encode(self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]) -> EncodedCalls:
         max_length = self._max_length(loaded)
         head, tail = self.document_template.split("{document}")
+        tokenizer = loaded.tokenizer
         encodings: dict[str, list[list[int]]] = {}
+        counts = []
         for query, documents in calls:
+            # Only the first max_length tokens of any text can reach the model.
+            query_text = self.query_template.replace("{query}", query)
+            query_text = head_text(tokenizer, query_text, max_length + 1)
             pairs = _encode_pairs(
-                loaded.tokenizer,
-                self.query_template.replace("{query}", query),
-                [head + document for document in documents],
+                tokenizer,
+                query_text,
+                [head_text(tokenizer, head + document, max_length + 1) for document in documents],
                 tail,
                 max_length,
             )
             for name, rows in pairs.items():
                 encodings.setdefault(name, []).extend(rows)
+            counts.append(len(documents))
+        tokens = []
+        start = 0
+        for count in counts:
+            tokens.append(sum(len(ids) for ids in encodings["input_ids"][start : start + count]))
+            start += count
+        return EncodedCalls(encodings, counts, tokens)
+
+    def _score(self, loaded: LoadedEncoder, encoded: EncodedCalls) -> list[list[float]]:
+        import torch
+
         logits = run_batches(
-            loaded, encodings, max_batch_tokens=self.max_batch_tokens, forward=_logits
+            loaded, encoded.encodings, max_batch_tokens=self.max_batch_tokens, forward=_logits
         )
         raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
         flat: list[float] = (torch.sigmoid(raw) if self.normalize else raw).tolist()
         scores = []
         start = 0
-        for _, documents in calls:
-            scores.append(flat[start : start + len(documents)])
-            start += len(documents)
+        for count in encoded.plan:
+            scores.append(flat[start : start + count])
+            start += count
         return scores
 
 

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._encoder_base import LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
+from ._encoder_base import (
+    EncodedCalls,
+    LoadedEncoder,
+    LocalEncoderReranker,
+    load_encoder,
+    run_batches,
+)
+from ._local_engine import head_text
 from ._types import StageThresholds
 
 if TYPE_CHECKING:
@@ -92,18 +100,38 @@ class EmbeddingReranker(LocalEncoderReranker):
 
         return load_encoder(self.model, AutoModel, device, dtype)
 
-    def _score(
-        self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]
-    ) -> list[list[float]]:
+    def count_tokens(self, query: str, documents: Sequence[str]) -> int:
+        """The tokens embedded for a call as the recipe runs it: the query's plus
+        each document's, each cut to ``max_length`` with the tokenizer's special
+        tokens (a text repeated in a call is still embedded only once)."""
+        return super().count_tokens(query, documents)
+
+    def _encode(self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]) -> EncodedCalls:
         # A text repeated across calls (the same query, a popular memory) is embedded once.
         rows: dict[str, int] = {}
         for query, documents in calls:
             for text in (query, *documents):
                 rows.setdefault(text, len(rows))
-        encoded = loaded.tokenizer(list(rows), truncation=True, max_length=self._max_length(loaded))
+        max_length = self._max_length(loaded)
+        tokenizer = loaded.tokenizer
+        encoded = tokenizer(
+            [head_text(tokenizer, text, max_length) for text in rows],
+            truncation=True,
+            max_length=max_length,
+        )
+        encodings = {name: [list(ids) for ids in values] for name, values in encoded.items()}
+        lengths = [len(ids) for ids in encodings["input_ids"]]
+        tokens = [
+            lengths[rows[query]] + sum(lengths[rows[document]] for document in documents)
+            for query, documents in calls
+        ]
+        return EncodedCalls(encodings, (rows, calls), tokens)
+
+    def _score(self, loaded: LoadedEncoder, encoded: EncodedCalls) -> list[list[float]]:
+        rows, calls = encoded.plan
         embeddings = run_batches(
             loaded,
-            {name: list(values) for name, values in encoded.items()},
+            encoded.encodings,
             max_batch_tokens=self.max_batch_tokens,
             forward=_mean_pooled,
         )

@@ -22,6 +22,7 @@ from ._config import Configurable
 from ._exceptions import InvalidInputError
 from ._local_engine import (
     budget_batches,
+    inference,
     limit_padding,
     load_shared,
     require_local,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "EncodedCalls",
     "LoadedEncoder",
     "LocalEncoderReranker",
     "RerankCall",
@@ -62,9 +64,10 @@ _MIN_BATCH_TOKENS = 256
 @dataclass
 class LoadedEncoder:
     """A loaded model and tokenizer, shared by every reranker over the same
-    (kind, model, device, dtype). ``lock`` serializes their use: forward passes of
-    one model gain nothing from running concurrently, and a fast tokenizer must
-    not be called from two threads at once."""
+    (kind, model, device, dtype). ``lock`` serializes the model's forward passes
+    (they gain nothing from running concurrently); ``tokenizer_lock`` the
+    tokenizer's use (a fast tokenizer must not be called from two threads at once),
+    so that tokenizing never waits for a forward pass."""
 
     model: Any
     tokenizer: Any
@@ -72,6 +75,18 @@ class LoadedEncoder:
     pad_id: int
     length_limit: int | None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class EncodedCalls:
+    """Token ids of every row to run for some calls (``encodings``), what each call
+    needs to turn the rows' outputs into scores (``plan``), and the prompt tokens
+    each call scores (``tokens``)."""
+
+    encodings: dict[str, list[list[int]]]
+    plan: Any
+    tokens: list[int]
 
 
 def choose_pad_id(tokenizer: Any, config: Any) -> int:
@@ -246,10 +261,14 @@ class LocalEncoderReranker(Configurable, ABC):
         """Load model and tokenizer (called once per process per cache key)."""
 
     @abstractmethod
-    def _score(
-        self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]
-    ) -> list[list[float]]:
-        """One score per document of every call (called with ``loaded.lock`` held)."""
+    def _encode(self, loaded: LoadedEncoder, calls: list[tuple[str, list[str]]]) -> EncodedCalls:
+        """Tokenize calls (called with ``loaded.tokenizer_lock`` held); bounded by the
+        input's size: a long text is read only as far as can fit in ``max_length``."""
+
+    @abstractmethod
+    def _score(self, loaded: LoadedEncoder, encoded: EncodedCalls) -> list[list[float]]:
+        """One score per document of every encoded call (called with ``loaded.lock``
+        held)."""
 
     def _loaded(self) -> LoadedEncoder:
         if self._placement is None:
@@ -273,8 +292,10 @@ class LocalEncoderReranker(Configurable, ABC):
         scores: list[list[float]] = []
         if pending:
             loaded = self._loaded()
-            with loaded.lock:
-                scores = self._score(loaded, pending)
+            with loaded.tokenizer_lock:
+                encoded = self._encode(loaded, pending)
+            with loaded.lock, inference():
+                scores = self._score(loaded, encoded)
         remaining = iter(scores)
         return [
             rank_scores(
@@ -282,6 +303,17 @@ class LocalEncoderReranker(Configurable, ABC):
             )
             for _, documents, top_n in checked
         ]
+
+    def count_tokens(self, query: str, documents: Sequence[str]) -> int:
+        """The tokens a :meth:`rerank` of these inputs feeds the model, by
+        tokenization only (no forward pass; it never waits for one), each text read
+        only as far as can fit in ``max_length``. See the subclass for what counts."""
+        checked = check_inputs(query, documents)
+        if not checked:
+            return 0
+        loaded = self._loaded()
+        with loaded.tokenizer_lock:
+            return sum(self._encode(loaded, [(query, checked)]).tokens)
 
     def rerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None

@@ -15,12 +15,22 @@ are the model card recipe's; the work is not:
   ``W[yes] - W[no]`` (``sigmoid(h @ w)`` equals the recipe's
   ``exp(log_softmax([no, yes])[yes])``), never onto the full vocabulary;
 * documents are sorted by length and batched under a token budget.
+
+Tokenization is bounded by the size of the input, never by (query x documents): the
+query is tokenized once per call (and capped at ``max_query_length`` tokens), each
+document once, and only as much of a long document as can fit in ``max_length``
+(see :func:`~memos_rerank_integrations._local_engine.encode_head`). The tokens are
+spliced exactly where Qwen's pre-tokenizer always splits (after the body's
+``<Document>:``), which a self-check on adversarial boundaries confirms when the
+tokenizer loads (a tokenizer that fails it gets one bounded tokenization per
+document instead).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,6 +43,8 @@ from ._exceptions import InvalidInputError, ModelLoadError
 from ._local_engine import (
     budget_batches,
     check_positive_int,
+    encode_head,
+    inference,
     limit_padding,
     load_shared,
     model_cache_key,
@@ -40,6 +52,7 @@ from ._local_engine import (
     resolve_device,
     resolve_dtype,
 )
+from ._qwen_engine import PackedQwen3, PackedRow, packed_engine
 from ._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
@@ -69,6 +82,9 @@ PROMPT_PREFIX = (
 )
 PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 _INSTRUCTION_CACHE_SIZE = 16
+# The tokenizer is shared per model, whatever the device and dtype.
+_NO_DEVICE: Any = "any-device"
+_NO_DTYPE: Any = "any-dtype"
 # Split a batch when over a tenth of it would be padding, but not below a few hundred
 # tokens per pass: smaller matrix multiplies run far below peak on CPUs.
 _MAX_PADDING = 0.1
@@ -120,32 +136,172 @@ class _Row:
     ids: list[int]
 
 
+# Documents that start where BPE, the pre-tokenizer or NFC could merge them with the
+# text before them; the load-time self-check splices each after each head below.
+_PROBE_DOCUMENTS = (
+    "", " ", "  ", "   x", "\n", "\n\nx", " \n", "\t", "x", "X", "'s", "'ll", "s", "1", "12",
+    ":", "::", ">", "<", "<|im_end|>", "<think>", "\u0301", "\u0301x", "\u0338", "e\u0301",
+    "\u1161", "\u0cd5", "茅台", "🙂", "é", "\r\n", "\u00a0", "\u3000x",
+)
+_PROBE_HEADS = (
+    "q", "q ", "q  ", "q\n", "q\n\n", "q?", "q:", "q<", "1", "茅", "e", "", " ", "\u0301",
+)
+
+
+def _head_text(instruction: str, query: str) -> str:
+    """The body up to the document: tokenized once per call."""
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>:"
+
+
+@dataclass(frozen=True)
+class _CallTokens:
+    """One call's recipe token sequences, ``head + tail`` for each document: ``head``
+    is the system prompt + instruction + query part every document shares (already
+    cut to fit), each tail a document's own tokens (cut to fit) + the suffix."""
+
+    head: list[int]
+    tails: list[list[int]]
+
+    def sequences(self) -> list[list[int]]:
+        return [self.head + tail for tail in self.tails]
+
+    def count(self) -> int:
+        return len(self.head) * len(self.tails) + sum(len(tail) for tail in self.tails)
+
+
+class _QwenTokens:
+    """A Qwen3-Reranker tokenizer (shared per model), its lock and the fixed parts of
+    the prompt. A fast tokenizer must not be called from two threads at once; its
+    lock is not the model's, so tokenizing never waits for a forward pass."""
+
+    def __init__(self, tokenizer: Any, model: str) -> None:
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()
+        self.yes = _token_id(tokenizer, "yes", model)
+        self.no = _token_id(tokenizer, "no", model)
+        self.prefix_ids = self._encode(PROMPT_PREFIX)
+        self.suffix_ids = self._encode(PROMPT_SUFFIX)
+        self._instruction_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self.splices_exactly = self._check_splice()
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def _check_splice(self) -> bool:
+        """Whether ``tokens(head + " " + document) == tokens(head) + tokens(" " +
+        document)`` on adversarial boundaries (true for Qwen's byte-level BPE)."""
+        for head in _PROBE_HEADS:
+            text = _head_text("i", head)
+            head_ids = self._encode(text)
+            for document in _PROBE_DOCUMENTS:
+                if self._encode(f"{text} {document}") != head_ids + self._encode(f" {document}"):
+                    return False
+        return True
+
+    def instruction_ids(self, instruction: str) -> tuple[int, ...]:
+        """The system prompt + instruction part whose KV cache is kept across calls."""
+        cached = self._instruction_ids.get(instruction)
+        if cached is None:
+            cached = tuple(self.prefix_ids + self._encode(f"<Instruct>: {instruction}\n<Query>:"))
+            self._instruction_ids[instruction] = cached
+            if len(self._instruction_ids) > _INSTRUCTION_CACHE_SIZE:
+                self._instruction_ids.popitem(last=False)
+        else:
+            self._instruction_ids.move_to_end(instruction)
+        return cached
+
+    def budget(self, max_length: int) -> int:
+        budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if budget < 1:
+            raise InvalidInputError(
+                f"max_length={max_length} leaves no room for the document: the prompt's fixed "
+                f"prefix and suffix alone take {len(self.prefix_ids) + len(self.suffix_ids)} "
+                "tokens. Use a larger max_length (the model card uses 8192)."
+            )
+        return budget
+
+    def cap_query(self, query: str, max_query_length: int | None) -> str:
+        """The query cut to ``max_query_length`` tokens (decoded back to text)."""
+        if max_query_length is None:
+            return query
+        (ids,) = encode_head(self.tokenizer, [query], max_query_length + 1)
+        if len(ids) <= max_query_length:
+            return query
+        text: str = self.tokenizer.decode(ids[:max_query_length])
+        return text
+
+    def tokenize(
+        self,
+        instruction: str,
+        query: str,
+        documents: Sequence[str],
+        *,
+        max_length: int,
+        max_query_length: int | None,
+    ) -> _CallTokens:
+        """The model card recipe's token ids for each document (call with ``lock``
+        held): ``prefix + tokens(body)[:budget] + suffix`` with
+        ``body = format_body(instruction, capped query, document)``.
+
+        Work and memory grow with len(query) + sum(len(document)), each document
+        read only as far as can fit.
+        """
+        budget = self.budget(max_length)
+        if not documents:
+            return _CallTokens(list(self.prefix_ids), [])
+        text = _head_text(instruction, self.cap_query(query, max_query_length))
+        unique = list(dict.fromkeys(documents))
+        if self.splices_exactly:
+            (body,) = encode_head(self.tokenizer, [text], budget + 1)
+            body = body[:budget]
+            room = budget - len(body)
+            tails = encode_head(self.tokenizer, [f" {d}" for d in unique], room)
+            by_document = {
+                d: ids[:room] + self.suffix_ids for d, ids in zip(unique, tails, strict=True)
+            }
+            head = self.prefix_ids + body
+        else:  # pragma: no cover - Qwen tokenizers splice exactly (checked at load)
+            bodies = encode_head(self.tokenizer, [f"{text} {d}" for d in unique], budget)
+            sequences = {d: ids[:budget] for d, ids in zip(unique, bodies, strict=True)}
+            common = min(len(ids) for ids in sequences.values())
+            first = next(iter(sequences.values()))
+            for ids in sequences.values():
+                common = min(common, _common_prefix_length(first, ids))
+            head = self.prefix_ids + first[:common]
+            by_document = {d: ids[common:] + self.suffix_ids for d, ids in sequences.items()}
+        return _CallTokens(head, [by_document[d] for d in documents])
+
+
 class _QwenScorer:
     """One loaded model (shared process-wide per model, device and dtype): the
     decoder, the yes-minus-no head, cached instruction prefixes, and the lock
-    that serializes its use."""
+    that serializes its use (``lock``; the tokenizer has its own, ``tokens.lock``)."""
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokens: _QwenTokens,
         decoder: Any,
         head: torch.Tensor,
         bias: float,
         device: torch.device,
     ) -> None:
-        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.tokenizer = tokens.tokenizer
         self.decoder = decoder
         self.head = head
         self.bias = bias
         self.device = device
         self.lock = threading.Lock()
-        self.prefix_ids = self._encode(PROMPT_PREFIX)
-        self.suffix_ids = self._encode(PROMPT_SUFFIX)
-        self._instructions: OrderedDict[str, _Prefix] = OrderedDict()
-
-    def _encode(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
-        return ids
+        self.prefix_ids = tokens.prefix_ids
+        self.suffix_ids = tokens.suffix_ids
+        self._instructions: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
+        # transformers >= 5.2x names the KV-cache argument ``cache`` (``past_key_values``
+        # is deprecated and warns on every call); older versions know only the old name.
+        parameters = inspect.signature(decoder.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # The packed engine, where the model's architecture allows (else transformers').
+        self.engine: PackedQwen3 | None = packed_engine(decoder)
 
     # -- the recipe's token sequences ------------------------------------------------
 
@@ -159,35 +315,24 @@ class _QwenScorer:
         max_query_length: int | None,
     ) -> list[list[int]]:
         """The exact token ids the model card's recipe feeds the model."""
-        budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        if budget < 1:
-            raise InvalidInputError(
-                f"max_length={max_length} leaves no room for the document: the prompt's fixed "
-                f"prefix and suffix alone take {len(self.prefix_ids) + len(self.suffix_ids)} "
-                "tokens. Use a larger max_length (the model card uses 8192)."
+        with self.tokens.lock:
+            call = self.tokens.tokenize(
+                instruction,
+                query,
+                documents,
+                max_length=max_length,
+                max_query_length=max_query_length,
             )
-        if not documents:
-            return []
-        if max_query_length is not None:
-            query_ids = self._encode(query)
-            if len(query_ids) > max_query_length:
-                query = self.tokenizer.decode(query_ids[:max_query_length])
-        bodies = [format_body(instruction, query, document) for document in documents]
-        encoded = self.tokenizer(
-            bodies,
-            padding=False,
-            truncation="longest_first",
-            max_length=budget,
-            return_attention_mask=False,
-        )
-        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in encoded["input_ids"]]
+        return call.sequences()
 
     # -- scoring ---------------------------------------------------------------------
 
     def score(
-        self, calls: Sequence[tuple[str, list[list[int]]]], *, max_batch_tokens: int
+        self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
     ) -> list[list[float]]:
-        """Scores for each call's sequences; one call = (instruction, sequences).
+        """Scores for each call's sequences; one call = (the token ids of its system
+        prompt + instruction part, see :meth:`_QwenTokens.instruction_ids`, sequences).
+        Call with ``lock`` held.
 
         A document repeated within a call is scored once, so duplicates tie exactly
         (and keep their input order).
@@ -207,11 +352,11 @@ class _QwenScorer:
         ]
 
     def _score_unique(
-        self, calls: Sequence[tuple[str, list[list[int]]]], *, max_batch_tokens: int
+        self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
     ) -> list[list[float]]:
         import torch
 
-        with torch.inference_mode():
+        with inference(), torch.inference_mode():
             shared, shared_rows, shared_owners = [], [], []
             for position, (instruction, sequences) in enumerate(calls):
                 if not sequences:
@@ -251,15 +396,17 @@ class _QwenScorer:
                 results[position][index] = score
             return results
 
-    def _instruction_prefix(self, instruction: str) -> _Prefix:
-        cached = self._instructions.get(instruction)
+    def _instruction_prefix(self, ids: tuple[int, ...]) -> _Prefix:
+        """The KV cache of a system prompt + instruction part (kept for the last
+        :data:`_INSTRUCTION_CACHE_SIZE` instructions used)."""
+        cached = self._instructions.get(ids)
         if cached is not None:
-            self._instructions.move_to_end(instruction)
+            self._instructions.move_to_end(ids)
             return cached
-        ids = self.prefix_ids + self._encode(f"<Instruct>: {instruction}\n<Query>:")
-        (prefix,) = self._run([_Row(_EMPTY_PREFIX, ids)], max(len(ids), 1), keep_kv=True)
+        with inference():
+            (prefix,) = self._run([_Row(_EMPTY_PREFIX, list(ids))], max(len(ids), 1), keep_kv=True)
         assert isinstance(prefix, _Prefix)
-        self._instructions[instruction] = prefix
+        self._instructions[ids] = prefix
         if len(self._instructions) > _INSTRUCTION_CACHE_SIZE:
             self._instructions.popitem(last=False)
         return prefix
@@ -273,9 +420,15 @@ class _QwenScorer:
         lengths = [len(row.prefix.ids) + len(row.ids) for row in rows]
         widths = [len(row.ids) for row in rows]
         for budget_batch in budget_batches(lengths, max_tokens=max_batch_tokens):
-            for batch in limit_padding(
-                budget_batch, widths, max_padding=_MAX_PADDING, min_tokens=_MIN_BATCH_TOKENS
-            ):
+            # Packed rows run no padding: only transformers' padded batches are split.
+            batches = (
+                [budget_batch]
+                if self.engine is not None
+                else limit_padding(
+                    budget_batch, widths, max_padding=_MAX_PADDING, min_tokens=_MIN_BATCH_TOKENS
+                )
+            )
+            for batch in batches:
                 for index, value in zip(
                     batch, self._forward([rows[i] for i in batch], keep_kv), strict=True
                 ):
@@ -283,6 +436,24 @@ class _QwenScorer:
         return out
 
     def _forward(self, rows: Sequence[_Row], keep_kv: bool) -> list[float | _Prefix]:
+        import torch
+
+        if self.engine is not None:
+            packed = [PackedRow(row.prefix.kv, len(row.prefix.ids), row.ids) for row in rows]
+            if keep_kv:
+                kvs = self.engine.forward(packed, keep_kv=True)
+                return [
+                    _Prefix(row.prefix.ids + tuple(row.ids), kv)  # type: ignore[arg-type]
+                    for row, kv in zip(rows, kvs, strict=True)
+                ]
+            hidden = torch.stack(self.engine.forward(packed, keep_kv=False))  # type: ignore[arg-type]
+            engine_scores: list[float] = torch.sigmoid(
+                hidden.float() @ self.head + self.bias
+            ).tolist()
+            return list(engine_scores)
+        return self._forward_transformers(rows, keep_kv)
+
+    def _forward_transformers(self, rows: Sequence[_Row], keep_kv: bool) -> list[float | _Prefix]:
         import torch
         from transformers import DynamicCache
 
@@ -314,11 +485,12 @@ class _QwenScorer:
             input_ids=input_ids.to(self.device),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
             position_ids=None if position_ids is None else position_ids.to(self.device),
-            past_key_values=cache,
             use_cache=keep_kv or cache is not None,
+            **{self._cache_argument: cache},
         )
         if keep_kv:
-            layers = output.past_key_values.layers
+            kept = getattr(output, "cache", None)
+            layers = (kept if kept is not None else output.past_key_values).layers
             prefixes: list[float | _Prefix] = []
             for i, row in enumerate(rows):
                 kv = []
@@ -383,12 +555,18 @@ def _token_id(tokenizer: Any, token: str, model: str) -> int:
     return int(token_id)
 
 
-def _load_scorer(model: str, device: torch.device, dtype: torch.dtype) -> _QwenScorer:
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokens(model: str) -> _QwenTokens:
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    yes, no = _token_id(tokenizer, "yes", model), _token_id(tokenizer, "no", model)
+    return _QwenTokens(AutoTokenizer.from_pretrained(model), model)
+
+
+def _load_scorer(
+    model: str, device: torch.device, dtype: torch.dtype, tokens: _QwenTokens
+) -> _QwenScorer:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     dtype_option = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     lm: Any = AutoModelForCausalLM.from_pretrained(
@@ -398,11 +576,12 @@ def _load_scorer(model: str, device: torch.device, dtype: torch.dtype) -> _QwenS
     lm.eval()
     lm.requires_grad_(False)
     output = lm.get_output_embeddings()
-    head = (output.weight[yes] - output.weight[no]).detach().float().clone()
+    yes, no = tokens.yes, tokens.no
+    head = (output.weight[yes].float() - output.weight[no].float()).detach().clone()
     bias = 0.0
     if getattr(output, "bias", None) is not None:
-        bias = float(output.bias[yes] - output.bias[no])
-    return _QwenScorer(tokenizer, lm.get_decoder(), head, bias, device)
+        bias = float(output.bias[yes].float() - output.bias[no].float())
+    return _QwenScorer(tokens, lm.get_decoder(), head, bias, device)
 
 
 class QwenReranker(Configurable):
@@ -463,20 +642,60 @@ class QwenReranker(Configurable):
         self.device = device
         self.dtype = dtype
         self.thresholds = thresholds
+        # Not picklable, rebuilt on first use: the shared tokenizer (with its lock) and
+        # the shared loaded model (with its lock and KV caches).
+        self._tokens: _QwenTokens | None = None
         self._scorer: _QwenScorer | None = None
 
     def __repr__(self) -> str:
         return f"QwenReranker(model={self.model!r}, device={self.device!r}, dtype={self.dtype!r})"
 
+    def _tokenizer(self) -> _QwenTokens:
+        """The tokenizer, loaded (and shared per model) without the weights."""
+        if self._tokens is None:
+            key = model_cache_key("qwen-tokenizer", self.model, _NO_DEVICE, _NO_DTYPE)
+            self._tokens = load_shared(key, lambda: _load_tokens(self.model), model=self.model)
+        return self._tokens
+
     def _loaded(self) -> _QwenScorer:
         if self._scorer is None:
+            tokens = self._tokenizer()
             device = resolve_device(self.device)
             dtype = resolve_dtype(self.dtype, device)
             key = model_cache_key("qwen-yes-no", self.model, device, dtype)
             self._scorer = load_shared(
-                key, lambda: _load_scorer(self.model, device, dtype), model=self.model
+                key, lambda: _load_scorer(self.model, device, dtype, tokens), model=self.model
             )
         return self._scorer
+
+    def _tokenize(
+        self, tokens: _QwenTokens, calls: Sequence[tuple[str, list[str]]]
+    ) -> list[_CallTokens]:
+        with tokens.lock:
+            return [
+                tokens.tokenize(
+                    self.instruction,
+                    query,
+                    documents,
+                    max_length=self.max_length,
+                    max_query_length=self.max_query_length,
+                )
+                for query, documents in calls
+            ]
+
+    def count_tokens(self, query: str, documents: Sequence[str]) -> int:
+        """The prompt tokens a :meth:`rerank` of these inputs scores: the sum over
+        documents of the model card recipe's sequence length (prompt prefix, body cut
+        to ``max_length`` with the query cut to ``max_query_length``, suffix).
+
+        Tokenization only (the weights are not loaded for it), bounded like
+        :meth:`rerank`'s: a long query or document costs what can fit, not its length.
+        """
+        checked = check_inputs(query, documents)
+        if not checked:
+            return 0
+        (call,) = self._tokenize(self._tokenizer(), [(query, checked)])
+        return call.count()
 
     def rerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
@@ -511,19 +730,12 @@ class QwenReranker(Configurable):
         if not any(documents for _, documents, _ in checked):
             return [[] for _ in checked]
         scorer = self._loaded()
+        tokenized = self._tokenize(scorer.tokens, [(q, documents) for q, documents, _ in checked])
+        with scorer.tokens.lock:
+            instruction = scorer.tokens.instruction_ids(self.instruction)
         with scorer.lock:
-            sequences = [
-                scorer.sequences(
-                    self.instruction,
-                    query,
-                    documents,
-                    max_length=self.max_length,
-                    max_query_length=self.max_query_length,
-                )
-                for query, documents, _ in checked
-            ]
             scores = scorer.score(
-                [(self.instruction, call_sequences) for call_sequences in sequences],
+                [(instruction, call.sequences()) for call in tokenized],
                 max_batch_tokens=self.max_batch_tokens,
             )
         return [
