@@ -1,0 +1,237 @@
+"""The ASGI app: routes of every dialect over one :class:`Service`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from .._batcher import MicroBatcher
+from .._exceptions import InvalidInputError
+from .._types import Reranker
+from . import _cohere, _memos
+from ._core import (
+    INTERNAL,
+    ApiError,
+    ClientGone,
+    Dialect,
+    Service,
+    check_api_key,
+    error_response,
+    from_validation_errors,
+)
+from ._guard import Guard
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("memos_rerank_integrations.server")
+
+DEFAULT_MAX_REQUEST_TOKENS = 262_144
+
+
+@dataclass(frozen=True)
+class _Route:
+    dialect: Dialect
+    scheme: str  # the auth scheme the dialect's clients send
+    what: str  # the body it expects, for error messages
+
+
+_ROUTES = {
+    "/rerank": _Route(
+        _memos.MEMOS, "Token", "a JSON object with 'query' and 'documents' (MemOS shape)"
+    ),
+    "/v2/rerank": _Route(
+        _cohere.COHERE, "Bearer", "a JSON object with 'query' and 'documents' (Cohere v2 shape)"
+    ),
+}
+
+
+class HealthResponse(BaseModel):
+    status: str
+    reason: str | None = None
+    model: str
+    busy: bool
+    queued_requests: int
+
+
+def _check_positive(name: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive int, got {value!r}.")
+
+
+def create_app(
+    reranker: Reranker,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_documents: int = 1000,
+    max_body_bytes: int = 4 * 1024 * 1024,
+    max_request_tokens: int | None = DEFAULT_MAX_REQUEST_TOKENS,
+    body_timeout: float = 30.0,
+    batching: bool = True,
+    batch_window_ms: float = 5.0,
+    max_batch_documents: int = 32,
+) -> FastAPI:
+    """Build the ASGI app serving ``reranker`` (typically a local backend).
+
+    ``model_name`` is reported in responses, ``/health``, ``/info`` and
+    ``/v1/models``. With ``api_key`` set, every rerank route requires it as
+    ``Authorization: Bearer <key>`` or ``Token <key>`` (``/health`` never does);
+    surrounding whitespace is stripped, and a key with control or non-ASCII
+    characters is an :class:`InvalidInputError` here, at start-up.
+
+    Limits, all checked before any model work: more than ``max_documents``
+    documents is a 400; a body over ``max_body_bytes`` a 413 (a declared length
+    is refused unread, a chunked body as soon as it passes the limit); a body
+    not received within ``body_timeout`` seconds a 408; a request that would
+    score more than ``max_request_tokens`` tokens (the backend's
+    ``count_tokens`` when it has one, else about four characters per token;
+    ``None``: no budget) a 413 that says how to split it.
+
+    ``batching``, ``batch_window_ms`` and ``max_batch_documents`` configure the
+    :class:`MicroBatcher` (``app.state.batcher``), whose worker thread stops when
+    the app shuts down.
+    """
+    _check_positive("max_documents", max_documents)
+    _check_positive("max_body_bytes", max_body_bytes)
+    _check_positive("max_request_tokens", max_request_tokens, allow_none=True)
+    if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)):
+        raise InvalidInputError(f"body_timeout must be a number, got {body_timeout!r}.")
+    if not body_timeout > 0:
+        raise InvalidInputError(f"body_timeout must be > 0, got {body_timeout!r}.")
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise InvalidInputError(f"model_name must be a non-empty str, got {model_name!r}.")
+    key = check_api_key(api_key)
+
+    batcher = MicroBatcher(
+        reranker,
+        enabled=batching,
+        batch_window_ms=batch_window_ms,
+        max_batch_documents=max_batch_documents,
+    )
+    tokenizer = ThreadPoolExecutor(
+        max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="memos-rerank-tokenize"
+    )
+    service = Service(
+        reranker,
+        batcher,
+        model_name=model_name,
+        max_documents=max_documents,
+        max_request_tokens=max_request_tokens,
+        tokenizer=tokenizer,
+    )
+    on_error: Callable[[ApiError], None] = _no_op
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.close()
+            tokenizer.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="memos-rerank",
+        version=__version__,
+        description="One reranking model behind the MemOS and Cohere v2 APIs.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.service = service
+
+    def route_dialect(request: Request) -> Dialect:
+        chosen = getattr(request.state, "dialect", None)
+        if isinstance(chosen, Dialect):
+            return chosen
+        route = _ROUTES.get(request.url.path)
+        return route.dialect if route is not None else _memos.MEMOS
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        route = _ROUTES.get(request.url.path)
+        what = route.what if route is not None else "a JSON object"
+        error = from_validation_errors(exc.errors(), what=what)
+        on_error(error)
+        return error_response(route_dialect(request), error)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        on_error(exc)
+        return error_response(route_dialect(request), exc)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        on_error(ApiError(499, "client disconnected", kind="client_disconnected"))
+        return Response(status_code=499)  # never sent: the connection is gone
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        error = ApiError(500, "Internal server error.", code=INTERNAL, kind="internal")
+        on_error(error)
+        return error_response(route_dialect(request), error)
+
+    @app.post(
+        "/rerank",
+        response_model=_memos.MemOSRerankResponse,
+        summary="Rerank (MemOS shape)",
+        tags=["rerank"],
+    )
+    async def rerank(body: _memos.MemOSRerankRequest, request: Request) -> Response:
+        return await _memos.rerank(service, request, body)
+
+    @app.post(
+        "/v2/rerank",
+        response_model=_cohere.CohereV2RerankResponse,
+        summary="Rerank (Cohere v2 shape)",
+        tags=["rerank"],
+    )
+    async def rerank_v2(body: _cohere.CohereV2RerankRequest, request: Request) -> Response:
+        return await _cohere.rerank_v2(service, request, body)
+
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse, "description": "The model cannot serve."}},
+        summary="Whether the model can serve (no key needed; never waits for the model)",
+        tags=["status"],
+    )
+    async def health() -> Response:
+        state = batcher.health()
+        if not state.ok:
+            batcher.probe()  # finds out, in the background, whether the model recovered
+        body: dict[str, Any] = {
+            "status": "ok" if state.ok else "unavailable",
+            "reason": state.reason,
+            "model": model_name,
+            "busy": batcher.busy,
+            "queued_requests": batcher.queued,
+        }
+        return JSONResponse(body, 200 if state.ok else 503)
+
+    app.add_middleware(
+        Guard,
+        routes={path: (route.dialect, route.scheme) for path, route in _ROUTES.items()},
+        api_key=key,
+        max_body_bytes=max_body_bytes,
+        body_timeout=float(body_timeout),
+        on_error=lambda error: on_error(error),
+    )
+    return app
+
+
+def _no_op(error: ApiError) -> None:
+    return None
