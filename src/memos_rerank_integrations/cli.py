@@ -1,5 +1,5 @@
 """The ``memos-rerank`` command: ``serve`` a local model over HTTP, ``rerank`` from
-the shell, and ``demo``.
+the shell, and ``demo`` (each a subcommand of one ``argparse`` parser).
 
 User errors (bad model path, unreadable input, bad options) end with a one-line
 message on stderr and a non-zero exit code, never a traceback.
@@ -86,10 +86,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="serve a local model with the MemOS (/rerank) and Cohere v2 (/v2/rerank) APIs",
-        description="Serve a local reranker over HTTP: POST /rerank (MemOS shape, "
-        "'Authorization: Token KEY'), POST /v2/rerank (Cohere v2 shape, "
-        "'Authorization: Bearer KEY') and GET /health.",
+        help="serve a local model over HTTP in the MemOS, TEI, Cohere, Jina and vLLM shapes",
+        description="Serve a local reranker over HTTP: POST /rerank (MemOS shape, or "
+        "text-embeddings-inference's with 'texts'), POST /v1/rerank (Cohere v1, Jina, vLLM), "
+        "POST /v2/rerank (Cohere v2), POST /score (vLLM), GET /info, /v1/models, /health "
+        "and /openapi.json. Rerank routes take 'Authorization: Bearer KEY' or 'Token KEY'.",
     )
     serve.add_argument("--model", required=True, help="Hugging Face id or local directory")
     serve.add_argument("--backend", choices=_SERVE_BACKENDS, default="qwen")

@@ -1,8 +1,13 @@
 """A self-hosted rerank server: one local model behind the APIs its clients speak.
 
 ======================  =====================================================
-``POST /rerank``        MemOS "Rerank Memory" shape (``documents``)
+``POST /rerank``        MemOS "Rerank Memory" shape (``documents``), or
+                        text-embeddings-inference's (``texts``)
+``POST /v1/rerank``     Cohere v1 / Jina / vLLM shape
 ``POST /v2/rerank``     Cohere v2 shape
+``POST /score``         vLLM's score shape (also ``/v1/score``)
+``GET /info``           text-embeddings-inference's model info, with the limits
+``GET /v1/models``      the served model, OpenAI/vLLM list
 ``GET /health``         whether the model can serve (503 with a reason if not)
 ``GET /openapi.json``   OpenAPI description generated from the request models
 ======================  =====================================================

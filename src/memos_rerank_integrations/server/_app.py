@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, Discriminator, Tag
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -20,7 +22,7 @@ from .. import __version__
 from .._batcher import MicroBatcher
 from .._exceptions import InvalidInputError
 from .._types import Reranker
-from . import _cohere, _memos
+from . import _cohere, _memos, _tei, _vllm
 from ._core import (
     INTERNAL,
     ApiError,
@@ -47,14 +49,49 @@ class _Route:
     what: str  # the body it expects, for error messages
 
 
+_RERANK_BODY = (
+    "a JSON object with 'query' and 'documents' (MemOS shape) or 'query' and 'texts' "
+    "(text-embeddings-inference shape)"
+)
+_COHERE_BODY = "a JSON object with 'query' and 'documents' (Cohere {} shape)"
+_SCORE_BODY = "a JSON object with 'text_1' and 'text_2' (vLLM score shape)"
+
 _ROUTES = {
-    "/rerank": _Route(
-        _memos.MEMOS, "Token", "a JSON object with 'query' and 'documents' (MemOS shape)"
-    ),
-    "/v2/rerank": _Route(
-        _cohere.COHERE, "Bearer", "a JSON object with 'query' and 'documents' (Cohere v2 shape)"
-    ),
+    "/rerank": _Route(_memos.MEMOS, "Token", _RERANK_BODY),
+    "/v1/rerank": _Route(_cohere.COHERE, "Bearer", _COHERE_BODY.format("v1")),
+    "/v2/rerank": _Route(_cohere.COHERE, "Bearer", _COHERE_BODY.format("v2")),
+    "/score": _Route(_cohere.COHERE, "Bearer", _SCORE_BODY),
+    "/v1/score": _Route(_cohere.COHERE, "Bearer", _SCORE_BODY),
 }
+_UNION_TAGS = frozenset({"memos", "tei"})
+
+
+def _rerank_shape(body: Any) -> str:
+    """Which of the two /rerank dialects a body speaks: TEI's has 'texts'."""
+    if isinstance(body, dict):
+        return "tei" if "texts" in body and "documents" not in body else "memos"
+    return "tei" if isinstance(body, _tei.TEIRerankRequest) else "memos"
+
+
+RerankBody = Annotated[
+    Annotated[_memos.MemOSRerankRequest, Tag("memos")]
+    | Annotated[_tei.TEIRerankRequest, Tag("tei")],
+    Discriminator(_rerank_shape),
+]
+
+
+def _errors(model: Any, *extra: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    models = (model, *extra)
+    schema: Any = models[0] if len(models) == 1 else models[0] | models[1]
+    described = {
+        400: "Invalid request (names the field), or the model refused its input",
+        401: "Missing or invalid API key",
+        408: "The body did not arrive in time",
+        413: "Body over the size limit, or the request over the token budget",
+        500: "The model gave an invalid answer, or an internal error",
+        503: "The model failed, or the server is shutting down",
+    }
+    return {status: {"model": schema, "description": text} for status, text in described.items()}
 
 
 class HealthResponse(BaseModel):
@@ -122,8 +159,9 @@ def create_app(
         batch_window_ms=batch_window_ms,
         max_batch_documents=max_batch_documents,
     )
+    tokenizer_workers = min(4, os.cpu_count() or 1)
     tokenizer = ThreadPoolExecutor(
-        max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="memos-rerank-tokenize"
+        max_workers=tokenizer_workers, thread_name_prefix="memos-rerank-tokenize"
     )
     service = Service(
         reranker,
@@ -147,9 +185,13 @@ def create_app(
     app = FastAPI(
         title="memos-rerank",
         version=__version__,
-        description="One reranking model behind the MemOS and Cohere v2 APIs.",
+        description="One reranking model behind the APIs its clients speak: MemOS, "
+        "text-embeddings-inference, Cohere v1/v2, Jina and vLLM. Every rerank route takes "
+        "'Authorization: Bearer <key>' or 'Token <key>' when the server has a key.",
         lifespan=lifespan,
     )
+    scale = _tei.score_scale(reranker)
+    started_at = int(time.time())
     app.state.batcher = batcher
     app.state.service = service
 
@@ -164,9 +206,12 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         route = _ROUTES.get(request.url.path)
         what = route.what if route is not None else "a JSON object"
-        error = from_validation_errors(exc.errors(), what=what)
+        error = from_validation_errors(exc.errors(), what=what, tags=_UNION_TAGS)
         on_error(error)
-        return error_response(route_dialect(request), error)
+        dialect = route_dialect(request)
+        if request.url.path == "/rerank" and _rerank_shape(exc.body) == "tei":
+            dialect = _tei.TEI
+        return error_response(dialect, error)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -186,21 +231,76 @@ def create_app(
 
     @app.post(
         "/rerank",
-        response_model=_memos.MemOSRerankResponse,
-        summary="Rerank (MemOS shape)",
+        response_model=_memos.MemOSRerankResponse | list[_tei.TEIRank],
+        summary="Rerank (MemOS shape, or TEI's with 'texts')",
+        responses=_errors(_memos.MemOSError, _tei.TEIError),
+        description="With 'documents': the MemOS shape, answered with 'results'. With "
+        "'texts': text-embeddings-inference's shape, answered with a bare list.",
         tags=["rerank"],
     )
-    async def rerank(body: _memos.MemOSRerankRequest, request: Request) -> Response:
+    async def rerank(body: RerankBody, request: Request) -> Response:
+        if isinstance(body, _tei.TEIRerankRequest):
+            request.state.dialect = _tei.TEI
+            return await _tei.rerank(service, request, body, scale)
         return await _memos.rerank(service, request, body)
+
+    @app.post(
+        "/v1/rerank",
+        response_model=_cohere.CohereV1RerankResponse,
+        response_model_exclude_none=True,
+        summary="Rerank (Cohere v1, Jina and vLLM shape)",
+        responses=_errors(_cohere.CohereError),
+        tags=["rerank"],
+    )
+    async def rerank_v1(body: _cohere.CohereV1RerankRequest, request: Request) -> Response:
+        return await _cohere.rerank_v1(service, request, body)
 
     @app.post(
         "/v2/rerank",
         response_model=_cohere.CohereV2RerankResponse,
         summary="Rerank (Cohere v2 shape)",
+        responses=_errors(_cohere.CohereError),
         tags=["rerank"],
     )
     async def rerank_v2(body: _cohere.CohereV2RerankRequest, request: Request) -> Response:
         return await _cohere.rerank_v2(service, request, body)
+
+    for path in ("/score", "/v1/score"):
+
+        @app.post(
+            path,
+            response_model=_vllm.ScoreResponse,
+            summary="Score text pairs (vLLM shape; scores in input order)",
+            responses=_errors(_cohere.CohereError),
+            tags=["rerank"],
+        )
+        async def score(body: _vllm.ScoreRequest, request: Request) -> Response:
+            return await _vllm.score(service, request, body)
+
+    @app.get(
+        "/info",
+        response_model=_tei.TEIInfo,
+        summary="The served model and limits (text-embeddings-inference's fields)",
+        tags=["status"],
+    )
+    async def info() -> Response:
+        return JSONResponse(
+            _tei.info(
+                service,
+                version=__version__,
+                max_body_bytes=max_body_bytes,
+                workers=tokenizer_workers,
+            )
+        )
+
+    @app.get(
+        "/v1/models",
+        response_model=_vllm.ModelList,
+        summary="The served model (OpenAI / vLLM list)",
+        tags=["status"],
+    )
+    async def models() -> Response:
+        return JSONResponse(_vllm.models(service, created=started_at))
 
     @app.get(
         "/health",
@@ -221,6 +321,38 @@ def create_app(
             "queued_requests": batcher.queued,
         }
         return JSONResponse(body, 200 if state.ok else 503)
+
+    def openapi() -> dict[str, Any]:
+        # Validation errors are answered with 400 in each dialect's shape, never 422.
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.get("schemas", {}).pop(name, None)
+            if key is not None:
+                components["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"},
+                    "token": {
+                        "type": "apiKey",
+                        "in": "header",
+                        "name": "Authorization",
+                        "description": "'Token <key>', as MemOS clients send it.",
+                    },
+                }
+                for path in _ROUTES:
+                    schema["paths"][path]["post"]["security"] = [{"bearer": []}, {"token": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     app.add_middleware(
         Guard,

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 
 from ._core import ApiError, Dialect, Query, Service, Text
 
-__all__ = ["MEMOS", "MemOSRerankRequest", "MemOSRerankResponse", "rerank"]
+__all__ = ["MEMOS", "MemOSError", "MemOSRerankRequest", "MemOSRerankResponse", "rerank"]
 
 
 def _error_body(error: ApiError) -> dict[str, Any]:
@@ -24,6 +24,16 @@ def _error_body(error: ApiError) -> dict[str, Any]:
 
 
 MEMOS = Dialect("memos", _error_body)
+
+
+class MemOSError(BaseModel):
+    """A MemOS error: its business code (40000 bad body, 40002 empty field, 40003 empty
+    documents, 40100 key required, 40132 key invalid, 50000 internal), the message, and
+    the same message as ``detail`` (the FastAPI/Jina convention)."""
+
+    code: int
+    message: str
+    detail: str
 
 
 class MemOSRerankRequest(BaseModel):
