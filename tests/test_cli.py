@@ -312,6 +312,10 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(cross_encoder_dir: Path) ->
         assert httpx.post(f"{url}/rerank", json=body, timeout=10).status_code == 401
         health = httpx.get(f"{url}/health", timeout=10).json()
         assert health["model"] == "tiny-ce"
+        metrics = httpx.get(f"{url}/metrics", timeout=10)
+        assert 'memos_rerank_requests_total{method="POST",route="/v2/rerank",status="200"} 1.0' in (
+            metrics.text
+        )
     finally:
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)

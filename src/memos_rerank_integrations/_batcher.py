@@ -61,6 +61,8 @@ class BatchReport:
     """Calls scored in this turn (more than one: they were fused)."""
     documents: int
     """Documents of those calls."""
+    scored_documents: int
+    """Documents of the calls that got an answer."""
     seconds: float
     """Wall time the model spent on them."""
     failed: int
@@ -385,9 +387,15 @@ class MicroBatcher:
     def _report(self, jobs: list[_Job], seconds: float, failed: int) -> None:
         if self._on_batch is None:
             return
+        answered = [
+            job
+            for job in jobs
+            if job.future.done() and not job.future.cancelled() and job.future.exception() is None
+        ]
         report = BatchReport(
             calls=len(jobs),
             documents=sum(len(job.documents) for job in jobs),
+            scored_documents=sum(len(job.documents) for job in answered),
             seconds=seconds,
             failed=failed,
         )

@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-batching", action="store_true", help="run requests one at a time (no micro-batching)"
     )
+    serve.add_argument(
+        "--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics"
+    )
     serve.add_argument("--batch-window-ms", type=float, default=5.0)
     serve.add_argument(
         "--max-batch-documents",
@@ -305,6 +308,7 @@ def _serve(args: argparse.Namespace) -> int:
         batching=not args.no_batching,
         batch_window_ms=args.batch_window_ms,
         max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
+        metrics=not args.no_metrics,
     )
     server = uvicorn.Server(
         config(

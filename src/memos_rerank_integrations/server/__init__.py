@@ -9,6 +9,7 @@
 ``GET /info``           text-embeddings-inference's model info, with the limits
 ``GET /v1/models``      the served model, OpenAI/vLLM list
 ``GET /health``         whether the model can serve (503 with a reason if not)
+``GET /metrics``        Prometheus metrics (``create_app(..., metrics=False)``: off)
 ``GET /openapi.json``   OpenAPI description generated from the request models
 ======================  =====================================================
 

@@ -64,6 +64,7 @@ _ROUTES = {
     "/v1/score": _Route(_cohere.COHERE, "Bearer", _SCORE_BODY),
 }
 _UNION_TAGS = frozenset({"memos", "tei"})
+_STATUS_ROUTES = ("/health", "/info", "/v1/models", "/metrics", "/openapi.json", "/docs")
 
 
 def _rerank_shape(body: Any) -> str:
@@ -121,6 +122,7 @@ def create_app(
     batching: bool = True,
     batch_window_ms: float = 5.0,
     max_batch_documents: int = 32,
+    metrics: bool = True,
 ) -> FastAPI:
     """Build the ASGI app serving ``reranker`` (typically a local backend).
 
@@ -141,6 +143,10 @@ def create_app(
     ``batching``, ``batch_window_ms`` and ``max_batch_documents`` configure the
     :class:`MicroBatcher` (``app.state.batcher``), whose worker thread stops when
     the app shuts down.
+
+    With ``metrics`` (the default), ``GET /metrics`` serves Prometheus metrics (no
+    key needed) from a registry of this app's own (``app.state.metrics.registry``),
+    so several apps can live in one process.
     """
     _check_positive("max_documents", max_documents)
     _check_positive("max_body_bytes", max_body_bytes)
@@ -153,12 +159,18 @@ def create_app(
         raise InvalidInputError(f"model_name must be a non-empty str, got {model_name!r}.")
     key = check_api_key(api_key)
 
+    telemetry: Any = None
     batcher = MicroBatcher(
         reranker,
         enabled=batching,
         batch_window_ms=batch_window_ms,
         max_batch_documents=max_batch_documents,
+        on_batch=lambda report: telemetry.on_batch(report) if telemetry else None,
     )
+    if metrics:
+        from ._metrics import Metrics
+
+        telemetry = Metrics(batcher, routes=[*_ROUTES, *_STATUS_ROUTES])
     tokenizer_workers = min(4, os.cpu_count() or 1)
     tokenizer = ThreadPoolExecutor(
         max_workers=tokenizer_workers, thread_name_prefix="memos-rerank-tokenize"
@@ -171,7 +183,7 @@ def create_app(
         max_request_tokens=max_request_tokens,
         tokenizer=tokenizer,
     )
-    on_error: Callable[[ApiError], None] = _no_op
+    on_error: Callable[[ApiError], None] = telemetry.on_error if telemetry else _no_op
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -194,6 +206,7 @@ def create_app(
     started_at = int(time.time())
     app.state.batcher = batcher
     app.state.service = service
+    app.state.metrics = telemetry
 
     def route_dialect(request: Request) -> Dialect:
         chosen = getattr(request.state, "dialect", None)
@@ -322,6 +335,19 @@ def create_app(
         }
         return JSONResponse(body, 200 if state.ok else 503)
 
+    if telemetry is not None:
+        from ._metrics import CONTENT_TYPE_LATEST, MetricsMiddleware
+
+        @app.get(
+            "/metrics",
+            summary="Prometheus metrics (no key needed)",
+            tags=["status"],
+            response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        )
+        async def prometheus_metrics() -> Response:
+            return Response(telemetry.render(), media_type=CONTENT_TYPE_LATEST)
+
     def openapi() -> dict[str, Any]:
         # Validation errors are answered with 400 in each dialect's shape, never 422.
         if app.openapi_schema is None:
@@ -362,6 +388,8 @@ def create_app(
         body_timeout=float(body_timeout),
         on_error=lambda error: on_error(error),
     )
+    if telemetry is not None:
+        app.add_middleware(MetricsMiddleware, metrics=telemetry)  # outermost: sees everything
     return app
 
 
