@@ -369,3 +369,44 @@ def test_openapi_describes_every_route_from_the_request_models(live: LiveServer)
         responses = spec["paths"][path]["post"]["responses"]
         assert "422" not in responses and {"400", "401", "413"} <= set(responses)
         assert spec["paths"][path]["post"]["security"] == [{"bearer": []}, {"token": []}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/rerank", {"query": "q", "documents": ["a", 5]}, "'documents[1]' must be a string"),
+        (
+            "/v1/rerank",
+            {"query": "q", "documents": [1, 2]},
+            "'documents[0]' must be a string, got a number. (1 more problem in the request.)",
+        ),
+        (
+            "/v1/rerank",
+            {"query": "q", "documents": [{"text": 1}]},
+            "'documents[0].text' must be a string, got a number.",
+        ),
+        (
+            "/v1/rerank",
+            {"query": "q", "documents": [{"text": "\ud800"}]},
+            "'documents[0].text' holds a lone surrogate (U+D800)",
+        ),
+        ("/score", {"text_1": ["  "], "text_2": ["a"]}, "'text_1[0]' must not be empty."),
+        (
+            "/v2/rerank",
+            {"query": 1, "documents": [2, 3]},
+            "'query' must be a string, got a number. (2 more problems in the request.)",
+        ),
+    ],
+)
+def test_validation_errors_name_the_real_problem(
+    live: LiveServer, path: str, body: dict[str, Any], message: str
+) -> None:
+    """A union (a string or an object) yields one pydantic error per member; the
+    message names the one that fits what was sent."""
+    response = httpx.post(
+        f"{live.url}{path}",
+        content=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert response.status_code == 400
+    assert message in response.json()["message"]

@@ -115,8 +115,7 @@ def _document_text(
 ) -> str:
     if isinstance(document, str):
         return document
-    fields = rank_fields or ["text"]
-    if rank_fields is None or rank_fields == ["text"]:
+    if not rank_fields or rank_fields == ["text"]:
         text = document.get("text")
         if text is None:
             raise ApiError(
@@ -125,9 +124,9 @@ def _document_text(
                 "(or name its fields in 'rank_fields').",
             )
         return text
-    present = [field for field in fields if field in document]
+    present = [field for field in rank_fields if field in document]
     if not present:
-        raise ApiError(400, f"'documents[{position}]' has none of the rank_fields {fields!r}.")
+        raise ApiError(400, f"'documents[{position}]' has none of the rank_fields {rank_fields!r}.")
     return "\n".join(f"{field}: {document[field]}" for field in present)
 
 

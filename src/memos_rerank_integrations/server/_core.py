@@ -145,23 +145,59 @@ def json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _location(loc: Sequence[object], tags: frozenset[str]) -> str:
+def _parts(loc: Sequence[object], tags: frozenset[str]) -> list[str | int]:
+    """The location without ``body``, the /rerank dialect tag and pydantic's names
+    for the members of a union (``str``, ``function-after[...]``, ``dict[...]``...)."""
     parts = list(loc)
     if parts and parts[0] == "body":
         parts = parts[1:]
     if parts and isinstance(parts[0], str) and parts[0] in tags:
-        parts = parts[1:]  # the tag of the dialect union on /rerank
+        parts = parts[1:]
+    return [
+        part
+        for part in parts
+        if isinstance(part, int) or (isinstance(part, str) and not _is_member_name(part))
+    ]
+
+
+def _is_member_name(part: str) -> bool:
+    return part in ("str", "int", "bool", "float") or part[:1].isupper() or "[" in part
+
+
+def _location(loc: Sequence[object], tags: frozenset[str]) -> str:
     path = ""
-    for part in parts:
+    for part in _parts(loc, tags):
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "list[str]") or str(part).startswith(("function-", "tagged-")):
-            continue  # pydantic's names for members of a union
-        elif str(part)[:1].isupper():
-            continue  # a model's name inside a union
         else:
-            path += f".{part}" if path else str(part)
+            path += f".{part}" if path else part
     return path
+
+
+def _anchor(error: dict[str, Any], tags: frozenset[str]) -> tuple[str | int, ...]:
+    """Where a problem is: up to the last list position (the members of a union at
+    ``documents[3]``, or the fields of an object there, share one anchor)."""
+    parts = _parts(error.get("loc", ()), tags)
+    positions = [i for i, part in enumerate(parts) if isinstance(part, int)]
+    return tuple(parts[: positions[-1] + 1] if positions else parts)
+
+
+def _related(first: tuple[str | int, ...], second: tuple[str | int, ...]) -> bool:
+    length = min(len(first), len(second))
+    return first[:length] == second[:length]
+
+
+def _most_telling(errors: Sequence[dict[str, Any]], tags: frozenset[str]) -> dict[str, Any]:
+    # A union (a string or an object) reports one error per member for one problem:
+    # the one that is not about the input's type, or else the deepest, says what is wrong.
+    anchor = _anchor(errors[0], tags)
+    same = [error for error in errors if _related(_anchor(error, tags), anchor)]
+
+    def rank(error: dict[str, Any]) -> tuple[bool, int]:
+        kind = str(error["type"])
+        return (kind.endswith("_type"), -len(_parts(error.get("loc", ()), tags)))
+
+    return min(same, key=rank)
 
 
 def _phrase(error: dict[str, Any]) -> str:
@@ -196,7 +232,7 @@ def from_validation_errors(
     """
     if not errors:
         return ApiError(400, f"The request body is not valid: send {what}.")
-    first = errors[0]
+    first = _most_telling(errors, tags)
     kind = first["type"]
     path = _location(first.get("loc", ()), tags)
     code = BAD_BODY
@@ -217,7 +253,9 @@ def from_validation_errors(
             code = EMPTY_FIELD
         elif kind == "too_short" and path in ("documents", "texts"):
             code = EMPTY_DOCUMENTS
-    more = len(errors) - 1
+    # Other problems, not counting the other members of the same union.
+    chosen = _anchor(first, tags)
+    more = len({a for a in (_anchor(e, tags) for e in errors) if not _related(a, chosen)})
     if more:
         message += f" ({more} more problem{'s' if more > 1 else ''} in the request.)"
     return ApiError(400, message, code=code)
