@@ -138,7 +138,9 @@ def cli_line(model: str, megabytes: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", default="cli-line,amplify,amplify-no-budget,cli-line-qwen")
+    parser.add_argument(
+        "--scenarios", default="cli-baseline,cli-line,amplify,amplify-no-budget,cli-line-qwen"
+    )
     parser.add_argument("--line-mib", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from memos_rerank_integrations import CrossEncoderReranker, EmbeddingReranker, QwenReranker
-from memos_rerank_integrations.cli import API_KEY_ENV, main
+from memos_rerank_integrations.cli import API_KEY_ENV, _parser, main
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
 FP32 = ["--dtype", "float32"]  # bfloat16 scores move with batch composition
@@ -421,3 +421,14 @@ def test_serve_refuses_an_unusable_key_before_loading_the_model() -> None:
         err = one_error_line(result)
         assert "api_key holds a" in err and "Could not load" not in err
         assert key not in err
+
+
+def test_serve_defaults_are_the_servers() -> None:
+    from memos_rerank_integrations import server
+
+    args = _parser().parse_args(["serve", "--model", "m"])
+    assert args.max_request_tokens == server.DEFAULT_MAX_REQUEST_TOKENS
+    assert args.limit_concurrency == server.DEFAULT_LIMIT_CONCURRENCY
+    assert args.header_timeout == server.DEFAULT_HEADER_TIMEOUT
+    assert args.max_query_tokens == 2048  # MemOS's query limit
+    assert args.no_metrics is False
