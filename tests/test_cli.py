@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from memos_rerank_integrations import CrossEncoderReranker, EmbeddingReranker, QwenReranker
-from memos_rerank_integrations.cli import API_KEY_ENV, main
+from memos_rerank_integrations.cli import API_KEY_ENV, _parser, main
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
 FP32 = ["--dtype", "float32"]  # bfloat16 scores move with batch composition
@@ -251,7 +252,7 @@ def start_serve(args: list[str], env_key: str | None = None) -> subprocess.Popen
 
 
 def wait_healthy(process: subprocess.Popen[str], url: str) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1]
         try:
@@ -274,9 +275,31 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(cross_encoder_dir: Path) ->
         str(port),
         *FP32,
     ]
-    process = start_serve([*args, "--model-name", "tiny-ce"], env_key="env-secret-key")
+    serve_args = [*args, "--model-name", "tiny-ce", "--header-timeout", "3"]
+    # A key read from a secret file ends with a newline: it is stripped.
+    process = start_serve([*serve_args, "--limit-concurrency", "8"], env_key="env-secret-key\n")
     try:
         wait_healthy(process, url)
+        # 12 connections that never send a request, against a limit of 8: each new
+        # connection over the limit closes the one idle longest, so a real client
+        # gets in; the rest are closed after --header-timeout.
+        opened = time.monotonic()
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        for sock in idle[:6]:
+            assert sock.recv(16) == b""  # evicted
+        for sock in idle[6:]:
+            sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                sock.recv(16)  # still open: the header timeout has not passed yet
+        assert time.monotonic() - opened < 3, "too slow to check the eviction"
+        for sock in idle[6:]:
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(16) == b""
+        assert time.monotonic() - opened < 9  # 3 s, not uvicorn's never or our default 10
+        for sock in idle:
+            sock.close()
         client = cohere.ClientV2(api_key="env-secret-key", base_url=url, max_retries=0, timeout=30)
         response = client.rerank(model="tiny-ce", query=QUERY, documents=DOCUMENTS)
         expected = CrossEncoderReranker(cross_encoder_dir, dtype="float32").rerank(QUERY, DOCUMENTS)
@@ -289,6 +312,10 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(cross_encoder_dir: Path) ->
         assert httpx.post(f"{url}/rerank", json=body, timeout=10).status_code == 401
         health = httpx.get(f"{url}/health", timeout=10).json()
         assert health["model"] == "tiny-ce"
+        metrics = httpx.get(f"{url}/metrics", timeout=10)
+        assert 'memos_rerank_requests_total{method="POST",route="/v2/rerank",status="200"} 1.0' in (
+            metrics.text
+        )
     finally:
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -307,3 +334,101 @@ def test_serve_with_a_bad_model_exits_1_with_one_line(tmp_path: Path) -> None:
     errors = [line for line in err.splitlines() if line.startswith("memos-rerank: error:")]
     assert len(errors) == 1 and "Could not load model" in errors[0]
     assert "Traceback" not in err
+
+
+# -- input that is not valid text, as a real process ------------------------------------
+
+
+def run_process(argv: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    env.pop(API_KEY_ENV, None)
+    return subprocess.run(
+        [sys.executable, "-m", "memos_rerank_integrations.cli", *argv],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 1, err
+    assert result.stdout == b""
+    assert "Traceback" not in err
+    assert err.startswith("memos-rerank: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_non_utf8_input_is_a_one_line_error(source: str, tmp_path: Path) -> None:
+    garbage = b"fine line\nsecond \xff\xfe\x00 line\n" + bytes(range(256))
+    path = tmp_path / "garbage.bin"
+    path.write_bytes(garbage)
+    argv = ["rerank", "--query", "q", "--backend", "cross-encoder", "--model", "unused"]
+    if source == "file":
+        result = run_process([*argv, "--input", str(path)])
+    else:
+        result = run_process(argv, stdin=garbage)
+    err = one_error_line(result)
+    assert "line 2, byte 8: not valid UTF-8 (byte 0xff)" in err
+    assert "--errors replace" in err
+
+
+def test_jsonl_with_a_lone_surrogate_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "memories.jsonl"
+    path.write_text(
+        '{"text": "fine"}\n{"text": "half \\ud800 a pair", "id": 2}\n', encoding="utf-8"
+    )
+    argv = ["rerank", "--query", "q", "--backend", "cross-encoder", "--model", "unused"]
+    err = one_error_line(run_process([*argv, "--input", str(path)]))
+    assert f"{path} line 2: character 6 is a lone surrogate (U+D800)" in err
+
+
+def test_a_query_with_undecodable_bytes_is_a_one_line_error() -> None:
+    # Undecodable bytes in argv reach Python as lone surrogates (surrogateescape).
+    argv = ["rerank", "--query", "caf\udce9", "--backend", "cross-encoder", "--model", "unused"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "memos_rerank_integrations.cli", *(os.fsencode(a) for a in argv)],
+        input=b"doc\n",
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert "--query: character 4 is a lone surrogate (U+DCE9)" in one_error_line(result)
+
+
+def test_errors_replace_scores_what_it_can(cross_encoder_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b'{"text": "User likes playing badminton.", "tag": "half \\udc00"}\n'
+        b'{"text": "caf\xe9 on Sunday"}\n'
+    )
+    argv = ["rerank", "--query", QUERY, "--backend", "cross-encoder", "--model"]
+    result = run_process(
+        [*argv, str(cross_encoder_dir), *FP32, "--input", str(path), "--errors", "replace"]
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    texts = {r["text"]: r for r in json.loads(result.stdout)["results"]}
+    assert set(texts) == {"User likes playing badminton.", "caf\ufffd on Sunday"}
+    assert texts["User likes playing badminton."]["record"]["tag"] == "half \ufffd"
+
+
+def test_serve_refuses_an_unusable_key_before_loading_the_model() -> None:
+    for key in ("ключ", "key\x07"):
+        result = run_process(["serve", "--model", "/no/such/model", "--api-key", key])
+        err = one_error_line(result)
+        assert "api_key holds a" in err and "Could not load" not in err
+        assert key not in err
+
+
+def test_serve_defaults_are_the_servers() -> None:
+    from memos_rerank_integrations import server
+
+    args = _parser().parse_args(["serve", "--model", "m"])
+    assert args.max_request_tokens == server.DEFAULT_MAX_REQUEST_TOKENS
+    assert args.limit_concurrency == server.DEFAULT_LIMIT_CONCURRENCY
+    assert args.header_timeout == server.DEFAULT_HEADER_TIMEOUT
+    assert args.max_query_tokens == 2048  # MemOS's query limit
+    assert args.no_metrics is False

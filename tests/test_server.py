@@ -8,108 +8,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cohere
 import httpx
 import pytest
-import uvicorn
 
 from memos_rerank_integrations import (
     AuthenticationError,
     CrossEncoderReranker,
     MemOSReranker,
     QwenReranker,
-    RerankResult,
 )
 from memos_rerank_integrations._batcher import MicroBatcher
-from memos_rerank_integrations._types import rank_scores
 from memos_rerank_integrations.server import create_app
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
-QUERY = "What are the user's hobbies?"
-DOCUMENTS = [
-    "User likes playing badminton.",
-    "User is a backend developer in Hangzhou.",
-    "User prefers concise replies.",
-    "User prefers Jiangxiang-flavored baijiu.",
-    "User is going on a business trip to Beijing next Wednesday.",
-]
-
-
-class WordOverlapReranker:
-    """A deterministic pointwise scorer with call counters, standing in for a model."""
-
-    def __init__(self, *, delay: float = 0.0, batched: bool = True) -> None:
-        self.delay = delay
-        self.rerank_calls = 0
-        self.many_calls: list[int] = []
-        self.lock = threading.Lock()
-        if not batched:
-            self.rerank_many = None  # type: ignore[assignment]
-
-    @staticmethod
-    def score(query: str, document: str) -> float:
-        words = set(query.lower().split())
-        hits = sum(word.strip(".,?") in words for word in document.lower().split())
-        return (hits + 1) / (len(document) + 2)
-
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        with self.lock:
-            self.rerank_calls += 1
-        time.sleep(self.delay)
-        if "EXPLODE" in query:
-            raise RuntimeError("the model exploded")
-        return rank_scores([self.score(query, d) for d in documents], top_n=top_n)
-
-    async def arerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        return self.rerank(query, documents, top_n)
-
-    def rerank_many(
-        self, calls: Sequence[tuple[str, Sequence[str], int | None]]
-    ) -> list[list[RerankResult]]:
-        with self.lock:
-            self.many_calls.append(len(calls))
-        time.sleep(self.delay)
-        if any("EXPLODE" in query for query, _, _ in calls):
-            raise RuntimeError("the model exploded")
-        return [
-            rank_scores([self.score(q, d) for d in docs], top_n=top_n) for q, docs, top_n in calls
-        ]
-
-    @property
-    def model_calls(self) -> int:
-        return self.rerank_calls + len(self.many_calls)
-
-
-class LiveServer:
-    """uvicorn serving an app on a free loopback port, in a background thread."""
-
-    def __init__(self, app: object) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")  # type: ignore[arg-type]
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        assert not self.thread.is_alive()
+from ._server import DOCUMENTS, QUERY, LiveServer, WordOverlapReranker
 
 
 @pytest.fixture
@@ -190,17 +107,40 @@ def test_auth_missing_wrong_right(live: LiveServer, post: object) -> None:
     assert "s3cret" not in missing.text + wrong.text
 
 
-def test_auth_scheme_is_per_endpoint(live: LiveServer) -> None:
+@pytest.mark.parametrize("path", ["/rerank", "/v2/rerank"])
+@pytest.mark.parametrize("scheme", ["Token", "Bearer", "bearer", "TOKEN", "BeArEr"])
+def test_both_schemes_in_any_case_on_every_route(live: LiveServer, path: str, scheme: str) -> None:
     body = {"query": QUERY, "documents": DOCUMENTS}
-    bearer_on_memos = httpx.post(
-        f"{live.url}/rerank", json=body, headers={"Authorization": "Bearer s3cret-key"}
+    response = httpx.post(
+        f"{live.url}{path}", json=body, headers={"Authorization": f"{scheme} s3cret-key"}
     )
-    token_on_cohere = httpx.post(
-        f"{live.url}/v2/rerank", json=body, headers={"Authorization": "Token s3cret-key"}
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Token s3cret-key-and-more",  # the right key plus a suffix
+        "Bearer s3cret-ke",  # a prefix of it
+        "Basic s3cret-key",  # another scheme
+        "s3cret-key",  # no scheme
+        "Token",
+        "Bearer s3cret-key extra",
+    ],
+)
+def test_near_miss_keys_get_401(
+    live: LiveServer, backend: WordOverlapReranker, header: str
+) -> None:
+    response = httpx.post(
+        f"{live.url}/rerank",
+        json={"query": QUERY, "documents": DOCUMENTS},
+        headers={"Authorization": header},
     )
-    assert bearer_on_memos.status_code == 401
-    assert bearer_on_memos.json()["code"] == 40132
-    assert token_on_cohere.status_code == 401
+    assert response.status_code == 401
+    assert response.json()["code"] == 40132
+    assert response.json()["detail"] == response.json()["message"]
+    assert "s3cret" not in response.text
+    assert backend.model_calls == 0
 
 
 def test_memos_error_codes(live: LiveServer) -> None:
@@ -278,7 +218,7 @@ def test_body_limit_stops_reading_and_skips_model_work() -> None:
 
         streamed = httpx.post(f"{live.url}/v2/rerank", content=chunks(), timeout=10)
         assert streamed.status_code == 413
-        assert streamed.json() == {"message": streamed.json()["message"]}
+        assert set(streamed.json()) == {"message", "detail"}
         fits = memos_post(live, {"query": QUERY, "documents": ["x" * 800]}, key=None)
         assert fits.status_code == 200
     assert backend.model_calls == 1

@@ -5,6 +5,11 @@ it becoming free) are scored together with the backend's ``rerank_many``, so
 they share forward passes; the backend's own token budget still bounds each
 forward pass. All model work runs in a single worker thread, never on the event
 loop, so an ASGI server stays responsive while the model computes.
+
+The worker survives anything the backend does: an exception of any kind
+(``BaseException`` included) or an answer of the wrong shape fails only the
+calls it concerns, and :meth:`MicroBatcher.health` says whether the model can
+serve.
 """
 
 from __future__ import annotations
@@ -18,15 +23,25 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from ._exceptions import BackendUnavailableError, InvalidInputError
-from ._types import Reranker, RerankResult
+from ._exceptions import (
+    BackendUnavailableError,
+    InvalidInputError,
+    MalformedResponseError,
+    RerankError,
+)
+from ._types import Reranker, RerankResult, validate_ranking
 
-__all__ = ["MicroBatcher"]
+__all__ = ["BatchReport", "BatcherHealth", "MicroBatcher"]
 
 logger = logging.getLogger(__name__)
 
 Call = tuple[str, Sequence[str], int | None]
 RerankMany = Callable[[Sequence[Call]], list[list[RerankResult]]]
+
+# Longest error description kept for /health and the logs.
+_MAX_REASON = 300
+# The call a health probe makes when the last model call failed.
+_PROBE: Call = ("health check", ["health check"], None)
 
 
 @dataclass
@@ -34,7 +49,32 @@ class _Job:
     query: str
     documents: Sequence[str]
     top_n: int | None
+    probe: bool = False
     future: Future[list[RerankResult]] = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one turn of the model worker did (passed to ``on_batch``)."""
+
+    calls: int
+    """Calls scored in this turn (more than one: they were fused)."""
+    documents: int
+    """Documents of those calls."""
+    scored_documents: int
+    """Documents of the calls that got an answer."""
+    seconds: float
+    """Wall time the model spent on them."""
+    failed: int
+    """Calls that ended with an error."""
+
+
+@dataclass(frozen=True)
+class BatcherHealth:
+    """Whether the model can serve, and if not, why."""
+
+    ok: bool
+    reason: str | None = None
 
 
 class MicroBatcher:
@@ -53,6 +93,18 @@ class MicroBatcher:
     When the worker is idle a call starts at once; the ``batch_window_ms`` wait
     for more calls applies only right after a batch finished, i.e. under load,
     when the clients just answered are about to send their next request.
+
+    Every answer is checked like a remote one (one result per document, or
+    exactly ``top_n``; indices in range, none twice; finite scores): a bad answer
+    is a :class:`MalformedResponseError` for its own call only. When a fused batch
+    fails (any exception, ``BaseException`` included) or answers for the wrong
+    number of calls, each of its calls is retried alone, so every call gets its
+    own result or its own error. An exception that is not an ``Exception`` reaches
+    the caller as a :class:`BackendUnavailableError`. A call whose future is
+    cancelled before the model takes it (its client went away) costs no model work.
+
+    ``on_batch``, if given, is called in the worker thread after each turn with a
+    :class:`BatchReport` (for metrics); its errors are logged and ignored.
     """
 
     def __init__(
@@ -62,6 +114,7 @@ class MicroBatcher:
         enabled: bool = True,
         batch_window_ms: float = 5.0,
         max_batch_documents: int = 32,
+        on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
         if batch_window_ms < 0:
             raise InvalidInputError(f"batch_window_ms must be >= 0, got {batch_window_ms!r}.")
@@ -75,12 +128,18 @@ class MicroBatcher:
         self._enabled = enabled and self._rerank_many is not None
         self._window = batch_window_ms / 1000.0
         self._max_documents = max_batch_documents
+        self._on_batch = on_batch
         self._queue: deque[_Job] = deque()
         self._condition = threading.Condition()
         self._closed = False
-        self._busy = False
+        self._busy_since: float | None = None
+        self._busy_seconds = 0.0
         self._last_batch_end = -float("inf")
         self._thread: threading.Thread | None = None
+        # Why the model cannot serve, while its last call failed (None: it can).
+        self._failure: str | None = None
+        self._probe: _Job | None = None
+        self._last_probe = -float("inf")
 
     @property
     def batching(self) -> bool:
@@ -90,12 +149,55 @@ class MicroBatcher:
     @property
     def queued(self) -> int:
         """Calls waiting for the model (not counting the batch being computed)."""
-        return len(self._queue)
+        with self._condition:
+            return sum(not job.future.cancelled() for job in self._queue)
 
     @property
     def busy(self) -> bool:
         """Whether the model is computing right now."""
-        return self._busy
+        return self._busy_since is not None
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds the current model turn has been running (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @property
+    def busy_seconds(self) -> float:
+        """Total seconds the model has spent computing, the current turn included."""
+        return self._busy_seconds + self.busy_for
+
+    def health(self) -> BatcherHealth:
+        """Whether the model can serve now (a quick look: never waits for the model)."""
+        with self._condition:
+            if self._closed:
+                return BatcherHealth(False, "The server is shutting down.")
+            if self._thread is not None and not self._thread.is_alive():
+                return BatcherHealth(False, "The model worker thread has stopped.")
+            if self._failure is not None:
+                return BatcherHealth(False, f"The last model call failed: {self._failure}")
+        return BatcherHealth(True)
+
+    def probe(self, *, min_interval: float = 5.0) -> None:
+        """After a model failure, queue one tiny call to find out whether the model
+        recovered (at most one at a time, one per ``min_interval`` seconds); its
+        success makes :meth:`health` ok again. Does nothing while healthy."""
+        with self._condition:
+            now = time.monotonic()
+            if (
+                self._closed
+                or self._failure is None
+                or self._probe is not None
+                or now - self._last_probe < min_interval
+            ):
+                return
+            self._last_probe = now
+            query, documents, top_n = _PROBE
+            self._probe = _Job(query, documents, top_n, probe=True)
+            self._queue.append(self._probe)
+            self._condition.notify()
+        self.start()
 
     def start(self) -> None:
         """Start the worker thread (also done by the first call)."""
@@ -111,7 +213,10 @@ class MicroBatcher:
     def submit(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> Future[list[RerankResult]]:
-        """Queue one call; its future resolves to the results or the call's own error."""
+        """Queue one call; its future resolves to the results or the call's own error.
+
+        Cancel the future to withdraw a call that has not started yet.
+        """
         job = _Job(query, documents, top_n)
         self.start()
         with self._condition:
@@ -124,7 +229,11 @@ class MicroBatcher:
     async def rerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
-        """Queue one call and wait for it without blocking the event loop."""
+        """Queue one call and wait for it without blocking the event loop.
+
+        If the awaiting task is cancelled before the model takes the call, the call
+        is withdrawn.
+        """
         return await asyncio.wrap_future(self.submit(query, documents, top_n))
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -138,6 +247,8 @@ class MicroBatcher:
             if thread.is_alive():
                 logger.warning("The model worker did not stop within %s s.", timeout)
 
+    # -- the worker ------------------------------------------------------------------
+
     def _run(self) -> None:
         while True:
             with self._condition:
@@ -148,13 +259,25 @@ class MicroBatcher:
                 if self._enabled:
                     self._wait_for_more()
                 jobs = self._take_batch()
-                self._busy = True
+                if not jobs:
+                    continue
+                self._busy_since = started = time.monotonic()
+            failed = 0
             try:
-                self._execute(jobs)
+                failed = self._execute(jobs)
+            except BaseException:  # a bug here must not stop the worker either
+                logger.exception("The model worker failed; its calls get an error.")
+                failed = len(jobs)
+                self._fail_unresolved(jobs, "Internal error in the model worker.")
             finally:
+                ended = time.monotonic()
                 with self._condition:
-                    self._busy = False
-                    self._last_batch_end = time.monotonic()
+                    self._busy_since = None
+                    self._busy_seconds += ended - started
+                    self._last_batch_end = ended
+                    if any(job.probe for job in jobs):
+                        self._probe = None
+            self._report(jobs, ended - started, failed)
 
     def _wait_for_more(self) -> None:
         # Called with the condition held. Idle for longer than the window: no wait.
@@ -166,41 +289,150 @@ class MicroBatcher:
             self._condition.wait(remaining)
 
     def _queued_documents(self) -> int:
-        return sum(len(job.documents) for job in self._queue)
+        return sum(len(job.documents) for job in self._queue if not job.future.cancelled())
 
     def _take_batch(self) -> list[_Job]:
+        # Called with the condition held. Withdrawn calls are dropped unseen.
+        while self._queue and self._queue[0].future.cancelled():
+            self._queue.popleft()
+        if not self._queue:
+            return []
         jobs = [self._queue.popleft()]
         if not self._enabled:
             return jobs
         total = len(jobs[0].documents)
-        while self._queue and total + len(self._queue[0].documents) <= self._max_documents:
-            job = self._queue.popleft()
+        while self._queue:
+            job = self._queue[0]
+            if job.future.cancelled():
+                self._queue.popleft()
+                continue
+            if total + len(job.documents) > self._max_documents:
+                break
+            self._queue.popleft()
             total += len(job.documents)
             jobs.append(job)
         return jobs
 
-    def _execute(self, jobs: list[_Job]) -> None:
+    def _execute(self, jobs: list[_Job]) -> int:
+        """Score the jobs; returns how many failed."""
         # A future cancelled while queued (its request went away) costs no model work.
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not live:
+            return 0
         if len(live) > 1 and self._rerank_many is not None:
+            calls = [(job.query, job.documents, job.top_n) for job in live]
             try:
-                outputs = self._rerank_many([(j.query, j.documents, j.top_n) for j in live])
-            except Exception:
+                outputs = self._rerank_many(calls)
+            except BaseException as exc:
                 # One bad call must not fail its batch mates: retry each on its own,
                 # so every request gets exactly its own result or its own error.
-                logger.warning("A batched rerank failed; retrying its calls one by one.")
-            else:
-                if len(outputs) == len(live):
-                    for job, output in zip(live, outputs, strict=True):
-                        job.future.set_result(output)
-                    return
                 logger.warning(
-                    "rerank_many returned %d results for %d calls; retrying one by one.",
-                    len(outputs),
+                    "A fused batch of %d calls failed (%s); retrying them one by one.",
+                    len(live),
+                    _describe(exc),
+                )
+            else:
+                if isinstance(outputs, list) and len(outputs) == len(live):
+                    return sum(
+                        not self._resolve(job, output)
+                        for job, output in zip(live, outputs, strict=True)
+                    )
+                logger.warning(
+                    "rerank_many answered %s for %d calls; retrying them one by one.",
+                    f"{len(outputs)} results" if isinstance(outputs, list) else "a non-list",
                     len(live),
                 )
+        failed = 0
         for job in live:
             try:
-                job.future.set_result(self._reranker.rerank(job.query, job.documents, job.top_n))
+                output = self._reranker.rerank(job.query, job.documents, job.top_n)
             except BaseException as exc:
-                job.future.set_exception(exc)
+                failed += 1
+                self._fail(job, exc)
+            else:
+                failed += not self._resolve(job, output)
+        return failed
+
+    def _resolve(self, job: _Job, output: object) -> bool:
+        """Validate one call's answer and hand it over; False if it was invalid."""
+        try:
+            results = _checked(output, job)
+        except MalformedResponseError as exc:
+            logger.error("The model gave an invalid answer: %s", exc.message)
+            self._fail(job, exc)
+            return False
+        with self._condition:
+            self._failure = None
+        job.future.set_result(results)
+        return True
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        error = _as_exception(exc)
+        if not isinstance(error, InvalidInputError):
+            # The caller's bad input says nothing about the model; anything else does.
+            with self._condition:
+                self._failure = _describe(exc)
+        if job.probe:
+            logger.warning("Health probe failed: %s", _describe(exc))
+        job.future.set_exception(error)
+
+    def _fail_unresolved(self, jobs: list[_Job], message: str) -> None:
+        for job in jobs:
+            if not job.future.done():
+                try:
+                    self._fail(job, BackendUnavailableError(message))
+                except BaseException:  # pragma: no cover - a future in an odd state
+                    logger.exception("Could not fail a call")
+
+    def _report(self, jobs: list[_Job], seconds: float, failed: int) -> None:
+        if self._on_batch is None:
+            return
+        answered = [
+            job
+            for job in jobs
+            if job.future.done() and not job.future.cancelled() and job.future.exception() is None
+        ]
+        report = BatchReport(
+            calls=len(jobs),
+            documents=sum(len(job.documents) for job in jobs),
+            scored_documents=sum(len(job.documents) for job in answered),
+            seconds=seconds,
+            failed=failed,
+        )
+        try:
+            self._on_batch(report)
+        except Exception:
+            logger.exception("on_batch failed")
+
+
+def _checked(output: object, job: _Job) -> list[RerankResult]:
+    if not isinstance(output, list) or not all(isinstance(r, RerankResult) for r in output):
+        raise MalformedResponseError(
+            "The model answered something other than a list of RerankResult.", backend="model"
+        )
+    validate_ranking(
+        [(result.index, result.score) for result in output],
+        n_documents=len(job.documents),
+        top_n_sent=job.top_n,
+        backend="model",
+    )
+    # Best first; ties keep input order (what rank_scores does).
+    return sorted(output, key=lambda result: (-result.score, result.index))
+
+
+def _as_exception(exc: BaseException) -> Exception:
+    if isinstance(exc, Exception):
+        return exc
+    # KeyboardInterrupt, SystemExit, CancelledError... raised by the model code:
+    # awaiting them would stop the caller's event loop or task, so wrap them.
+    error = BackendUnavailableError(f"The model failed: {_describe(exc)}.")
+    error.__cause__ = exc
+    return error
+
+
+def _describe(exc: BaseException) -> str:
+    message = exc.message if isinstance(exc, RerankError) else str(exc)
+    message = " ".join(message.split())
+    if len(message) > _MAX_REASON:
+        message = message[: _MAX_REASON - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

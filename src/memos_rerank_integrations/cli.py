@@ -1,5 +1,5 @@
 """The ``memos-rerank`` command: ``serve`` a local model over HTTP, ``rerank`` from
-the shell, and ``demo``.
+the shell, and ``demo`` (each a subcommand of one ``argparse`` parser).
 
 User errors (bad model path, unreadable input, bad options) end with a one-line
 message on stderr and a non-zero exit code, never a traceback.
@@ -12,9 +12,10 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -26,6 +27,12 @@ __all__ = ["API_KEY_ENV", "main"]
 API_KEY_ENV = "MEMOS_RERANK_API_KEY"
 
 _PROG = "memos-rerank"
+# MemOS caps queries at 2,048 tokens; the server does the same by default.
+_MEMOS_QUERY_TOKENS = 2048
+# Defaults of the server (kept here so that --help works without the server extra).
+_DEFAULT_REQUEST_TOKENS = 262_144
+_DEFAULT_LIMIT_CONCURRENCY = 256
+_DEFAULT_HEADER_TIMEOUT = 10.0
 _SERVE_BACKENDS = ("qwen", "cross-encoder")
 _RERANK_BACKENDS = (*_SERVE_BACKENDS, "embedding")
 # Documents are scored in chunks of this size so progress can be shown; results
@@ -33,6 +40,8 @@ _RERANK_BACKENDS = (*_SERVE_BACKENDS, "embedding")
 _CHUNK = 64
 
 logger = logging.getLogger("memos_rerank_integrations.cli")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _UserError(Exception):
@@ -77,10 +86,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="serve a local model with the MemOS (/rerank) and Cohere v2 (/v2/rerank) APIs",
-        description="Serve a local reranker over HTTP: POST /rerank (MemOS shape, "
-        "'Authorization: Token KEY'), POST /v2/rerank (Cohere v2 shape, "
-        "'Authorization: Bearer KEY') and GET /health.",
+        help="serve a local model over HTTP in the MemOS, TEI, Cohere, Jina and vLLM shapes",
+        description="Serve a local reranker over HTTP: POST /rerank (MemOS shape, or "
+        "text-embeddings-inference's with 'texts'), POST /v1/rerank (Cohere v1, Jina, vLLM), "
+        "POST /v2/rerank (Cohere v2), POST /score (vLLM), GET /info, /v1/models, /health "
+        "and /openapi.json. Rerank routes take 'Authorization: Bearer KEY' or 'Token KEY'.",
     )
     serve.add_argument("--model", required=True, help="Hugging Face id or local directory")
     serve.add_argument("--backend", choices=_SERVE_BACKENDS, default="qwen")
@@ -94,10 +104,66 @@ def _parser() -> argparse.ArgumentParser:
         "prefer the variable, command lines are visible to other users)",
     )
     serve.add_argument("--model-name", help="model name reported in responses (default: --model)")
-    serve.add_argument("--max-documents", type=_positive_int, default=1000)
-    serve.add_argument("--max-body-bytes", type=_positive_int, default=4 * 1024 * 1024)
+    limits = serve.add_argument_group(
+        "request limits (all checked before any model work)",
+        "A request over a limit gets a 4xx that says which limit and how to split the call.",
+    )
+    limits.add_argument(
+        "--max-documents", type=_positive_int, default=1000, help="documents per request (1000)"
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=4 * 1024 * 1024,
+        help="request body size in bytes (4 MiB); larger bodies get 413, unread",
+    )
+    limits.add_argument(
+        "--max-query-tokens",
+        type=_positive_int,
+        default=_MEMOS_QUERY_TOKENS,
+        help="cut queries to this many tokens, like MemOS (2048; qwen backend: "
+        "cross-encoders cut query and document to the model's max_length)",
+    )
+    limits.add_argument(
+        "--max-request-tokens",
+        type=_tokens_or_none,
+        default=_DEFAULT_REQUEST_TOKENS,
+        help=f"tokens one request may cost, every query-document prompt counted "
+        f"({_DEFAULT_REQUEST_TOKENS}; 'none' for no budget); more gets 413",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a client has to send its request body (30); slower gets 408",
+    )
+    connections = serve.add_argument_group("connections (passed to uvicorn)")
+    connections.add_argument(
+        "--limit-concurrency",
+        type=_positive_int,
+        default=_DEFAULT_LIMIT_CONCURRENCY,
+        help=f"open connections or in-flight requests beyond which new requests get 503 "
+        f"({_DEFAULT_LIMIT_CONCURRENCY}); a new connection first closes the one that has "
+        "waited longest without sending a request",
+    )
+    connections.add_argument(
+        "--timeout-keep-alive",
+        type=_positive_float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (5)",
+    )
+    connections.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=_DEFAULT_HEADER_TIMEOUT,
+        help=f"seconds a connection has to send a complete request line and headers "
+        f"({_DEFAULT_HEADER_TIMEOUT:g}); idle or trickling connections are closed after it",
+    )
     serve.add_argument(
         "--no-batching", action="store_true", help="run requests one at a time (no micro-batching)"
+    )
+    serve.add_argument(
+        "--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics"
     )
     serve.add_argument("--batch-window-ms", type=float, default=5.0)
     serve.add_argument(
@@ -123,6 +189,14 @@ def _parser() -> argparse.ArgumentParser:
     rerank.add_argument("--query", required=True)
     rerank.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
     rerank.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
+    rerank.add_argument(
+        "--errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="input that is not valid UTF-8 text (undecodable bytes, lone surrogates in "
+        "JSON escapes or in --query): 'strict' (default) stops with an error naming the "
+        "line, 'replace' puts U+FFFD in its place",
+    )
     rerank.add_argument("--backend", choices=_RERANK_BACKENDS, default="qwen")
     rerank.add_argument(
         "--model",
@@ -170,8 +244,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _build_backend(args: argparse.Namespace) -> Reranker:
-    options: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _tokens_or_none(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    return _positive_int(text)
+
+
+def _build_backend(args: argparse.Namespace, **extra: Any) -> Reranker:
+    options: dict[str, Any] = {"device": args.device, "dtype": args.dtype, **extra}
     if args.instruction is not None:
         if args.backend != "qwen":
             raise _UserError("--instruction applies to --backend qwen only.")
@@ -199,15 +289,18 @@ def _build_backend(args: argparse.Namespace) -> Reranker:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import create_app
+    from .server import config, create_app
+    from .server._core import check_api_key
 
     _log_to_stderr(args.log_level)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    # Checked before the model loads, so a bad key fails in a second, not a minute.
+    api_key = check_api_key(args.api_key or os.environ.get(API_KEY_ENV) or None)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "Serving on %s without an API key: anyone who can reach it can use it.", args.host
         )
-    backend = _build_backend(args)
+    extra = {"max_query_length": args.max_query_tokens} if args.backend == "qwen" else {}
+    backend = _build_backend(args, **extra)
     logger.info("Loading %s model %s", args.backend, args.model)
     # Load (and warm up) now, so a bad model fails here and not on the first request.
     backend.rerank("warm-up", ["warm-up"])
@@ -217,12 +310,23 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         max_documents=args.max_documents,
         max_body_bytes=args.max_body_bytes,
+        max_request_tokens=args.max_request_tokens,
+        body_timeout=args.body_timeout,
         batching=not args.no_batching,
         batch_window_ms=args.batch_window_ms,
         max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
+        metrics=not args.no_metrics,
     )
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+        config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            limit_concurrency=args.limit_concurrency,
+            timeout_keep_alive=args.timeout_keep_alive,
+            header_timeout=args.header_timeout,
+        )
     )
     # uvicorn handles SIGINT/SIGTERM (drains requests, runs the app's shutdown, which
     # stops the model thread), then re-raises the signal to the handler it found:
@@ -259,25 +363,29 @@ def _log_to_stderr(level: str) -> None:
 
 
 def _rerank(args: argparse.Namespace) -> int:
-    if not args.query.strip():
+    query = _clean_text(args.query, args.errors, where="--query")
+    if not query.strip():
         raise _UserError("--query must not be empty.")
-    documents = _read_documents(args.input, args.format)
+    documents = _read_documents(args.input, args.format, args.errors)
     if not documents:
         raise _UserError(f"No documents in {_input_name(args.input)}.")
     backend = _build_backend(args)
     texts = [document.text for document in documents]
-    results = _score_with_progress(backend, args.query, texts, show=not args.no_progress)
+    results = _score_with_progress(backend, query, texts, show=not args.no_progress)
+    del texts
     if args.top_n is not None:
         results = results[: args.top_n]
     output = {
-        "query": args.query,
+        "query": query,
         "backend": args.backend,
         "model": getattr(backend, "model", args.model),
         "results": [
             _result_json(rank, result, documents) for rank, result in enumerate(results, 1)
         ],
     }
-    sys.stdout.write(json.dumps(output, ensure_ascii=False, indent=2) + "\n")
+    # Streamed: a huge document is written as it is encoded, not copied into one string.
+    json.dump(output, sys.stdout, ensure_ascii=False, indent=2)
+    sys.stdout.write("\n")
     sys.stdout.flush()
     return 0
 
@@ -301,22 +409,88 @@ def _input_name(path: str) -> str:
     return "stdin" if path == "-" else path
 
 
-def _read_documents(path: str, fmt: str) -> list[_Document]:
+def _read_documents(path: str, fmt: str, errors: str) -> list[_Document]:
     if path == "-":
-        return _parse_documents(sys.stdin, fmt, name="stdin")
-    with open(path, encoding="utf-8") as stream:
-        return _parse_documents(stream, fmt, name=path)
+        binary = getattr(sys.stdin, "buffer", None)
+        if binary is None:  # a text stream without bytes underneath (e.g. in tests)
+            return _parse_documents(_text_lines(sys.stdin), fmt, name="stdin", errors=errors)
+        return _parse_documents(_decoded_lines(binary, errors), fmt, name="stdin", errors=errors)
+    with open(path, "rb") as stream:
+        return _parse_documents(_decoded_lines(stream, errors), fmt, name=path, errors=errors)
 
 
-def _parse_documents(stream: Iterable[str], fmt: str, *, name: str) -> list[_Document]:
-    lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(stream, 1)]
-    lines = [(number, line) for number, line in lines if line.strip()]
-    if fmt == "auto":
-        jsonl_name = name.endswith((".jsonl", ".ndjson"))
-        fmt = "jsonl" if jsonl_name or (lines and _is_json_object(lines[0][1])) else "lines"
-    if fmt == "lines":
-        return [_Document(text=line, line=number, record=None) for number, line in lines]
-    return [_json_document(name, number, line) for number, line in lines]
+def _decoded_lines(stream: Iterable[bytes], errors: str) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending), decoded line by line as UTF-8 so
+    that an undecodable byte is reported with its line and column."""
+    for number, raw in enumerate(stream, 1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark
+        end = len(raw)
+        while end and raw[end - 1] in b"\r\n":
+            end -= 1
+        try:
+            # Decoded from a view: no copy of a huge line without its line ending.
+            line = str(memoryview(raw)[:end], "utf-8", errors)
+        except UnicodeDecodeError as exc:
+            raise _UserError(
+                f"line {number}, byte {exc.start + 1}: not valid UTF-8 (byte "
+                f"0x{raw[exc.start]:02x}); convert the input to UTF-8, or pass "
+                "--errors replace to replace undecodable bytes with U+FFFD."
+            ) from None
+        del raw
+        yield number, line
+
+
+def _text_lines(stream: Iterable[str]) -> Iterator[tuple[int, str]]:
+    for number, line in enumerate(stream, 1):
+        yield number, line.rstrip("\r\n")
+
+
+def _parse_documents(
+    lines: Iterable[tuple[int, str]], fmt: str, *, name: str, errors: str
+) -> list[_Document]:
+    documents: list[_Document] = []
+    chosen = fmt
+    for number, line in lines:
+        if not line or line.isspace():
+            continue
+        if chosen == "auto":
+            jsonl_name = name.endswith((".jsonl", ".ndjson"))
+            chosen = "jsonl" if jsonl_name or _is_json_object(line) else "lines"
+        if chosen == "lines":
+            text = _clean_text(line, errors, where=f"{name} line {number}")
+            documents.append(_Document(text=text, line=number, record=None))
+        else:
+            documents.append(_json_document(name, number, line, errors))
+    return documents
+
+
+def _clean_text(text: str, errors: str, *, where: str) -> str:
+    """Refuse (or replace) lone surrogates: they come from JSON escapes such as
+    "\\ud800" or undecodable command-line bytes, and no tokenizer or output accepts them."""
+    match = _SURROGATE.search(text)
+    if match is None:
+        return text
+    if errors == "replace":
+        return _SURROGATE.sub("\ufffd", text)
+    raise _UserError(
+        f"{where}: character {match.start() + 1} is a lone surrogate "
+        f"(U+{ord(match.group()):04X}), not valid Unicode text; fix the input, or pass "
+        "--errors replace to replace it with U+FFFD."
+    )
+
+
+def _clean_record(value: Any, errors: str, where: str) -> Any:
+    if isinstance(value, str):
+        return _clean_text(value, errors, where=where)
+    if isinstance(value, list):
+        return [_clean_record(item, errors, where) for item in value]
+    if isinstance(value, dict):
+        return {
+            _clean_text(key, errors, where=where): _clean_record(item, errors, where)
+            for key, item in value.items()
+        }
+    return value
 
 
 def _is_json_object(line: str) -> bool:
@@ -328,16 +502,19 @@ def _is_json_object(line: str) -> bool:
         return False
 
 
-def _json_document(name: str, number: int, line: str) -> _Document:
+def _json_document(name: str, number: int, line: str, errors: str) -> _Document:
     try:
         record = json.loads(line)
     except ValueError as exc:
         raise _UserError(f"{name} line {number}: not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise _UserError(f"{name} line {number}: JSON nested too deeply.") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise _UserError(
             f"{name} line {number}: expected a JSON object with a string 'text' field "
             "(use --format lines for plain text)."
         )
+    record = _clean_record(record, errors, f"{name} line {number}")
     return _Document(text=record["text"], line=number, record=record)
 
 

@@ -1,0 +1,200 @@
+"""``POST /v1/rerank`` (Cohere v1, Jina, vLLM) and ``POST /v2/rerank`` (Cohere v2).
+
+Clients of ``/v1/rerank``: ``cohere.Client`` (and Mem0's cohere provider), LangChain's
+``JinaRerank``, MemOS's ``http_bge`` reranker (its default path), vLLM-style clients.
+Clients of ``/v2/rerank``: ``cohere.ClientV2`` / ``AsyncClientV2`` with ``base_url``,
+langchain-cohere ``CohereRerank``, LlamaIndex ``CohereRerank``.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ._core import ApiError, Dialect, Query, Service, Text
+
+__all__ = [
+    "COHERE",
+    "CohereError",
+    "CohereV1RerankRequest",
+    "CohereV1RerankResponse",
+    "CohereV2RerankRequest",
+    "CohereV2RerankResponse",
+    "rerank_v1",
+    "rerank_v2",
+]
+
+# Cohere bills one search unit per query and up to 100 documents.
+_DOCUMENTS_PER_SEARCH_UNIT = 100
+
+
+def _error_body(error: ApiError) -> dict[str, Any]:
+    return {"message": error.message, "detail": error.message}
+
+
+COHERE = Dialect("cohere", _error_body)
+
+
+class CohereError(BaseModel):
+    """An error: the message, also as ``detail`` (the FastAPI/Jina convention)."""
+
+    message: str
+    detail: str
+
+
+def _search_units(documents: int) -> int:
+    return math.ceil(documents / _DOCUMENTS_PER_SEARCH_UNIT)
+
+
+class CohereApiVersion(BaseModel):
+    version: str
+
+
+class CohereBilledUnits(BaseModel):
+    search_units: int
+
+
+class CohereMeta(BaseModel):
+    api_version: CohereApiVersion
+    billed_units: CohereBilledUnits
+
+
+class CohereV1RerankRequest(BaseModel):
+    """The Cohere v1 rerank request, also spoken by Jina and vLLM."""
+
+    model_config = ConfigDict(strict=True, title="CohereV1RerankRequest")
+
+    model: str | None = Field(None, description="Ignored: the server serves its one model.")
+    query: Query
+    documents: list[Text | dict[Text, Text]] = Field(
+        min_length=1,
+        description="Strings, or objects whose 'text' field (or the rank_fields) is ranked.",
+    )
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = Field(False, description="Echo each document (as sent) in its result.")
+    rank_fields: list[Text] | None = Field(
+        None,
+        description="For object documents: the fields ranked, in this order, each as a "
+        "'field: value' line (default: 'text').",
+    )
+    max_chunks_per_doc: int | None = Field(
+        None, ge=1, description="Accepted and ignored: documents are not chunked."
+    )
+
+
+class CohereV1Document(BaseModel):
+    text: str
+
+
+class CohereV1Result(BaseModel):
+    index: int
+    relevance_score: float
+    document: CohereV1Document | dict[str, str] | None = None
+
+
+class CohereUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CohereV1RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[CohereV1Result]
+    meta: CohereMeta
+    usage: CohereUsage
+
+
+def _document_text(
+    position: int, document: str | dict[str, str], rank_fields: list[str] | None
+) -> str:
+    if isinstance(document, str):
+        return document
+    if not rank_fields or rank_fields == ["text"]:
+        text = document.get("text")
+        if text is None:
+            raise ApiError(
+                400,
+                f"'documents[{position}]' must be a string or an object with a 'text' field "
+                "(or name its fields in 'rank_fields').",
+            )
+        return text
+    present = [field for field in rank_fields if field in document]
+    if not present:
+        raise ApiError(400, f"'documents[{position}]' has none of the rank_fields {rank_fields!r}.")
+    return "\n".join(f"{field}: {document[field]}" for field in present)
+
+
+async def rerank_v1(
+    service: Service, request: Request, body: CohereV1RerankRequest
+) -> JSONResponse:
+    texts = [
+        _document_text(position, document, body.rank_fields)
+        for position, document in enumerate(body.documents)
+    ]
+    ranked = await service.rank(request, body.query, texts, body.top_n)
+    results = []
+    for result in ranked.results:
+        item: dict[str, Any] = {"index": result.index, "relevance_score": result.score}
+        if body.return_documents:
+            document = body.documents[result.index]
+            item["document"] = {"text": document} if isinstance(document, str) else document
+        results.append(item)
+    return JSONResponse(
+        {
+            "id": str(uuid.uuid4()),
+            "model": service.model_name,
+            "results": results,
+            "meta": {
+                "api_version": {"version": "1"},
+                "billed_units": {"search_units": _search_units(len(texts))},
+            },
+            "usage": {"prompt_tokens": ranked.tokens, "total_tokens": ranked.tokens},
+        }
+    )
+
+
+class CohereV2RerankRequest(BaseModel):
+    """The Cohere v2 rerank request."""
+
+    model_config = ConfigDict(strict=True, title="CohereV2RerankRequest")
+
+    model: str | None = Field(None, description="Ignored: the server serves its one model.")
+    query: Query
+    documents: list[Text] = Field(min_length=1)
+    top_n: int | None = Field(None, ge=1)
+    max_tokens_per_doc: int | None = Field(
+        None, ge=1, description="Accepted and ignored: the model's own max_length applies."
+    )
+
+
+class CohereV2Result(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereV2RerankResponse(BaseModel):
+    id: str
+    results: list[CohereV2Result]
+    meta: CohereMeta
+
+
+async def rerank_v2(
+    service: Service, request: Request, body: CohereV2RerankRequest
+) -> JSONResponse:
+    ranked = await service.rank(request, body.query, body.documents, body.top_n)
+    return JSONResponse(
+        {
+            "id": str(uuid.uuid4()),
+            "results": [{"index": r.index, "relevance_score": r.score} for r in ranked.results],
+            "meta": {
+                "api_version": {"version": "2"},
+                "billed_units": {"search_units": _search_units(len(body.documents))},
+            },
+        }
+    )

@@ -1,0 +1,496 @@
+"""What every dialect shares: errors, the text types, keys, limits and scoring.
+
+A dialect module only declares its request model (pydantic: the validation *and*
+the OpenAPI schema), turns a valid request into ``(query, documents, top_n)``
+and renders the answer. Limits, the token budget, authentication, model calls
+and their errors live here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .._batcher import MicroBatcher
+from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
+from .._types import Reranker, RerankResult
+
+__all__ = [
+    "BAD_BODY",
+    "EMPTY_DOCUMENTS",
+    "EMPTY_FIELD",
+    "INTERNAL",
+    "KEY_INVALID",
+    "KEY_REQUIRED",
+    "ApiError",
+    "ClientGone",
+    "Dialect",
+    "Query",
+    "Ranked",
+    "Service",
+    "Text",
+    "authorize",
+    "check_api_key",
+    "error_response",
+    "from_validation_errors",
+    "json_type",
+]
+
+logger = logging.getLogger("memos_rerank_integrations.server")
+
+# MemOS business codes (see the MemOS API docs); the other dialects carry only a message.
+BAD_BODY = 40000
+EMPTY_FIELD = 40002
+EMPTY_DOCUMENTS = 40003
+KEY_REQUIRED = 40100
+KEY_INVALID = 40132
+INTERNAL = 50000
+
+# The fallback token estimate for backends without ``count_tokens``: about four
+# characters per token, the usual rule of thumb for English text.
+CHARS_PER_TOKEN = 4
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, MemOS code, message, and its kind for metrics."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: int = BAD_BODY,
+        kind: str = "invalid_request",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.kind = kind
+        self.headers = headers or {}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: nobody reads it."""
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one API family writes its errors."""
+
+    name: str
+    error_body: Callable[[ApiError], dict[str, Any]]
+
+
+def error_response(dialect: Dialect, error: ApiError, *, close: bool = False) -> JSONResponse:
+    headers = dict(error.headers)
+    if close:
+        # The rest of an unread body must not be parsed as the next request.
+        headers["Connection"] = "close"
+    return JSONResponse(dialect.error_body(error), error.status, headers=headers)
+
+
+# -- text fields ---------------------------------------------------------------------
+
+
+def _valid_text(value: str) -> str:
+    match = _SURROGATE.search(value)
+    if match is not None:
+        raise PydanticCustomError(
+            "lone_surrogate",
+            "holds a lone surrogate (U+{codepoint}) at character {position}: not valid "
+            "Unicode text. Send UTF-8 text (a JSON \\ud800-\\udfff escape must be half "
+            "of a pair)",
+            {"codepoint": f"{ord(match.group()):04X}", "position": match.start()},
+        )
+    return value
+
+
+def _valid_query(value: str) -> str:
+    _valid_text(value)
+    if not value.strip():
+        raise PydanticCustomError("empty", "must not be empty")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+"""A string that is valid Unicode (no lone surrogates)."""
+Query = Annotated[str, AfterValidator(_valid_query)]
+"""A non-blank :data:`Text`."""
+
+
+# -- validation errors -> one clear message ------------------------------------------
+
+
+def json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    names.update({list: "a list", dict: "an object"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _parts(loc: Sequence[object], tags: frozenset[str]) -> list[str | int]:
+    """The location without ``body``, the /rerank dialect tag and pydantic's names
+    for the members of a union (``str``, ``function-after[...]``, ``dict[...]``...)."""
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    if parts and isinstance(parts[0], str) and parts[0] in tags:
+        parts = parts[1:]
+    return [
+        part
+        for part in parts
+        if isinstance(part, int) or (isinstance(part, str) and not _is_member_name(part))
+    ]
+
+
+def _is_member_name(part: str) -> bool:
+    return part in ("str", "int", "bool", "float") or part[:1].isupper() or "[" in part
+
+
+def _location(loc: Sequence[object], tags: frozenset[str]) -> str:
+    path = ""
+    for part in _parts(loc, tags):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def _anchor(error: dict[str, Any], tags: frozenset[str]) -> tuple[str | int, ...]:
+    """Where a problem is: up to the last list position (the members of a union at
+    ``documents[3]``, or the fields of an object there, share one anchor)."""
+    parts = _parts(error.get("loc", ()), tags)
+    positions = [i for i, part in enumerate(parts) if isinstance(part, int)]
+    return tuple(parts[: positions[-1] + 1] if positions else parts)
+
+
+def _related(first: tuple[str | int, ...], second: tuple[str | int, ...]) -> bool:
+    length = min(len(first), len(second))
+    return first[:length] == second[:length]
+
+
+def _most_telling(errors: Sequence[dict[str, Any]], tags: frozenset[str]) -> dict[str, Any]:
+    # A union (a string or an object) reports one error per member for one problem:
+    # the one that is not about the input's type, or else the deepest, says what is wrong.
+    anchor = _anchor(errors[0], tags)
+    same = [error for error in errors if _related(_anchor(error, tags), anchor)]
+
+    def rank(error: dict[str, Any]) -> tuple[bool, int]:
+        kind = str(error["type"])
+        return (kind.endswith("_type"), -len(_parts(error.get("loc", ()), tags)))
+
+    return min(same, key=rank)
+
+
+def _phrase(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    given = json_type(error.get("input"))
+    ctx = error.get("ctx") or {}
+    phrases = {
+        "missing": "is required",
+        "string_type": f"must be a string, got {given}",
+        "list_type": f"must be a list, got {given}",
+        "int_type": f"must be an integer, got {given}",
+        "bool_type": f"must be true or false, got {given}",
+        "dict_type": f"must be an object, got {given}",
+        "model_type": f"must be an object, got {given}",
+        "model_attributes_type": f"must be an object, got {given}",
+        "too_short": "must not be empty",
+        "greater_than_equal": f"must be at least {ctx.get('ge')}",
+        "greater_than": f"must be greater than {ctx.get('gt')}",
+    }
+    if kind in phrases:
+        return phrases[kind]
+    message = str(error.get("msg", "is not valid"))
+    return message[:1].lower() + message[1:] if kind != "lone_surrogate" else message
+
+
+def from_validation_errors(
+    errors: Sequence[dict[str, Any]], *, tags: frozenset[str] = frozenset(), what: str
+) -> ApiError:
+    """One 400 naming the first problem and where it is (``documents[3]``).
+
+    ``what`` describes the expected body, for errors about the body as a whole.
+    """
+    if not errors:
+        return ApiError(400, f"The request body is not valid: send {what}.")
+    first = _most_telling(errors, tags)
+    kind = first["type"]
+    path = _location(first.get("loc", ()), tags)
+    code = BAD_BODY
+    if kind == "json_invalid":
+        loc = first.get("loc", ())
+        position = loc[-1] if loc and isinstance(loc[-1], int) else None
+        reason = (first.get("ctx") or {}).get("error", "invalid syntax")
+        where = f" (at character {position})" if position is not None else ""
+        message = f"The request body is not valid JSON: {reason}{where}."
+    elif not path:
+        if kind == "missing":
+            message = f"The request body is empty: send {what}."
+        else:
+            message = f"The request body must be {what}, got {json_type(first.get('input'))}."
+    else:
+        message = f"'{path}' {_phrase(first)}."
+        if kind == "empty" and path == "query":
+            code = EMPTY_FIELD
+        elif kind == "too_short" and path in ("documents", "texts"):
+            code = EMPTY_DOCUMENTS
+    # Other problems, not counting the other members of the same union.
+    chosen = _anchor(first, tags)
+    more = len({a for a in (_anchor(e, tags) for e in errors) if not _related(a, chosen)})
+    if more:
+        message += f" ({more} more problem{'s' if more > 1 else ''} in the request.)"
+    return ApiError(400, message, code=code)
+
+
+# -- API keys --------------------------------------------------------------------------
+
+
+def check_api_key(api_key: str | None) -> str | None:
+    """The key the server will require, checked at start-up.
+
+    Surrounding whitespace is removed (a key read from a file often ends with a
+    newline); a key that is then empty, or holds a control character or a
+    non-ASCII character, cannot be sent in an HTTP header and is refused.
+    The error never shows the key.
+    """
+    if api_key is None:
+        return None
+    if not isinstance(api_key, str):
+        raise InvalidInputError(f"api_key must be a str or None, got {type(api_key).__name__}.")
+    key = api_key.strip()
+    if not key:
+        raise InvalidInputError("api_key must not be empty; pass None to disable authentication.")
+    for position, char in enumerate(key):
+        if not " " <= char <= "~":
+            what = "a control character" if char.isascii() else "a non-ASCII character"
+            raise InvalidInputError(
+                f"api_key holds {what} at position {position}: HTTP headers carry printable "
+                "ASCII only, so clients could never send it. Use a key of printable ASCII "
+                "characters."
+            )
+    return key
+
+
+_SCHEMES = (b"bearer", b"token")
+
+
+def authorize(headers: Sequence[tuple[bytes, bytes]], key: bytes, *, scheme: str) -> None:
+    """Check ``Authorization: Bearer <key>`` or ``Token <key>`` (schemes in any case,
+    RFC 7235); the key is compared in constant time. Raises a 401 :class:`ApiError`.
+
+    ``scheme`` is the one the dialect's own clients use, named first in messages.
+    """
+    header = next((value for name, value in headers if name == b"authorization"), None)
+    other = "Token" if scheme == "Bearer" else "Bearer"
+    challenge = {"WWW-Authenticate": f'{scheme} realm="memos-rerank", {other} realm="memos-rerank"'}
+    if header is None or not header.strip():
+        raise ApiError(
+            401,
+            f"An API key is required: send the header 'Authorization: {scheme} <key>' "
+            f"('{other} <key>' works too).",
+            code=KEY_REQUIRED,
+            kind="unauthorized",
+            headers=challenge,
+        )
+    given_scheme, _, credentials = header.strip().partition(b" ")
+    valid = hmac.compare_digest(credentials.strip(), key)
+    if not valid or given_scheme.lower() not in _SCHEMES:
+        raise ApiError(
+            401,
+            f"The API key is invalid: send 'Authorization: {scheme} <key>' (or '{other} "
+            "<key>') with the key the server was started with.",
+            code=KEY_INVALID,
+            kind="unauthorized",
+            headers=challenge,
+        )
+
+
+# -- scoring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A scored request: results best first, and the tokens it cost."""
+
+    results: list[RerankResult]
+    tokens: int
+
+
+class Service:
+    """The model behind every dialect: limits, token budget, batcher, errors."""
+
+    def __init__(
+        self,
+        reranker: Reranker,
+        batcher: MicroBatcher,
+        *,
+        model_name: str,
+        max_documents: int,
+        max_request_tokens: int | None,
+        tokenizer: Executor,
+    ) -> None:
+        self.reranker = reranker
+        self.batcher = batcher
+        self.model_name = model_name
+        self.max_documents = max_documents
+        self.max_request_tokens = max_request_tokens
+        self._tokenizer = tokenizer
+        count = getattr(reranker, "count_tokens", None)
+        self._count: Callable[[str, Sequence[str]], int] | None = count if callable(count) else None
+        cap = getattr(reranker, "max_query_length", None)
+        self._query_cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+    def check_documents(self, count: int, *, field: str = "documents") -> None:
+        if count > self.max_documents:
+            raise ApiError(
+                400,
+                f"Too many {field}: {count}; this server accepts at most {self.max_documents} "
+                "per request. Split the call.",
+            )
+
+    def estimate_tokens(self, query: str, documents: Sequence[str]) -> int:
+        """About four characters per token (the query capped like the backend caps it)."""
+        query_tokens = math.ceil(len(query) / CHARS_PER_TOKEN)
+        if self._query_cap is not None:
+            query_tokens = min(query_tokens, self._query_cap)
+        return sum(query_tokens + math.ceil(len(d) / CHARS_PER_TOKEN) for d in documents)
+
+    async def count_tokens(self, calls: Sequence[tuple[str, Sequence[str]]]) -> int:
+        """Tokens the calls would score: the backend's ``count_tokens`` in a worker
+        thread when it has one (tokenization only), else :meth:`estimate_tokens`."""
+        count = self._count
+        if count is None:
+            return sum(self.estimate_tokens(query, documents) for query, documents in calls)
+        loop = asyncio.get_running_loop()
+
+        def total() -> int:
+            return sum(int(count(query, documents)) for query, documents in calls)
+
+        try:
+            return await loop.run_in_executor(self._tokenizer, total)
+        except InvalidInputError as exc:
+            raise ApiError(400, exc.message) from None
+        except Exception as exc:
+            raise _model_error(exc) from None
+
+    def check_budget(self, tokens: int, documents: int) -> None:
+        budget = self.max_request_tokens
+        if budget is None or tokens <= budget:
+            return
+        parts = math.ceil(tokens / budget)
+        per_part = max(1, documents * budget // tokens)
+        raise ApiError(
+            413,
+            f"This request would score {tokens} tokens; this server scores at most {budget} "
+            f"per request. Split it into at least {parts} requests (about {per_part} "
+            "documents each), or shorten the query: every document is scored together "
+            "with the whole query.",
+            kind="token_budget",
+        )
+
+    async def rank(
+        self, request: Request, query: str, documents: Sequence[str], top_n: int | None
+    ) -> Ranked:
+        """Check the limits, then score one call (withdrawn if the client leaves)."""
+        self.check_documents(len(documents))
+        tokens = await self.count_tokens([(query, documents)])
+        self.check_budget(tokens, len(documents))
+        futures = [self._submit(query, documents, top_n)]
+        (results,) = await self._wait(request, futures)
+        return Ranked(results, tokens)
+
+    async def rank_pairs(
+        self, request: Request, calls: Sequence[tuple[str, Sequence[str]]]
+    ) -> Ranked:
+        """Several calls of one request (vLLM's pairwise ``/score``), fused by the
+        batcher; results come back in call order, each call's best first."""
+        self.check_documents(sum(len(documents) for _, documents in calls))
+        tokens = await self.count_tokens(calls)
+        self.check_budget(tokens, sum(len(documents) for _, documents in calls))
+        futures = [self._submit(query, documents, None) for query, documents in calls]
+        outputs = await self._wait(request, futures)
+        return Ranked([result for output in outputs for result in output], tokens)
+
+    def _submit(
+        self, query: str, documents: Sequence[str], top_n: int | None
+    ) -> Future[list[RerankResult]]:
+        try:
+            return self.batcher.submit(query, documents, top_n)
+        except RerankError as exc:  # shutting down
+            raise ApiError(503, exc.message, code=INTERNAL, kind="unavailable") from None
+
+    async def _wait(
+        self, request: Request, futures: list[Future[list[RerankResult]]]
+    ) -> list[list[RerankResult]]:
+        waiters = [asyncio.wrap_future(future) for future in futures]
+        gathered = asyncio.gather(*waiters)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        pending: set[asyncio.Future[Any]] = {gathered, watcher}
+        try:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not gathered.done():
+            # The client went away first: withdraw what has not started. A call the
+            # model is computing finishes, and its answer is dropped.
+            for future in futures:
+                future.cancel()
+            gathered.cancel()
+            for waiter in waiters:
+                waiter.add_done_callback(_consume)
+            raise ClientGone
+        try:
+            return gathered.result()
+        except InvalidInputError as exc:
+            # The backend's own limits (e.g. a query longer than it accepts).
+            raise ApiError(400, exc.message) from None
+        except Exception as exc:
+            raise _model_error(exc) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    # A withdrawn call's outcome is nobody's business: do not log it as unretrieved.
+    if not future.cancelled():
+        future.exception()
+
+
+def _model_error(exc: Exception) -> ApiError:
+    if isinstance(exc, MalformedResponseError):
+        return ApiError(
+            500,
+            f"The model gave an invalid answer: {exc.message}",
+            code=INTERNAL,
+            kind="malformed_answer",
+        )
+    if isinstance(exc, RerankError):
+        logger.warning("Reranking failed: %s", exc)
+        return ApiError(503, f"The model failed: {exc.message}", code=INTERNAL, kind="model_error")
+    logger.error("Unexpected error while reranking", exc_info=exc)
+    return ApiError(500, "Internal error while reranking.", code=INTERNAL, kind="internal")

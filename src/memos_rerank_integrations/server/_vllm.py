@@ -1,0 +1,119 @@
+"""vLLM's (and OpenAI's) other routes: ``POST /score`` (``/v1/score``), ``GET /v1/models``.
+
+``/score`` scores ``text_1`` against ``text_2``: one query against one text or a
+list of texts, or two lists of equal length pair by pair. Scores come back in
+input order (not ranked), like vLLM's.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ._core import ApiError, Query, Service, Text
+
+__all__ = ["ModelList", "ScoreRequest", "ScoreResponse", "models", "score"]
+
+
+class ScoreRequest(BaseModel):
+    """vLLM's score request."""
+
+    model_config = ConfigDict(strict=True, title="ScoreRequest")
+
+    model: str | None = Field(None, description="Ignored: the server serves its one model.")
+    text_1: Query | list[Query] = Field(description="The query, or one query per pair.")
+    text_2: Text | list[Text] = Field(description="The texts to score.")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=1, description="Accepted and ignored: the model's own max_length applies."
+    )
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
+
+
+async def score(service: Service, request: Request, body: ScoreRequest) -> JSONResponse:
+    queries = body.text_1 if isinstance(body.text_1, list) else [body.text_1]
+    texts = body.text_2 if isinstance(body.text_2, list) else [body.text_2]
+    if not queries or not texts:
+        raise ApiError(400, "'text_1' and 'text_2' must not be empty.")
+    if len(queries) == 1:
+        ranked = await service.rank(request, queries[0], texts, None)
+        scores = {result.index: result.score for result in ranked.results}
+        ordered = [scores[index] for index in range(len(texts))]
+    elif len(queries) == len(texts):
+        ranked = await service.rank_pairs(
+            request, [(query, [text]) for query, text in zip(queries, texts, strict=True)]
+        )
+        ordered = [result.score for result in ranked.results]
+    else:
+        raise ApiError(
+            400,
+            f"'text_1' has {len(queries)} texts and 'text_2' {len(texts)}: send one "
+            "query, or two lists of the same length (scored pair by pair).",
+        )
+    return JSONResponse(
+        {
+            "id": f"score-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": service.model_name,
+            "data": [
+                {"index": index, "object": "score", "score": value}
+                for index, value in enumerate(ordered)
+            ],
+            "usage": {"prompt_tokens": ranked.tokens, "total_tokens": ranked.tokens},
+        }
+    )
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def models(service: Service, *, created: int) -> dict[str, Any]:
+    max_length = getattr(service.reranker, "max_length", None)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": service.model_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "memos-rerank-integrations",
+                "root": service.model_name,
+                "max_model_len": max_length if isinstance(max_length, int) else None,
+            }
+        ],
+    }
