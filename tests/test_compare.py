@@ -245,3 +245,65 @@ def test_table_lists_only_the_documents_it_shows() -> None:
     legend = [line for line in str(comparison).splitlines() if line.startswith("[")]
     assert legend == ["[0] memory number 0", "[1] memory number 1", "[9] memory number 9"]
     assert len(comparison.to_dict()["documents"]) == 10
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"one\n\xff\xfe two\n", "line 2, byte 1: not valid UTF-8"),
+        (b'{"text": "bad \\ud800 text"}\n', "lone surrogate"),
+        (b'{"text": ' + b"[" * 100_000 + b"\n", "line 1"),
+    ],
+    ids=["not-utf-8", "lone-surrogate", "deep-json"],
+)
+@pytest.mark.parametrize("command", ["compare", "rerank"])
+def test_cli_bad_input_is_one_line_in_a_real_process(
+    content: bytes, message: str, command: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "docs.txt"  # the format is detected from the first line
+    path.write_bytes(content)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memos_rerank_integrations.cli",
+            "compare",
+            "--query",
+            "q",
+            "--input",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        env=SUBPROCESS_ENV,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_cli_errors_replace_reads_what_it_can(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "docs.txt"
+    path.write_bytes(b"User likes playing badminton.\nbad \xff byte\n")
+    code = cli_main(
+        [
+            "compare",
+            "--query",
+            "hobbies",
+            "--input",
+            str(path),
+            "--errors",
+            "replace",
+            "--backend",
+            "embedding",
+            "--dtype",
+            "float32",
+            "--json",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["documents"] == ["User likes playing badminton.", "bad \ufffd byte"]

@@ -18,8 +18,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
+from ._cli_input import Document, clean_text, read_documents
+from ._cli_input import UserError as _UserError
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._types import Stage, check_inputs, check_top_n, validate_ranking
 
@@ -347,10 +349,6 @@ _PROG = "memos-rerank compare"
 _KINDS = ("embedding", "qwen", "cross-encoder", "http", "memos", "cohere", "zeroentropy")
 
 
-class _UserError(Exception):
-    """A problem with the command line or its input: reported in one line."""
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -362,6 +360,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--query", required=True)
     parser.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
     parser.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
+    parser.add_argument(
+        "--errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="input that is not valid UTF-8 text: 'strict' (default) stops with a one-line "
+        "error, 'replace' substitutes U+FFFD",
+    )
     parser.add_argument(
         "--backend",
         action="append",
@@ -415,53 +420,37 @@ def _backend(spec: str, args: argparse.Namespace) -> Any:
     raise _UserError(f"Unknown backend {kind!r}; use one of: {', '.join(_KINDS)}.")
 
 
-def _read(stream: TextIO, fmt: str, name: str) -> tuple[list[str], list[float] | None]:
-    lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(stream, 1)]
-    lines = [(number, line) for number, line in lines if line.strip()]
-    if fmt == "auto":
-        fmt = (
-            "jsonl"
-            if name.endswith((".jsonl", ".ndjson"))
-            or (lines and lines[0][1].lstrip().startswith("{"))
-            else "lines"
-        )
-    if fmt == "lines":
-        return [line for _, line in lines], None
-    texts: list[str] = []
-    scores: list[float] = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise _UserError(f"{name} line {number}: not valid JSON ({exc}).") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise _UserError(f"{name} line {number}: expected a JSON object with a string 'text'.")
-        texts.append(record["text"])
-        score = record.get("score")
-        if isinstance(score, (int, float)) and not isinstance(score, bool):
-            scores.append(float(score))
-    return texts, scores if len(scores) == len(texts) else None
+def _vector_scores(documents: list[Document]) -> list[float] | None:
+    """The JSON lines' numeric ``score`` fields, when every document has one."""
+    scores = []
+    for document in documents:
+        score = (document.record or {}).get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            return None
+        if not math.isfinite(score):
+            return None
+        scores.append(float(score))
+    return scores
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``memos-rerank compare``: returns the process exit code."""
     args = _parser().parse_args(argv)
     try:
-        if not args.query.strip():
+        query = clean_text(args.query, args.errors, where="--query")
+        if not query.strip():
             raise _UserError("--query must not be empty.")
         if args.top_n is not None and args.top_n < 1:
             raise _UserError(f"--top-n must be a positive integer, got {args.top_n}.")
-        if args.input == "-":
-            texts, scores = _read(sys.stdin, args.format, "stdin")
-        else:
-            with open(args.input, encoding="utf-8") as stream:
-                texts, scores = _read(stream, args.format, args.input)
+        documents = read_documents(args.input, args.format, args.errors)
+        texts = [document.text for document in documents]
+        scores = _vector_scores(documents)
         if not texts:
             raise _UserError("No documents to compare.")
         specs = args.backend or ["embedding"]
         rerankers = {spec: _backend(spec, args) for spec in specs}
         comparison = compare(
-            args.query, texts, rerankers, vector_scores=scores, top_n=args.top_n, warm_up=True
+            query, texts, rerankers, vector_scores=scores, top_n=args.top_n, warm_up=True
         )
     except (_UserError, RerankError, ImportError, OSError) as exc:
         sys.stderr.write(

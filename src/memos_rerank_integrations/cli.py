@@ -12,13 +12,16 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from ._cli_input import Document as _Document
+from ._cli_input import UserError as _UserError
+from ._cli_input import clean_text as _clean_text
+from ._cli_input import input_name as _input_name
+from ._cli_input import read_documents as _read_documents
 from ._exceptions import RerankError
 from ._types import Reranker, RerankResult
 
@@ -40,20 +43,6 @@ _RERANK_BACKENDS = (*_SERVE_BACKENDS, "embedding")
 _CHUNK = 64
 
 logger = logging.getLogger("memos_rerank_integrations.cli")
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class _UserError(Exception):
-    """A problem with the command line or its input: reported in one line."""
-
-
-@dataclass(frozen=True)
-class _Document:
-    text: str
-    line: int
-    record: dict[str, Any] | None
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``memos-rerank`` command line; returns the process exit code."""
@@ -403,119 +392,6 @@ def _result_json(rank: int, result: RerankResult, documents: list[_Document]) ->
     if document.record is not None:
         item["record"] = document.record
     return item
-
-
-def _input_name(path: str) -> str:
-    return "stdin" if path == "-" else path
-
-
-def _read_documents(path: str, fmt: str, errors: str) -> list[_Document]:
-    if path == "-":
-        binary = getattr(sys.stdin, "buffer", None)
-        if binary is None:  # a text stream without bytes underneath (e.g. in tests)
-            return _parse_documents(_text_lines(sys.stdin), fmt, name="stdin", errors=errors)
-        return _parse_documents(_decoded_lines(binary, errors), fmt, name="stdin", errors=errors)
-    with open(path, "rb") as stream:
-        return _parse_documents(_decoded_lines(stream, errors), fmt, name=path, errors=errors)
-
-
-def _decoded_lines(stream: Iterable[bytes], errors: str) -> Iterator[tuple[int, str]]:
-    """(line number, text without its line ending), decoded line by line as UTF-8 so
-    that an undecodable byte is reported with its line and column."""
-    for number, raw in enumerate(stream, 1):
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte-order mark
-        end = len(raw)
-        while end and raw[end - 1] in b"\r\n":
-            end -= 1
-        try:
-            # Decoded from a view: no copy of a huge line without its line ending.
-            line = str(memoryview(raw)[:end], "utf-8", errors)
-        except UnicodeDecodeError as exc:
-            raise _UserError(
-                f"line {number}, byte {exc.start + 1}: not valid UTF-8 (byte "
-                f"0x{raw[exc.start]:02x}); convert the input to UTF-8, or pass "
-                "--errors replace to replace undecodable bytes with U+FFFD."
-            ) from None
-        del raw
-        yield number, line
-
-
-def _text_lines(stream: Iterable[str]) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(stream, 1):
-        yield number, line.rstrip("\r\n")
-
-
-def _parse_documents(
-    lines: Iterable[tuple[int, str]], fmt: str, *, name: str, errors: str
-) -> list[_Document]:
-    documents: list[_Document] = []
-    chosen = fmt
-    for number, line in lines:
-        if not line or line.isspace():
-            continue
-        if chosen == "auto":
-            jsonl_name = name.endswith((".jsonl", ".ndjson"))
-            chosen = "jsonl" if jsonl_name or _is_json_object(line) else "lines"
-        if chosen == "lines":
-            text = _clean_text(line, errors, where=f"{name} line {number}")
-            documents.append(_Document(text=text, line=number, record=None))
-        else:
-            documents.append(_json_document(name, number, line, errors))
-    return documents
-
-
-def _clean_text(text: str, errors: str, *, where: str) -> str:
-    """Refuse (or replace) lone surrogates: they come from JSON escapes such as
-    "\\ud800" or undecodable command-line bytes, and no tokenizer or output accepts them."""
-    match = _SURROGATE.search(text)
-    if match is None:
-        return text
-    if errors == "replace":
-        return _SURROGATE.sub("\ufffd", text)
-    raise _UserError(
-        f"{where}: character {match.start() + 1} is a lone surrogate "
-        f"(U+{ord(match.group()):04X}), not valid Unicode text; fix the input, or pass "
-        "--errors replace to replace it with U+FFFD."
-    )
-
-
-def _clean_record(value: Any, errors: str, where: str) -> Any:
-    if isinstance(value, str):
-        return _clean_text(value, errors, where=where)
-    if isinstance(value, list):
-        return [_clean_record(item, errors, where) for item in value]
-    if isinstance(value, dict):
-        return {
-            _clean_text(key, errors, where=where): _clean_record(item, errors, where)
-            for key, item in value.items()
-        }
-    return value
-
-
-def _is_json_object(line: str) -> bool:
-    if not line.lstrip().startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
-def _json_document(name: str, number: int, line: str, errors: str) -> _Document:
-    try:
-        record = json.loads(line)
-    except ValueError as exc:
-        raise _UserError(f"{name} line {number}: not valid JSON ({exc}).") from None
-    except RecursionError:
-        raise _UserError(f"{name} line {number}: JSON nested too deeply.") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise _UserError(
-            f"{name} line {number}: expected a JSON object with a string 'text' field "
-            "(use --format lines for plain text)."
-        )
-    record = _clean_record(record, errors, f"{name} line {number}")
-    return _Document(text=record["text"], line=number, record=record)
 
 
 def _score_with_progress(
