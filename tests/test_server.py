@@ -165,6 +165,18 @@ BAD_BODIES = [
     pytest.param(b'{"query": "q", "documents": ["a"], "top_n": "2"}', 40000, id="top-n-string"),
     pytest.param(b'{"query": "q", "documents": ["a"], "top_n": true}', 40000, id="top-n-bool"),
     pytest.param(b'{"query": "q", "documents": ["a"], "model": 7}', 40000, id="model-not-string"),
+    # JSON that json.loads itself gives up on (RecursionError, ValueError), not a syntax error.
+    pytest.param(b"[" * 100_000, 40000, id="nested-too-deeply"),
+    pytest.param(
+        b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}",
+        40000,
+        id="integer-too-long",
+    ),
+    pytest.param(
+        b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        40000,
+        id="field-nested-too-deeply",
+    ),
 ]
 
 
@@ -181,7 +193,7 @@ def test_bad_bodies_get_4xx_json_and_no_model_work(
     )
     assert response.status_code == 400
     body = response.json()
-    assert body["message"]
+    assert body["message"] and body["detail"] == body["message"]
     if path == "/rerank":
         assert body["code"] == code
     else:

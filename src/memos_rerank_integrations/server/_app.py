@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Discriminator, Tag
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -225,6 +226,21 @@ def create_app(
         if request.url.path == "/rerank" and _rerank_shape(exc.body) == "tei":
             dialect = _tei.TEI
         return error_response(dialect, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI's own answers (a body its JSON parser gave up on, unknown routes and
+        # methods), in the dialect's error shape like every other error.
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            message = (
+                "The request body could not be read as JSON: it is nested too deeply or "
+                "holds a number too large to parse."
+            )
+        else:
+            message = str(exc.detail)
+        error = ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
+        on_error(error)
+        return error_response(route_dialect(request), error)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
