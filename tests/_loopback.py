@@ -111,6 +111,16 @@ class LoopbackServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
+                if len(raw) < length:
+                    # The client hung up before its body was sent (a cancelled
+                    # request): recorded, and counted as stopped.
+                    with server._lock:
+                        server.requests.append(
+                            Recorded("POST", self.path, dict(self.headers.items()), None)
+                        )
+                        server.hangups.append(time.monotonic())
+                    self.close_connection = True
+                    return
                 try:
                     body = json.loads(raw) if raw else None
                 except json.JSONDecodeError:
