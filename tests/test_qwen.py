@@ -294,15 +294,28 @@ def test_token_budget_bounds_every_batch(tiny_qwen_dir: Path, qwen_recipe: Model
         reranker.rerank("warm", ["x"])
         counting.clear()
         got = scores_of(reranker, query, documents)
+        single = list(counting.passes)
+        # Several calls, each small enough for one pass, share passes up to the budget.
+        counting.clear()
+        short = [document for document in documents if len(document) < 40]
+        calls = [(f"Call {i}: how many words?", short[i % 2 :], None) for i in range(6)]
+        together = reranker.rerank_many(calls)
+        fused = list(counting.passes)
     finally:
         counting.close()
     assert got == pytest.approx(qwen_recipe(query, documents), abs=TOLERANCE)
-    assert len(counting.passes) > 1
-    # Packed rows, no padding: every pass runs at most the budget's tokens.
-    for rows in counting.passes:
-        assert sum(len(row.ids) for row in rows) <= 300
-    # Every document ran exactly once.
-    assert sum(row.score for rows in counting.passes for row in rows) == len(documents)
+    for (call_query, call_documents, _), results in zip(calls, together, strict=True):
+        expected = qwen_recipe(call_query, call_documents)
+        assert by_index(results) == pytest.approx(expected, abs=TOLERANCE)
+    fused_documents = sum(len(call[1]) for call in calls)
+    for passes, scored in ((single, len(documents)), (fused, fused_documents)):
+        assert len(passes) > 1
+        # Packed rows, no padding: every pass runs at most the budget's tokens.
+        for rows in passes:
+            assert sum(len(row.ids) for row in rows) <= 300
+        # Every document ran exactly once.
+        assert sum(row.score for rows in passes for row in rows) == scored
+    assert len(fused) < len(calls)  # calls really were packed together
 
 
 # -- memory bounded by the token budget, at any length ------------------------------------
