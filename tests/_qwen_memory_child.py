@@ -38,7 +38,8 @@ def main() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     (result,) = reranker.rerank(query, [document])
     peak = _status("VmHWM") - before
-    print(json.dumps({"tokens": tokens, "peak_extra_mib": peak / 2**20, "score": result.score}))
+    report = {"tokens": tokens, "peak_extra_mib": peak / 2**20, "score": result.score}
+    sys.stdout.write(json.dumps(report) + "\n")
 
 
 if __name__ == "__main__":

@@ -362,7 +362,8 @@ def test_a_pass_in_chunks_equals_the_pass_in_one(fp32: QwenReranker, chunk: int)
     engine = scorer.engine
     assert engine is not None
     base = scorer._instruction_prefix(scorer.tokens.instruction_ids(fp32.instruction))
-    ids = scorer.tokenizer.encode("some query tokens and some document tokens", add_special_tokens=False)
+    text = "some query tokens and some document tokens"
+    ids = scorer.tokenizer.encode(text, add_special_tokens=False)
     rows = [
         PackedRow(base.kv, len(base.ids), ids[:7], keep_kv=False, score=False),
         PackedRow(None, 0, ids[3:12], parent=0),
@@ -1039,8 +1040,13 @@ def test_a_fine_tune_with_a_biased_head_scores_like_the_recipe(
     expected = recipe(query, documents)
     assert scores_of(reranker, query, documents) == pytest.approx(expected, abs=TOLERANCE)
     # The bias really moves the scores (else this test proves nothing about it).
-    assert max(abs(a - b) for a, b in zip(expected, ModelCardRecipe(tiny_qwen_dir)(
-        query, documents), strict=True)) > 0.05
+    assert (
+        max(
+            abs(a - b)
+            for a, b in zip(expected, ModelCardRecipe(tiny_qwen_dir)(query, documents), strict=True)
+        )
+        > 0.05
+    )
 
 
 @pytest.mark.parametrize(

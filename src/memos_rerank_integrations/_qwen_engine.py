@@ -216,15 +216,16 @@ class PackedQwen3:
         import torch
 
         if self._flash is not None and query.device.type == "cpu":
-            output, lse = self._flash(query, keys, values, 0.0, causal, scale=self.scaling)
-            return output, lse
+            fused, fused_lse = self._flash(query, keys, values, 0.0, causal, scale=self.scaling)
+            return fused, fused_lse
         # Elsewhere: plain softmax attention in float32, the keys in blocks so that
         # memory stays bounded by the chunk, the blocks merged like the parts are.
         group = self.heads // self.kv_heads
         if causal:
             blocks = [(0, keys.shape[2])]
         else:
-            blocks = [(s, min(s + _KEY_BLOCK, keys.shape[2])) for s in range(0, keys.shape[2], _KEY_BLOCK)]
+            length = keys.shape[2]
+            blocks = [(s, min(s + _KEY_BLOCK, length)) for s in range(0, length, _KEY_BLOCK)]
         output: torch.Tensor | None = None
         lse = torch.empty(0)
         for first, end in blocks:
@@ -258,9 +259,7 @@ class PackedQwen3:
 
     # -- the pass ------------------------------------------------------------------------
 
-    def forward(
-        self, rows: Sequence[PackedRow], *, chunk_tokens: int = CHUNK_TOKENS
-    ) -> list[Any]:
+    def forward(self, rows: Sequence[PackedRow], *, chunk_tokens: int = CHUNK_TOKENS) -> list[Any]:
         """Run ``rows`` as one pass; for each row its KV cache (``keep_kv``; prefix and
         parent included), else its final-norm hidden state at its last token
         (``score``), else ``None``."""
@@ -392,9 +391,7 @@ class PackedQwen3:
                         queries[:, :, lo:hi], keys_part, values_part, causal=False
                     )
                     if filled[j]:
-                        self._merge(
-                            output[:, :, lo:hi], lse[:, :, lo:hi], part, part_lse
-                        )
+                        self._merge(output[:, :, lo:hi], lse[:, :, lo:hi], part, part_lse)
                     else:
                         output[:, :, lo:hi] = part
                         lse[:, :, lo:hi] = part_lse
