@@ -26,6 +26,7 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._local_engine import limit_padding, resolve_dtype
 from memos_rerank_integrations._qwen import PROMPT_PREFIX, PROMPT_SUFFIX, _Prefix, _Row
+from memos_rerank_integrations._qwen_engine import PackedRow
 
 from . import _qwen_fixtures
 from ._backends import MEMOS_EXAMPLES
@@ -73,18 +74,46 @@ def fp32(tiny_qwen_dir: Path) -> QwenReranker:
 
 
 class TokenCounter:
-    """Records the input ids of every forward pass of a model's decoder."""
+    """Records every forward pass of a model's packed engine: the token ids of each of
+    its rows (``batches``, one list of rows per pass) and the rows themselves
+    (``passes``), checked against the ids its embedding layer really saw."""
 
     def __init__(self, reranker: QwenReranker) -> None:
-        self.batches: list[torch.Tensor] = []
-        embeddings = reranker._loaded().decoder.get_input_embeddings()
+        self.passes: list[list[PackedRow]] = []
+        self.chunks: list[int] = []
+        self._embedded: list[list[int]] = []
+        scorer = reranker._loaded()
+        assert scorer.engine is not None
+        self._engine = scorer.engine
+        forward = self._engine.forward
+
+        def recorded(rows: Any, **kwargs: Any) -> Any:
+            seen = len(self._embedded)
+            output = forward(rows, **kwargs)
+            ran = [token for embedded in self._embedded[seen:] for token in embedded]
+            assert ran == [token for row in rows for token in row.ids]
+            self.passes.append(list(rows))
+            self.chunks.append(kwargs["chunk_tokens"])
+            return output
+
+        self._engine.forward = recorded  # type: ignore[method-assign]
+        embeddings = scorer.decoder.get_input_embeddings()
         self._handle = embeddings.register_forward_pre_hook(self._record)
 
     def _record(self, module: Any, args: tuple[torch.Tensor, ...]) -> None:
-        self.batches.append(args[0].detach().clone())
+        self._embedded.append(args[0].flatten().tolist())
+
+    @property
+    def batches(self) -> list[list[list[int]]]:
+        return [[list(row.ids) for row in rows] for rows in self.passes]
+
+    def clear(self) -> None:
+        self.passes.clear()
+        self.chunks.clear()
 
     def close(self) -> None:
         self._handle.remove()
+        del self._engine.forward
 
 
 @pytest.fixture
@@ -193,7 +222,7 @@ def test_rerank_many_mixes_calls_in_one_forward_pass(
     fp32: QwenReranker, qwen_recipe: ModelCardRecipe, counter: TokenCounter
 ) -> None:
     fp32.rerank("warm the instruction cache", ["x"])
-    counter.batches.clear()
+    counter.clear()
     calls = [
         ("Any liquor recommendations for me?", ["User prefers baijiu.", "I don't drink."], None),
         ("What are the user's hobbies?", ["User likes playing badminton."], 1),
@@ -205,8 +234,13 @@ def test_rerank_many_mixes_calls_in_one_forward_pass(
         best = sorted(range(len(documents)), key=lambda i: -expected[i])[:top_n]
         assert [r.index for r in got] == best
         assert [r.score for r in got] == pytest.approx([expected[i] for i in best], abs=TOLERANCE)
-    # Two passes in all: the multi-document calls' queries, then all six documents.
-    assert [batch.shape[0] for batch in counter.batches] == [2, 6]
+    # One pass in all: the two multi-document calls' queries (each run once, as a row
+    # its call's documents attend to) and all six documents.
+    (rows,) = counter.passes
+    queries = [row for row in rows if not row.score]
+    documents = [row for row in rows if row.score]
+    assert len(queries) == 2 and len(documents) == 6
+    assert sum(row.parent is not None for row in documents) == 5  # the lone one rests on none
 
 
 # -- doing less work ---------------------------------------------------------------------
@@ -216,7 +250,7 @@ def test_system_prompt_runs_once_across_calls(fp32: QwenReranker, counter: Token
     scorer = fp32._loaded()
     instruction_ids = scorer.tokenizer.encode(fp32.instruction, add_special_tokens=False)
     fp32.rerank("first query", ["a memory"])
-    counter.batches.clear()
+    counter.clear()
     memory = "User prefers Jiangxiang-flavored baijiu, like Moutai."
     queries = ("Any liquor recommendations for me?", "What are my food preferences?")
     for query in queries:
@@ -226,7 +260,7 @@ def test_system_prompt_runs_once_across_calls(fp32: QwenReranker, counter: Token
         (full,) = scorer.sequences(
             fp32.instruction, query, [memory], max_length=8192, max_query_length=None
         )
-        row = batch[0].tolist()
+        (row,) = batch
         # Only the query, the memory and the suffix run: never the system prompt or instruction.
         assert len(row) <= len(full) - len(scorer.prefix_ids) - len(instruction_ids)
         assert row == full[-len(row) :]
@@ -238,7 +272,7 @@ def test_query_runs_once_per_call_not_per_document(
     query = "Which of these memories mention badminton or baijiu?"
     documents = [f"Memory {i}: user likes playing badminton." for i in range(6)]
     fp32.rerank("warm", ["x"])
-    counter.batches.clear()
+    counter.clear()
     fp32.rerank(query, documents)
     query_ids = fp32._loaded().tokenizer.encode(query, add_special_tokens=False)
     core = query_ids[1:-1]  # away from BPE boundaries
@@ -246,7 +280,7 @@ def test_query_runs_once_per_call_not_per_document(
     def contains(row: list[int]) -> bool:
         return any(row[i : i + len(core)] == core for i in range(len(row)))
 
-    rows = [row for batch in counter.batches for row in batch.tolist()]
+    rows = [row for batch in counter.batches for row in batch]
     assert sum(contains(row) for row in rows) == 1
     assert len(rows) == 1 + len(documents)
 
@@ -255,22 +289,158 @@ def test_token_budget_bounds_every_batch(tiny_qwen_dir: Path, qwen_recipe: Model
     reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=300)
     counting = TokenCounter(reranker)
     try:
-        documents = [("word " * n).strip() for n in (1, 40, 3, 25, 7, 60, 2, 15)]
+        documents = [("word " * n).strip() for n in (1, 40, 3, 25, 7, 60, 2, 15, 90, 30)]
         query = "How many words?"
         reranker.rerank("warm", ["x"])
-        counting.batches.clear()
+        counting.clear()
+        got = scores_of(reranker, query, documents)
+        single = list(counting.passes)
+        # Several calls, each small enough for one pass, share passes up to the budget.
+        counting.clear()
+        short = [document for document in documents if len(document) < 40]
+        calls = [(f"Call {i}: how many words?", short[i % 2 :], None) for i in range(6)]
+        together = reranker.rerank_many(calls)
+        fused = list(counting.passes)
+    finally:
+        counting.close()
+    assert got == pytest.approx(qwen_recipe(query, documents), abs=TOLERANCE)
+    for (call_query, call_documents, _), results in zip(calls, together, strict=True):
+        expected = qwen_recipe(call_query, call_documents)
+        assert by_index(results) == pytest.approx(expected, abs=TOLERANCE)
+    fused_documents = sum(len(call[1]) for call in calls)
+    for passes, scored in ((single, len(documents)), (fused, fused_documents)):
+        assert len(passes) > 1
+        # Packed rows, no padding: every pass runs at most the budget's tokens.
+        for rows in passes:
+            assert sum(len(row.ids) for row in rows) <= 300
+        # Every document ran exactly once.
+        assert sum(row.score for rows in passes for row in rows) == scored
+    assert len(fused) < len(calls)  # calls really were packed together
+
+
+# -- memory bounded by the token budget, at any length ------------------------------------
+
+LONG_DOCUMENT = "User is going on a business trip to Beijing next Wednesday. " * 40
+
+
+@pytest.mark.parametrize("budget", [16, 64, 150])
+@pytest.mark.parametrize(
+    "query", ["Where is the user going?", "Where is the user going, and when? " * 8]
+)
+def test_documents_longer_than_the_batch_budget_score_like_the_recipe(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, budget: int, query: str
+) -> None:
+    """Rows longer than max_batch_tokens run in chunks of at most that many tokens;
+    a call too big for one pass is split (its query kept, or run again when long)."""
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=budget)
+    documents = [LONG_DOCUMENT, "User likes tea.", LONG_DOCUMENT[:300], "x", LONG_DOCUMENT[::-1]]
+    reranker.rerank("warm", ["x"])
+    counting = TokenCounter(reranker)
+    try:
         got = scores_of(reranker, query, documents)
     finally:
         counting.close()
     assert got == pytest.approx(qwen_recipe(query, documents), abs=TOLERANCE)
-    prefix = len(reranker._loaded().prefix_ids)
-    document_batches = counting.batches[1:]
-    assert len(document_batches) > 1
-    for batch in document_batches:
-        assert batch.shape[0] * (batch.shape[1] + prefix) <= 300 or batch.shape[0] == 1
-    # Longest first: batches come sorted by length, so padding stays small.
-    widths = [batch.shape[1] for batch in document_batches]
-    assert widths == sorted(widths, reverse=True)
+    assert len(qwen_recipe.sequences(query, documents)[0]) > 3 * budget  # the premise
+    assert counting.chunks and max(counting.chunks) <= budget
+    for rows in counting.passes:
+        scored = [row for row in rows if row.score]
+        # At most the budget per pass, unless one document alone is longer.
+        assert sum(len(row.ids) for row in rows) <= budget or len(scored) == 1
+    query_runs = sum(not row.score for rows in counting.passes for row in rows)
+    query_tokens = [len(row.ids) for rows in counting.passes for row in rows if not row.score]
+    if query_tokens and query_tokens[0] <= budget // 4:
+        assert query_runs == 1  # kept from its first pass for the later ones
+    assert sum(row.score for rows in counting.passes for row in rows) == len(documents)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 13])
+def test_a_pass_in_chunks_equals_the_pass_in_one(fp32: QwenReranker, chunk: int) -> None:
+    """Chunk boundaries anywhere (inside a query row, a document, a kept row) change
+    nothing: each chunk sees every earlier chunk's keys and values."""
+    scorer = fp32._loaded()
+    engine = scorer.engine
+    assert engine is not None
+    base = scorer._instruction_prefix(scorer.tokens.instruction_ids(fp32.instruction))
+    text = "some query tokens and some document tokens"
+    ids = scorer.tokenizer.encode(text, add_special_tokens=False)
+    rows = [
+        PackedRow(base.kv, len(base.ids), ids[:7], keep_kv=False, score=False),
+        PackedRow(None, 0, ids[3:12], parent=0),
+        PackedRow(None, 0, ids[:1], parent=0),
+        PackedRow(base.kv, len(base.ids), ids[2:9]),
+        PackedRow(None, 0, ids[5:16], keep_kv=True, score=False),
+        PackedRow(None, 0, ids[1:6], parent=0),
+    ]
+    with torch.inference_mode():
+        whole = engine.forward(rows, chunk_tokens=10**6)
+        chunked = engine.forward(rows, chunk_tokens=chunk)
+    assert whole[0] is None and chunked[0] is None
+    for i in (1, 2, 3, 5):
+        torch.testing.assert_close(chunked[i], whole[i], atol=1e-5, rtol=1e-4)
+    for (k1, v1), (k2, v2) in zip(chunked[4], whole[4], strict=True):
+        torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_without_the_fused_cpu_kernel_scores_like_the_recipe(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attention other devices get (plain softmax, keys in blocks) is exact too."""
+    from memos_rerank_integrations import _qwen_engine
+
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=64)
+    engine = reranker._loaded().engine
+    assert engine is not None
+    monkeypatch.setattr(engine, "_flash", None)
+    monkeypatch.setattr(_qwen_engine, "_KEY_BLOCK", 5)
+    query, documents = "Where is the user going?", [LONG_DOCUMENT[:400], "User likes tea.", "x"]
+    assert scores_of(reranker, query, documents) == pytest.approx(
+        qwen_recipe(query, documents), abs=TOLERANCE
+    )
+
+
+def test_a_long_document_costs_memory_bounded_by_the_budget(tiny_qwen_dir: Path) -> None:
+    """A ~16k-token document with max_batch_tokens=256 holds one layer's keys and
+    values and the residual stream (640 bytes per token for this model) plus one
+    chunk's activations: far below what attending over it all at once takes (its
+    16k x 16k mask alone is 256 MiB). Measured as the peak RSS of a child process."""
+    import json
+    import subprocess
+    import sys
+
+    child = Path(__file__).with_name("_qwen_memory_child.py")
+    done = subprocess.run(
+        [sys.executable, str(child), str(tiny_qwen_dir), "256", "1600"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["tokens"] > 15000
+    assert 0.0 <= report["score"] <= 1.0
+    assert report["peak_extra_mib"] < 48, report
+
+
+def test_a_model_the_engine_does_not_cover_keeps_transformers_forward(
+    tmp_path: Path,
+) -> None:
+    """An architecture the packed engine does not implement (here a GELU MLP) is run by
+    transformers' own forward, as exact as ever, budget and prefixes included."""
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
+
+    path = build_tiny_qwen_reranker(tmp_path / "gelu", hidden_act="gelu")
+    recipe = ModelCardRecipe(path)
+    reranker = QwenReranker(path, dtype="float32", max_batch_tokens=120)
+    assert reranker._loaded().engine is None
+    query = "Where is the user going?"
+    documents = [LONG_DOCUMENT[:500], "User likes tea.", "x", "User likes tea."]
+    assert scores_of(reranker, query, documents) == pytest.approx(
+        recipe(query, documents), abs=TOLERANCE
+    )
+    together = reranker.rerank_many([(query, documents, None), ("q", ["a memory"], None)])
+    assert by_index(together[1]) == pytest.approx(recipe("q", ["a memory"]), abs=TOLERANCE)
 
 
 # -- the model, its dtype and its padding -----------------------------------------------------
@@ -791,7 +961,7 @@ def test_eight_threads_with_different_instructions_and_lengths_match_sequential_
     sequential = [run(worker) for worker in range(8)]
     # Watch the model's forward passes: one at a time (they share its buffers and caches).
     scorer = rerankers[0]._loaded()
-    forward = scorer._forward
+    forward = scorer._forward_packed
     active, most = 0, 0
     watch = threading.Lock()
 
@@ -807,7 +977,7 @@ def test_eight_threads_with_different_instructions_and_lengths_match_sequential_
             with watch:
                 active -= 1
 
-    monkeypatch.setattr(scorer, "_forward", watched)
+    monkeypatch.setattr(scorer, "_forward_packed", watched)
     with ThreadPoolExecutor(max_workers=8) as pool:
         concurrent = list(pool.map(run, range(8)))
     for got, expected in zip(concurrent, sequential, strict=True):
@@ -870,8 +1040,13 @@ def test_a_fine_tune_with_a_biased_head_scores_like_the_recipe(
     expected = recipe(query, documents)
     assert scores_of(reranker, query, documents) == pytest.approx(expected, abs=TOLERANCE)
     # The bias really moves the scores (else this test proves nothing about it).
-    assert max(abs(a - b) for a, b in zip(expected, ModelCardRecipe(tiny_qwen_dir)(
-        query, documents), strict=True)) > 0.05
+    assert (
+        max(
+            abs(a - b)
+            for a, b in zip(expected, ModelCardRecipe(tiny_qwen_dir)(query, documents), strict=True)
+        )
+        > 0.05
+    )
 
 
 @pytest.mark.parametrize(
@@ -909,7 +1084,7 @@ def test_the_instruction_cache_holds_each_instruction(
         first.rerank("warm", ["x"])
         second.rerank("warm", ["x"])
         for reranker in (second, first):  # the second, then the first again
-            counting.batches.clear()
+            counting.clear()
             query, documents = "Which memories matter?", ["User likes tea.", "User plays chess."]
             scores = scores_of(reranker, query, documents)
             assert scores == pytest.approx(
@@ -918,15 +1093,16 @@ def test_the_instruction_cache_holds_each_instruction(
             scorer = reranker._loaded()
             cached = len(scorer.tokens.instruction_ids(reranker.instruction))
             sequences = qwen_recipe.sequences(query, documents, reranker.instruction)
-            # Only the query, the documents and the suffix ran: one pass over the query
-            # (right after this instruction's cached prefix), one over the documents.
-            assert len(counting.batches) == 2
-            (query_row,) = counting.batches[0].tolist()
-            assert query_row == sequences[0][cached : cached + len(query_row)]
-            shared = cached + len(query_row)
-            document_rows = counting.batches[1].tolist()  # longest first, right-padded
-            tails = sorted((sequence[shared:] for sequence in sequences), key=len, reverse=True)
-            ran = [row[: len(tail)] for row, tail in zip(document_rows, tails, strict=True)]
-            assert ran == tails
+            # Only the query, the documents and the suffix ran, in one pass: the query
+            # (right after this instruction's cached prefix), then the documents.
+            assert len(counting.passes) == 1
+            query_row, *document_rows = counting.passes[0]
+            assert not query_row.score and query_row.prefix_length == cached
+            assert list(query_row.ids) == sequences[0][cached : cached + len(query_row.ids)]
+            shared = cached + len(query_row.ids)
+            assert [list(row.ids) for row in document_rows] == [
+                sequence[shared:] for sequence in sequences
+            ]
+            assert all(row.parent == 0 for row in document_rows)
     finally:
         counting.close()

@@ -52,7 +52,7 @@ from ._local_engine import (
     resolve_device,
     resolve_dtype,
 )
-from ._qwen_engine import PackedQwen3, PackedRow, packed_engine
+from ._qwen_engine import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
 from ._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
@@ -134,6 +134,78 @@ class _Row:
 
     prefix: _Prefix
     ids: list[int]
+
+
+@dataclass(eq=False)
+class _Group:
+    """One call for the packed engine: its rows rest on ``prefix`` (a cached prefix of
+    its sequences); ``head`` (maybe empty) is the rest of the part every sequence
+    shares, each tail the rest of one sequence. ``kept`` is the head's KV cache once a
+    pass has kept it for later passes."""
+
+    position: int
+    prefix: _Prefix
+    head: list[int]
+    tails: list[list[int]]
+    kept: _Prefix | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A group's head (``tail=None``; ``keep``: keep its KV for later passes) or one
+    of its tails, to run in a pass."""
+
+    group: _Group
+    tail: int | None
+    keep: bool = False
+
+
+def _plan(groups: Sequence[_Group], budget: int) -> list[list[_Job]]:
+    """Passes of at most ``budget`` tokens (a row longer than that runs in a pass of
+    its own, with its group's head where it has one). A group that fits runs whole in
+    one pass (its head once, its tails attending to it); a larger one is split over
+    passes: its head's KV is kept from its first pass where the head is at most a
+    quarter of the budget (that cache costs every layer's keys and values), else the
+    head runs again in each pass that holds its tails."""
+    passes: list[list[_Job]] = []
+    current: list[_Job] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal current, used
+        if current:
+            passes.append(current)
+        current, used = [], 0
+
+    for group in groups:
+        head = len(group.head)
+        size = head + sum(len(tail) for tail in group.tails)
+        if size <= budget:
+            if used + size > budget:
+                flush()
+            if head:
+                current.append(_Job(group, None))
+            current.extend(_Job(group, index) for index in range(len(group.tails)))
+            used += size
+            continue
+        keep = 0 < head <= budget // 4
+        head_done = False  # kept by an earlier pass
+        head_here = False  # in the current pass
+        for index, tail in enumerate(group.tails):
+            extra = head if head and not head_here and not head_done else 0
+            if current and used + len(tail) + extra > budget:
+                flush()
+                head_here = False
+                extra = head if head and not head_done else 0
+            if extra:
+                current.append(_Job(group, None, keep))
+                used += extra
+                head_here = True
+                head_done = keep
+            current.append(_Job(group, index))
+            used += len(tail)
+    flush()
+    return passes
 
 
 # Documents that start where BPE, the pre-tokenizer or NFC could merge them with the
@@ -354,6 +426,100 @@ class _QwenScorer:
     def _score_unique(
         self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
     ) -> list[list[float]]:
+        if self.engine is not None:
+            return self._score_packed(calls, max_batch_tokens=max_batch_tokens)
+        return self._score_transformers(calls, max_batch_tokens=max_batch_tokens)
+
+    def _score_packed(
+        self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
+    ) -> list[list[float]]:
+        """The packed engine's way: each call's shared part (its query) runs in the
+        same pass as its documents (they attend to it), never as a pass of its own;
+        passes hold at most ``max_batch_tokens`` tokens (a longer row runs alone, in
+        chunks), and a call too large for one pass is split over several (its query
+        then kept as a cached prefix, or run again where keeping it would cost more
+        memory than a chunk)."""
+        import torch
+
+        with inference(), torch.inference_mode():
+            groups = []
+            for position, (instruction, sequences) in enumerate(calls):
+                if not sequences:
+                    continue
+                base = self._instruction_prefix(instruction)
+                first = sequences[0]
+                # Keep at least one token per document to run: its last position scores it.
+                common = min(len(sequence) for sequence in sequences) - 1
+                for sequence in sequences[1:]:
+                    common = min(common, _common_prefix_length(first, sequence))
+                reuse = min(common, _common_prefix_length(base.ids, first))
+                # A lone document gains nothing from a separate row for its query.
+                cut = common if len(sequences) > 1 else reuse
+                groups.append(
+                    _Group(
+                        position,
+                        base.crop(reuse),
+                        first[reuse:cut],
+                        [sequence[cut:] for sequence in sequences],
+                    )
+                )
+            results: list[list[float]] = [[0.0] * len(sequences) for _, sequences in calls]
+            chunk = min(max_batch_tokens, CHUNK_TOKENS)
+            for jobs in _plan(groups, max_batch_tokens):
+                self._run_jobs(jobs, results, chunk)
+            return results
+
+    def _run_jobs(self, jobs: Sequence[_Job], results: list[list[float]], chunk: int) -> None:
+        import torch
+
+        rows: list[PackedRow] = []
+        heads: dict[int, int] = {}  # group id -> its head's row in this pass
+        scored: list[tuple[int, _Job]] = []
+        for job in jobs:
+            group = job.group
+            if job.tail is None:
+                heads[id(group)] = len(rows)
+                rows.append(
+                    PackedRow(
+                        group.prefix.kv,
+                        len(group.prefix.ids),
+                        group.head,
+                        keep_kv=job.keep,
+                        score=False,
+                    )
+                )
+                continue
+            tail = group.tails[job.tail]
+            parent = heads.get(id(group))
+            scored.append((len(rows), job))
+            if parent is not None:
+                rows.append(PackedRow(None, 0, tail, parent=parent))
+            else:
+                base = group.kept if group.kept is not None else group.prefix
+                rows.append(PackedRow(base.kv, len(base.ids), tail))
+        outputs = self._forward_packed(rows, chunk)
+        for job, output in zip(jobs, outputs, strict=True):
+            if job.tail is None and job.keep:
+                group = job.group
+                group.kept = _Prefix(group.prefix.ids + tuple(group.head), output)
+        if scored:
+            hidden = torch.stack([outputs[row] for row, _ in scored])
+            scores: list[float] = torch.sigmoid(hidden.float() @ self.head + self.bias).tolist()
+            for (_, job), score in zip(scored, scores, strict=True):
+                assert job.tail is not None
+                results[job.group.position][job.tail] = score
+
+    def _forward_packed(self, rows: Sequence[PackedRow], chunk: int) -> list[Any]:
+        """One pass of the packed engine (every pass goes through here)."""
+        assert self.engine is not None
+        return self.engine.forward(rows, chunk_tokens=chunk)
+
+    def _score_transformers(
+        self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
+    ) -> list[list[float]]:
+        """transformers' forward (models the packed engine does not cover): the query
+        part of each call in a pass of its own (its KV kept), then the documents in
+        length-sorted, padding-bounded batches resting on it."""
         import torch
 
         with inference(), torch.inference_mode():
@@ -439,14 +605,19 @@ class _QwenScorer:
         import torch
 
         if self.engine is not None:
-            packed = [PackedRow(row.prefix.kv, len(row.prefix.ids), row.ids) for row in rows]
+            packed = [
+                PackedRow(
+                    row.prefix.kv, len(row.prefix.ids), row.ids, keep_kv=keep_kv, score=not keep_kv
+                )
+                for row in rows
+            ]
+            outputs = self._forward_packed(packed, CHUNK_TOKENS)
             if keep_kv:
-                kvs = self.engine.forward(packed, keep_kv=True)
                 return [
-                    _Prefix(row.prefix.ids + tuple(row.ids), kv)  # type: ignore[arg-type]
-                    for row, kv in zip(rows, kvs, strict=True)
+                    _Prefix(row.prefix.ids + tuple(row.ids), kv)
+                    for row, kv in zip(rows, outputs, strict=True)
                 ]
-            hidden = torch.stack(self.engine.forward(packed, keep_kv=False))  # type: ignore[arg-type]
+            hidden = torch.stack(outputs)
             engine_scores: list[float] = torch.sigmoid(
                 hidden.float() @ self.head + self.bias
             ).tolist()

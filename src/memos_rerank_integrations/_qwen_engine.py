@@ -1,17 +1,35 @@
 """A Qwen3 decoder run on packed rows: the work of a QwenReranker forward pass.
 
 The weights are the loaded ``Qwen3Model``'s own, used in place. (Fusing q/k/v and
-gate/up projections into one matrix each was measured and dropped: on the CPU
-measured, MKL runs the separate matmuls 0-20% faster.) Rows of any length, each
-resting on its own cached prefix, are packed into one ``[tokens, hidden]`` matrix:
-no padding is ever run through a matrix multiply. Attention runs per row over its
-cached prefix and its own tokens (causal). In the last layer only what the caller
-reads is computed: the last token of each scored row, or only the keys and values
-of a row whose KV cache is kept.
+gate/up projections into one matrix each, and oneDNN's prepacked linears, were
+measured and dropped: on the AVX2 CPU measured, MKL's plain matmuls were as fast or
+faster.) Rows of any length are packed into one ``[tokens, hidden]`` matrix: no
+padding is ever run through a matrix multiply.
+
+A row rests on a context: a cached prefix (per layer ``(keys, values)``), or the
+tokens of an earlier row of the same pass (its *parent*, e.g. a query that every
+document of a call shares), or nothing. Attention is split by where the keys come
+from and the parts merged by their log-sum-exp (as cascade / shared-prefix
+attention does), so nothing is ever masked or copied per row:
+
+* the context, unmasked: one call for all rows that share it;
+* the row's own tokens before the current query block, unmasked;
+* the block itself, causal.
+
+The pass runs layer by layer, and within a layer in chunks of at most
+``chunk_tokens`` tokens: each chunk's keys and values are written into one
+buffer for the layer, then its queries, attention, output projection and MLP run
+and its residual stream is updated in place (causality means a chunk never needs a
+later chunk's keys). So the memory a pass holds is the residual stream and one
+layer's keys and values (for Qwen3-0.6B in float32: 12 KiB per token, the least an
+exact method can hold, since the last token attends to every token's keys and
+values) plus one chunk's activations, however long a row is. In the last layer only
+what the caller reads is computed: the last token of each scored row, and the keys
+and values of a row whose cache is kept.
 
 The arithmetic is the model's: RMSNorm in float32 as ``Qwen3RMSNorm``, rotary
 embeddings from the model's own ``rotary_emb`` (any RoPE scaling it was configured
-with), SDPA attention with the model's scaling. Models this engine does not cover
+with), softmax attention with the model's scaling. Models this engine does not cover
 (sliding-window layers, other activations) keep the transformers forward.
 
 torch is imported inside functions only, so importing this module stays cheap.
@@ -26,17 +44,39 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PackedQwen3", "PackedRow", "packed_engine"]
+__all__ = ["CHUNK_TOKENS", "PackedQwen3", "PackedRow", "packed_engine"]
+
+# Activations are held for at most this many tokens at a time (a pass's token budget
+# caps it further). Matrix multiplies of this height already run at the CPU's peak.
+CHUNK_TOKENS = 2048
+# A parent's cached prefix and its own keys are joined (copied once per layer) up
+# to this many positions, so its children attend to them in one call.
+_JOIN_CONTEXT = 4096
+# Keys per block where the fused CPU kernel is not used (other devices).
+_KEY_BLOCK = 1024
+
+# Per decoder layer, (keys, values) of shape [1, kv_heads, length, head_dim].
+_KV = list[tuple["torch.Tensor", "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
 class PackedRow:
-    """Tokens to run on top of a cached prefix (per layer ``(keys, values)`` of shape
-    ``[1, kv_heads, length, head_dim]``, or ``None``)."""
+    """Tokens to run in one pass.
 
-    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ``prefix`` is a cached prefix of ``prefix_length`` positions (per layer ``(keys,
+    values)`` of shape ``[1, kv_heads, length, head_dim]``), or ``None``. ``parent``
+    is the index of an earlier row of the same pass that this row continues (the row
+    then sees that row's context and tokens, and must have no ``prefix`` of its own);
+    a parent has no parent. ``keep_kv`` returns the row's KV cache (its context's
+    included); ``score`` returns its final-norm hidden state at its last token.
+    """
+
+    prefix: _KV | None
     prefix_length: int
     ids: Sequence[int]
+    parent: int | None = None
+    keep_kv: bool = False
+    score: bool = True
 
 
 @dataclass
@@ -76,10 +116,25 @@ def packed_engine(decoder: Any) -> PackedQwen3 | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """The queries of one row inside one chunk: ``q[lo:hi]`` of the chunk's queries,
+    at stream positions ``[first, end)`` of the row that starts at ``start``."""
+
+    row: int
+    lo: int
+    hi: int
+    start: int
+    first: int
+    end: int
+
+
 class PackedQwen3:
     """The decoder layers of a ``Qwen3Model`` over packed rows (see the module docs)."""
 
     def __init__(self, decoder: Any) -> None:
+        import torch
+
         config = decoder.config
         self.embed_tokens = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
@@ -88,11 +143,17 @@ class PackedQwen3:
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        if self.heads % self.kv_heads or self.head_dim % 2:
+            raise ValueError("unsupported head layout")
         self.layers: list[_Layer] = []
         for layer in decoder.layers:
             attention, mlp = layer.self_attn, layer.mlp
             if attention.q_norm.variance_epsilon != self.eps:
                 raise ValueError("per-layer epsilons differ")
+            if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+                raise ValueError("MLP biases")
+            if mlp.down_proj.bias is not None:
+                raise ValueError("MLP biases")
             self.scaling = float(attention.scaling)
             self.layers.append(
                 _Layer(
@@ -113,115 +174,336 @@ class PackedQwen3:
                     down=mlp.down_proj.weight,
                 )
             )
+        # The fused CPU flash-attention kernel returns the log-sum-exp the merge needs.
+        self._flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+    # -- small pieces --------------------------------------------------------------------
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``Qwen3RMSNorm``: the statistics in float32, the weight in the input dtype."""
         import torch
 
         dtype = x.dtype
+        if dtype == torch.float32:
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x.to(dtype)
 
-    def forward(
-        self, rows: Sequence[PackedRow], *, keep_kv: bool
-    ) -> list[torch.Tensor] | list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Run ``rows``; return each row's final-norm hidden state at its last token
-        (``keep_kv=False``) or each row's KV cache, prefix included (``keep_kv=True``)."""
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+        """``x * cos + rotate_half(x) * sin`` into ``out`` (x: [n, heads, dim];
+        cos, sin: [n, 1, dim]), half by half without materialising rotate_half."""
+        import torch
+
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        o1, o2 = out[..., :half], out[..., half:]
+        torch.mul(x1, cos[..., :half], out=o1).addcmul_(x2, sin[..., :half], value=-1)
+        torch.mul(x2, cos[..., half:], out=o2).addcmul_(x1, sin[..., half:])
+
+    def _attention(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        *,
+        causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax attention of ``query`` [1, heads, n, dim] over ``keys``/``values``
+        [1, kv_heads, m, dim] (causal: n == m, query i sees keys <= i); returns the
+        output [1, heads, n, dim] and the log-sum-exp of the scores [1, heads, n]."""
+        import torch
+
+        if self._flash is not None and query.device.type == "cpu":
+            fused, fused_lse = self._flash(query, keys, values, 0.0, causal, scale=self.scaling)
+            return fused, fused_lse
+        # Elsewhere: plain softmax attention in float32, the keys in blocks so that
+        # memory stays bounded by the chunk, the blocks merged like the parts are.
+        group = self.heads // self.kv_heads
+        if causal:
+            blocks = [(0, keys.shape[2])]
+        else:
+            length = keys.shape[2]
+            blocks = [(s, min(s + _KEY_BLOCK, length)) for s in range(0, length, _KEY_BLOCK)]
+        output: torch.Tensor | None = None
+        lse = torch.empty(0)
+        for first, end in blocks:
+            block_k = keys[:, :, first:end].float().repeat_interleave(group, dim=1)
+            block_v = values[:, :, first:end].float().repeat_interleave(group, dim=1)
+            scores = torch.matmul(query.float(), block_k.transpose(-1, -2)) * self.scaling
+            if causal:
+                n = scores.shape[-1]
+                above = torch.ones((n, n), dtype=torch.bool, device=scores.device).triu(1)
+                scores = scores.masked_fill(above, float("-inf"))
+            block_lse = torch.logsumexp(scores, dim=-1)
+            part = torch.matmul(torch.exp(scores - block_lse[..., None]), block_v)
+            if output is None:
+                output, lse = part, block_lse
+            else:
+                self._merge(output, lse, part, block_lse)
+        assert output is not None
+        return output.to(query.dtype), lse
+
+    @staticmethod
+    def _merge(
+        output: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor
+    ) -> None:
+        """Fold one more attention part into ``output``/``lse`` in place: each part's
+        softmax weighs its keys, the log-sum-exps weigh the parts."""
+        import torch
+
+        weight = torch.sigmoid(part_lse - lse)
+        output.lerp_(part, weight.unsqueeze(-1).to(output.dtype))
+        torch.logaddexp(lse, part_lse, out=lse)
+
+    # -- the pass ------------------------------------------------------------------------
+
+    def forward(self, rows: Sequence[PackedRow], *, chunk_tokens: int = CHUNK_TOKENS) -> list[Any]:
+        """Run ``rows`` as one pass; for each row its KV cache (``keep_kv``; prefix and
+        parent included), else its final-norm hidden state at its last token
+        (``score``), else ``None``."""
         import torch
         import torch.nn.functional as F
 
+        if not rows or chunk_tokens < 1:
+            raise ValueError("no rows, or no room per chunk")
         device = self.norm.device
         lengths = [len(row.ids) for row in rows]
-        width = max(lengths)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : lengths[i]] = torch.tensor(list(row.ids), dtype=torch.long)
-        real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-        # The embedding module is called as transformers does (hooks see the rows).
-        hidden = self.embed_tokens(ids.to(device))[real.to(device)]  # [tokens, hidden]
-        positions = torch.cat(
-            [
-                torch.arange(row.prefix_length, row.prefix_length + n)
-                for row, n in zip(rows, lengths, strict=True)
-            ]
-        ).to(device)
-        cos, sin = self.rotary(hidden[None], positions[None])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [tokens, 1, head_dim]
+        if min(lengths) < 1:
+            raise ValueError("a row has no tokens")
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
-        lasts = torch.tensor([start - 1 for start in starts[1:]], device=device)
-        masks = [
-            torch.ones((n, row.prefix_length + n), dtype=torch.bool, device=device).tril(
-                row.prefix_length
-            )
-            for row, n in zip(rows, lengths, strict=True)
-        ]
+        total = starts[-1]
+        offsets = []
+        for i, row in enumerate(rows):
+            if row.parent is None:
+                offsets.append(row.prefix_length)
+                continue
+            parent = rows[row.parent]
+            if not 0 <= row.parent < i or parent.parent is not None or row.prefix is not None:
+                raise ValueError("a parent must be an earlier root row")
+            offsets.append(parent.prefix_length + lengths[row.parent])
+
+        ids = torch.tensor([token for row in rows for token in row.ids], dtype=torch.long)
+        # The embedding module is called as transformers does (its hooks see the ids).
+        hidden = self.embed_tokens(ids.to(device)[None])[0]  # [tokens, hidden]
+        positions = torch.cat(
+            [torch.arange(offset, offset + n) for offset, n in zip(offsets, lengths, strict=True)]
+        ).to(device)
+        cos, sin = self.rotary(hidden[None], positions[None])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [tokens, 1, head_dim]
+
+        chunks = [(a, min(a + chunk_tokens, total)) for a in range(0, total, chunk_tokens)]
+        spans = [(i, starts[i], starts[i + 1]) for i in range(len(rows))]
+        finals: dict[int, torch.Tensor] = {}
+        kept: list[_KV] = [[] for _ in rows]
         q_size = self.heads * self.head_dim
-        kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in rows]
         last_layer = len(self.layers) - 1
+
         for index, layer in enumerate(self.layers):
             final = index == last_layer
-            x = self._rms_norm(hidden, layer.input_norm)
-            k = F.linear(x, layer.k, layer.k_bias).view(-1, self.kv_heads, self.head_dim)
-            v = F.linear(x, layer.v, layer.v_bias).view(-1, self.kv_heads, self.head_dim)
-            k = self._rms_norm(k, layer.k_norm)
-            k = k * cos + _rotate_half(k) * sin
-            if keep_kv:
-                for i, row in enumerate(rows):
-                    own_k = k[starts[i] : starts[i + 1]].transpose(0, 1)[None]
-                    own_v = v[starts[i] : starts[i + 1]].transpose(0, 1)[None]
-                    if row.prefix is not None:
-                        old_k, old_v = row.prefix[index]
-                        own_k, own_v = torch.cat([old_k, own_k], 2), torch.cat([old_v, own_v], 2)
-                    kept[i].append((own_k.contiguous(), own_v.contiguous()))
+            keys = hidden.new_empty((1, self.kv_heads, total, self.head_dim))
+            values = hidden.new_empty((1, self.kv_heads, total, self.head_dim))
+            contexts = _Contexts(rows, index, starts, keys, values)
+            for a, b in chunks:
+                h = hidden[a:b]
+                x = self._rms_norm(h, layer.input_norm)
+                k = F.linear(x, layer.k, layer.k_bias).view(b - a, self.kv_heads, self.head_dim)
+                k = self._rms_norm(k, layer.k_norm)
+                self._rope(k, cos[a:b], sin[a:b], keys[0, :, a:b].transpose(0, 1))
+                v = F.linear(x, layer.v, layer.v_bias).view(b - a, self.kv_heads, self.head_dim)
+                values[0, :, a:b].copy_(v.transpose(0, 1))
+                pieces = _pieces(rows, spans, a, b, final=final)
+                if not pieces:
+                    continue
+                if final:  # only the last token of each scored row is read
+                    picks = torch.tensor([p.first - a for p in pieces], device=device)
+                    x = x[picks]
+                    h = h[picks]
+                    q_cos, q_sin = cos[a:b][picks], sin[a:b][picks]
+                else:
+                    q_cos, q_sin = cos[a:b], sin[a:b]
+                n = x.shape[0]
+                q = F.linear(x, layer.q, layer.q_bias).view(n, self.heads, self.head_dim)
+                q = self._rms_norm(q, layer.q_norm)
+                roped = torch.empty_like(q)
+                self._rope(q, q_cos, q_sin, roped)
+                attended = self._attend(roped, pieces, rows, contexts, keys, values)
+                attended = attended[0].transpose(0, 1).reshape(n, q_size)
                 if final:
-                    break  # nobody reads the kept rows' outputs
-            if final:  # only the last token of each row is read
-                x = x[lasts]
-            q = F.linear(x, layer.q, layer.q_bias).view(-1, self.heads, self.head_dim)
-            q = self._rms_norm(q, layer.q_norm)
-            q_cos, q_sin = (cos[lasts], sin[lasts]) if final else (cos, sin)
-            q = q * q_cos + _rotate_half(q) * q_sin
-            attended = q.new_empty((len(rows) if final else q.shape[0], self.heads, self.head_dim))
+                    h = h + F.linear(attended, layer.out, layer.out_bias)
+                else:
+                    if layer.out_bias is not None:
+                        h.add_(layer.out_bias)
+                    h.addmm_(attended, layer.out.t())
+                x = self._rms_norm(h, layer.post_norm)
+                gate = F.silu(torch.mm(x, layer.gate.t()), inplace=True)
+                gate.mul_(torch.mm(x, layer.up.t()))
+                h.addmm_(gate, layer.down.t())
+                if final:
+                    for j, piece in enumerate(pieces):
+                        finals[piece.row] = h[j]
             for i, row in enumerate(rows):
-                start, end = starts[i], starts[i + 1]
-                if keep_kv:
-                    keys, values = kept[i][index]
+                if row.keep_kv:
+                    own_k = keys[:, :, starts[i] : starts[i + 1]]
+                    own_v = values[:, :, starts[i] : starts[i + 1]]
+                    parts_k = [part[0] for part in contexts.of(i)] + [own_k]
+                    parts_v = [part[1] for part in contexts.of(i)] + [own_v]
+                    kept[i].append((torch.cat(parts_k, 2), torch.cat(parts_v, 2)))
+            del keys, values, contexts
+        out: list[Any] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            if row.keep_kv:
+                out[i] = kept[i]
+            elif row.score:
+                out[i] = self._rms_norm(finals[i], self.norm)
+        return out
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        pieces: Sequence[_Piece],
+        rows: Sequence[PackedRow],
+        contexts: _Contexts,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention output [1, heads, n, dim] for the chunk's queries ``q`` [n, heads,
+        dim] (rotated), each query over its row's context and its row's own keys up to
+        itself."""
+        queries = q.transpose(0, 1)[None]  # [1, heads, n, dim], a view
+        output = q.new_empty((1, self.heads, q.shape[0], self.head_dim))
+        lse = q.new_empty((1, self.heads, q.shape[0]), dtype=_float32())
+        filled = [False] * len(pieces)
+        # Context first: one call for each run of pieces that share a context.
+        j = 0
+        while j < len(pieces):
+            context = contexts.of(pieces[j].row)
+            end = j + 1
+            while end < len(pieces) and _same(contexts.of(pieces[end].row), context):
+                end += 1
+            if context:
+                lo, hi = pieces[j].lo, pieces[end - 1].hi
+                for keys_part, values_part in context:
+                    part, part_lse = self._attention(
+                        queries[:, :, lo:hi], keys_part, values_part, causal=False
+                    )
+                    if filled[j]:
+                        self._merge(output[:, :, lo:hi], lse[:, :, lo:hi], part, part_lse)
+                    else:
+                        output[:, :, lo:hi] = part
+                        lse[:, :, lo:hi] = part_lse
+                        for filled_index in range(j, end):
+                            filled[filled_index] = True
+            j = end
+        # Then each piece's own keys: those before the piece, then the piece's, causal.
+        for j, piece in enumerate(pieces):
+            lo, hi = piece.lo, piece.hi
+            parts = []
+            if piece.first > piece.start:
+                parts.append((piece.start, piece.first, False))
+            parts.append((piece.first, piece.end, True))
+            for first, end, causal in parts:
+                part, part_lse = self._attention(
+                    queries[:, :, lo:hi],
+                    keys[:, :, first:end],
+                    values[:, :, first:end],
+                    causal=causal,
+                )
+                if filled[j]:
+                    self._merge(output[:, :, lo:hi], lse[:, :, lo:hi], part, part_lse)
                 else:
-                    keys = k[start:end].transpose(0, 1)[None]
-                    values = v[start:end].transpose(0, 1)[None]
-                    if row.prefix is not None:
-                        old_k, old_v = row.prefix[index]
-                        keys, values = torch.cat([old_k, keys], 2), torch.cat([old_v, values], 2)
-                mask = masks[i]
-                query = q[start:end]
-                if final:
-                    query, mask = q[i : i + 1], mask[-1:]
-                out = F.scaled_dot_product_attention(
-                    query.transpose(0, 1)[None],
-                    keys,
-                    values,
-                    attn_mask=mask,
-                    scale=self.scaling,
-                    enable_gqa=self.heads != self.kv_heads,
-                )[0].transpose(0, 1)
-                if final:
-                    attended[i] = out[0]
-                else:
-                    attended[start:end] = out
-            residual = hidden[lasts] if final else hidden
-            hidden = residual + F.linear(attended.reshape(-1, q_size), layer.out, layer.out_bias)
-            x = self._rms_norm(hidden, layer.post_norm)
-            gate, up = F.linear(x, layer.gate), F.linear(x, layer.up)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
-        if keep_kv:
-            return kept
-        return list(self._rms_norm(hidden, self.norm))
+                    output[:, :, lo:hi] = part
+                    lse[:, :, lo:hi] = part_lse
+                    filled[j] = True
+        return output
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+class _Contexts:
+    """Each row's context keys/values in one layer: its cached prefix, or its parent's
+    cached prefix and (views of) the parent's own keys/values, built when first asked
+    for (by then the parent's keys and values of this layer are written)."""
+
+    def __init__(
+        self,
+        rows: Sequence[PackedRow],
+        index: int,
+        starts: Sequence[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> None:
+        self.rows, self.index, self.starts = rows, index, starts
+        self.keys, self.values = keys, values
+        self._parents: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def of(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        this = self.rows[row]
+        if this.parent is None:
+            return [] if this.prefix is None else [this.prefix[self.index]]
+        context = self._parents.get(this.parent)
+        if context is not None:
+            return context
+        parent = self.rows[this.parent]
+        first, end = self.starts[this.parent], self.starts[this.parent + 1]
+        own = (self.keys[:, :, first:end], self.values[:, :, first:end])
+        context = [own]
+        if parent.prefix is not None:
+            cached = parent.prefix[self.index]
+            context = [cached, own]
+            if cached[0].shape[2] + own[0].shape[2] <= _JOIN_CONTEXT:
+                # A short context costs one attention call, not one per part.
+                context = [(torch.cat([cached[0], own[0]], 2), torch.cat([cached[1], own[1]], 2))]
+        self._parents[this.parent] = context
+        return context
+
+
+def _pieces(
+    rows: Sequence[PackedRow],
+    spans: Sequence[tuple[int, int, int]],
+    a: int,
+    b: int,
+    *,
+    final: bool,
+) -> list[_Piece]:
+    """The queries of stream positions ``[a, b)``, row by row: all of them, or in the
+    last layer only the last token of each scored row that ends in the chunk."""
+    pieces = []
+    lo = 0
+    for row, start, end in spans:
+        if end <= a or start >= b:
+            continue
+        if final:
+            if end > b or not rows[row].score or rows[row].keep_kv:
+                continue
+            pieces.append(_Piece(row, lo, lo + 1, start, end - 1, end))
+            lo += 1
+            continue
+        first, last = max(start, a), min(end, b)
+        pieces.append(_Piece(row, lo, lo + last - first, start, first, last))
+        lo += last - first
+    return pieces
+
+
+def _float32() -> Any:
     import torch
 
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.float32
+
+
+def _same(
+    first: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    second: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> bool:
+    """Whether two contexts are the same keys/values (the same tensors, viewed alike)."""
+    if len(first) != len(second):
+        return False
+    for (k1, _), (k2, _) in zip(first, second, strict=True):
+        if k1 is k2:
+            continue
+        if k1.data_ptr() != k2.data_ptr() or k1.shape != k2.shape or k1.stride() != k2.stride():
+            return False
+    return True
