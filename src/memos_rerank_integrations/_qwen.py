@@ -208,6 +208,17 @@ def _plan(groups: Sequence[_Group], budget: int) -> list[list[_Job]]:
     return passes
 
 
+
+def _shared_lengths(base: Sequence[int], sequences: Sequence[list[int]]) -> tuple[int, int]:
+    """How many leading tokens every sequence of a call shares (at least one token per
+    sequence is left to run: its last position scores it), and how many of those the
+    cached instruction prefix ``base`` already holds."""
+    first = sequences[0]
+    common = min(len(sequence) for sequence in sequences) - 1
+    for sequence in sequences[1:]:
+        common = min(common, _common_prefix_length(first, sequence))
+    return common, min(common, _common_prefix_length(base, first))
+
 # Documents that start where BPE, the pre-tokenizer or NFC could merge them with the
 # text before them; the load-time self-check splices each after each head below.
 _PROBE_DOCUMENTS = (
@@ -448,11 +459,7 @@ class _QwenScorer:
                     continue
                 base = self._instruction_prefix(instruction)
                 first = sequences[0]
-                # Keep at least one token per document to run: its last position scores it.
-                common = min(len(sequence) for sequence in sequences) - 1
-                for sequence in sequences[1:]:
-                    common = min(common, _common_prefix_length(first, sequence))
-                reuse = min(common, _common_prefix_length(base.ids, first))
+                common, reuse = _shared_lengths(base.ids, sequences)
                 # A lone document gains nothing from a separate row for its query.
                 cut = common if len(sequences) > 1 else reuse
                 groups.append(
@@ -530,11 +537,7 @@ class _QwenScorer:
                     continue
                 base = self._instruction_prefix(instruction)
                 first = sequences[0]
-                # Keep at least one token per document to run: its last position scores it.
-                common = min(len(sequence) for sequence in sequences) - 1
-                for sequence in sequences[1:]:
-                    common = min(common, _common_prefix_length(first, sequence))
-                reuse = min(common, _common_prefix_length(base.ids, first))
+                common, reuse = _shared_lengths(base.ids, sequences)
                 shared.append(base.crop(reuse))
                 # A lone document gains nothing from a separate pass over its query.
                 if len(sequences) > 1 and common > reuse:
