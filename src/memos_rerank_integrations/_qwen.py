@@ -776,8 +776,10 @@ class QwenReranker(Configurable):
             has native bf16 matrix units, else float32.
         max_query_length: cut queries to this many tokens (``None``: never; the
             recipe does not cut queries, so scores match it only when nothing is cut).
-        max_batch_tokens: token budget of one forward pass (rows x longest row,
-            cached prefix included); bounds memory for long documents.
+        max_batch_tokens: token budget of one forward pass (packed tokens; a longer
+            row runs in a pass of its own, in chunks): bounds activation memory. A long
+            document still holds one layer's keys/values and its residual stream per
+            token (the least an exact score needs).
         thresholds: cut points that map scores onto :class:`Stage`.
     """
 
