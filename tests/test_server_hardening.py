@@ -390,7 +390,7 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_amplifying_request_is_refused_without_model_work(tiny_qwen_dir: Path) -> None:
     """100 kB query x 400 one-character documents: 105 kB on the wire, but every
     document is scored with the whole query. The timing target (< 5 s, RSS < 300 MB)
-    is measured in benchmarks/bench_server.py; here only a hang would fail."""
+    is measured in benchmarks/bench_hostile.py; here only a hang would fail."""
     backend = CountingBackend(QwenReranker(tiny_qwen_dir, dtype="float32", max_query_length=2048))
     backend.rerank(QUERY, DOCUMENTS)  # load the model first
     backend.model_calls = 0
