@@ -46,8 +46,9 @@ OFFLINE = r"""
 import json, sys, time
 from vllm import LLM
 args = json.loads(sys.argv[1])
-llm = LLM(model=args["model"], task="score", dtype=args["dtype"], hf_overrides=args["overrides"],
-          block_size=args["block_size"], enable_prefix_caching=True, max_model_len=8192)
+llm = LLM(model=args["model"], runner="pooling", dtype=args["dtype"],
+          hf_overrides=args["overrides"], block_size=args["block_size"],
+          enable_prefix_caching=True, max_model_len=8192)
 prefix = args["prefix"]; suffix = args["suffix"]
 out = {}
 for name, calls in args["workloads"].items():
@@ -143,6 +144,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--offline", action="store_true", help="also time LLM.score")
+    parser.add_argument(
+        "--package-cpu",
+        type=int,
+        default=1,
+        help="core the package's side is pinned to (vLLM's engine is pinned to core 0); -1: none",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if shutil.which(args.vllm_python) is None and not Path(args.vllm_python).exists():
@@ -182,6 +189,10 @@ def main() -> None:
     process = serve(args.vllm_python, path, port, flags, log)
     try:
         wait_healthy(port, process, timeout=900)
+        if args.package_cpu >= 0 and hasattr(os, "sched_setaffinity"):
+            # vLLM's engine busy-polls its core; keep the package's thread off it
+            os.sched_setaffinity(0, {args.package_cpu})
+            report["package_cpu"] = args.package_cpu
         server = HTTPReranker(
             f"http://127.0.0.1:{port}",
             model=str(path),
