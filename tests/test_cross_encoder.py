@@ -537,3 +537,60 @@ def test_tokenizing_does_not_wait_for_a_running_forward_pass(one_label: Path) ->
     loaded = reranker._loaded()
     with loaded.lock, ThreadPoolExecutor(max_workers=1) as pool:  # as if a pass were running
         assert pool.submit(reranker.count_tokens, QUERY, DOCUMENTS).result(timeout=30) > 0
+
+
+@pytest.fixture(scope="module")
+def xlm_roberta(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_cross_encoder(
+        tmp_path_factory.mktemp("xlm-roberta"), architecture="xlm-roberta", seed=4
+    )
+
+
+# Rows of many lengths, so one pass packs rows of different lengths and attention
+# groups need their key masks (and split where padding would be large).
+MANY_LENGTHS = [*DOCUMENTS, *(" ".join(["badminton"] * n) for n in (1, 2, 5, 9, 17, 33, 60))]
+
+
+def _encoder_forwards(reranker: CrossEncoderReranker) -> list[int]:
+    """Counts the transformers encoder's own forward calls (the padded path)."""
+    model = reranker._loaded().model
+    calls: list[int] = []
+    model.base_model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("architecture", ["one_label", "two_labels", "xlm_roberta"])
+@pytest.mark.parametrize("max_batch_tokens", [1, 150, 100_000])
+def test_the_packed_engine_scores_like_the_transformers_forward(
+    request: pytest.FixtureRequest, architecture: str, max_batch_tokens: int
+) -> None:
+    """BERT and XLM-RoBERTa heads run unpadded, with only the first token computed in
+    the last layer; the scores stay the one-pair-at-a-time transformers forward's."""
+    path = request.getfixturevalue(architecture)
+    engine.clear_model_cache()
+    reranker = CrossEncoderReranker(
+        path, dtype="float32", max_length=64, max_batch_tokens=max_batch_tokens, normalize=False
+    )
+    reranker.rerank(QUERY, ["warm up"])
+    assert reranker._loaded().packed is not None
+    forwards = _encoder_forwards(reranker)
+    got = scores_by_index(reranker.rerank(QUERY, MANY_LENGTHS))
+    assert forwards == [], "the padded transformers forward ran"
+    logits = reference_logits(path, QUERY, MANY_LENGTHS, max_length=64)
+    expected = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+    assert got == pytest.approx(expected.tolist(), abs=1e-4)
+    # Equal to the padded forward on the same batches, to float rounding.
+    reranker._loaded().packed = None
+    padded = scores_by_index(reranker.rerank(QUERY, MANY_LENGTHS))
+    assert got == pytest.approx(padded, abs=1e-4)
+    assert len(forwards) > 0
+    engine.clear_model_cache()
+
+
+def test_models_the_packed_engine_does_not_cover_keep_the_transformers_forward(
+    last_token_model: Path,
+) -> None:
+    engine.clear_model_cache()
+    reranker = CrossEncoderReranker(last_token_model, dtype="float32", max_length=32)
+    reranker.rerank(QUERY, ["warm up"])
+    assert reranker._loaded().packed is None

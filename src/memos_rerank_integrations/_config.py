@@ -130,14 +130,20 @@ def _batch_tokens(options: dict[str, Any], default_max_length: int) -> dict[str,
     return out
 
 
+# Mem0's local providers run the checkpoint in float32 (sentence-transformers' and
+# transformers' default); so do their blocks here, so the scores are theirs even where
+# CrossEncoderReranker's own default would pick bfloat16.
+_MEM0_DTYPE = "float32"
+
+
 def _translate_sentence_transformer(options: dict[str, Any]) -> dict[str, Any]:
     options = {"model": "cross-encoder/ms-marco-MiniLM-L-6-v2", **_none_dropped(options)}
-    return _batch_tokens(options, 512)
+    return {"dtype": _MEM0_DTYPE, **_batch_tokens(options, 512)}
 
 
 def _translate_huggingface(options: dict[str, Any]) -> dict[str, Any]:
     options = {"model": "BAAI/bge-reranker-base", **_none_dropped(options)}
-    return _batch_tokens(options, 512)
+    return {"dtype": _MEM0_DTYPE, **_batch_tokens(options, 512)}
 
 
 def _none_dropped(options: dict[str, Any]) -> dict[str, Any]:

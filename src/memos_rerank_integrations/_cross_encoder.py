@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._bert_engine import packed_bert
 from ._encoder_base import (
     EncodedCalls,
     LoadedEncoder,
@@ -93,6 +94,9 @@ class CrossEncoderReranker(LocalEncoderReranker):
                 f"Model {self.model!r} has a {labels}-label head; CrossEncoderReranker needs "
                 "a relevance model with one logit (or two: not relevant / relevant)."
             )
+        engine = packed_bert(loaded.model)
+        if engine is not None:
+            loaded.packed = engine.logits
         return loaded
 
     def count_tokens(self, query: str, documents: Sequence[str]) -> int:

@@ -76,6 +76,9 @@ class LoadedEncoder:
     length_limit: int | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    # A forward over packed (unpadded) rows where one covers the model exactly
+    # (see _bert_engine); else None and the transformers forward runs on padded rows.
+    packed: Callable[[Encodings, torch.device], torch.Tensor] | None = None
 
 
 @dataclass
@@ -151,7 +154,9 @@ def run_batches(
 ) -> torch.Tensor:
     """Run ``forward(model, batch)`` over length-sorted batches of at most
     ``max_batch_tokens`` padded tokens (right padding) and return its float32 rows
-    in input order."""
+    in input order. Where the model has a packed engine (``loaded.packed``), each
+    batch runs through it instead, unpadded (its attention buffers are bounded by
+    the same budget)."""
     import torch
 
     # A row repeated (the same document twice in a call) is run once, so it ties exactly.
@@ -167,6 +172,11 @@ def run_batches(
     with torch.inference_mode():
         lengths = [len(ids) for ids in unique["input_ids"]]
         for budget_batch in budget_batches(lengths, max_tokens=max_batch_tokens):
+            if loaded.packed is not None:
+                packed_rows = {name: [unique[name][r] for r in budget_batch] for name in names}
+                outputs.append(loaded.packed(packed_rows, loaded.device).float().cpu())
+                rows_in_order.extend(budget_batch)
+                continue
             for rows in limit_padding(
                 budget_batch, lengths, max_padding=_MAX_PADDING, min_tokens=_MIN_BATCH_TOKENS
             ):

@@ -73,6 +73,7 @@ def build_tiny_cross_encoder(
     num_labels: int = 1,
     pad_token: bool = True,
     seed: int = 0,
+    architecture: str = "bert",
     **config_overrides: Any,
 ) -> Path:
     """Save a tiny ``BertForSequenceClassification`` (random weights from ``seed``)
@@ -80,11 +81,24 @@ def build_tiny_cross_encoder(
 
     ``num_labels`` sets the head's width (1 or 2 for rerankers). With
     ``pad_token=False`` neither the tokenizer nor the config defines a pad token,
-    like some decoder-based checkpoints. ``config_overrides`` go to ``BertConfig``.
-    The default ``initializer_range`` is large so that random scores spread out.
+    like some decoder-based checkpoints. ``architecture="xlm-roberta"`` saves an
+    ``XLMRobertaForSequenceClassification`` instead (the architecture of
+    ``BAAI/bge-reranker-*``: positions numbered from the pad id + 1, no token
+    types, a dense + tanh classification head), with the same tokenizer.
+    ``config_overrides`` go to the model's config class. The default
+    ``initializer_range`` is large so that random scores spread out.
     """
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+    )
+
+    if architecture not in ("bert", "xlm-roberta"):
+        raise ValueError(f"architecture must be 'bert' or 'xlm-roberta', got {architecture!r}")
 
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
@@ -100,21 +114,34 @@ def build_tiny_cross_encoder(
         "num_labels": num_labels,
         "pad_token_id": 0 if pad_token else None,
     }
+    roberta = architecture == "xlm-roberta"
+    if roberta:
+        # Positions start at pad id + 1, so the table needs that many more rows.
+        settings["max_position_embeddings"] += 2
+        settings["type_vocab_size"] = 1
+        settings["pad_token_id"] = 0
     settings.update(config_overrides)
-    config = BertConfig(**settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertForSequenceClassification(config)
+        model: Any = (
+            XLMRobertaForSequenceClassification(XLMRobertaConfig(**settings))
+            if roberta
+            else BertForSequenceClassification(BertConfig(**settings))
+        )
+    config = model.config
     model.save_pretrained(path)
+    names = ["input_ids", "attention_mask"]
+    if not roberta:
+        names.insert(1, "token_type_ids")
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        model_input_names=names,
         unk_token="[UNK]",
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
         pad_token="[PAD]" if pad_token else None,
-        model_max_length=config.max_position_embeddings,
+        model_max_length=config.max_position_embeddings - (2 if roberta else 0),
     )
     tokenizer.save_pretrained(path)
     return path
