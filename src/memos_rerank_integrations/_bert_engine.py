@@ -132,11 +132,11 @@ class PackedBert:
         attention = layer.attention.self
         keys = attention.key(hidden)
         values = attention.value(hidden)
-        queries = attention.query(hidden if only is None else hidden[only])
+        residual = hidden if only is None else hidden[only]
+        queries = attention.query(residual)
         context = queries.new_empty(queries.shape)
         for group in groups:
             group.attend(attention, queries, keys, values, context, first_only=only is not None)
-        residual = hidden if only is None else hidden[only]
         attended = layer.attention.output(context, residual)
         return layer.output(layer.intermediate(attended), attended)  # type: ignore[no-any-return]
 
@@ -156,8 +156,7 @@ class _Group:
 
         self.rows = torch.tensor(rows, device=device)
         own = [lengths[row] for row in rows]
-        self.width = max(own)
-        width = self.width
+        self.width = width = max(own)
         # Packed position of every (row, column) slot; padded slots read the row's
         # first token and are masked out as keys.
         columns = torch.arange(width, device=device)
