@@ -400,6 +400,56 @@ def test_attention_without_the_fused_cpu_kernel_scores_like_the_recipe(
     )
 
 
+def test_on_cpu_the_projections_run_prepacked_and_the_model_is_held_once(
+    fp32: QwenReranker,
+) -> None:
+    """On CPU every projection runs as oneDNN's prepacked linear, and the decoder's
+    plain copy of those weights is released (the model is not held twice); the
+    decoder's own forward then refuses to run instead of computing with no weights."""
+    from memos_rerank_integrations._qwen_engine import can_prepack
+
+    scorer = fp32._loaded()
+    engine = scorer.engine
+    assert engine is not None
+    layer = scorer.decoder.layers[0]
+    if not can_prepack(layer.input_layernorm.weight):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    assert engine.prepacked
+    for decoder_layer, packed in zip(scorer.decoder.layers, engine.layers, strict=True):
+        attention, mlp = decoder_layer.self_attn, decoder_layer.mlp
+        for module in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            assert module.weight.numel() == 0
+        for module in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            assert module.weight.numel() == 0
+        assert packed.gate.packed and packed.gate.weight.is_mkldnn
+    with pytest.raises(RuntimeError, match="prepacked"):
+        scorer.decoder(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_unpacked_projections_score_like_the_recipe(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The projections other devices get (``F.linear``/``addmm_`` on the model's own
+    weights, kept in place) are exact too."""
+    from memos_rerank_integrations import _qwen_engine
+    from memos_rerank_integrations._local_engine import clear_model_cache
+
+    monkeypatch.setattr(_qwen_engine, "can_prepack", lambda weight: False)
+    clear_model_cache()
+    try:
+        reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=64)
+        scorer = reranker._loaded()
+        assert scorer.engine is not None and not scorer.engine.prepacked
+        assert scorer.decoder.layers[0].mlp.down_proj.weight.numel() > 0
+        query = "Where is the user going?"
+        documents = [LONG_DOCUMENT[:400], "User likes tea.", "x"]
+        assert scores_of(reranker, query, documents) == pytest.approx(
+            qwen_recipe(query, documents), abs=TOLERANCE
+        )
+    finally:
+        clear_model_cache()
+
+
 def test_a_long_document_costs_memory_bounded_by_the_budget(tiny_qwen_dir: Path) -> None:
     """A ~16k-token document with max_batch_tokens=256 holds one layer's keys and
     values and the residual stream (640 bytes per token for this model) plus one

@@ -383,8 +383,9 @@ class _QwenScorer:
         # is deprecated and warns on every call); older versions know only the old name.
         parameters = inspect.signature(decoder.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        # The packed engine, where the model's architecture allows (else transformers').
-        self.engine: PackedQwen3 | None = packed_engine(decoder)
+        # The packed engine, where the model's architecture allows (else transformers');
+        # it owns the projection weights (held once, prepacked for oneDNN on CPU).
+        self.engine: PackedQwen3 | None = packed_engine(decoder, own_weights=True)
 
     # -- the recipe's token sequences ------------------------------------------------
 
