@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from memos_rerank_integrations import QwenReranker
+from memos_rerank_integrations._linear import can_prepack
 from memos_rerank_integrations._local_engine import clear_model_cache, resolve_dtype
 from memos_rerank_integrations._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
-from memos_rerank_integrations._qwen_engine import can_prepack
 
 QWEN3_06B_SHAPE = {
     "vocab_size": 151669,

@@ -559,31 +559,81 @@ def _encoder_forwards(reranker: CrossEncoderReranker) -> list[int]:
     return calls
 
 
+def _with_random_norms(path: Path, directory: Path) -> Path:
+    """A copy of a tiny model whose LayerNorms have random weights and biases (freshly
+    built ones are all 1 and 0, so a swapped or skipped LayerNorm would go unseen)."""
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(11)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.3 * torch.randn_like(module.weight))
+                module.bias.copy_(0.2 * torch.randn_like(module.bias))
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(path).save_pretrained(directory)
+    return directory
+
+
 @pytest.mark.parametrize("architecture", ["one_label", "two_labels", "xlm_roberta"])
 @pytest.mark.parametrize("max_batch_tokens", [1, 150, 100_000])
 def test_the_packed_engine_scores_like_the_transformers_forward(
-    request: pytest.FixtureRequest, architecture: str, max_batch_tokens: int
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    architecture: str,
+    max_batch_tokens: int,
 ) -> None:
     """BERT and XLM-RoBERTa heads run unpadded, with only the first token computed in
-    the last layer; the scores stay the one-pair-at-a-time transformers forward's."""
-    path = request.getfixturevalue(architecture)
+    the last layer, their linears prepacked for oneDNN on CPU (and, where not
+    prepacked, on the model's own weights); the scores stay the one-pair-at-a-time
+    transformers forward's."""
+    from memos_rerank_integrations import _bert_engine
+
+    path = _with_random_norms(request.getfixturevalue(architecture), tmp_path / "norms")
+    logits = reference_logits(path, QUERY, MANY_LENGTHS, max_length=64)
+    expected = (logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]).tolist()
+    options = {"dtype": "float32", "max_length": 64, "max_batch_tokens": max_batch_tokens}
     engine.clear_model_cache()
-    reranker = CrossEncoderReranker(
-        path, dtype="float32", max_length=64, max_batch_tokens=max_batch_tokens, normalize=False
-    )
+    reranker = CrossEncoderReranker(path, **options, normalize=False)
     reranker.rerank(QUERY, ["warm up"])
     assert reranker._loaded().packed is not None
     forwards = _encoder_forwards(reranker)
     got = scores_by_index(reranker.rerank(QUERY, MANY_LENGTHS))
     assert forwards == [], "the padded transformers forward ran"
-    logits = reference_logits(path, QUERY, MANY_LENGTHS, max_length=64)
-    expected = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
-    assert got == pytest.approx(expected.tolist(), abs=1e-4)
-    # Equal to the padded forward on the same batches, to float rounding.
-    reranker._loaded().packed = None
-    padded = scores_by_index(reranker.rerank(QUERY, MANY_LENGTHS))
+    assert got == pytest.approx(expected, abs=1e-4)
+    # Unprepacked (other devices): the model keeps its weights; equal to the padded
+    # forward on the same batches, to float rounding.
+    monkeypatch.setattr(_bert_engine, "can_prepack", lambda weight: False)
+    engine.clear_model_cache()
+    plain = CrossEncoderReranker(path, **options, normalize=False)
+    assert scores_by_index(plain.rerank(QUERY, MANY_LENGTHS)) == pytest.approx(expected, abs=1e-4)
+    forwards = _encoder_forwards(plain)
+    plain._loaded().packed = None
+    padded = scores_by_index(plain.rerank(QUERY, MANY_LENGTHS))
     assert got == pytest.approx(padded, abs=1e-4)
     assert len(forwards) > 0
+    engine.clear_model_cache()
+
+
+def test_on_cpu_the_packed_engine_holds_the_weights_once_prepacked(one_label: Path) -> None:
+    """On CPU the layers' linears run prepacked and the model's plain copy of them is
+    released: the model's own forward then refuses to run rather than compute with
+    empty weights."""
+    from memos_rerank_integrations._linear import can_prepack
+
+    engine.clear_model_cache()
+    reranker = CrossEncoderReranker(one_label, dtype="float32", max_length=64)
+    reranker.rerank(QUERY, ["warm up"])
+    model = reranker._loaded().model
+    layer = model.base_model.encoder.layer[0]
+    if not can_prepack(model.classifier.weight):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    for each in model.base_model.encoder.layer:
+        for module in (each.attention.self.query, each.intermediate.dense, each.output.dense):
+            assert module.weight.numel() == 0
+    assert layer.attention.output.LayerNorm.weight.numel() > 0
+    with pytest.raises(RuntimeError, match="prepacked"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
     engine.clear_model_cache()
 
 

@@ -406,7 +406,7 @@ def test_on_cpu_the_projections_run_prepacked_and_the_model_is_held_once(
     """On CPU every projection runs as oneDNN's prepacked linear, and the decoder's
     plain copy of those weights is released (the model is not held twice); the
     decoder's own forward then refuses to run instead of computing with no weights."""
-    from memos_rerank_integrations._qwen_engine import can_prepack
+    from memos_rerank_integrations._linear import can_prepack
 
     scorer = fp32._loaded()
     engine = scorer.engine

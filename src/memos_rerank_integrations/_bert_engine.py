@@ -13,12 +13,14 @@ Two things a padded transformers forward does are skipped:
   keys and values for every token but queries, attention output, feed-forward and
   head for one token per row.
 
-Everything else is the model's own modules, called in place: embeddings (with
+Everything else is the model's own: embeddings (modules called in place, with
 explicit positions, so RoBERTa's padding-offset positions are the same as its
 forward computes), the attention's query/key/value linears and its scaling, the
 output and feed-forward blocks with their LayerNorms and activation, the pooler and
-the classifier. So the scores are the transformers forward's, up to float rounding.
-Other models keep the transformers forward.
+the classifier. The layers' linears run as ``_linear.Linear``: on CPU oneDNN's
+prepacked linear (the plain copy released where the engine owns the weights), else
+the module's own weight. So the scores are the transformers forward's, up to float
+rounding. Other models keep the transformers forward.
 
 torch is imported inside functions only, so importing this module stays cheap.
 """
@@ -29,6 +31,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._linear import Linear, can_prepack, release
 from ._local_engine import limit_padding
 
 if TYPE_CHECKING:
@@ -42,9 +45,23 @@ _ATTENTION_PADDING = 0.1
 _ATTENTION_MIN_TOKENS = 512
 
 
-def packed_bert(model: Any) -> PackedBert | None:
+# The blocks of a layer, by class name, that the engine computes as their forward does.
+_BLOCKS = {
+    "attention": ("BertSelfAttention", "XLMRobertaSelfAttention"),
+    "attention_output": ("BertSelfOutput", "XLMRobertaSelfOutput"),
+    "intermediate": ("BertIntermediate", "XLMRobertaIntermediate"),
+    "output": ("BertOutput", "XLMRobertaOutput"),
+}
+
+
+def packed_bert(
+    model: Any, *, prepack: bool | None = None, own_weights: bool = False
+) -> PackedBert | None:
     """A packed engine for ``model``, or ``None`` where it is not a model this engine
-    computes exactly (then the transformers forward runs)."""
+    computes exactly (then the transformers forward runs). ``prepack``: the layers'
+    linears run as oneDNN's prepacked linears (default: where
+    :func:`~memos_rerank_integrations._linear.can_prepack`); ``own_weights``: their
+    plain weights are then released (the model's own forward refuses to run)."""
     from transformers import BertForSequenceClassification, XLMRobertaForSequenceClassification
 
     config = model.config
@@ -69,23 +86,55 @@ def packed_bert(model: Any) -> PackedBert | None:
         return None
     layers: list[Any] = list(encoder_model.encoder.layer)
     if not layers or any(
-        type(layer.attention.self).__name__ not in ("BertSelfAttention", "XLMRobertaSelfAttention")
+        type(block).__name__ not in _BLOCKS[name]
         for layer in layers
+        for name, block in (
+            ("attention", layer.attention.self),
+            ("attention_output", layer.attention.output),
+            ("intermediate", layer.intermediate),
+            ("output", layer.output),
+        )
     ):
         return None
-    return PackedBert(model, encoder_model, layers, first_position)
+    if prepack is None:
+        prepack = can_prepack(layers[0].output.dense.weight)
+    engine = PackedBert(model, encoder_model, layers, first_position, prepack=prepack)
+    if prepack and own_weights:
+        for layer in layers:
+            for linear in _linears(layer):
+                release(linear, "the packed BERT engine (PackedBert.logits)")
+    return engine
+
+
+def _linears(layer: Any) -> tuple[Any, ...]:
+    """A layer's linears: query, key, value, attention output, intermediate, output."""
+    attention = layer.attention.self
+    return (
+        attention.query,
+        attention.key,
+        attention.value,
+        layer.attention.output.dense,
+        layer.intermediate.dense,
+        layer.output.dense,
+    )
 
 
 class PackedBert:
     """Score rows (token ids, and token type ids where the tokenizer gives them) with
     a loaded BERT-family sequence classifier; see the module docs."""
 
-    def __init__(self, model: Any, encoder_model: Any, layers: list[Any], first: int) -> None:
+    def __init__(
+        self, model: Any, encoder_model: Any, layers: list[Any], first: int, *, prepack: bool
+    ) -> None:
         self.model = model
         self.embeddings = encoder_model.embeddings
         self.pooler = getattr(encoder_model, "pooler", None)
         self.layers = layers
         self.first_position = first
+        self.prepacked = prepack
+        self.linears = [
+            tuple(Linear(module, prepack=prepack) for module in _linears(layer)) for layer in layers
+        ]
 
     def logits(
         self, rows: Mapping[str, Sequence[Sequence[int]]], device: torch.device
@@ -119,26 +168,37 @@ class PackedBert:
         hidden = self.embeddings(
             input_ids=flat_ids[None], token_type_ids=flat_types[None], position_ids=positions[None]
         )[0]
-        for layer in self.layers[:-1]:
-            hidden = self._layer(layer, hidden, groups, None)
-        first = self._layer(self.layers[-1], hidden, groups, starts)
-        return self._head(first[:, None, :])
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            hidden = self._layer(index, layer, hidden, groups, starts if index == last else None)
+        return self._head(hidden[:, None, :])
 
     def _layer(
-        self, layer: Any, hidden: torch.Tensor, groups: list[_Group], only: torch.Tensor | None
+        self,
+        index: int,
+        layer: Any,
+        hidden: torch.Tensor,
+        groups: list[_Group],
+        only: torch.Tensor | None,
     ) -> torch.Tensor:
         """One encoder layer over the packed rows; where ``only`` (the first token of
-        each row) is given, the output of those tokens only."""
+        each row) is given, the output of those tokens only. As the layer's forward in
+        eval mode (dropout is the identity): self-attention, ``LayerNorm(dense(context)
+        + input)``, ``act(dense(.))``, ``LayerNorm(dense(.) + attended)``."""
+        query, key, value, attention_out, intermediate, output = self.linears[index]
         attention = layer.attention.self
-        keys = attention.key(hidden)
-        values = attention.value(hidden)
+        keys = key(hidden)
+        values = value(hidden)
         residual = hidden if only is None else hidden[only]
-        queries = attention.query(residual)
+        queries = query(residual)
         context = queries.new_empty(queries.shape)
         for group in groups:
             group.attend(attention, queries, keys, values, context, first_only=only is not None)
-        attended = layer.attention.output(context, residual)
-        return layer.output(layer.intermediate(attended), attended)  # type: ignore[no-any-return]
+        attended = attention_out(context).add_(residual)
+        attended = layer.attention.output.LayerNorm(attended)
+        inner = layer.intermediate.intermediate_act_fn(intermediate(attended))
+        out = output(inner).add_(attended)
+        return layer.output.LayerNorm(out)  # type: ignore[no-any-return]
 
     def _head(self, first: torch.Tensor) -> torch.Tensor:
         if self.pooler is not None:  # BERT: pooler (dense + tanh), dropout, classifier

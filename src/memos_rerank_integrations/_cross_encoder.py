@@ -94,7 +94,8 @@ class CrossEncoderReranker(LocalEncoderReranker):
                 f"Model {self.model!r} has a {labels}-label head; CrossEncoderReranker needs "
                 "a relevance model with one logit (or two: not relevant / relevant)."
             )
-        engine = packed_bert(loaded.model)
+        # The engine owns the layers' weights (held once, prepacked for oneDNN on CPU).
+        engine = packed_bert(loaded.model, own_weights=True)
         if engine is not None:
             loaded.packed = engine.logits
         return loaded

@@ -1,10 +1,8 @@
 """A Qwen3 decoder run on packed rows: the work of a QwenReranker forward pass.
 
 The weights are the loaded ``Qwen3Model``'s own. On CPU (float32 or bfloat16, where
-torch has oneDNN) the projection weights are reordered once into oneDNN's blocked
-layout and every projection runs as oneDNN's prepacked linear, as vLLM-CPU does: on the
-AVX-512 CPU measured, 1.1-1.6x the rate of ``F.linear`` on these shapes (most at the
-40-row heights of a one-memory call), with bitwise the same bf16 results. When the
+torch has oneDNN) every projection runs as oneDNN's prepacked linear (see
+``_linear``; 1.2-1.65x faster one-memory calls than ``F.linear``). When the
 engine owns the weights (``own_weights``, as ``QwenReranker`` builds it) the plain copy
 is released, so the model is held once. Elsewhere the weights are used in place.
 (Fusing q/k/v and gate/up projections into one matrix each was measured and dropped:
@@ -46,10 +44,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._linear import Linear, can_prepack, release
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CHUNK_TOKENS", "PackedQwen3", "PackedRow", "can_prepack", "packed_engine"]
+__all__ = ["CHUNK_TOKENS", "PackedQwen3", "PackedRow", "packed_engine"]
 
 # Activations are held for at most this many tokens at a time (a pass's token budget
 # caps it further). Matrix multiplies of this height already run at the CPU's peak.
@@ -84,70 +84,19 @@ class PackedRow:
     score: bool = True
 
 
-class _Linear:
-    """One projection, ``x @ weight.T + bias``: ``F.linear`` on the module's own weight,
-    or oneDNN's linear on a copy prepacked into its blocked layout."""
-
-    __slots__ = ("bias", "packed", "weight")
-
-    def __init__(self, module: Any, *, prepack: bool) -> None:
-        import torch
-
-        self.bias: torch.Tensor | None = module.bias
-        self.packed = prepack
-        self.weight: torch.Tensor = (
-            torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-            if prepack
-            else module.weight
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        if self.packed:
-            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-                x, self.weight, self.bias, "none", [], ""
-            )
-            return out
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-
-    def add_to(self, h: torch.Tensor, x: torch.Tensor) -> None:
-        """``h += x @ weight.T + bias`` (in place; a single ``addmm_`` where unpacked)."""
-        if self.packed:
-            h.add_(self(x))
-            return
-        if self.bias is not None:
-            h.add_(self.bias)
-        h.addmm_(x, self.weight.t())
-
-
 @dataclass
 class _Layer:
-    q: _Linear
-    k: _Linear
-    v: _Linear
-    out: _Linear
+    q: Linear
+    k: Linear
+    v: Linear
+    out: Linear
     q_norm: torch.Tensor
     k_norm: torch.Tensor
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    gate: _Linear
-    up: _Linear
-    down: _Linear
-
-
-def can_prepack(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's prepacked linear serves this weight (CPU, float32/bfloat16,
-    a torch built with oneDNN)."""
-    import torch
-
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    gate: Linear
+    up: Linear
+    down: Linear
 
 
 def packed_engine(
@@ -233,23 +182,23 @@ class PackedQwen3:
             attention = layer.self_attn
             self.layers.append(
                 _Layer(
-                    q=_Linear(q, prepack=prepack),
-                    k=_Linear(k, prepack=prepack),
-                    v=_Linear(v, prepack=prepack),
-                    out=_Linear(out, prepack=prepack),
+                    q=Linear(q, prepack=prepack),
+                    k=Linear(k, prepack=prepack),
+                    v=Linear(v, prepack=prepack),
+                    out=Linear(out, prepack=prepack),
                     q_norm=attention.q_norm.weight,
                     k_norm=attention.k_norm.weight,
                     input_norm=layer.input_layernorm.weight,
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate=_Linear(gate, prepack=prepack),
-                    up=_Linear(up, prepack=prepack),
-                    down=_Linear(down, prepack=prepack),
+                    gate=Linear(gate, prepack=prepack),
+                    up=Linear(up, prepack=prepack),
+                    down=Linear(down, prepack=prepack),
                 )
             )
         if prepack and own_weights:
             for modules in projections:
                 for module in modules:
-                    _release(module)
+                    release(module, "the packed Qwen3 engine (PackedQwen3.forward)")
         # The fused CPU flash-attention kernel returns the log-sum-exp the merge needs.
         self._flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -533,22 +482,6 @@ class _Contexts:
                 context = [(torch.cat([cached[0], own[0]], 2), torch.cat([cached[1], own[1]], 2))]
         self._parents[this.parent] = context
         return context
-
-
-def _release(module: Any) -> None:
-    """Drop a projection's plain weight (the engine holds it prepacked); running the
-    module afterwards raises instead of computing with an empty weight."""
-    import torch
-
-    module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
-
-    def refuse(*_: Any) -> None:
-        raise RuntimeError(
-            "this projection's weight is held prepacked by the packed Qwen3 engine; "
-            "run the model through the engine (PackedQwen3.forward)"
-        )
-
-    module.register_forward_pre_hook(refuse)
 
 
 def _pieces(
