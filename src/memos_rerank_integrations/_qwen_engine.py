@@ -59,6 +59,8 @@ CHUNK_TOKENS = 2048
 _JOIN_CONTEXT = 4096
 # Keys per block where the fused CPU kernel is not used (other devices).
 _KEY_BLOCK = 1024
+# bf16 attention of at most this many queries runs the fused CPU kernel in float32.
+_UPCAST_QUERIES = 32
 
 # Per decoder layer, (keys, values) of shape [1, kv_heads, length, head_dim].
 _KV = list[tuple["torch.Tensor", "torch.Tensor"]]
@@ -241,6 +243,13 @@ class PackedQwen3:
         import torch
 
         if self._flash is not None and query.device.type == "cpu":
+            if query.dtype == torch.bfloat16 and query.shape[2] <= _UPCAST_QUERIES:
+                # For a few queries the fused kernel is faster in float32 than in bf16
+                # (measured on an avx512_bf16 CPU: one-memory calls 1.07x); and exact-er.
+                fused, fused_lse = self._flash(
+                    query.float(), keys.float(), values.float(), 0.0, causal, scale=self.scaling
+                )
+                return fused.to(query.dtype), fused_lse
             fused, fused_lse = self._flash(query, keys, values, 0.0, causal, scale=self.scaling)
             return fused, fused_lse
         # Elsewhere: plain softmax attention in float32, the keys in blocks so that
