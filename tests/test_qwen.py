@@ -450,6 +450,40 @@ def test_unpacked_projections_score_like_the_recipe(
         clear_model_cache()
 
 
+def test_weights_onednn_refuses_to_prepack_leave_the_engine_plain_and_exact(
+    tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where oneDNN refuses a weight at load (its reorder raises), no projection is
+    prepacked and none is released: the engine runs them all on the model's weights."""
+    from memos_rerank_integrations import _linear, _qwen_engine
+    from memos_rerank_integrations._local_engine import clear_model_cache
+
+    calls: list[int] = []
+
+    def refuse(weight: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > 3:  # a few weights pack, then one is refused
+            raise RuntimeError("oneDNN: unsupported")
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    monkeypatch.setattr(_linear, "_reorder", refuse)
+    monkeypatch.setattr(_qwen_engine, "can_prepack", lambda weight: True)
+    clear_model_cache()
+    try:
+        reranker = QwenReranker(tiny_qwen_dir, dtype="float32")
+        scorer = reranker._loaded()
+        assert scorer.engine is not None and not scorer.engine.prepacked
+        assert len(calls) > 3
+        assert all(not layer.q.packed for layer in scorer.engine.layers)
+        assert scorer.decoder.layers[0].self_attn.q_proj.weight.numel() > 0
+        query, documents = "Where is the user going?", ["User likes tea.", "x"]
+        assert scores_of(reranker, query, documents) == pytest.approx(
+            qwen_recipe(query, documents), abs=TOLERANCE
+        )
+    finally:
+        clear_model_cache()
+
+
 def test_a_long_document_costs_memory_bounded_by_the_budget(tiny_qwen_dir: Path) -> None:
     """A ~16k-token document with max_batch_tokens=256 holds one layer's keys and
     values and the residual stream (640 bytes per token for this model) plus one

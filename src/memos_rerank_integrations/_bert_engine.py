@@ -31,7 +31,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._linear import Linear, can_prepack, release
+from ._linear import can_prepack, linears, release
 from ._local_engine import limit_padding
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def packed_bert(
     if prepack is None:
         prepack = can_prepack(layers[0].output.dense.weight)
     engine = PackedBert(model, encoder_model, layers, first_position, prepack=prepack)
-    if prepack and own_weights:
+    if engine.prepacked and own_weights:
         for layer in layers:
             for linear in _linears(layer):
                 release(linear, "the packed BERT engine (PackedBert.logits)")
@@ -131,10 +131,10 @@ class PackedBert:
         self.pooler = getattr(encoder_model, "pooler", None)
         self.layers = layers
         self.first_position = first
-        self.prepacked = prepack
-        self.linears = [
-            tuple(Linear(module, prepack=prepack) for module in _linears(layer)) for layer in layers
-        ]
+        flat, self.prepacked = linears(
+            [module for layer in layers for module in _linears(layer)], prepack=prepack
+        )
+        self.linears = [tuple(flat[6 * i : 6 * i + 6]) for i in range(len(layers))]
 
     def logits(
         self, rows: Mapping[str, Sequence[Sequence[int]]], device: torch.device

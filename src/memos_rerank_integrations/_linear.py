@@ -15,12 +15,13 @@ torch is imported inside functions only, so importing this module stays cheap.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Linear", "can_prepack", "release"]
+__all__ = ["Linear", "can_prepack", "linears", "release"]
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -44,15 +45,10 @@ class Linear:
     __slots__ = ("bias", "packed", "weight")
 
     def __init__(self, module: Any, *, prepack: bool) -> None:
-        import torch
 
         self.bias: torch.Tensor | None = module.bias
         self.packed = prepack
-        self.weight: torch.Tensor = (
-            torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-            if prepack
-            else module.weight
-        )
+        self.weight: torch.Tensor = _reorder(module.weight.detach()) if prepack else module.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -72,6 +68,25 @@ class Linear:
         if self.bias is not None:
             h.add_(self.bias)
         h.addmm_(x, self.weight.t())
+
+
+def linears(modules: Sequence[Any], *, prepack: bool) -> tuple[list[Linear], bool]:
+    """``Linear`` for each module, prepacked if asked and oneDNN takes every weight;
+    where it refuses one (``RuntimeError``), all stay plain. Returns them and whether
+    they are prepacked."""
+    if prepack:
+        try:
+            return [Linear(module, prepack=True) for module in modules], True
+        except RuntimeError:
+            pass
+    return [Linear(module, prepack=False) for module in modules], False
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    return packed
 
 
 def release(module: Any, owner: str) -> None:

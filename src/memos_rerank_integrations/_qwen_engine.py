@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._linear import Linear, can_prepack, release
+from ._linear import Linear, can_prepack, linears, release
 
 if TYPE_CHECKING:
     import torch
@@ -157,7 +157,6 @@ class PackedQwen3:
             raise ValueError("unsupported head layout")
         if prepack is None:
             prepack = can_prepack(self.norm)
-        self.prepacked = prepack
         projections = []
         for layer in decoder.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -179,22 +178,25 @@ class PackedQwen3:
                     mlp.down_proj,
                 )
             )
+        flat, prepack = linears([m for modules in projections for m in modules], prepack=prepack)
+        self.prepacked = prepack
         self.layers: list[_Layer] = []
-        for layer, (q, k, v, out, gate, up, down) in zip(decoder.layers, projections, strict=True):
+        for index, layer in enumerate(decoder.layers):
             attention = layer.self_attn
+            q, k, v, out, gate, up, down = flat[7 * index : 7 * index + 7]
             self.layers.append(
                 _Layer(
-                    q=Linear(q, prepack=prepack),
-                    k=Linear(k, prepack=prepack),
-                    v=Linear(v, prepack=prepack),
-                    out=Linear(out, prepack=prepack),
+                    q=q,
+                    k=k,
+                    v=v,
+                    out=out,
                     q_norm=attention.q_norm.weight,
                     k_norm=attention.k_norm.weight,
                     input_norm=layer.input_layernorm.weight,
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate=Linear(gate, prepack=prepack),
-                    up=Linear(up, prepack=prepack),
-                    down=Linear(down, prepack=prepack),
+                    gate=gate,
+                    up=up,
+                    down=down,
                 )
             )
         if prepack and own_weights:
