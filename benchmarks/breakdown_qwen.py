@@ -1,0 +1,174 @@
+"""Where a QwenReranker call spends its time, by wall clock (not ``torch.profiler``).
+
+``torch.profiler`` adds tens of microseconds to every op it records, so on calls made
+of many small ops (a one-memory call: ~45 ops per layer on 20-40 rows) it overstates
+the share of everything that is not a big matmul. This script times the packed
+engine's parts with ``time.perf_counter`` around each: the projections (oneDNN
+prepacked linears, with their achieved GFLOP/s from the shapes they ran), attention,
+RMSNorm, rotary, the log-sum-exp merges; the rest of ``PackedQwen3.forward`` (views,
+copies, SiLU-and-mul, Python) is what is left of the engine's time, and the rest of
+the call (tokenization, planning, the score head) what is left of the call's.
+
+It wraps the engine's methods on the loaded instance for the run (instrumentation
+only: the numbers are those of the code as shipped, plus a few microseconds per
+wrapped call, which the script measures and reports as ``overhead``).
+
+    PYTHONPATH=src python benchmarks/breakdown_qwen.py --dtype bfloat16 --workload one_memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_qwen import build_model, gemm_rate, machine, make_workloads, package_scores
+
+from memos_rerank_integrations import QwenReranker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.flops = 0.0
+
+    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.calls[name] += 1
+
+        return timed
+
+    def wrap_linear(self, linear: Any) -> Any:
+        call = linear.__call__
+
+        class Timed:
+            """The same linear, its calls timed and their FLOPs counted."""
+
+            def __init__(self, clock: Clock) -> None:
+                self.clock = clock
+
+            def __call__(self, x: torch.Tensor) -> torch.Tensor:
+                start = time.perf_counter()
+                out: torch.Tensor = call(x)
+                self.clock.seconds["linear"] += time.perf_counter() - start
+                self.clock.calls["linear"] += 1
+                self.clock.flops += 2.0 * x.shape[0] * x.shape[1] * out.shape[-1]
+                return out
+
+            def add_to(self, h: torch.Tensor, x: torch.Tensor) -> None:
+                start = time.perf_counter()
+                out = call(x)
+                self.clock.seconds["linear"] += time.perf_counter() - start
+                self.clock.calls["linear"] += 1
+                self.clock.flops += 2.0 * x.shape[0] * x.shape[1] * out.shape[-1]
+                start = time.perf_counter()
+                h.add_(out)
+                self.clock.seconds["residual add"] += time.perf_counter() - start
+
+        return Timed(self)
+
+
+def instrument(engine: Any, clock: Clock) -> None:
+    for layer in engine.layers:
+        for name in ("q", "k", "v", "out", "gate", "up", "down"):
+            linear = getattr(layer, name)
+            if not linear.packed:
+                raise SystemExit("the engine's linears are not prepacked here")
+            setattr(layer, name, clock.wrap_linear(linear))
+    for name, part in (
+        ("_attention", "attention"),
+        ("_rms_norm", "rms_norm"),
+        ("_rope", "rotary"),
+        ("_merge", "merge"),
+        ("forward", "engine"),
+    ):
+        setattr(engine, name, clock.wrap(part, getattr(engine, name)))
+
+
+def wrapper_overhead() -> float:
+    """Seconds one wrapped call adds (a wrapped no-op, timed)."""
+    probe = Clock()
+    noop = probe.wrap("noop", lambda: None)
+    start = time.perf_counter()
+    for _ in range(10_000):
+        noop()
+    return (time.perf_counter() - start) / 10_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3-0.6b-shaped"))
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--workload", default="one_memory", help="memory, rag or one_memory")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    path = build_model(args.model_dir)
+    reranker = QwenReranker(model=str(path), dtype=dtype, device="cpu")
+    score = package_scores(reranker)
+    calls = make_workloads(args.seed)[args.workload]
+    for query, documents in calls:  # warm: instruction cache, allocator
+        score(query, documents)
+    engine = reranker._loaded().engine  # instrumentation: the loaded engine
+    if engine is None:
+        raise SystemExit("this model runs on transformers' forward here, not the packed engine")
+    clock = Clock()
+    instrument(engine, clock)
+    start = time.perf_counter()
+    for _ in range(args.rounds):
+        for query, documents in calls:
+            score(query, documents)
+    wall = time.perf_counter() - start
+    rate = gemm_rate(dtype)
+    seconds = dict(clock.seconds)
+    engine_time = seconds.pop("engine")
+    parts = {name: seconds[name] for name in sorted(seconds, key=lambda n: -seconds[n])}
+    wrapped_calls = sum(clock.calls.values())
+    overhead = wrapper_overhead() * wrapped_calls
+    parts["rest of the engine"] = engine_time - sum(parts.values())
+    parts["outside the engine"] = wall - engine_time
+    report = {
+        "machine": machine(),
+        "dtype": args.dtype,
+        "workload": args.workload,
+        "rounds": args.rounds,
+        "wall_s": wall,
+        "engine_s": engine_time,
+        "parts_s": parts,
+        "calls": dict(clock.calls),
+        "linear_gflops": clock.flops / seconds["linear"] / 1e9,
+        "gemm_rate_gflops": rate / 1e9,
+        "wrapper_overhead_s": overhead,
+    }
+    print(f"{args.workload} {args.dtype}: {args.rounds} rounds, wall {wall:.3f} s")
+    for name, value in parts.items():
+        print(f"  {name:20s} {value:8.3f} s {100 * value / wall:5.1f}%")
+    print(
+        f"  linears ran at {report['linear_gflops']:.0f} GFLOP/s against a best GEMM rate of"
+        f" {report['gemm_rate_gflops']:.0f}; wrappers added ~{overhead:.3f} s"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
