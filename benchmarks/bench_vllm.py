@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_qwen import build_model, compare, make_workloads, package_scores
+from bench_qwen import build_model, compare, machine, make_workloads, package_scores
 
 from memos_rerank_integrations import HTTPReranker, QwenReranker
 
@@ -195,6 +195,7 @@ def main() -> None:
         "hf_overrides": HF_OVERRIDES,
         "prefix_cache": "emptied before every timed round (HTTP and offline), then the "
         "instruction prefix re-warmed by one call, as the package's instruction cache is warm",
+        "machine": machine(),
         "load_average_at_start": os.getloadavg(),
         "results": {},
     }
