@@ -545,15 +545,28 @@ def test_default_dtype_follows_the_hardware(tiny_qwen_dir: Path) -> None:
     assert reranker._loaded().device == torch.device("cpu")
 
 
+@pytest.mark.parametrize("upcast_queries", [None, 0, 1 << 20], ids=["cpu-default", "bf16", "fp32"])
 def test_bfloat16_drift_against_fp32_recipe(
     tiny_qwen_dir: Path,
     qwen_recipe: ModelCardRecipe,
     record_property: Callable[[str, object], None],
+    upcast_queries: int | None,
 ) -> None:
+    # Both ways of running bf16 attention (the fused kernel in bf16, or in float32 for
+    # few queries: chosen by the CPU) are checked on every machine.
     query = EXAMPLES[1]["query"]
     documents = EXAMPLES[1]["documents"] + EXAMPLES[0]["documents"] + ["", "Plays chess."]
     reference = qwen_recipe(query, documents)
-    bf16 = scores_of(QwenReranker(tiny_qwen_dir, dtype="bfloat16"), query, documents)
+    reranker = QwenReranker(tiny_qwen_dir, dtype="bfloat16")
+    engine = reranker._loaded().engine
+    assert engine is not None
+    default = engine.upcast_queries
+    if upcast_queries is not None:
+        engine.upcast_queries = upcast_queries
+    try:
+        bf16 = scores_of(reranker, query, documents)
+    finally:
+        engine.upcast_queries = default
     recipe_bf16 = ModelCardRecipe(tiny_qwen_dir, dtype=torch.bfloat16)(query, documents)
     drift = max(abs(a - b) for a, b in zip(bf16, reference, strict=True))
     recipe_drift = max(abs(a - b) for a, b in zip(recipe_bf16, reference, strict=True))

@@ -59,7 +59,8 @@ CHUNK_TOKENS = 2048
 _JOIN_CONTEXT = 4096
 # Keys per block where the fused CPU kernel is not used (other devices).
 _KEY_BLOCK = 1024
-# bf16 attention of at most this many queries runs the fused CPU kernel in float32.
+# bf16 attention of at most this many queries runs the fused CPU kernel in float32, on
+# CPUs without AMX tiles (see ``PackedQwen3.upcast_queries``).
 _UPCAST_QUERIES = 32
 
 # Per decoder layer, (keys, values) of shape [1, kv_heads, length, head_dim].
@@ -205,6 +206,10 @@ class PackedQwen3:
                     release(module, "the packed Qwen3 engine (PackedQwen3.forward)")
         # The fused CPU flash-attention kernel returns the log-sum-exp the merge needs.
         self._flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        # bf16 attention of at most this many queries runs the fused kernel in float32:
+        # faster on an avx512_bf16 CPU without AMX (one-memory calls 1.07x); where AMX
+        # tiles run the bf16 kernel, bf16 is faster at every size (memory calls 1.07x).
+        self.upcast_queries = 0 if _cpu_has_amx() else _UPCAST_QUERIES
 
     # -- small pieces --------------------------------------------------------------------
 
@@ -245,9 +250,7 @@ class PackedQwen3:
         import torch
 
         if self._flash is not None and query.device.type == "cpu":
-            if query.dtype == torch.bfloat16 and query.shape[2] <= _UPCAST_QUERIES:
-                # For a few queries the fused kernel is faster in float32 than in bf16
-                # (measured on an avx512_bf16 CPU: one-memory calls 1.07x); and exact-er.
+            if query.dtype == torch.bfloat16 and query.shape[2] <= self.upcast_queries:
                 fused, fused_lse = self._flash(
                     query.float(), keys.float(), values.float(), 0.0, causal, scale=self.scaling
                 )
@@ -520,6 +523,15 @@ def _pieces(
         pieces.append(_Piece(row, lo, lo + last - first, start, first, last))
         lo += last - first
     return pieces
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (torch's own probe; ``False`` where this torch
+    has none)."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
 
 
 def _float32() -> Any:
