@@ -253,6 +253,10 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": info.get("Model name", "?").strip(),
         "cpus": info.get("CPU(s)", "?").strip(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # bf16 matrix units: AMX tiles run bf16 matmuls ~6x faster than avx512_bf16.
+        "amx_tiles": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg(),
