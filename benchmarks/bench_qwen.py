@@ -31,7 +31,7 @@ import torch
 
 from memos_rerank_integrations import QwenReranker
 from memos_rerank_integrations._linear import can_prepack
-from memos_rerank_integrations._local_engine import clear_model_cache, resolve_dtype
+from memos_rerank_integrations._local_engine import clear_model_cache, cpu_has_amx, resolve_dtype
 from memos_rerank_integrations._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
 
 QWEN3_06B_SHAPE = {
@@ -255,7 +255,7 @@ def machine() -> dict[str, Any]:
         "cpus": info.get("CPU(s)", "?").strip(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         # bf16 matrix units: AMX tiles run bf16 matmuls ~6x faster than avx512_bf16.
-        "amx_tiles": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "amx_tiles": cpu_has_amx(),
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

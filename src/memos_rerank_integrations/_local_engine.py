@@ -26,6 +26,7 @@ __all__ = [
     "budget_batches",
     "check_positive_int",
     "clear_model_cache",
+    "cpu_has_amx",
     "encode_head",
     "head_text",
     "inference",
@@ -110,6 +111,15 @@ def _cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles that torch can use (torch's own probe, which
+    also asks the OS for the tile state; ``False`` where this torch has none)."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

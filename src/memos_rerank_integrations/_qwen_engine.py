@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._linear import Linear, can_prepack, linears, release
+from ._local_engine import cpu_has_amx
 
 if TYPE_CHECKING:
     import torch
@@ -209,7 +210,7 @@ class PackedQwen3:
         # bf16 attention of at most this many queries runs the fused kernel in float32:
         # faster on an avx512_bf16 CPU without AMX (one-memory calls 1.07x); where AMX
         # tiles run the bf16 kernel, bf16 is faster at every size (memory calls 1.07x).
-        self.upcast_queries = 0 if _cpu_has_amx() else _UPCAST_QUERIES
+        self.upcast_queries = 0 if cpu_has_amx() else _UPCAST_QUERIES
 
     # -- small pieces --------------------------------------------------------------------
 
@@ -523,15 +524,6 @@ def _pieces(
         pieces.append(_Piece(row, lo, lo + last - first, start, first, last))
         lo += last - first
     return pieces
-
-
-def _cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (torch's own probe; ``False`` where this torch
-    has none)."""
-    import torch
-
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
 
 
 def _float32() -> Any:
