@@ -4,9 +4,10 @@
 of many small ops (a one-memory call: ~45 ops per layer on 20-40 rows) it overstates
 the share of everything that is not a big matmul. This script times the packed
 engine's parts with ``time.perf_counter`` around each: the projections (oneDNN
-prepacked linears, with their achieved GFLOP/s from the shapes they ran), attention,
+prepacked linears, with the SiLU, the gate-times-up product and the residual adds
+that run inside them, and their achieved GFLOP/s from the shapes they ran), attention,
 RMSNorm, rotary, the log-sum-exp merges; the rest of ``PackedQwen3.forward`` (views,
-copies, SiLU-and-mul, Python) is what is left of the engine's time, and the rest of
+copies, Python) is what is left of the engine's time, and the rest of
 the call (tokenization, planning, the score head) what is left of the call's.
 
 It wraps the engine's methods on the loaded instance for the run (instrumentation
@@ -55,25 +56,32 @@ class Clock:
 
 
 class TimedLinear:
-    """An engine ``Linear``, its calls timed and their FLOPs counted on ``clock``."""
+    """An engine ``Linear``, its calls timed and their FLOPs counted on ``clock``. The
+    fused forms (``silu``, ``times``, ``plus``: the activation, product or residual
+    add done inside the matmul) count as projections."""
 
     def __init__(self, clock: Clock, linear: Any) -> None:
-        self.clock, self.call = clock, linear.__call__
+        self.clock, self.linear = clock, linear
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _timed(self, method: str, x: torch.Tensor, *other: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        out: torch.Tensor = self.call(x)
+        out: torch.Tensor = getattr(self.linear, method)(x, *other)
         self.clock.seconds["linear"] += time.perf_counter() - start
         self.clock.calls["linear"] += 1
         self.clock.flops += 2.0 * x.shape[0] * x.shape[1] * out.shape[-1]
         return out
 
-    def add_to(self, h: torch.Tensor, x: torch.Tensor) -> None:
-        # What a prepacked Linear.add_to does, with the add timed apart.
-        out = self(x)
-        start = time.perf_counter()
-        h.add_(out)
-        self.clock.seconds["residual add"] += time.perf_counter() - start
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timed("__call__", x)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timed("silu", x)
+
+    def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return self._timed("times", x, other)
+
+    def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return self._timed("plus", x, other)
 
 
 def instrument(engine: Any, clock: Clock) -> None:

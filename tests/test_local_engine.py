@@ -229,3 +229,37 @@ def test_a_loader_that_fails_releases_the_gate(tmp_path: Path, tiny_bert_dir: Pa
     # Scoring and loading still work afterwards.
     reranker = CrossEncoderReranker(tiny_bert_dir, dtype=torch.float32)
     assert len(reranker.rerank("q", ["a", "b"])) == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_fused_steps_equal_the_separate_ops(dtype: str) -> None:
+    """``Linear.silu`` / ``times`` / ``plus`` (prepacked: the step runs as a oneDNN
+    post-op inside the matmul) compute what the separate torch ops do, both ways."""
+    from memos_rerank_integrations._linear import Linear, can_prepack
+
+    torch.manual_seed(0)
+    kind = getattr(torch, dtype)
+    module = torch.nn.Linear(64, 48).to(kind)
+    x = torch.randn(5, 64).to(kind)
+    other = torch.randn(5, 48).to(kind)
+    plain = torch.nn.functional.linear(x.float(), module.weight.float(), module.bias.float())
+    expected = {
+        "silu": torch.nn.functional.silu(plain),
+        "times": plain * other.float(),
+        "plus": plain + other.float(),
+    }
+    tolerance = 1e-5 if dtype == "float32" else 0.06
+    ways = [False, True] if can_prepack(module.weight) else [False]
+    for prepack in ways:
+        linear = Linear(module, prepack=prepack)
+        got = {
+            "silu": linear.silu(x),
+            "times": linear.times(x, other.clone()),
+            "plus": linear.plus(x, other.clone()),
+        }
+        for name, value in got.items():
+            assert value.dtype == kind
+            assert torch.allclose(value.float(), expected[name], atol=tolerance, rtol=0.02), (
+                prepack,
+                name,
+            )

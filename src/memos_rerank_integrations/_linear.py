@@ -7,6 +7,11 @@ at 1.1-1.6x the rate of ``F.linear`` in float32 and bfloat16 (most at the 10-100
 heights of a short call), with bitwise the same bfloat16 results. It is used on CPU
 only, in float32 or bfloat16, where torch was built with oneDNN (:func:`can_prepack`).
 
+Prepacked, an elementwise step that follows a projection can run inside it as a
+oneDNN post-op (:meth:`Linear.silu`, :meth:`Linear.times`, :meth:`Linear.plus`): the
+result is computed from the float32 accumulator and written once. Unprepacked, the
+same methods run the step as a separate torch op.
+
 An engine that prepacks may release the module's plain weight (:func:`release`), so
 the model is held once; the module then refuses to run.
 
@@ -59,6 +64,45 @@ class Linear:
             )
             return out
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(x @ weight.T + bias)``; prepacked, the activation runs inside the
+        matmul (oneDNN's ``swish`` post-op: no second pass over the output)."""
+        import torch
+
+        if self.packed:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+                x, self.weight, self.bias, "swish", [], ""
+            )
+            return out
+        return torch.nn.functional.silu(self(x), inplace=True)
+
+    def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``(x @ weight.T + bias) * other``; prepacked, the product runs inside the
+        matmul (oneDNN's binary ``mul`` post-op); otherwise ``other`` is multiplied in
+        place and returned."""
+        import torch
+
+        if self.packed:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(
+                x, other, self.weight, self.bias, "mul"
+            )
+            return out
+        return other.mul_(self(x))
+
+    def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``other + x @ weight.T + bias``; prepacked, a new tensor with the sum done
+        inside the matmul (oneDNN's binary ``add`` post-op: no second pass), otherwise
+        added to ``other`` in place (:meth:`add_to`) and returned."""
+        import torch
+
+        if self.packed:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(
+                x, other, self.weight, self.bias, "add"
+            )
+            return out
+        self.add_to(other, x)
+        return other
 
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> None:
         """``h += x @ weight.T + bias`` in place (one ``addmm_`` where unpacked)."""
