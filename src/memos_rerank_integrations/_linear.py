@@ -78,9 +78,9 @@ class Linear:
         return torch.nn.functional.silu(self(x), inplace=True)
 
     def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """``(x @ weight.T + bias) * other``; prepacked, the product runs inside the
-        matmul (oneDNN's binary ``mul`` post-op); otherwise ``other`` is multiplied in
-        place and returned."""
+        """``(x @ weight.T + bias) * other`` (``other`` of the output's shape: no
+        broadcasting); prepacked, the product runs inside the matmul (oneDNN's binary
+        ``mul`` post-op); otherwise ``other`` is multiplied in place and returned."""
         import torch
 
         if self.packed:
@@ -91,9 +91,10 @@ class Linear:
         return other.mul_(self(x))
 
     def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """``other + x @ weight.T + bias``; prepacked, a new tensor with the sum done
-        inside the matmul (oneDNN's binary ``add`` post-op: no second pass), otherwise
-        added to ``other`` in place (:meth:`add_to`) and returned."""
+        """``other + x @ weight.T + bias`` (``other`` of the output's shape); prepacked,
+        a new tensor with the sum done inside the matmul (oneDNN's binary ``add``
+        post-op: no second pass), otherwise added to ``other`` in place (one
+        ``addmm_``) and returned."""
         import torch
 
         if self.packed:
@@ -101,17 +102,9 @@ class Linear:
                 x, other, self.weight, self.bias, "add"
             )
             return out
-        self.add_to(other, x)
-        return other
-
-    def add_to(self, h: torch.Tensor, x: torch.Tensor) -> None:
-        """``h += x @ weight.T + bias`` in place (one ``addmm_`` where unpacked)."""
-        if self.packed:
-            h.add_(self(x))
-            return
         if self.bias is not None:
-            h.add_(self.bias)
-        h.addmm_(x, self.weight.t())
+            other.add_(self.bias)
+        return other.addmm_(x, self.weight.t())
 
 
 def linears(modules: Sequence[Any], *, prepack: bool) -> tuple[list[Linear], bool]:
