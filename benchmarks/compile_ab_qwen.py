@@ -37,7 +37,7 @@ from memos_rerank_integrations import QwenReranker
 
 
 def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``Qwen3RMSNorm`` as the engine computes it (float32 statistics)."""
+    """``Qwen3RMSNorm``'s arithmetic (float32 statistics), as transformers writes it."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

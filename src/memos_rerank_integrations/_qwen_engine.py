@@ -416,10 +416,8 @@ class PackedQwen3:
         """Attention output [n, heads, dim] for the chunk's queries ``q`` [n, heads,
         dim] (rotated), each query over its row's context and its row's own keys up to
         itself."""
-        import torch
-
         queries = q.transpose(0, 1)[None]  # [1, heads, n, dim], a view
-        attended = torch.empty_like(q)  # the out projection reads it as [n, heads * dim]
+        attended = q.new_empty(q.shape)  # the out projection reads it as [n, heads * dim]
         output = attended.transpose(0, 1)[None]  # [1, heads, n, dim], a view
         lse = q.new_empty((1, self.heads, q.shape[0]), dtype=_float32())
         filled = [False] * len(pieces)
