@@ -263,3 +263,24 @@ def test_linear_fused_steps_equal_the_separate_ops(dtype: str) -> None:
                 prepack,
                 name,
             )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_rows_reorder_the_outputs(dtype: str) -> None:
+    """``Linear(rows=...)`` (prepacked only) returns output ``rows[j]`` as output
+    ``j``, bias included; a plain ``Linear`` refuses it (it would copy the weight)."""
+    from memos_rerank_integrations._linear import Linear, can_prepack
+
+    torch.manual_seed(0)
+    kind = getattr(torch, dtype)
+    module = torch.nn.Linear(64, 48).to(kind)
+    x = torch.randn(5, 64).to(kind)
+    rows = torch.randperm(48)
+    with pytest.raises(ValueError, match="prepacked"):
+        Linear(module, prepack=False, rows=rows)
+    if not can_prepack(module.weight):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    expected = Linear(module, prepack=True)(x)[:, rows]
+    got = Linear(module, prepack=True, rows=rows)(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, Linear(module, prepack=True)(x))

@@ -450,6 +450,84 @@ def test_unpacked_projections_score_like_the_recipe(
         clear_model_cache()
 
 
+@pytest.fixture(scope="module")
+def shaped_norms_dir(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its RMSNorm weights spread around 1: a fresh model's are all
+    ones, which no misplaced or missing norm weight would change."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-qwen-norms")
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.5 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(path)
+    for file in tiny_qwen_dir.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, path / file.name)
+    return path
+
+
+@pytest.mark.parametrize("prepack", [True, False], ids=["prepacked-pairs", "plain-halves"])
+def test_norm_weights_and_rotary_land_on_their_dimensions(
+    shaped_norms_dir: Path, monkeypatch: pytest.MonkeyPatch, prepack: bool
+) -> None:
+    """Prepacked, q and k come out of their projections in rotary pairs (the rows
+    reordered) and their norm weights are reordered alike; plain, they keep the
+    model's order. Either way, with norm weights that are not all ones: float32 equals
+    the recipe, bf16 drifts no more than the recipe's own bf16 run does."""
+    from memos_rerank_integrations import _qwen_engine
+    from memos_rerank_integrations._linear import can_prepack
+    from memos_rerank_integrations._local_engine import clear_model_cache
+
+    if prepack and not can_prepack(torch.ones(1)):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    if not prepack:
+        monkeypatch.setattr(_qwen_engine, "can_prepack", lambda weight: False)
+    query = "Where is the user going?"
+    documents = [LONG_DOCUMENT[:400], "User likes tea.", "x", "User is going to Beijing."]
+    reference = ModelCardRecipe(shaped_norms_dir)(query, documents)
+    recipe_bf16 = ModelCardRecipe(shaped_norms_dir, dtype=torch.bfloat16)(query, documents)
+    assert max(reference) - min(reference) > 0.05  # the scores tell documents apart
+    clear_model_cache()
+    try:
+        fp32 = QwenReranker(shaped_norms_dir, dtype="float32", max_batch_tokens=64)
+        engine = fp32._loaded().engine
+        assert engine is not None and engine.pairs == prepack
+        assert scores_of(fp32, query, documents) == pytest.approx(reference, abs=TOLERANCE)
+        bf16 = scores_of(QwenReranker(shaped_norms_dir, dtype="bfloat16"), query, documents)
+    finally:
+        clear_model_cache()
+    drift = max(abs(a - b) for a, b in zip(bf16, reference, strict=True))
+    recipe_drift = max(abs(a - b) for a, b in zip(recipe_bf16, reference, strict=True))
+    assert drift <= max(recipe_drift, 0.005) * 2
+
+
+def test_a_rotary_embedding_not_in_halves_keeps_the_model_order(fp32: QwenReranker) -> None:
+    """The pair order assumes each pair (i, i + dim / 2) turns by one angle, as every
+    RoPE variant transformers implements does; a rotary embedding that does not
+    (probed at load) leaves q and k in the model's order."""
+    from memos_rerank_integrations._qwen_engine import PackedQwen3
+
+    decoder = fp32._loaded().decoder
+    engine = PackedQwen3.__new__(PackedQwen3)
+    engine.head_dim = int(decoder.config.head_dim)
+    engine.rotary = decoder.rotary_emb
+    assert engine._rotary_in_halves(device=torch.device("cpu"))
+
+    def skewed(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = decoder.rotary_emb(x, positions)
+        half = cos.shape[-1] // 2
+        return cos, torch.cat([sin[..., :half], -sin[..., half:]], -1)
+
+    engine.rotary = skewed
+    assert not engine._rotary_in_halves(device=torch.device("cpu"))
+
+
 def test_weights_onednn_refuses_to_prepack_leave_the_engine_plain_and_exact(
     tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, monkeypatch: pytest.MonkeyPatch
 ) -> None:

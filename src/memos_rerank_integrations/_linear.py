@@ -45,15 +45,28 @@ def can_prepack(weight: torch.Tensor) -> bool:
 
 class Linear:
     """One ``nn.Linear``'s ``x @ weight.T + bias``: ``F.linear`` on the module's own
-    weight, or (``prepack``) oneDNN's linear on a prepacked copy."""
+    weight, or (``prepack``) oneDNN's linear on a prepacked copy.
+
+    ``rows`` (prepacked only: the copy is made anyway) reorders the output features:
+    output ``j`` is the module's output ``rows[j]``."""
 
     __slots__ = ("bias", "packed", "weight")
 
-    def __init__(self, module: Any, *, prepack: bool) -> None:
+    def __init__(self, module: Any, *, prepack: bool, rows: torch.Tensor | None = None) -> None:
 
         self.bias: torch.Tensor | None = module.bias
         self.packed = prepack
-        self.weight: torch.Tensor = _reorder(module.weight.detach()) if prepack else module.weight
+        if not prepack:
+            if rows is not None:
+                raise ValueError("reordered outputs need a prepacked copy")
+            self.weight: torch.Tensor = module.weight
+            return
+        weight = module.weight.detach()
+        if rows is not None:
+            weight = weight[rows]
+            if self.bias is not None:
+                self.bias = self.bias.detach()[rows]
+        self.weight = _reorder(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -107,13 +120,24 @@ class Linear:
         return other.addmm_(x, self.weight.t())
 
 
-def linears(modules: Sequence[Any], *, prepack: bool) -> tuple[list[Linear], bool]:
+def linears(
+    modules: Sequence[Any],
+    *,
+    prepack: bool,
+    rows: Sequence[torch.Tensor | None] | None = None,
+) -> tuple[list[Linear], bool]:
     """``Linear`` for each module, prepacked if asked and oneDNN takes every weight;
     where it refuses one (``RuntimeError``), all stay plain. Returns them and whether
-    they are prepacked."""
+    they are prepacked. Prepacked, module ``i``'s outputs are reordered by
+    ``rows[i]`` where given; plain, every module runs its own weight as it is (the
+    caller reads the returned flag)."""
     if prepack:
+        order = list(rows) if rows is not None else [None] * len(modules)
         try:
-            return [Linear(module, prepack=True) for module in modules], True
+            return [
+                Linear(module, prepack=True, rows=r)
+                for module, r in zip(modules, order, strict=True)
+            ], True
         except RuntimeError:
             pass
     return [Linear(module, prepack=False) for module in modules], False
