@@ -266,9 +266,10 @@ def test_linear_fused_steps_equal_the_separate_ops(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_linear_rows_reorder_the_outputs(dtype: str) -> None:
-    """``Linear(rows=...)`` (prepacked only) returns output ``rows[j]`` as output
-    ``j``, bias included; a plain ``Linear`` refuses it (it would copy the weight)."""
+def test_linear_rows_and_columns_change_the_prepacked_copy(dtype: str) -> None:
+    """``Linear(rows=..., columns=...)`` (prepacked only) returns output ``rows[j]``
+    of ``(x * columns) @ weight.T + bias`` as output ``j``; a plain ``Linear``
+    refuses either (it would have to copy the weight)."""
     from memos_rerank_integrations._linear import Linear, can_prepack
 
     torch.manual_seed(0)
@@ -276,11 +277,20 @@ def test_linear_rows_reorder_the_outputs(dtype: str) -> None:
     module = torch.nn.Linear(64, 48).to(kind)
     x = torch.randn(5, 64).to(kind)
     rows = torch.randperm(48)
+    columns = (torch.rand(64) + 0.5).to(kind)
     with pytest.raises(ValueError, match="prepacked"):
         Linear(module, prepack=False, rows=rows)
+    with pytest.raises(ValueError, match="prepacked"):
+        Linear(module, prepack=False, columns=columns)
     if not can_prepack(module.weight):
         pytest.skip("this torch has no oneDNN prepacked linear")
-    expected = Linear(module, prepack=True)(x)[:, rows]
-    got = Linear(module, prepack=True, rows=rows)(x)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(got, Linear(module, prepack=True)(x))
+    plain = Linear(module, prepack=True)
+    scaled = (x.float() * columns.float()).to(kind)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == "float32" else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(Linear(module, prepack=True, rows=rows)(x), plain(x)[:, rows])
+    torch.testing.assert_close(
+        Linear(module, prepack=True, columns=columns)(x), plain(scaled), **tolerance
+    )
+    both = Linear(module, prepack=True, rows=rows, columns=columns)(x)
+    torch.testing.assert_close(both, plain(scaled)[:, rows], **tolerance)
+    assert not torch.allclose(both.float(), plain(x).float(), atol=0.1)

@@ -47,21 +47,32 @@ class Linear:
     """One ``nn.Linear``'s ``x @ weight.T + bias``: ``F.linear`` on the module's own
     weight, or (``prepack``) oneDNN's linear on a prepacked copy.
 
-    ``rows`` (prepacked only: the copy is made anyway) reorders the output features:
-    output ``j`` is the module's output ``rows[j]``."""
+    Prepacked (the copy is made anyway), the copy can differ from the module's weight:
+    ``rows`` reorders the output features (output ``j`` is the module's output
+    ``rows[j]``), ``columns`` multiplies each input feature by its entry (a preceding
+    norm's weight folded in: ``(x * columns) @ weight.T``)."""
 
     __slots__ = ("bias", "packed", "weight")
 
-    def __init__(self, module: Any, *, prepack: bool, rows: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        module: Any,
+        *,
+        prepack: bool,
+        rows: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
+    ) -> None:
 
         self.bias: torch.Tensor | None = module.bias
         self.packed = prepack
         if not prepack:
-            if rows is not None:
-                raise ValueError("reordered outputs need a prepacked copy")
+            if rows is not None or columns is not None:
+                raise ValueError("a changed weight needs a prepacked copy")
             self.weight: torch.Tensor = module.weight
             return
         weight = module.weight.detach()
+        if columns is not None:
+            weight = (weight.float() * columns.float()).to(weight.dtype)
         if rows is not None:
             weight = weight[rows]
             if self.bias is not None:
@@ -125,18 +136,21 @@ def linears(
     *,
     prepack: bool,
     rows: Sequence[torch.Tensor | None] | None = None,
+    columns: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[Linear], bool]:
     """``Linear`` for each module, prepacked if asked and oneDNN takes every weight;
     where it refuses one (``RuntimeError``), all stay plain. Returns them and whether
-    they are prepacked. Prepacked, module ``i``'s outputs are reordered by
-    ``rows[i]`` where given; plain, every module runs its own weight as it is (the
-    caller reads the returned flag)."""
+    they are prepacked. Prepacked, module ``i``'s copy takes ``rows[i]`` and
+    ``columns[i]`` where given (see :class:`Linear`); plain, every module runs its own
+    weight as it is (the caller reads the returned flag)."""
     if prepack:
-        order = list(rows) if rows is not None else [None] * len(modules)
+        none: list[torch.Tensor | None] = [None] * len(modules)
+        orders = list(rows) if rows is not None else none
+        scales = list(columns) if columns is not None else none
         try:
             return [
-                Linear(module, prepack=True, rows=r)
-                for module, r in zip(modules, order, strict=True)
+                Linear(module, prepack=True, rows=r, columns=c)
+                for module, r, c in zip(modules, orders, scales, strict=True)
             ], True
         except RuntimeError:
             pass

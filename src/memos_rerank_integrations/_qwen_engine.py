@@ -39,7 +39,9 @@ with), softmax attention with the model's scaling. Prepacked, q and k are produc
 with each head's dimensions in rotary pairs (their projections' rows reordered, a
 layout attention does not see), so each one's norm and rotary run in one float32
 pass ending in a complex multiply and one rounding (bf16 on an AMX CPU: that step
-2-2.5x faster in a micro-benchmark, RAG calls 1.07-1.18x). Models this engine does not cover
+2-2.5x faster in a micro-benchmark, RAG calls 1.07-1.18x). Prepacked, the weights
+of the RMSNorms before attention and before the MLP are folded into the projections
+that read their output (one multiply pass less per norm). Models this engine does not cover
 (sliding-window layers, other activations) keep the transformers forward.
 
 torch is imported inside functions only, so importing this module stays cheap.
@@ -104,8 +106,8 @@ class _Layer:
     out: Linear
     q_norm: torch.Tensor
     k_norm: torch.Tensor
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    input_norm: torch.Tensor | None  # None: folded into q/k/v (prepacked)
+    post_norm: torch.Tensor | None  # None: folded into gate/up (prepacked)
     gate: Linear
     up: Linear
     down: Linear
@@ -203,6 +205,15 @@ class PackedQwen3:
             [m for modules in projections for m in modules],
             prepack=prepack,
             rows=[q_rows, k_rows, None, None, None, None, None] * len(projections),
+            # The norms' weights folded into the projections that read them.
+            columns=[
+                weight
+                for layer in decoder.layers
+                for weight in [layer.input_layernorm.weight] * 3
+                + [None]
+                + [layer.post_attention_layernorm.weight] * 2
+                + [None]
+            ],
         )
         self.prepacked = prepack
         self.pairs = pairs and prepack
@@ -222,8 +233,8 @@ class PackedQwen3:
                     out=out,
                     q_norm=q_norm,
                     k_norm=k_norm,
-                    input_norm=layer.input_layernorm.weight,
-                    post_norm=layer.post_attention_layernorm.weight,
+                    input_norm=None if prepack else layer.input_layernorm.weight,
+                    post_norm=None if prepack else layer.post_attention_layernorm.weight,
                     gate=gate,
                     up=up,
                     down=down,
@@ -257,8 +268,9 @@ class PackedQwen3:
             and torch.equal(sin[..., :half], sin[..., half:])
         )
 
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``Qwen3RMSNorm``: the statistics in float32, the weight in the input dtype."""
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """``Qwen3RMSNorm``: the statistics in float32, the weight in the input dtype
+        (``None``: the weight is folded into the projections that read the result)."""
         import torch
 
         dtype = x.dtype
@@ -269,7 +281,7 @@ class PackedQwen3:
         x = x.to(torch.float32)
         scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         x.mul_(scale.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_())
-        return x.to(dtype).mul_(weight)
+        return x.to(dtype) if weight is None else x.to(dtype).mul_(weight)
 
     def _norm_rope(
         self, x: torch.Tensor, weight: torch.Tensor, turns: torch.Tensor, out: torch.Tensor
