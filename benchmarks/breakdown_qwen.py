@@ -93,8 +93,10 @@ def instrument(engine: Any, clock: Clock) -> None:
             setattr(layer, name, TimedLinear(clock, linear))
     for name, part in (
         ("_attention", "attention"),
+        ("_whole", "attention"),
         ("_rms_norm", "rms_norm"),
         ("_rope", "rotary"),
+        ("_norm_rope", "q/k norm + rotary"),
         ("_merge", "merge"),
         ("forward", "engine"),
     ):

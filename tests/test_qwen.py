@@ -400,6 +400,46 @@ def test_attention_without_the_fused_cpu_kernel_scores_like_the_recipe(
     )
 
 
+@pytest.mark.parametrize("budget", [150, 4096])
+def test_long_pieces_attend_in_one_masked_call_and_score_like_the_recipe(
+    tiny_qwen_dir: Path,
+    qwen_recipe: ModelCardRecipe,
+    monkeypatch: pytest.MonkeyPatch,
+    budget: int,
+) -> None:
+    """A piece of many queries with a short context attends in one masked call over
+    its context and own keys joined (its earlier chunks' keys included when a row
+    spans chunks), instead of parts merged; both ways equal the recipe."""
+    from memos_rerank_integrations import _qwen_engine
+
+    query = "Where is the user going?"
+    documents = [LONG_DOCUMENT[:1300], "User likes tea.", LONG_DOCUMENT[200:700], "x"]
+    reference = qwen_recipe(query, documents)
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=budget)
+    engine = reranker._loaded().engine
+    assert engine is not None
+    if engine._flash is None:
+        pytest.skip("no fused CPU attention kernel in this torch")
+    taken: list[tuple[int, int]] = []
+    run_whole = engine._whole
+
+    def counted(piece: Any, *args: Any) -> bool:
+        done = run_whole(piece, *args)
+        if done:
+            taken.append((piece.hi - piece.lo, piece.first - piece.start))
+        return done
+
+    monkeypatch.setattr(engine, "_whole", counted)
+    assert scores_of(reranker, query, documents) == pytest.approx(reference, abs=TOLERANCE)
+    assert taken and min(n for n, _ in taken) >= _qwen_engine._WHOLE_QUERIES
+    if budget == 150:  # rows spanning chunks: their earlier keys are joined too
+        assert any(before > 0 for _, before in taken)
+    taken.clear()
+    monkeypatch.setattr(_qwen_engine, "_WHOLE_QUERIES", 10**9)
+    assert scores_of(reranker, query, documents) == pytest.approx(reference, abs=TOLERANCE)
+    assert not taken
+
+
 def test_on_cpu_the_projections_run_prepacked_and_the_model_is_held_once(
     fp32: QwenReranker,
 ) -> None:
