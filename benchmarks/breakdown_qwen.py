@@ -93,7 +93,7 @@ def instrument(engine: Any, clock: Clock) -> None:
             setattr(layer, name, TimedLinear(clock, linear))
     for name, part in (
         ("_attention", "attention"),
-        ("_whole", "attention"),
+        ("_masked", "attention"),
         ("_rms_norm", "rms_norm"),
         ("_rope", "rotary"),
         ("_norm_rope", "q/k norm + rotary"),

@@ -400,44 +400,84 @@ def test_attention_without_the_fused_cpu_kernel_scores_like_the_recipe(
     )
 
 
+@pytest.mark.parametrize("group_queries", [0, 128, 7], ids=["long", "grouped", "small-groups"])
 @pytest.mark.parametrize("budget", [150, 4096])
-def test_long_pieces_attend_in_one_masked_call_and_score_like_the_recipe(
+def test_masked_attention_calls_score_like_the_recipe(
     tiny_qwen_dir: Path,
     qwen_recipe: ModelCardRecipe,
     monkeypatch: pytest.MonkeyPatch,
     budget: int,
+    group_queries: int,
 ) -> None:
     """A piece of many queries with a short context attends in one masked call over
     its context and own keys joined (its earlier chunks' keys included when a row
-    spans chunks), instead of parts merged; both ways equal the recipe."""
+    spans chunks), and, where ``group_queries`` is set, short pieces sharing a
+    context attend together in such calls (the last layer's last tokens too),
+    instead of in parts merged; every way equals the recipe."""
     from memos_rerank_integrations import _qwen_engine
 
     query = "Where is the user going?"
     documents = [LONG_DOCUMENT[:1300], "User likes tea.", LONG_DOCUMENT[200:700], "x"]
+    documents += [f"Memory {i}: the user went to Beijing." for i in range(6)]
     reference = qwen_recipe(query, documents)
     reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=budget)
     engine = reranker._loaded().engine
     assert engine is not None
     if engine._flash is None:
         pytest.skip("no fused CPU attention kernel in this torch")
-    taken: list[tuple[int, int]] = []
-    run_whole = engine._whole
+    calls: list[list[tuple[int, int]]] = []
+    run_masked = engine._masked
 
-    def counted(piece: Any, *args: Any) -> bool:
-        done = run_whole(piece, *args)
-        if done:
-            taken.append((piece.hi - piece.lo, piece.first - piece.start))
-        return done
+    def counted(group: Any, *args: Any) -> None:
+        calls.append([(piece.hi - piece.lo, piece.first - piece.start) for piece in group])
+        run_masked(group, *args)
 
-    monkeypatch.setattr(engine, "_whole", counted)
+    monkeypatch.setattr(engine, "_masked", counted)
+    monkeypatch.setattr(engine, "group_queries", group_queries)
     assert scores_of(reranker, query, documents) == pytest.approx(reference, abs=TOLERANCE)
-    assert taken and min(n for n, _ in taken) >= _qwen_engine._WHOLE_QUERIES
+    # Calls fused in one pass: adjacent pieces with different contexts never share one.
+    other = "Which drink does the user like?"
+    fused = reranker.rerank_many([(query, documents[3:], None), (other, documents[3:], None)])
+    assert by_index(fused[0]) == pytest.approx(reference[3:], abs=TOLERANCE)
+    assert by_index(fused[1]) == pytest.approx(qwen_recipe(other, documents[3:]), abs=TOLERANCE)
+    long_calls = [call for call in calls if call[0][0] >= _qwen_engine._WHOLE_QUERIES]
+    assert long_calls and all(len(call) == 1 for call in long_calls)
     if budget == 150:  # rows spanning chunks: their earlier keys are joined too
-        assert any(before > 0 for _, before in taken)
-    taken.clear()
+        assert any(before > 0 for call in long_calls for _, before in call)
+    short_calls = [call for call in calls if call[0][0] < _qwen_engine._WHOLE_QUERIES]
+    if group_queries:
+        assert any(len(call) > 1 for call in short_calls)  # short pieces together
+        assert all(
+            sum(n for n, _ in call) <= group_queries for call in short_calls if len(call) > 1
+        )
+    else:
+        assert not short_calls
+    calls.clear()
     monkeypatch.setattr(_qwen_engine, "_WHOLE_QUERIES", 10**9)
+    monkeypatch.setattr(engine, "group_queries", 0)
     assert scores_of(reranker, query, documents) == pytest.approx(reference, abs=TOLERANCE)
-    assert not taken
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    ("dtype", "amx", "grouped"),
+    [("bfloat16", True, True), ("bfloat16", False, False), ("float32", True, False)],
+)
+def test_short_pieces_are_grouped_for_bf16_on_an_amx_cpu_only(
+    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, amx: bool, grouped: bool
+) -> None:
+    from memos_rerank_integrations import _qwen_engine
+    from memos_rerank_integrations._local_engine import clear_model_cache
+
+    monkeypatch.setattr(_qwen_engine, "cpu_has_amx", lambda: amx)
+    clear_model_cache()
+    try:
+        engine = QwenReranker(tiny_qwen_dir, dtype=dtype)._loaded().engine
+    finally:
+        clear_model_cache()
+    assert engine is not None
+    assert engine.group_queries == (_qwen_engine._GROUP_QUERIES if grouped else 0)
+    assert engine.upcast_queries == (0 if amx else _qwen_engine._UPCAST_QUERIES)
 
 
 def test_on_cpu_the_projections_run_prepacked_and_the_model_is_held_once(

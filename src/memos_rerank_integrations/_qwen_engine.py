@@ -72,13 +72,20 @@ _KEY_BLOCK = 1024
 # bf16 attention of at most this many queries runs the fused CPU kernel in float32, on
 # CPUs without AMX tiles (see ``PackedQwen3.upcast_queries``).
 _UPCAST_QUERIES = 32
-# A piece of at least this many queries whose context is no longer than its queries
-# and whose keys number at most _WHOLE_KEYS runs its attention as one masked call
-# over its context and own keys joined (a copy of them), not as parts merged: one
-# pass over its queries instead of two or three (fused CPU kernel only; bf16 RAG
-# passages: attention 1.5x in a micro-benchmark). Longer contexts keep the parts.
+# Masked calls (fused CPU kernel only): a piece of at least _WHOLE_QUERIES queries
+# whose context is no longer than its queries, and whose context and own keys number
+# at most _MASKED_KEYS, attends in one masked call over them joined (a copy), not in
+# parts merged: one pass over its queries instead of two or three (bf16 RAG passages:
+# attention 1.5x in a micro-benchmark). Where ``PackedQwen3.group_queries`` is set,
+# shorter pieces that share a context attend likewise, up to that many queries per
+# call (20 bf16 memory rows on an AMX CPU: attention 2-3x). Longer contexts keep the
+# parts.
 _WHOLE_QUERIES = 64
-_WHOLE_KEYS = 1024
+_MASKED_KEYS = 1024
+# Queries per masked call of short pieces, for bf16 on a CPU with AMX tiles (there
+# the kernel's matmuls are cheap and its per-call passes are not; in float32, and in
+# bf16 without AMX, one call per part was faster).
+_GROUP_QUERIES = 128
 
 # Per decoder layer, (keys, values) of shape [1, kv_heads, length, head_dim].
 _KV = list[tuple["torch.Tensor", "torch.Tensor"]]
@@ -257,6 +264,8 @@ class PackedQwen3:
         # faster on an avx512_bf16 CPU without AMX (one-memory calls 1.07x); where AMX
         # tiles run the bf16 kernel, bf16 is faster at every size (memory calls 1.07x).
         self.upcast_queries = 0 if cpu_has_amx() else _UPCAST_QUERIES
+        amx_bf16 = self.norm.dtype == torch.bfloat16 and cpu_has_amx()
+        self.group_queries = _GROUP_QUERIES if amx_bf16 else 0
 
     # -- small pieces --------------------------------------------------------------------
 
@@ -512,19 +521,23 @@ class PackedQwen3:
         output = attended.transpose(0, 1)[None]  # [1, heads, n, dim], a view
         lse = q.new_empty((1, self.heads, q.shape[0]), dtype=_float32())
         filled = [False] * len(pieces)
-        # Long pieces with a short context: one masked call each, nothing to merge.
-        whole = [self._whole(piece, contexts, output, queries, keys, values) for piece in pieces]
+        # Pieces whose whole attention is one masked call (nothing to merge).
+        masked = [False] * len(pieces)
+        for group in self._groups(pieces, contexts, queries.device):
+            self._masked([pieces[j] for j in group], contexts, queries, keys, values, output)
+            for j in group:
+                masked[j] = True
         # Context first: one call for each run of pieces that share a context.
         j = 0
         while j < len(pieces):
-            if whole[j]:
+            if masked[j]:
                 j += 1
                 continue
             context = contexts.of(pieces[j].row)
             end = j + 1
             while (
                 end < len(pieces)
-                and not whole[end]
+                and not masked[end]
                 and _same(contexts.of(pieces[end].row), context)
             ):
                 end += 1
@@ -544,7 +557,7 @@ class PackedQwen3:
             j = end
         # Then each piece's own keys: those before the piece, then the piece's, causal.
         for j, piece in enumerate(pieces):
-            if whole[j]:
+            if masked[j]:
                 continue
             lo, hi = piece.lo, piece.hi
             parts = []
@@ -566,38 +579,81 @@ class PackedQwen3:
                     filled[j] = True
         return attended
 
-    def _whole(
+    def _groups(
+        self, pieces: Sequence[_Piece], contexts: _Contexts, device: Any
+    ) -> list[list[int]]:
+        """Runs of consecutive pieces (their indices) that attend in one masked call
+        each (see ``_WHOLE_QUERIES``)."""
+        if self._flash is None or device.type != "cpu":
+            return []
+        groups = []
+        j = 0
+        while j < len(pieces):
+            context = contexts.of(pieces[j].row)
+            length = sum(part[0].shape[2] for part in context)
+            n = pieces[j].hi - pieces[j].lo
+            own = pieces[j].end - pieces[j].start
+            if not context or length + own > _MASKED_KEYS:
+                j += 1
+                continue
+            if n >= _WHOLE_QUERIES:
+                if length <= n:
+                    groups.append([j])
+                j += 1
+                continue
+            if not self.group_queries:
+                j += 1
+                continue
+            group, size, width = [j], n, length + own
+            j += 1
+            while j < len(pieces):
+                n = pieces[j].hi - pieces[j].lo
+                own = pieces[j].end - pieces[j].start
+                if n >= _WHOLE_QUERIES or size + n > self.group_queries:
+                    break
+                if width + own > _MASKED_KEYS or not _same(contexts.of(pieces[j].row), context):
+                    break
+                group.append(j)
+                size, width = size + n, width + own
+                j += 1
+            groups.append(group)
+        return groups
+
+    def _masked(
         self,
-        piece: _Piece,
+        group: Sequence[_Piece],
         contexts: _Contexts,
-        output: torch.Tensor,
         queries: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-    ) -> bool:
-        """Run ``piece``'s attention as one call over its context and its own keys up
-        to its last query (joined), masked so that each query sees its context and
-        its own keys up to itself, where that pays (see ``_WHOLE_QUERIES``); returns
-        whether it did."""
+        output: torch.Tensor,
+    ) -> None:
+        """The attention of consecutive pieces that share a context, as one call over
+        the context and each piece's own keys up to its last query (joined), masked so
+        that each query sees the context and its own row's keys up to itself."""
         import torch
 
-        if self._flash is None or queries.device.type != "cpu":
-            return False
-        n = piece.hi - piece.lo
-        context = contexts.of(piece.row)
+        context = contexts.of(group[0].row)
         length = sum(part[0].shape[2] for part in context)
-        total = length + piece.end - piece.start
-        if n < _WHOLE_QUERIES or not 0 < length <= n or total > _WHOLE_KEYS:
-            return False
-        own = slice(piece.start, piece.end)
-        joined_k = torch.cat([part[0] for part in context] + [keys[:, :, own]], 2)
-        joined_v = torch.cat([part[1] for part in context] + [values[:, :, own]], 2)
-        # Query i sees the context and its own keys up to itself: keys [0, total - n + i].
-        hidden = torch.ones((n, total), dtype=torch.bool, device=queries.device)
-        mask = torch.zeros((n, total), dtype=queries.dtype, device=queries.device)
-        mask.masked_fill_(hidden.triu_(total - n + 1), float("-inf"))
+        owns = [slice(piece.start, piece.end) for piece in group]
+        joined_k = torch.cat([part[0] for part in context] + [keys[:, :, own] for own in owns], 2)
+        joined_v = torch.cat([part[1] for part in context] + [values[:, :, own] for own in owns], 2)
+        lo, hi = group[0].lo, group[-1].hi
+        total = joined_k.shape[2]
+        seen = torch.zeros((hi - lo, total), dtype=torch.bool, device=queries.device)
+        seen[:, :length] = True
+        column = length
+        for piece in group:
+            rows, width = piece.hi - piece.lo, piece.end - piece.start
+            # Query i of the piece sees its row's keys up to itself: first - start + i.
+            block = seen[piece.lo - lo : piece.hi - lo, column : column + width]
+            block.copy_(torch.ones((rows, width), dtype=torch.bool).tril_(width - rows))
+            column += width
+        mask = torch.zeros((hi - lo, total), dtype=queries.dtype, device=queries.device)
+        mask.masked_fill_(seen.logical_not_(), float("-inf"))
+        assert self._flash is not None
         part, _ = self._flash(
-            queries[:, :, piece.lo : piece.hi],
+            queries[:, :, lo:hi],
             joined_k,
             joined_v,
             0.0,
@@ -605,8 +661,7 @@ class PackedQwen3:
             attn_mask=mask,
             scale=self.scaling,
         )
-        output[:, :, piece.lo : piece.hi] = part
-        return True
+        output[:, :, lo:hi] = part
 
 
 class _Contexts:
