@@ -266,31 +266,32 @@ def test_linear_fused_steps_equal_the_separate_ops(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_linear_rows_and_columns_change_the_prepacked_copy(dtype: str) -> None:
-    """``Linear(rows=..., columns=...)`` (prepacked only) returns output ``rows[j]``
-    of ``(x * columns) @ weight.T + bias`` as output ``j``; a plain ``Linear``
-    refuses either (it would have to copy the weight)."""
+def test_prepared_weights_reorder_rows_and_fold_columns(dtype: str) -> None:
+    """The Qwen engine's prepacked copies: ``_prepared(rows=, columns=)`` gives the
+    weight and bias of ``x -> ((x * columns) @ weight.T + bias)[:, rows]``, and
+    ``Linear.from_weight`` prepacks such a weight (stacked ones too)."""
     from memos_rerank_integrations._linear import Linear, can_prepack
+    from memos_rerank_integrations._qwen_engine import _prepared
 
     torch.manual_seed(0)
     kind = getattr(torch, dtype)
     module = torch.nn.Linear(64, 48).to(kind)
+    other = torch.nn.Linear(64, 16, bias=False).to(kind)
     x = torch.randn(5, 64).to(kind)
     rows = torch.randperm(48)
     columns = (torch.rand(64) + 0.5).to(kind)
-    with pytest.raises(ValueError, match="prepacked"):
-        Linear(module, prepack=False, rows=rows)
-    with pytest.raises(ValueError, match="prepacked"):
-        Linear(module, prepack=False, columns=columns)
-    if not can_prepack(module.weight):
-        pytest.skip("this torch has no oneDNN prepacked linear")
-    plain = Linear(module, prepack=True)
     scaled = (x.float() * columns.float()).to(kind)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == "float32" else {"atol": 0.05, "rtol": 0.02}
-    torch.testing.assert_close(Linear(module, prepack=True, rows=rows)(x), plain(x)[:, rows])
-    torch.testing.assert_close(
-        Linear(module, prepack=True, columns=columns)(x), plain(scaled), **tolerance
+    expected = torch.nn.functional.linear(scaled, module.weight, module.bias)[:, rows]
+    weight, bias = _prepared(module, rows=rows, columns=columns)
+    torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), expected, **tolerance)
+    assert not torch.allclose(expected.float(), module(x).float(), atol=0.1)
+    if not can_prepack(module.weight):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    linear = Linear.from_weight(weight, bias)
+    assert linear.packed
+    torch.testing.assert_close(linear(x), expected, **tolerance)
+    stacked = Linear.from_weight(
+        torch.cat([weight, other.weight]), torch.cat([bias, torch.zeros(16, dtype=kind)])
     )
-    both = Linear(module, prepack=True, rows=rows, columns=columns)(x)
-    torch.testing.assert_close(both, plain(scaled)[:, rows], **tolerance)
-    assert not torch.allclose(both.float(), plain(x).float(), atol=0.1)
+    torch.testing.assert_close(stacked(x), torch.cat([expected, other(x)], 1), **tolerance)

@@ -463,7 +463,7 @@ def test_masked_attention_calls_score_like_the_recipe(
     ("dtype", "amx", "grouped"),
     [("bfloat16", True, True), ("bfloat16", False, False), ("float32", True, False)],
 )
-def test_short_pieces_are_grouped_for_bf16_on_an_amx_cpu_only(
+def test_short_pieces_are_grouped_and_qkv_stacked_for_bf16_on_an_amx_cpu_only(
     tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, amx: bool, grouped: bool
 ) -> None:
     from memos_rerank_integrations import _qwen_engine
@@ -477,6 +477,7 @@ def test_short_pieces_are_grouped_for_bf16_on_an_amx_cpu_only(
         clear_model_cache()
     assert engine is not None
     assert engine.group_queries == (_qwen_engine._GROUP_QUERIES if grouped else 0)
+    assert engine.stack_qkv == (grouped and engine.prepacked)  # q/k/v stacked: likewise
     assert engine.upcast_queries == (0 if amx else _qwen_engine._UPCAST_QUERIES)
 
 
@@ -530,56 +531,64 @@ def test_unpacked_projections_score_like_the_recipe(
         clear_model_cache()
 
 
-@pytest.fixture(scope="module")
-def shaped_norms_dir(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its RMSNorm weights spread around 1: a fresh model's are all
-    ones, which no misplaced or missing norm weight would change."""
-    import shutil
-
+@pytest.fixture(scope="module", params=[False, True], ids=["no-bias", "qkv-bias"])
+def shaped_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with its RMSNorm weights spread around 1 (a fresh model's are all
+    ones, which no misplaced or missing norm weight would change), with or without
+    q/k/v biases (random)."""
     from transformers import AutoModelForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-qwen-norms")
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    path = _qwen_fixtures.build_tiny_qwen_reranker(
+        tmp_path_factory.mktemp("tiny-qwen-shaped"), attention_bias=request.param
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.copy_(1 + 0.5 * torch.randn(parameter.shape, generator=generator))
+            elif name.endswith("bias"):
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
     model.save_pretrained(path)
-    for file in tiny_qwen_dir.iterdir():
-        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
-            shutil.copy(file, path / file.name)
     return path
 
 
-@pytest.mark.parametrize("prepack", [True, False], ids=["prepacked-pairs", "plain-halves"])
-def test_norm_weights_and_rotary_land_on_their_dimensions(
-    shaped_norms_dir: Path, monkeypatch: pytest.MonkeyPatch, prepack: bool
+@pytest.mark.parametrize("way", ["prepacked-stacked-qkv", "prepacked-separate-qkv", "plain"])
+def test_prepared_weights_score_like_the_recipe(
+    shaped_dir: Path, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
-    """Prepacked, q and k come out of their projections in rotary pairs (the rows
-    reordered) and their norm weights are reordered alike; plain, they keep the
-    model's order. Either way, with norm weights that are not all ones: float32 equals
-    the recipe, bf16 drifts no more than the recipe's own bf16 run does."""
+    """Prepacked, the engine runs prepared copies of the weights: q and k in rotary
+    pairs (rows reordered, their norm weights alike), the norms before attention and
+    the MLP folded into the projections after them, q/k/v stacked on an AMX CPU;
+    plain, the model's own weights. Every way, with norm weights that are not all
+    ones and with q/k/v biases: float32 equals the recipe, bf16 drifts no more than
+    the recipe's own bf16 run does."""
     from memos_rerank_integrations import _qwen_engine
     from memos_rerank_integrations._linear import can_prepack
     from memos_rerank_integrations._local_engine import clear_model_cache
 
+    prepack = way != "plain"
     if prepack and not can_prepack(torch.ones(1)):
         pytest.skip("this torch has no oneDNN prepacked linear")
     if not prepack:
         monkeypatch.setattr(_qwen_engine, "can_prepack", lambda weight: False)
+    monkeypatch.setattr(_qwen_engine, "_stack_qkv", lambda dtype: way == "prepacked-stacked-qkv")
     query = "Where is the user going?"
     documents = [LONG_DOCUMENT[:400], "User likes tea.", "x", "User is going to Beijing."]
-    reference = ModelCardRecipe(shaped_norms_dir)(query, documents)
-    recipe_bf16 = ModelCardRecipe(shaped_norms_dir, dtype=torch.bfloat16)(query, documents)
-    assert max(reference) - min(reference) > 0.05  # the scores tell documents apart
+    reference = ModelCardRecipe(shaped_dir)(query, documents)
+    recipe_bf16 = ModelCardRecipe(shaped_dir, dtype=torch.bfloat16)(query, documents)
+    assert max(reference) - min(reference) > 0.02  # the scores tell documents apart
     clear_model_cache()
     try:
-        fp32 = QwenReranker(shaped_norms_dir, dtype="float32", max_batch_tokens=64)
+        fp32 = QwenReranker(shaped_dir, dtype="float32", max_batch_tokens=64)
         engine = fp32._loaded().engine
-        assert engine is not None and engine.pairs == prepack
+        assert engine is not None and engine.prepacked == prepack and engine.pairs == prepack
+        stacked = way == "prepacked-stacked-qkv"
+        assert engine.stack_qkv == stacked
+        assert all((layer.qkv is not None) == stacked for layer in engine.layers)
+        assert all((layer.q is None) == stacked for layer in engine.layers)
         assert scores_of(fp32, query, documents) == pytest.approx(reference, abs=TOLERANCE)
-        bf16 = scores_of(QwenReranker(shaped_norms_dir, dtype="bfloat16"), query, documents)
+        bf16 = scores_of(QwenReranker(shaped_dir, dtype="bfloat16"), query, documents)
     finally:
         clear_model_cache()
     drift = max(abs(a - b) for a, b in zip(bf16, reference, strict=True))

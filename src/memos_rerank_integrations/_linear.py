@@ -45,39 +45,27 @@ def can_prepack(weight: torch.Tensor) -> bool:
 
 class Linear:
     """One ``nn.Linear``'s ``x @ weight.T + bias``: ``F.linear`` on the module's own
-    weight, or (``prepack``) oneDNN's linear on a prepacked copy.
-
-    Prepacked (the copy is made anyway), the copy can differ from the module's weight:
-    ``rows`` reorders the output features (output ``j`` is the module's output
-    ``rows[j]``), ``columns`` multiplies each input feature by its entry (a preceding
-    norm's weight folded in: ``(x * columns) @ weight.T``)."""
+    weight, or (``prepack``) oneDNN's linear on a prepacked copy."""
 
     __slots__ = ("bias", "packed", "weight")
 
-    def __init__(
-        self,
-        module: Any,
-        *,
-        prepack: bool,
-        rows: torch.Tensor | None = None,
-        columns: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, module: Any, *, prepack: bool) -> None:
 
         self.bias: torch.Tensor | None = module.bias
         self.packed = prepack
-        if not prepack:
-            if rows is not None or columns is not None:
-                raise ValueError("a changed weight needs a prepacked copy")
-            self.weight: torch.Tensor = module.weight
-            return
-        weight = module.weight.detach()
-        if columns is not None:
-            weight = (weight.float() * columns.float()).to(weight.dtype)
-        if rows is not None:
-            weight = weight[rows]
-            if self.bias is not None:
-                self.bias = self.bias.detach()[rows]
-        self.weight = _reorder(weight)
+        self.weight: torch.Tensor = _reorder(module.weight.detach()) if prepack else module.weight
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        """oneDNN's linear on ``weight`` prepacked (``x @ weight.T + bias``): for a
+        weight its caller prepared (output rows reordered, a norm's weight folded
+        in, several projections stacked into one). Raises ``RuntimeError`` where
+        oneDNN refuses it."""
+        linear = cls.__new__(cls)
+        linear.bias = bias
+        linear.packed = True
+        linear.weight = _reorder(weight.detach())
+        return linear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -131,27 +119,13 @@ class Linear:
         return other.addmm_(x, self.weight.t())
 
 
-def linears(
-    modules: Sequence[Any],
-    *,
-    prepack: bool,
-    rows: Sequence[torch.Tensor | None] | None = None,
-    columns: Sequence[torch.Tensor | None] | None = None,
-) -> tuple[list[Linear], bool]:
+def linears(modules: Sequence[Any], *, prepack: bool) -> tuple[list[Linear], bool]:
     """``Linear`` for each module, prepacked if asked and oneDNN takes every weight;
     where it refuses one (``RuntimeError``), all stay plain. Returns them and whether
-    they are prepacked. Prepacked, module ``i``'s copy takes ``rows[i]`` and
-    ``columns[i]`` where given (see :class:`Linear`); plain, every module runs its own
-    weight as it is (the caller reads the returned flag)."""
+    they are prepacked."""
     if prepack:
-        none: list[torch.Tensor | None] = [None] * len(modules)
-        orders = list(rows) if rows is not None else none
-        scales = list(columns) if columns is not None else none
         try:
-            return [
-                Linear(module, prepack=True, rows=r, columns=c)
-                for module, r, c in zip(modules, orders, scales, strict=True)
-            ], True
+            return [Linear(module, prepack=True) for module in modules], True
         except RuntimeError:
             pass
     return [Linear(module, prepack=False) for module in modules], False
