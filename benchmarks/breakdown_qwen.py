@@ -86,8 +86,10 @@ class TimedLinear:
 
 def instrument(engine: Any, clock: Clock) -> None:
     for layer in engine.layers:
-        for name in ("q", "k", "v", "out", "gate", "up", "down"):
+        for name in ("q", "k", "v", "qkv", "out", "gate", "up", "down"):
             linear = getattr(layer, name)
+            if linear is None:  # q/k/v stacked, or not
+                continue
             if not linear.packed:
                 raise SystemExit("the engine's linears are not prepacked here")
             setattr(layer, name, TimedLinear(clock, linear))

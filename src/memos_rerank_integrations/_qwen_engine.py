@@ -7,20 +7,30 @@ engine owns the weights (``own_weights``, as ``QwenReranker`` builds it) the pla
 is released, so the model is held once. Elsewhere the weights are used in place.
 Prepacked, the MLP's SiLU and its gate-times-up product and both residual adds run
 inside the matmuls as oneDNN post-ops, with no pass of their own over memory (bf16 on
-an AMX CPU: RAG calls 1.09-1.12x, memory calls 1.05-1.09x; float32 unchanged).
-(Fusing q/k/v and gate/up projections into one matrix each was measured and dropped:
-0-20% slower.) Rows of any length are packed into one ``[tokens, hidden]`` matrix: no
-padding is ever run through a matrix multiply.
+an AMX CPU: RAG calls 1.09-1.12x, memory calls 1.05-1.09x; float32 unchanged). The
+prepacked copies are prepared for the engine (``PackedQwen3._prepacked``): q and k in
+rotary pairs (below), the weights of the RMSNorms before attention and before the MLP
+folded into the projections that read their output (one multiply pass less per norm),
+and for bf16 on an AMX CPU q/k/v stacked into one projection (RAG calls 1.10-1.13x,
+one-memory calls 1.05-1.07x; in float32, and on the AVX-512 CPU without AMX measured
+earlier, stacking was no faster). Rows of any length are packed into one ``[tokens,
+hidden]`` matrix: no padding is ever run through a matrix multiply.
 
 A row rests on a context: a cached prefix (per layer ``(keys, values)``), or the
 tokens of an earlier row of the same pass (its *parent*, e.g. a query that every
 document of a call shares), or nothing. Attention is split by where the keys come
 from and the parts merged by their log-sum-exp (as cascade / shared-prefix
-attention does), so nothing is ever masked or copied per row:
+attention does), so no row's context is masked or copied per row:
 
 * the context, unmasked: one call for all rows that share it;
 * the row's own tokens before the current query block, unmasked;
 * the block itself, causal.
+
+On CPU two cases run as one masked call over the context and own keys joined (a copy
+of both) instead, where one pass over the queries costs less than the parts and
+their merges: a row block of at least 64 queries whose context is no longer than it
+(a RAG passage), and, for bf16 on an AMX CPU, consecutive short blocks that share a
+context, up to 128 queries per call (memory rows; see ``_WHOLE_QUERIES``).
 
 The pass runs layer by layer, and within a layer in chunks of at most
 ``chunk_tokens`` tokens: each chunk's keys and values are written into one
@@ -39,10 +49,8 @@ with), softmax attention with the model's scaling. Prepacked, q and k are produc
 with each head's dimensions in rotary pairs (their projections' rows reordered, a
 layout attention does not see), so each one's norm and rotary run in one float32
 pass ending in a complex multiply and one rounding (bf16 on an AMX CPU: that step
-2-2.5x faster in a micro-benchmark, RAG calls 1.07-1.18x). Prepacked, the weights
-of the RMSNorms before attention and before the MLP are folded into the projections
-that read their output (one multiply pass less per norm). Models this engine does not cover
-(sliding-window layers, other activations) keep the transformers forward.
+2-2.5x faster in a micro-benchmark, RAG calls 1.07-1.18x). Models this engine does
+not cover (sliding-window layers, other activations) keep the transformers forward.
 
 torch is imported inside functions only, so importing this module stays cheap.
 """
