@@ -14,6 +14,11 @@ the engine's RMSNorm (and then also its rotary embedding) replaced by
 It is an experiment, not a mode of the package: it swaps the engine's methods on the
 class for the run. The compile time of the first calls is reported separately.
 
+Written for the engine of stop 23 (raw results: ``compile_ab_qwen.json``). Since stop
+25 the prepacked engine runs q's and k's norm and rotary as ``_norm_rope`` (pair
+order), so there ``_rope`` is no longer called and ``c_rms_rope`` compiles only the
+RMSNorm that is left.
+
     PYTHONPATH=src python benchmarks/compile_ab_qwen.py --dtype bfloat16
 """
 
