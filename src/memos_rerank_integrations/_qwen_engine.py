@@ -220,16 +220,7 @@ class PackedQwen3:
             self.layers = [self._plain(layer) for layer in decoder.layers]
         if self.prepacked and own_weights:
             for layer in decoder.layers:
-                attention, mlp = layer.self_attn, layer.mlp
-                for module in (
-                    attention.q_proj,
-                    attention.k_proj,
-                    attention.v_proj,
-                    attention.o_proj,
-                    mlp.gate_proj,
-                    mlp.up_proj,
-                    mlp.down_proj,
-                ):
+                for module in _projections(layer):
                     release(module, "the packed Qwen3 engine (PackedQwen3.forward)")
         # The fused CPU flash-attention kernel returns the log-sum-exp the merge needs.
         self._flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -244,18 +235,9 @@ class PackedQwen3:
 
     def _plain(self, layer: Any) -> _Layer:
         """A decoder layer's projections on the model's own weights, in place."""
-        attention, mlp = layer.self_attn, layer.mlp
+        attention = layer.self_attn
         q, k, v, out, gate, up, down = (
-            Linear(module, prepack=False)
-            for module in (
-                attention.q_proj,
-                attention.k_proj,
-                attention.v_proj,
-                attention.o_proj,
-                mlp.gate_proj,
-                mlp.up_proj,
-                mlp.down_proj,
-            )
+            Linear(module, prepack=False) for module in _projections(layer)
         )
         return _Layer(
             q=q,
@@ -768,6 +750,20 @@ class _Contexts:
                 context = [(torch.cat([cached[0], own[0]], 2), torch.cat([cached[1], own[1]], 2))]
         self._parents[this.parent] = context
         return context
+
+
+def _projections(layer: Any) -> tuple[Any, ...]:
+    """A decoder layer's linear modules: q, k, v, out, gate, up, down."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return (
+        attention.q_proj,
+        attention.k_proj,
+        attention.v_proj,
+        attention.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    )
 
 
 def _stack_qkv(dtype: Any) -> bool:
