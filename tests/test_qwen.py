@@ -572,7 +572,7 @@ def test_prepared_weights_score_like_the_recipe(
         pytest.skip("this torch has no oneDNN prepacked linear")
     if not prepack:
         monkeypatch.setattr(_qwen_engine, "can_prepack", lambda weight: False)
-    monkeypatch.setattr(_qwen_engine, "_stack_qkv", lambda dtype: way == "prepacked-stacked-qkv")
+    monkeypatch.setattr(_qwen_engine, "_amx_bf16", lambda dtype: way == "prepacked-stacked-qkv")
     query = "Where is the user going?"
     documents = [LONG_DOCUMENT[:400], "User likes tea.", "x", "User is going to Beijing."]
     reference = ModelCardRecipe(shaped_dir)(query, documents)

@@ -207,7 +207,7 @@ class PackedQwen3:
         # dimensions leaves unchanged, and in pairs the norm and rotary run as one
         # float32 pass and one complex multiply (see ``_norm_rope``).
         self.pairs = prepack and self._rotary_in_halves(device=self.norm.device)
-        self.stack_qkv = prepack and _stack_qkv(self.norm.dtype)
+        self.stack_qkv = prepack and _amx_bf16(self.norm.dtype)
         self.layers: list[_Layer] = []
         if prepack:
             try:
@@ -228,8 +228,7 @@ class PackedQwen3:
         # faster on an avx512_bf16 CPU without AMX (one-memory calls 1.07x); where AMX
         # tiles run the bf16 kernel, bf16 is faster at every size (memory calls 1.07x).
         self.upcast_queries = 0 if cpu_has_amx() else _UPCAST_QUERIES
-        amx_bf16 = self.norm.dtype == torch.bfloat16 and cpu_has_amx()
-        self.group_queries = _GROUP_QUERIES if amx_bf16 else 0
+        self.group_queries = _GROUP_QUERIES if _amx_bf16(self.norm.dtype) else 0
 
     # -- the layers' weights -------------------------------------------------------------
 
@@ -327,12 +326,18 @@ class PackedQwen3:
         dtype = x.dtype
         if dtype == torch.float32:
             return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
-        # Qwen3RMSNorm's arithmetic in fewer passes and fresh tensors: the mean square
-        # as a float32 norm squared (no tensor of squares), the scaling in place.
-        x = x.to(torch.float32)
-        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        x.mul_(scale.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_())
+        x = self._normalized(x)
         return x.to(dtype) if weight is None else x.to(dtype).mul_(weight)
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` over its last dimension's root mean square, as a new float32 tensor:
+        Qwen3RMSNorm's statistics in few passes (the mean square as a float32 norm
+        squared, no tensor of squares; the scaling in place)."""
+        import torch
+
+        y = x.to(torch.float32)
+        scale = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        return y.mul_(scale.square_().div_(y.shape[-1]).add_(self.eps).rsqrt_())
 
     def _norm_rope(
         self, x: torch.Tensor, weight: torch.Tensor, turns: torch.Tensor, out: torch.Tensor
@@ -347,9 +352,7 @@ class PackedQwen3:
         if x.dtype == torch.float32:
             y = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
         else:
-            y = x.to(torch.float32)
-            scale = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-            y.mul_(scale.square_().div_(y.shape[-1]).add_(self.eps).rsqrt_()).mul_(weight)
+            y = self._normalized(x).mul_(weight)
         pairs = torch.view_as_complex(y.view(*y.shape[:-1], -1, 2))
         if out.dtype == torch.float32:
             torch.mul(pairs, turns, out=torch.view_as_complex(out.view(*out.shape[:-1], -1, 2)))
@@ -766,12 +769,13 @@ def _projections(layer: Any) -> tuple[Any, ...]:
     )
 
 
-def _stack_qkv(dtype: Any) -> bool:
-    """Whether prepacked q, k and v run as one stacked projection: bf16 on a CPU with
-    AMX tiles (oneDNN there: 1.3x faster at 25-128 rows, 1.0-1.1x at 500-1,800;
-    engine A/B: RAG calls 1.10-1.13x, one-memory calls 1.05-1.07x). In float32 the
-    engine measured 0.95-1.03x, and on an AVX-512 CPU without AMX stacking measured
-    0-20% slower."""
+def _amx_bf16(dtype: Any) -> bool:
+    """bf16 on a CPU with AMX tiles: where prepacked q, k and v run as one stacked
+    projection (oneDNN there: 1.3x faster at 25-128 rows, 1.0-1.1x at 500-1,800;
+    engine A/B: RAG calls 1.10-1.13x, one-memory calls 1.05-1.07x) and short pieces
+    attend in grouped masked calls (``group_queries``). In float32 the engine measured
+    both at 0.95-1.03x, and on an AVX-512 CPU without AMX stacking measured 0-20%
+    slower."""
     import torch
 
     return bool(dtype == torch.bfloat16 and cpu_has_amx())
