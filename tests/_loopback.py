@@ -84,6 +84,21 @@ class LoopbackServer:
         with self._lock:
             self._script.extend(replies)
 
+    def wait_for_requests(self, count: int, *, within: float = 5.0) -> list[Recorded]:
+        """The requests recorded once ``count`` of them are in, or after ``within`` s.
+
+        A request the client sent just before it gave up (a timed-out attempt) may
+        still sit in the socket when the call returns; its handler thread records it
+        a moment later, so counting ``requests`` at once races with it on a loaded
+        machine. Waiting for the count keeps the check (a missing retry still leaves
+        the count short) without the race."""
+        ends = time.monotonic() + within
+        while True:
+            with self._lock:
+                if len(self.requests) >= count or time.monotonic() >= ends:
+                    return list(self.requests)
+            time.sleep(0.005)
+
     def start(self) -> LoopbackServer:
         self._thread.start()
         return self
@@ -251,7 +266,13 @@ def timeout_for(replies: Iterable[Reply]) -> float:
     """A client timeout for a scripted scenario: short where the script is meant to
     be slower than it, generous otherwise so that a loaded CI machine never turns
     an expected 401 or 500 into a timeout."""
-    return 0.25 if any(reply.delay for reply in replies) else 10.0
+    return 0.4 if any(reply.delay for reply in replies) else 10.0
+
+
+# The delay of a scripted answer meant to be slower than :func:`timeout_for`'s short
+# timeout: three times it, so that a stalled client thread or event loop on a loaded
+# machine still times out before the answer comes.
+SLOWER = 1.2
 
 
 # ---- what the remote-backend test modules share

@@ -23,6 +23,7 @@ from memos_rerank_integrations import (
 from ._loopback import (
     FAST,
     MODES,
+    SLOWER,
     LoopbackServer,
     Reply,
     cohere_shaped,
@@ -96,7 +97,7 @@ FAILURES: dict[str, tuple[list[Reply], type[RerankError], int]] = {
     "500 always": ([Reply(500, {"message": "x"})] * 2, BackendUnavailableError, 2),
     "503 always": ([Reply(503, {"message": "x"})] * 2, BackendUnavailableError, 2),
     "429 always": ([Reply(429, {"message": "x"})] * 2, RateLimitError, 2),
-    "slow": ([Reply(200, {}, delay=0.6)] * 2, RerankTimeoutError, 2),
+    "slow": ([Reply(200, {}, delay=SLOWER)] * 2, RerankTimeoutError, 2),
     "401": ([Reply(401, {"message": "invalid api token"})], AuthenticationError, 1),
     "400": ([Reply(400, {"message": "too many documents"})], InvalidInputError, 1),
     "422": ([Reply(422, {"message": "bad model"})], InvalidInputError, 1),
@@ -129,7 +130,7 @@ def test_failures_map_onto_the_error_tree(server: LoopbackServer, mode: str, nam
     with pytest.raises(error_class) as caught:
         invoke(make(server, max_retries=1, timeout=timeout_for(replies)), mode, "q", DOCS)
     assert caught.value.backend == "cohere"
-    assert len(server.requests) == requests  # the SDK's own retries are off
+    assert len(server.wait_for_requests(requests)) == requests  # the SDK's own retries are off
 
 
 @pytest.mark.parametrize("mode", MODES)

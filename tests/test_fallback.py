@@ -29,6 +29,7 @@ from memos_rerank_integrations._types import rank_scores
 
 from ._loopback import (
     MODES,
+    SLOWER,
     LoopbackServer,
     Reply,
     cohere_shaped,
@@ -111,7 +112,7 @@ class GarbageReranker:
     [
         (Reply(401, {"message": "bad key"}), AuthenticationError),
         (Reply(500, {"message": "down"}), BackendUnavailableError),
-        (Reply(200, {}, delay=0.5), RerankTimeoutError),
+        (Reply(200, {}, delay=SLOWER), RerankTimeoutError),
         (Reply(200, {"results": [{"index": 7, "relevance_score": 1}]}), MalformedResponseError),
     ],
 )

@@ -178,7 +178,7 @@ def test_a_split_call_keeps_one_deadline(
     with pytest.raises(RerankTimeoutError):
         within(bound(0.7) + SLACK, call(reranker, mode, "q", docs))
     assert time.monotonic() - started < bound(0.7) + SLACK
-    assert len(server.requests) == 2  # the third never started: no time was left
+    assert len(server.wait_for_requests(2)) == 2  # the third never started: no time was left
 
 
 def _401_or_trickle(request: Recorded) -> Reply:

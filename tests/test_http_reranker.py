@@ -21,6 +21,7 @@ from memos_rerank_integrations import (
 from ._loopback import (
     FAST,
     MODES,
+    SLOWER,
     LoopbackServer,
     Recorded,
     Reply,
@@ -133,7 +134,7 @@ def test_tei_300_documents_split_merged_cut_after_merge(
 FAILURES: dict[str, dict[str, tuple[list[Reply], type[RerankError], int]]] = {
     "cohere": {
         "500 always": ([Reply(500, {"message": "x"})] * 2, BackendUnavailableError, 2),
-        "slow": ([Reply(200, {}, delay=0.6)] * 2, RerankTimeoutError, 2),
+        "slow": ([Reply(200, {}, delay=SLOWER)] * 2, RerankTimeoutError, 2),
         "invalid json": ([Reply(200, "not json")], MalformedResponseError, 1),
         "bare list": ([tei_list([(0, 0.1)])], MalformedResponseError, 1),
         "401": ([Reply(401, {"message": "no"})], AuthenticationError, 1),
@@ -180,7 +181,7 @@ def test_failures(server: LoopbackServer, mode: str, api_format: Any, name: str)
     with pytest.raises(error_class) as caught:
         invoke(reranker, mode, "q", DOCS)
     assert caught.value.backend == "http"
-    assert len(server.requests) == requests
+    assert len(server.wait_for_requests(requests)) == requests
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -27,6 +27,7 @@ from memos_rerank_integrations._memos import DEFAULT_MEMOS_BASE_URL, MEMOS_ERROR
 from ._loopback import (
     FAST,
     MODES,
+    SLOWER,
     LoopbackServer,
     Recorded,
     Reply,
@@ -54,7 +55,7 @@ FAILURES: dict[str, tuple[list[Reply], type[RerankError], int]] = {
     "500 always": ([Reply(500, {"message": "boom"})] * 2, BackendUnavailableError, 2),
     "503 always": ([Reply(503, "<html>busy</html>")] * 2, BackendUnavailableError, 2),
     "429 always": ([Reply(429, {"message": "slow down"})] * 2, RateLimitError, 2),
-    "slower than timeout": ([Reply(200, OK, delay=0.6)] * 2, RerankTimeoutError, 2),
+    "slower than timeout": ([Reply(200, OK, delay=SLOWER)] * 2, RerankTimeoutError, 2),
     "invalid json": ([Reply(200, b'{"results": [')], MalformedResponseError, 1),
     "html page": ([Reply(200, "<html>hello</html>")], MalformedResponseError, 1),
     "memos code in 200": (
@@ -186,7 +187,7 @@ def test_each_failure_gives_the_right_error(server: LoopbackServer, mode: str, n
     with pytest.raises(error_class) as caught:
         invoke(reranker, mode, "q", DOCS)
     assert caught.value.backend == "memos"
-    assert len(server.requests) == requests
+    assert len(server.wait_for_requests(requests)) == requests
 
 
 @pytest.mark.parametrize("code, error_class", sorted(MEMOS_ERROR_CODES.items()))
@@ -249,7 +250,7 @@ def test_total_time_is_bounded_by_timeout_and_retries(server: LoopbackServer) ->
         make(server, timeout=0.15, max_retries=2).rerank("q", DOCS)
     elapsed = time.monotonic() - started
     assert elapsed < 3 * 0.15 + 2 * 2.0
-    assert len(server.requests) == 3
+    assert len(server.wait_for_requests(3)) == 3
 
 
 @pytest.mark.parametrize("mode", MODES)

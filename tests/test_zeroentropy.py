@@ -21,6 +21,7 @@ from memos_rerank_integrations._zeroentropy import DEFAULT_ZEROENTROPY_BASE_URL
 from ._loopback import (
     FAST,
     MODES,
+    SLOWER,
     LoopbackServer,
     Reply,
     cohere_shaped,
@@ -94,7 +95,7 @@ def test_base_urls(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> N
 FAILURES: dict[str, tuple[list[Reply], type[RerankError], int]] = {
     "500 always": ([Reply(500, {"detail": "x"})] * 2, BackendUnavailableError, 2),
     "429 always": ([Reply(429, {"detail": "x"})] * 2, RateLimitError, 2),
-    "slow": ([Reply(200, {}, delay=0.6)] * 2, RerankTimeoutError, 2),
+    "slow": ([Reply(200, {}, delay=SLOWER)] * 2, RerankTimeoutError, 2),
     "401": ([Reply(401, {"detail": "Invalid API key"})], AuthenticationError, 1),
     "422": ([Reply(422, {"detail": [{"msg": "field required"}]})], InvalidInputError, 1),
     "invalid json": ([Reply(200, "{")], MalformedResponseError, 1),
@@ -119,7 +120,7 @@ def test_failures(server: LoopbackServer, mode: str, name: str) -> None:
     with pytest.raises(error_class) as caught:
         invoke(make(server, max_retries=1, timeout=timeout_for(replies)), mode, "q", DOCS)
     assert caught.value.backend == "zeroentropy"
-    assert len(server.requests) == requests
+    assert len(server.wait_for_requests(requests)) == requests
 
 
 @pytest.mark.parametrize("mode", MODES)
