@@ -160,7 +160,7 @@ def test_retried_attempts_share_the_bound(
     reranker = backend(server, timeout=0.4, max_retries=1, backoff_base=0.05, backoff_max=0.1)
     with pytest.raises(RerankTimeoutError):
         within(bound(0.4, 1, 0.1) + SLACK, call(reranker, mode, "q", DOCS))
-    assert len(server.requests) == 2  # both attempts were made, each cut at its timeout
+    assert len(server.wait_for_requests(2)) == 2  # both attempts were made, each cut at its timeout
 
 
 @pytest.mark.parametrize("mode", MODES)
