@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_qwen import machine, sentence
 
 from memos_rerank_integrations import CrossEncoderReranker
-from memos_rerank_integrations._embedding import default_embedding_model
+from memos_rerank_integrations._local.embedding import default_embedding_model
 
 Score = Callable[[str, Sequence[str]], list[float]]
 

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from memos_rerank_integrations import QwenReranker
-from memos_rerank_integrations._linear import can_prepack
-from memos_rerank_integrations._local_engine import clear_model_cache, cpu_has_amx, resolve_dtype
-from memos_rerank_integrations._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
+from memos_rerank_integrations._engine.cpu import cpu_has_amx
+from memos_rerank_integrations._engine.linear import can_prepack
+from memos_rerank_integrations._local.runtime import clear_model_cache, resolve_dtype
+from memos_rerank_integrations._qwen_prompt import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
 
 QWEN3_06B_SHAPE = {
     "vocab_size": 151669,

@@ -36,7 +36,7 @@ from bench_qwen import (
 )
 
 from memos_rerank_integrations import QwenReranker
-from memos_rerank_integrations._local_engine import clear_model_cache
+from memos_rerank_integrations._local.runtime import clear_model_cache
 
 # The recipe materialises [rows x padded length x vocabulary] float logits; above this
 # estimate it is not run ("runs out" on this 24 GiB machine, next to everything else).

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_qwen import build_model, machine, make_workloads
 
-import memos_rerank_integrations._qwen_engine as engine_module
+import memos_rerank_integrations._engine.qwen3 as engine_module
 from memos_rerank_integrations import QwenReranker
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from memos_rerank_integrations._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
+from memos_rerank_integrations._qwen_prompt import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
 

@@ -23,7 +23,7 @@ from memos_rerank_integrations import (
     Stage,
     StageThresholds,
 )
-from memos_rerank_integrations._embedding import MINILM_THRESHOLDS
+from memos_rerank_integrations._local.embedding import MINILM_THRESHOLDS
 from memos_rerank_integrations._types import rank_scores
 from memos_rerank_integrations.langchain import RerankCompressor
 from memos_rerank_integrations.llama_index import RerankPostprocessor, RerankQueryBundle

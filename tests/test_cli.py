@@ -204,9 +204,9 @@ def test_demo_hook_calls_demo_main_lazily(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     received: list[list[str]] = []
-    demo = types.ModuleType("memos_rerank_integrations._demo")
+    demo = types.ModuleType("memos_rerank_integrations.cli._demo")
     demo.main = lambda argv: received.append(argv) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "memos_rerank_integrations._demo", demo)
+    monkeypatch.setitem(sys.modules, "memos_rerank_integrations.cli._demo", demo)
     assert main(["demo", "--fast"]) == 7
     assert received == [["--fast"]]
 
@@ -222,7 +222,7 @@ def test_demo_help_is_the_demos_own(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_missing_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "memos_rerank_integrations._demo", None)
+    monkeypatch.setitem(sys.modules, "memos_rerank_integrations.cli._demo", None)
     code, _, err = run_cli(["demo"], capsys)
     assert code == 1 and "demo is not available" in err
 

@@ -22,7 +22,7 @@ from memos_rerank_integrations import (
     Stage,
     StageThresholds,
 )
-from memos_rerank_integrations._local_engine import budget_batches
+from memos_rerank_integrations._engine.batching import budget_batches
 from memos_rerank_integrations._types import check_inputs, check_top_n, rank_scores
 
 from ._backends import SUBPROCESS_ENV, OverlapReranker, SyncOnlyReranker

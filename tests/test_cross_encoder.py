@@ -21,7 +21,7 @@ from memos_rerank_integrations import (
     ModelLoadError,
     StageThresholds,
 )
-from memos_rerank_integrations import _local_engine as engine
+from memos_rerank_integrations._local import runtime as engine
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
 QUERY = "What are the user's hobbies?"
@@ -587,7 +587,7 @@ def test_the_packed_engine_scores_like_the_transformers_forward(
     the last layer, their linears prepacked for oneDNN on CPU (and, where not
     prepacked, on the model's own weights); the scores stay the one-pair-at-a-time
     transformers forward's."""
-    from memos_rerank_integrations import _bert_engine
+    from memos_rerank_integrations._engine import bert as _bert_engine
 
     path = _with_random_norms(request.getfixturevalue(architecture), tmp_path / "norms")
     logits = reference_logits(path, QUERY, MANY_LENGTHS, max_length=64)
@@ -619,7 +619,7 @@ def test_on_cpu_the_packed_engine_holds_the_weights_once_prepacked(one_label: Pa
     """On CPU the layers' linears run prepacked and the model's plain copy of them is
     released: the model's own forward then refuses to run rather than compute with
     empty weights."""
-    from memos_rerank_integrations._linear import can_prepack
+    from memos_rerank_integrations._engine.linear import can_prepack
 
     engine.clear_model_cache()
     reranker = CrossEncoderReranker(one_label, dtype="float32", max_length=64)

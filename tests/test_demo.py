@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from memos_rerank_integrations import QwenReranker
-from memos_rerank_integrations._demo import main
-from memos_rerank_integrations._examples import BUSINESS_TRIP_QUERY, EXAMPLES, MEM0_PLAYBOOKS
+from memos_rerank_integrations.cli._demo import main
+from memos_rerank_integrations.cli._examples import BUSINESS_TRIP_QUERY, EXAMPLES, MEM0_PLAYBOOKS
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
 from ._backends import SUBPROCESS_ENV

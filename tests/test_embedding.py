@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from memos_rerank_integrations import EmbeddingReranker, InvalidInputError, ModelLoadError
-from memos_rerank_integrations import _local_engine as engine
-from memos_rerank_integrations._embedding import default_embedding_model
+from memos_rerank_integrations._local import runtime as engine
+from memos_rerank_integrations._local.embedding import default_embedding_model
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
 from ._backends import MEMOS_EXAMPLES

@@ -296,7 +296,7 @@ ANSWER_IDS = [
 
 @pytest.mark.parametrize("answer", UNREADABLE_ANSWERS, ids=ANSWER_IDS)
 def test_the_grade_parser_itself_never_raises(answer: str) -> None:
-    from memos_rerank_integrations._llm import parse_grade
+    from memos_rerank_integrations._llm.pointwise import parse_grade
 
     assert parse_grade(answer) is None
 
@@ -326,7 +326,7 @@ def test_llm_logprobs_out_of_range_keep_the_plain_grade(logprob: Any) -> None:
 
 
 def test_llm_answers_full_of_unclosed_tags_are_read_in_linear_time() -> None:
-    from memos_rerank_integrations._llm import parse_grade
+    from memos_rerank_integrations._llm.pointwise import parse_grade
 
     # A lazy regex rescans the rest of the answer for each unclosed tag: ~40 s here.
     started = time.monotonic()

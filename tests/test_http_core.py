@@ -24,23 +24,22 @@ from memos_rerank_integrations import (
     RerankError,
     RerankTimeoutError,
 )
-from memos_rerank_integrations._http import (
-    error_for_status,
-    error_for_transport,
-    join_url,
-    retry_after_seconds,
-)
-from memos_rerank_integrations._remote import (
+from memos_rerank_integrations._remote.base import (
     InputLimits,
     RemoteReranker,
     RetryPolicy,
-    estimate_tokens,
     plan_requests,
     read_scored_results,
     resolve_api_key,
     validate_ranking,
 )
-from memos_rerank_integrations._types import rank_scores
+from memos_rerank_integrations._remote.http import (
+    error_for_status,
+    error_for_transport,
+    join_url,
+    retry_after_seconds,
+)
+from memos_rerank_integrations._types import estimate_tokens, rank_scores
 
 
 def test_estimate_tokens_counts_ascii_by_four_and_other_characters_by_one() -> None:
@@ -460,7 +459,7 @@ def _gzip(data: bytes) -> bytes:
     ],
 )
 def test_body_decoder_reads_what_it_asks_for(encoding: str | None, encode: Any) -> None:
-    from memos_rerank_integrations._http import _BodyDecoder
+    from memos_rerank_integrations._remote.http import _BodyDecoder
 
     data = b'{"results": []}' * 1000
     encoded = encode(data)
@@ -474,7 +473,7 @@ def test_body_decoder_reads_what_it_asks_for(encoding: str | None, encode: Any) 
 def test_body_decoder_stops_a_bomb_at_the_cap_without_inflating_it() -> None:
     import tracemalloc
 
-    from memos_rerank_integrations._http import _BodyDecoder
+    from memos_rerank_integrations._remote.http import _BodyDecoder
 
     packer = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     block = b"\0" * (1 << 20)
@@ -500,7 +499,7 @@ def test_body_decoder_stops_a_bomb_at_the_cap_without_inflating_it() -> None:
     ],
 )
 def test_body_decoder_rejects_what_it_cannot_read(encoding: str, data: bytes, match: str) -> None:
-    from memos_rerank_integrations._http import _BodyDecoder
+    from memos_rerank_integrations._remote.http import _BodyDecoder
 
     with pytest.raises(MalformedResponseError, match=match):
         decoder = _BodyDecoder(encoding, limit=1000, backend="t")
@@ -512,7 +511,7 @@ def test_body_decoder_rejects_what_it_cannot_read(encoding: str, data: bytes, ma
 
 
 def test_an_attempt_never_starts_without_time_left() -> None:
-    from memos_rerank_integrations._deadline import Deadline
+    from memos_rerank_integrations._remote.deadline import Deadline
 
     policy = RetryPolicy(timeout=1.0, max_retries=3, backoff_base=0.001, backoff_max=0.01)
     calls: list[float] = []
@@ -532,7 +531,7 @@ def _async(function: Any) -> Any:
 
 
 def test_each_attempt_gets_the_smaller_of_timeout_and_what_is_left() -> None:
-    from memos_rerank_integrations._deadline import Deadline
+    from memos_rerank_integrations._remote.deadline import Deadline
 
     policy = RetryPolicy(timeout=5.0, max_retries=0)
     seen: list[float] = []
@@ -556,7 +555,7 @@ def test_async_attempts_are_cut_at_their_timeout_then_retried() -> None:
 
 
 def test_a_cancelled_call_stops_sleeping_before_its_retry() -> None:
-    from memos_rerank_integrations._deadline import Deadline
+    from memos_rerank_integrations._remote.deadline import Deadline
 
     policy = RetryPolicy(timeout=1.0, max_retries=1, backoff_base=4.0, backoff_max=5.0)
     deadline = Deadline(policy.total_budget)
@@ -575,7 +574,7 @@ def test_a_cancelled_call_stops_sleeping_before_its_retry() -> None:
 
 
 def test_run_in_threads_returns_in_order_and_fails_fast() -> None:
-    from memos_rerank_integrations._deadline import Deadline, run_in_threads
+    from memos_rerank_integrations._remote.deadline import Deadline, run_in_threads
 
     def task(value: int, pause: float) -> Any:
         def run() -> int:
@@ -619,8 +618,8 @@ def test_run_in_threads_returns_in_order_and_fails_fast() -> None:
 def test_own_clients_guard_every_transport_proxies_included(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from memos_rerank_integrations._deadline import DeadlineNetworkBackend, guard_sockets
-    from memos_rerank_integrations._http import HTTPClients
+    from memos_rerank_integrations._remote.deadline import DeadlineNetworkBackend, guard_sockets
+    from memos_rerank_integrations._remote.http import HTTPClients
 
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "internal.example")

@@ -61,7 +61,7 @@ def test_cohere_format_like_vllm(server: LoopbackServer, mode: str) -> None:
 
 @pytest.mark.parametrize("instruction", [None, "Find memories about the user's hobbies"])
 def test_qwen3_template_for_vllm(server: LoopbackServer, instruction: str | None) -> None:
-    from memos_rerank_integrations._qwen import (
+    from memos_rerank_integrations._qwen_prompt import (
         DEFAULT_INSTRUCTION,
         PROMPT_PREFIX,
         PROMPT_SUFFIX,

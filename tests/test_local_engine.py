@@ -21,8 +21,9 @@ from memos_rerank_integrations import (
     EmbeddingReranker,
     QwenReranker,
 )
-from memos_rerank_integrations import _local_engine as engine
-from memos_rerank_integrations._embedding import default_embedding_model
+from memos_rerank_integrations._local import runtime as engine
+from memos_rerank_integrations._local import tokenize
+from memos_rerank_integrations._local.embedding import default_embedding_model
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
 from . import _qwen_fixtures
@@ -72,9 +73,9 @@ texts = st.lists(st.sampled_from(PIECES), max_size=80).map("".join)
 @pytest.fixture
 def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cut after a few characters, at every power of two: boundaries land everywhere."""
-    monkeypatch.setattr(engine, "_HEAD_MIN_CHARS", 2)
-    monkeypatch.setattr(engine, "_CHARS_PER_TOKEN", 0)
-    monkeypatch.setattr(engine, "_CUT_SEARCH", 3)
+    monkeypatch.setattr(tokenize, "_HEAD_MIN_CHARS", 2)
+    monkeypatch.setattr(tokenize, "_CHARS_PER_TOKEN", 0)
+    monkeypatch.setattr(tokenize, "_CUT_SEARCH", 3)
 
 
 @settings(
@@ -86,10 +87,10 @@ def test_encode_head_is_a_prefix_of_the_full_tokenization(
 ) -> None:
     for name, tokenizer in tokenizers.items():
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
-        (head,) = engine.encode_head(tokenizer, [text], need)
+        (head,) = tokenize.encode_head(tokenizer, [text], need)
         assert head == full[: len(head)], name
         assert len(head) >= min(need, len(full)), name
-        cut = engine.head_text(tokenizer, text, need)
+        cut = tokenize.head_text(tokenizer, text, need)
         assert text.startswith(cut)
         assert tokenizer(cut, add_special_tokens=False)["input_ids"][:need] == full[:need], name
 
@@ -115,7 +116,7 @@ def test_encode_head_is_exact_for_every_need_on_crafted_texts(
     for name, tokenizer in tokenizers.items():
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         for need in range(1, len(full) + 2):
-            (head,) = engine.encode_head(tokenizer, [text], need)
+            (head,) = tokenize.encode_head(tokenizer, [text], need)
             assert head == full[: len(head)], (name, need)
             assert len(head) >= min(need, len(full)), (name, need)
 
@@ -124,11 +125,11 @@ def test_encode_head_reads_only_what_it_needs(tokenizers: dict[str, Any]) -> Non
     tokenizer = tokenizers["qwen-bpe"]
     sentence = "User is going on a business trip to Beijing next Wednesday. "
     for text in (sentence * 200_000, "茅台" * 3_000_000, "a" * 5_000_000):  # 12, 6, 5 MB
-        (head,) = engine.encode_head(tokenizer, [text], 100)
+        (head,) = tokenize.encode_head(tokenizer, [text], 100)
         assert len(head) >= 100
         probe = text[:20_000]
         assert head == tokenizer(probe, add_special_tokens=False)["input_ids"][: len(head)]
-        assert len(engine.head_text(tokenizer, text, 100)) < 50_000
+        assert len(tokenize.head_text(tokenizer, text, 100)) < 50_000
 
 
 def test_safe_cuts_respect_normalization_and_special_tokens() -> None:
@@ -139,10 +140,10 @@ def test_safe_cuts_respect_normalization_and_special_tokens() -> None:
         ("x\u1100\u1161y", 2),
         ("ab<|im_end|>cd", 6),
     ):
-        cut, safe = engine._safe_cut(text, position, specials)
+        cut, safe = tokenize._safe_cut(text, position, specials)
         assert safe
         assert cut <= position
-        assert engine._stable(text[cut])
+        assert tokenize._stable(text[cut])
         start = text.find(specials[0])
         assert not (start != -1 and start < cut < start + len(specials[0]))
 
@@ -235,7 +236,7 @@ def test_a_loader_that_fails_releases_the_gate(tmp_path: Path, tiny_bert_dir: Pa
 def test_linear_fused_steps_equal_the_separate_ops(dtype: str) -> None:
     """``Linear.silu`` / ``times`` / ``plus`` (prepacked: the step runs as a oneDNN
     post-op inside the matmul) compute what the separate torch ops do, both ways."""
-    from memos_rerank_integrations._linear import Linear, can_prepack
+    from memos_rerank_integrations._engine.linear import Linear, can_prepack
 
     torch.manual_seed(0)
     kind = getattr(torch, dtype)
@@ -270,8 +271,8 @@ def test_prepared_weights_reorder_rows_and_fold_columns(dtype: str) -> None:
     """The Qwen engine's prepacked copies: ``_prepared(rows=, columns=)`` gives the
     weight and bias of ``x -> ((x * columns) @ weight.T + bias)[:, rows]``, and
     ``Linear.from_weight`` prepacks such a weight (stacked ones too)."""
-    from memos_rerank_integrations._linear import Linear, can_prepack
-    from memos_rerank_integrations._qwen_engine import _prepared
+    from memos_rerank_integrations._engine.linear import Linear, can_prepack
+    from memos_rerank_integrations._engine.qwen3 import _prepared
 
     torch.manual_seed(0)
     kind = getattr(torch, dtype)

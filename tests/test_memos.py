@@ -22,7 +22,7 @@ from memos_rerank_integrations import (
     RerankTimeoutError,
     Stage,
 )
-from memos_rerank_integrations._memos import DEFAULT_MEMOS_BASE_URL, MEMOS_ERROR_CODES
+from memos_rerank_integrations._remote.memos import DEFAULT_MEMOS_BASE_URL, MEMOS_ERROR_CODES
 
 from ._loopback import (
     FAST,

@@ -24,9 +24,11 @@ from memos_rerank_integrations import (
     Stage,
     StageThresholds,
 )
-from memos_rerank_integrations._local_engine import limit_padding, resolve_dtype
-from memos_rerank_integrations._qwen import PROMPT_PREFIX, PROMPT_SUFFIX, _Prefix, _Row
-from memos_rerank_integrations._qwen_engine import PackedRow
+from memos_rerank_integrations._engine.batching import limit_padding
+from memos_rerank_integrations._engine.qwen3 import PackedRow
+from memos_rerank_integrations._local.qwen import _Prefix, _Row
+from memos_rerank_integrations._local.runtime import resolve_dtype
+from memos_rerank_integrations._qwen_prompt import PROMPT_PREFIX, PROMPT_SUFFIX
 
 from . import _qwen_fixtures
 from ._backends import MEMOS_EXAMPLES
@@ -387,7 +389,7 @@ def test_attention_without_the_fused_cpu_kernel_scores_like_the_recipe(
     tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The attention other devices get (plain softmax, keys in blocks) is exact too."""
-    from memos_rerank_integrations import _qwen_engine
+    from memos_rerank_integrations._engine import qwen3 as _qwen_engine
 
     reranker = QwenReranker(tiny_qwen_dir, dtype="float32", max_batch_tokens=64)
     engine = reranker._loaded().engine
@@ -414,7 +416,7 @@ def test_masked_attention_calls_score_like_the_recipe(
     spans chunks), and, where ``group_queries`` is set, short pieces sharing a
     context attend together in such calls (the last layer's last tokens too),
     instead of in parts merged; every way equals the recipe."""
-    from memos_rerank_integrations import _qwen_engine
+    from memos_rerank_integrations._engine import qwen3 as _qwen_engine
 
     query = "Where is the user going?"
     documents = [LONG_DOCUMENT[:1300], "User likes tea.", LONG_DOCUMENT[200:700], "x"]
@@ -466,8 +468,8 @@ def test_masked_attention_calls_score_like_the_recipe(
 def test_short_pieces_are_grouped_and_qkv_stacked_for_bf16_on_an_amx_cpu_only(
     tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, amx: bool, grouped: bool
 ) -> None:
-    from memos_rerank_integrations import _qwen_engine
-    from memos_rerank_integrations._local_engine import clear_model_cache
+    from memos_rerank_integrations._engine import qwen3 as _qwen_engine
+    from memos_rerank_integrations._local.runtime import clear_model_cache
 
     monkeypatch.setattr(_qwen_engine, "cpu_has_amx", lambda: amx)
     clear_model_cache()
@@ -487,7 +489,7 @@ def test_on_cpu_the_projections_run_prepacked_and_the_model_is_held_once(
     """On CPU every projection runs as oneDNN's prepacked linear, and the decoder's
     plain copy of those weights is released (the model is not held twice); the
     decoder's own forward then refuses to run instead of computing with no weights."""
-    from memos_rerank_integrations._linear import can_prepack
+    from memos_rerank_integrations._engine.linear import can_prepack
 
     scorer = fp32._loaded()
     engine = scorer.engine
@@ -512,8 +514,8 @@ def test_unpacked_projections_score_like_the_recipe(
 ) -> None:
     """The projections other devices get (``F.linear``/``addmm_`` on the model's own
     weights, kept in place) are exact too."""
-    from memos_rerank_integrations import _qwen_engine
-    from memos_rerank_integrations._local_engine import clear_model_cache
+    from memos_rerank_integrations._engine import qwen3 as _qwen_engine
+    from memos_rerank_integrations._local.runtime import clear_model_cache
 
     monkeypatch.setattr(_qwen_engine, "can_prepack", lambda weight: False)
     clear_model_cache()
@@ -563,9 +565,9 @@ def test_prepared_weights_score_like_the_recipe(
     plain, the model's own weights. Every way, with norm weights that are not all
     ones and with q/k/v biases: float32 equals the recipe, bf16 drifts no more than
     the recipe's own bf16 run does."""
-    from memos_rerank_integrations import _qwen_engine
-    from memos_rerank_integrations._linear import can_prepack
-    from memos_rerank_integrations._local_engine import clear_model_cache
+    from memos_rerank_integrations._engine import qwen3 as _qwen_engine
+    from memos_rerank_integrations._engine.linear import can_prepack
+    from memos_rerank_integrations._local.runtime import clear_model_cache
 
     prepack = way != "plain"
     if prepack and not can_prepack(torch.ones(1)):
@@ -600,7 +602,7 @@ def test_a_rotary_embedding_not_in_halves_keeps_the_model_order(fp32: QwenRerank
     """The pair order assumes each pair (i, i + dim / 2) turns by one angle, as every
     RoPE variant transformers implements does; a rotary embedding that does not
     (probed at load) leaves q and k in the model's order."""
-    from memos_rerank_integrations._qwen_engine import PackedQwen3
+    from memos_rerank_integrations._engine.qwen3 import PackedQwen3
 
     decoder = fp32._loaded().decoder
     engine = PackedQwen3.__new__(PackedQwen3)
@@ -622,8 +624,9 @@ def test_weights_onednn_refuses_to_prepack_leave_the_engine_plain_and_exact(
 ) -> None:
     """Where oneDNN refuses a weight at load (its reorder raises), no projection is
     prepacked and none is released: the engine runs them all on the model's weights."""
-    from memos_rerank_integrations import _linear, _qwen_engine
-    from memos_rerank_integrations._local_engine import clear_model_cache
+    from memos_rerank_integrations._engine import linear as _linear
+    from memos_rerank_integrations._engine import qwen3 as _qwen_engine
+    from memos_rerank_integrations._local.runtime import clear_model_cache
 
     calls: list[int] = []
 
@@ -1049,7 +1052,7 @@ def test_bounded_tokenization_equals_the_recipe_when_documents_are_cut(
 ) -> None:
     """With a small max_length and short prefixes (so cuts fall anywhere), the ids
     still equal the recipe's: the cut never changes a kept token."""
-    from memos_rerank_integrations import _local_engine
+    from memos_rerank_integrations._local import tokenize as _local_engine
 
     monkeypatch.setattr(_local_engine, "_HEAD_MIN_CHARS", 4)
     monkeypatch.setattr(_local_engine, "_CUT_SEARCH", 8)

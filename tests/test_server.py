@@ -22,8 +22,8 @@ from memos_rerank_integrations import (
     MemOSReranker,
     QwenReranker,
 )
-from memos_rerank_integrations._batcher import MicroBatcher
 from memos_rerank_integrations.server import create_app
+from memos_rerank_integrations.server._batcher import MicroBatcher
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
 from ._server import DOCUMENTS, QUERY, LiveServer, WordOverlapReranker

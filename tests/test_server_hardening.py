@@ -20,8 +20,8 @@ from memos_rerank_integrations import (
     MalformedResponseError,
     QwenReranker,
 )
-from memos_rerank_integrations._batcher import MicroBatcher
 from memos_rerank_integrations.server import config, create_app
+from memos_rerank_integrations.server._batcher import MicroBatcher
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
 from ._server import DOCUMENTS, QUERY, Boom, HostileReranker, LiveServer, WordOverlapReranker

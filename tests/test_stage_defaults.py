@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memos_rerank_integrations import DEFAULT_THRESHOLDS, EmbeddingReranker, StageThresholds
-from memos_rerank_integrations._embedding import MINILM_THRESHOLDS
+from memos_rerank_integrations._local.embedding import MINILM_THRESHOLDS
 from memos_rerank_integrations.calibration import fit_thresholds, stage_error
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from memos_rerank_integrations import (
     RerankTimeoutError,
     ZeroEntropyReranker,
 )
-from memos_rerank_integrations._zeroentropy import DEFAULT_ZEROENTROPY_BASE_URL
+from memos_rerank_integrations._remote.zeroentropy import DEFAULT_ZEROENTROPY_BASE_URL
 
 from ._loopback import (
     FAST,

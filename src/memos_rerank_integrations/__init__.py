@@ -23,31 +23,31 @@ from ._exceptions import (
 from ._types import DEFAULT_THRESHOLDS, Reranker, RerankResult, Stage, StageThresholds
 
 if TYPE_CHECKING:
-    from ._cohere import CohereReranker
     from ._compare import Comparison, acompare, compare
     from ._config import from_config
-    from ._cross_encoder import CrossEncoderReranker
-    from ._embedding import EmbeddingReranker
     from ._fallback import FallbackReranker
-    from ._http_reranker import HTTPReranker
-    from ._llm import LLMReranker
-    from ._memos import MemOSReranker
-    from ._qwen import QwenReranker
-    from ._zeroentropy import ZeroEntropyReranker
+    from ._llm.pointwise import LLMReranker
+    from ._local.cross_encoder import CrossEncoderReranker
+    from ._local.embedding import EmbeddingReranker
+    from ._local.qwen import QwenReranker
+    from ._remote.cohere import CohereReranker
+    from ._remote.http_reranker import HTTPReranker
+    from ._remote.memos import MemOSReranker
+    from ._remote.zeroentropy import ZeroEntropyReranker
 
 __version__ = "0.1.0"
 
 # Backend name -> private module that defines it, imported on first access.
 _LAZY = {
-    "QwenReranker": "._qwen",
-    "CrossEncoderReranker": "._cross_encoder",
-    "EmbeddingReranker": "._embedding",
-    "MemOSReranker": "._memos",
-    "CohereReranker": "._cohere",
-    "HTTPReranker": "._http_reranker",
-    "ZeroEntropyReranker": "._zeroentropy",
+    "QwenReranker": "._local.qwen",
+    "CrossEncoderReranker": "._local.cross_encoder",
+    "EmbeddingReranker": "._local.embedding",
+    "MemOSReranker": "._remote.memos",
+    "CohereReranker": "._remote.cohere",
+    "HTTPReranker": "._remote.http_reranker",
+    "ZeroEntropyReranker": "._remote.zeroentropy",
     "FallbackReranker": "._fallback",
-    "LLMReranker": "._llm",
+    "LLMReranker": "._llm.pointwise",
     "from_config": "._config",
     "compare": "._compare",
     "acompare": "._compare",

@@ -20,10 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._cli_input import Document, clean_text, read_documents
-from ._cli_input import UserError as _UserError
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._types import Stage, check_inputs, check_top_n, validate_ranking
+from .cli._input import Document, clean_text, read_documents
+from .cli._input import UserError as _UserError
 
 __all__ = [
     "VECTOR_ORDER",
@@ -390,29 +390,29 @@ def _backend(spec: str, args: argparse.Namespace) -> Any:
     local: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     model: dict[str, Any] = {"model": target} if target else {}
     if kind == "embedding":
-        from ._embedding import EmbeddingReranker
+        from ._local.embedding import EmbeddingReranker
 
         return EmbeddingReranker(**model, **local)
     if kind == "qwen":
-        from ._qwen import QwenReranker
+        from ._local.qwen import QwenReranker
 
         return QwenReranker(**model, **local)
     if kind == "cross-encoder":
         if not target:
             raise _UserError("cross-encoder needs a model: --backend cross-encoder=MODEL.")
-        from ._cross_encoder import CrossEncoderReranker
+        from ._local.cross_encoder import CrossEncoderReranker
 
         return CrossEncoderReranker(target, **local)
     if kind == "http":
         if not target:
             raise _UserError("http needs the server's URL: --backend http=URL.")
-        from ._http_reranker import HTTPReranker
+        from ._remote.http_reranker import HTTPReranker
 
         return HTTPReranker(target)
     remote = {
-        "memos": "._memos:MemOSReranker",
-        "cohere": "._cohere:CohereReranker",
-        "zeroentropy": "._zeroentropy:ZeroEntropyReranker",
+        "memos": "._remote.memos:MemOSReranker",
+        "cohere": "._remote.cohere:CohereReranker",
+        "zeroentropy": "._remote.zeroentropy:ZeroEntropyReranker",
     }
     if kind in remote:
         module, _, name = remote[kind].partition(":")

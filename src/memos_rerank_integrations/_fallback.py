@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from ._config import Configurable
+from ._configurable import Configurable
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._types import (
     DEFAULT_THRESHOLDS,

@@ -22,6 +22,7 @@ __all__ = [
     "check_inputs",
     "check_text",
     "check_top_n",
+    "estimate_tokens",
     "rank_scores",
     "validate_ranking",
 ]
@@ -216,6 +217,16 @@ def check_inputs(query: object, documents: object) -> list[str]:
             )
         check_text(f"documents[{position}]", document)
     return docs
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free, deliberately high token estimate.
+
+    One token per non-ASCII character (CJK text is close to that) plus one per
+    four ASCII characters (English averages a little over four per token).
+    """
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return (len(text) - ascii_chars) + math.ceil(ascii_chars / 4)
 
 
 def _is_boolean(value: object) -> bool:

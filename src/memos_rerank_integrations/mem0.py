@@ -19,9 +19,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from ._config import check_config, from_config, mask_secrets, strip_secrets, thresholds_from
-from ._exceptions import InvalidInputError, MalformedResponseError
+from ._config import check_config, from_config, thresholds_from
+from ._configurable import mask_secrets
+from ._exceptions import InvalidInputError
 from ._extras import missing_extra
+from ._llm.mem0_llm import Mem0LLM
 from ._pipeline import Outcome, RerankSettings, arun, check_query, run
 from ._types import Reranker, Stage, StageThresholds, check_top_n
 
@@ -264,110 +266,3 @@ def register(name: str = "memos") -> None:
             "one under another name."
         )
     RerankerFactory.provider_to_class[name] = entry
-
-
-# --------------------------------------------------------------------------- LLMs
-
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "user": "user"}
-_DEFAULT_LLM_TIMEOUT = 60.0
-
-
-class Mem0LLM:
-    """A Mem0 LLM (any provider of Mem0's ``LlmFactory``: ``openai``, ``anthropic``,
-    ``ollama``, ``litellm``, ...) as the chat model of an
-    :class:`~memos_rerank_integrations.LLMReranker`.
-
-    What ``from_config`` builds for an LLM given as ``{"provider", "config"}`` (and
-    for Mem0's ``llm_reranker`` blocks). It has a config, so the reranker has one too
-    and pickles; the config and the pickle hold no key (``api_key`` and other secret
-    fields are dropped: the rebuilt LLM reads its key from the environment, e.g.
-    ``OPENAI_API_KEY``). ``timeout`` (seconds) bounds each request of clients built on
-    the OpenAI SDK (Mem0's ``openai``, ``deepseek``, ``xai``, ``vllm``, ``lmstudio``...);
-    other providers keep their own client's timeouts.
-    """
-
-    def __init__(
-        self,
-        provider: str = "openai",
-        config: Mapping[str, Any] | None = None,
-        *,
-        timeout: float = _DEFAULT_LLM_TIMEOUT,
-    ) -> None:
-        from mem0.utils.factory import LlmFactory
-
-        providers = LlmFactory.provider_to_class
-        if not isinstance(provider, str) or provider not in providers:
-            raise InvalidInputError(
-                f"Unknown Mem0 LLM provider {provider!r}. Valid providers: "
-                f"{', '.join(sorted(providers))}."
-            )
-        if config is not None and not isinstance(config, Mapping):
-            raise InvalidInputError(
-                f"The LLM config must be a mapping, got {type(config).__name__}."
-            )
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not (math.isfinite(timeout) and timeout > 0)
-        ):
-            raise InvalidInputError(f"timeout must be a positive number, got {timeout!r}.")
-        options = dict(config or {})
-        self.provider = provider
-        self.timeout = float(timeout)
-        self._config: dict[str, Any] = strip_secrets(options)
-        secrets = [str(v) for k, v in options.items() if k not in self._config and v]
-        error: InvalidInputError | None = None
-        try:
-            self._llm = LlmFactory.create(provider, options)
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            for secret in secrets:
-                message = message.replace(secret, "**********")
-            error = InvalidInputError(
-                f"Mem0 could not build its {provider!r} LLM from this config ({message[:300]})."
-            )
-        if error is not None:
-            raise error  # outside the handler: the original may show the key
-        client = getattr(self._llm, "client", None)
-        with_options = getattr(client, "with_options", None)
-        if callable(with_options):
-            self._llm.client = with_options(timeout=self.timeout)
-
-    @property
-    def model(self) -> str | None:
-        model = getattr(getattr(self._llm, "config", None), "model", None)
-        return model if isinstance(model, str) else None
-
-    def __repr__(self) -> str:
-        return f"Mem0LLM(provider={self.provider!r}, model={self.model!r})"
-
-    def invoke(self, messages: object) -> str:
-        """Ask the model: ``messages`` is a str or ``(role, text)`` pairs."""
-        if isinstance(messages, str):
-            chat = [{"role": "user", "content": messages}]
-        else:
-            chat = [
-                {"role": _ROLES.get(str(role), str(role)), "content": str(text)}
-                for role, text in messages  # type: ignore[attr-defined]
-            ]
-        answer = self._llm.generate_response(messages=chat)
-        if not isinstance(answer, str):
-            raise MalformedResponseError(
-                f"The Mem0 {self.provider!r} LLM answered with {type(answer).__name__}, not text.",
-                backend=f"llm:{self.provider}",
-            )
-        return answer
-
-    def to_config(self) -> dict[str, Any]:
-        """``{"provider", "config"}`` (plus ``timeout`` when not the default), no keys."""
-        spec: dict[str, Any] = {"provider": self.provider, "config": dict(self._config)}
-        if self.timeout != _DEFAULT_LLM_TIMEOUT:
-            spec["timeout"] = self.timeout
-        return spec
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_llm, (self.provider, dict(self._config), self.timeout))
-
-
-def _rebuild_llm(provider: str, config: dict[str, Any], timeout: float) -> Mem0LLM:
-    return Mem0LLM(provider, config, timeout=timeout)

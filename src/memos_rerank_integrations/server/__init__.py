@@ -23,8 +23,8 @@ keep-alive and request-head timeouts).
 
 from __future__ import annotations
 
-from .._batcher import BatcherHealth, BatchReport, MicroBatcher
 from .._extras import missing_extra
+from ._batcher import BatcherHealth, BatchReport, MicroBatcher
 
 try:
     import fastapi  # noqa: F401

@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from .._batcher import MicroBatcher
 from .._exceptions import InvalidInputError
 from .._types import Reranker
 from . import _cohere, _memos, _tei, _vllm
+from ._batcher import MicroBatcher
 from ._core import (
     INTERNAL,
     ApiError,

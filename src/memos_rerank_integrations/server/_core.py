@@ -23,9 +23,9 @@ from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .._batcher import MicroBatcher
 from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from .._types import Reranker, RerankResult
+from ._batcher import MicroBatcher
 
 __all__ = [
     "BAD_BODY",

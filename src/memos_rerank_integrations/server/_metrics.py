@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._batcher import BatchReport, MicroBatcher
+from ._batcher import BatchReport, MicroBatcher
 from ._core import ApiError
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]

@@ -69,10 +69,10 @@ ScoreScale = Literal["probability", "logit", "other"]
 def score_scale(reranker: Reranker) -> ScoreScale:
     """What the backend's scores are: a sigmoid probability (Qwen3's P(yes), a
     normalized cross-encoder), a raw logit (``normalize=False``), or neither."""
-    qwen = sys.modules.get("memos_rerank_integrations._qwen")
+    qwen = sys.modules.get("memos_rerank_integrations._local.qwen")
     if qwen is not None and isinstance(reranker, qwen.QwenReranker):
         return "probability"
-    encoder = sys.modules.get("memos_rerank_integrations._cross_encoder")
+    encoder = sys.modules.get("memos_rerank_integrations._local.cross_encoder")
     if encoder is not None and isinstance(reranker, encoder.CrossEncoderReranker):
         return "probability" if reranker.normalize else "logit"
     return "other"

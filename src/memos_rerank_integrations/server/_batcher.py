@@ -23,13 +23,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from ._exceptions import (
+from .._exceptions import (
     BackendUnavailableError,
     InvalidInputError,
     MalformedResponseError,
     RerankError,
 )
-from ._types import Reranker, RerankResult, validate_ranking
+from .._types import Reranker, RerankResult, validate_ranking
 
 __all__ = ["BatchReport", "BatcherHealth", "MicroBatcher"]
 

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from ._exceptions import InvalidInputError
-from ._http import HTTPBackend, join_url
-from ._remote import RemoteOptions, read_scored_results, resolve_api_key
-from ._types import check_text
+from .._exceptions import InvalidInputError
+from .._types import check_text
+from .base import RemoteOptions, read_scored_results, resolve_api_key
+from .http import HTTPBackend, join_url
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -24,9 +24,8 @@ from typing import ClassVar, Literal, TypedDict, TypeVar
 
 from pydantic import SecretStr
 
-from ._config import Configurable
-from ._deadline import Deadline, run_in_threads
-from ._exceptions import (
+from .._configurable import Configurable
+from .._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
     InvalidInputError,
@@ -36,15 +35,17 @@ from ._exceptions import (
     RerankError,
     RerankTimeoutError,
 )
-from ._types import (
+from .._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
     StageThresholds,
     check_inputs,
     check_top_n,
+    estimate_tokens,
     rank_scores,
     validate_ranking,
 )
+from .deadline import Deadline, run_in_threads
 
 __all__ = [
     "InputLimits",
@@ -52,7 +53,6 @@ __all__ = [
     "RemoteOptions",
     "RemoteReranker",
     "RetryPolicy",
-    "estimate_tokens",
     "plan_requests",
     "read_scored_results",
     "resolve_api_key",
@@ -66,16 +66,6 @@ OnTooLong = Literal["truncate", "raise"]
 
 
 # --------------------------------------------------------------------------- limits
-
-
-def estimate_tokens(text: str) -> int:
-    """A tokenizer-free, deliberately high token estimate.
-
-    One token per non-ASCII character (CJK text is close to that) plus one per
-    four ASCII characters (English averages a little over four per token).
-    """
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return (len(text) - ascii_chars) + math.ceil(ascii_chars / 4)
 
 
 def _truncate(text: str, limit: int, count: Callable[[str], int]) -> str:

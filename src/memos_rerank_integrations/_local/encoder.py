@@ -18,24 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._config import Configurable
-from ._exceptions import InvalidInputError
-from ._local_engine import (
-    budget_batches,
-    inference,
-    limit_padding,
-    load_shared,
-    require_local,
-    resolve_device,
-    resolve_dtype,
-)
-from ._types import (
-    RerankResult,
-    StageThresholds,
-    check_inputs,
-    check_top_n,
-    rank_scores,
-)
+from .._configurable import Configurable
+from .._engine.batching import budget_batches, limit_padding
+from .._exceptions import InvalidInputError
+from .._types import RerankResult, StageThresholds, check_inputs, check_top_n, rank_scores
+from .runtime import inference, load_shared, require_local, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch

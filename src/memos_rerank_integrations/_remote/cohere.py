@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from ._extras import missing_extra
-from ._http import HTTPClients, error_for_status, error_for_transport
-from ._remote import RemoteOptions, RemoteReranker, resolve_api_key
-from ._types import check_text
+from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
+from .._extras import missing_extra
+from .._types import check_text
+from .base import RemoteOptions, RemoteReranker, resolve_api_key
+from .http import HTTPClients, error_for_status, error_for_transport
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -6,17 +6,11 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._bert_engine import packed_bert
-from ._encoder_base import (
-    EncodedCalls,
-    LoadedEncoder,
-    LocalEncoderReranker,
-    load_encoder,
-    run_batches,
-)
-from ._exceptions import InvalidInputError, ModelLoadError
-from ._local_engine import head_text
-from ._types import DEFAULT_THRESHOLDS, StageThresholds
+from .._engine.bert import packed_bert
+from .._exceptions import InvalidInputError, ModelLoadError
+from .._types import DEFAULT_THRESHOLDS, StageThresholds
+from .encoder import EncodedCalls, LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
+from .tokenize import head_text
 
 if TYPE_CHECKING:
     import torch

@@ -31,8 +31,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._linear import can_prepack, linears, release
-from ._local_engine import limit_padding
+from .batching import limit_padding
+from .linear import can_prepack, linears, release
 
 if TYPE_CHECKING:
     import torch

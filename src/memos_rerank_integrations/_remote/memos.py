@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ._exceptions import (
+from .._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
     InvalidInputError,
@@ -18,9 +18,9 @@ from ._exceptions import (
     RateLimitError,
     RerankError,
 )
-from ._http import HTTPBackend, error_for_status, join_url, retry_after_seconds
-from ._remote import RemoteOptions, read_scored_results, resolve_api_key
-from ._types import check_text
+from .._types import check_text
+from .base import RemoteOptions, read_scored_results, resolve_api_key
+from .http import HTTPBackend, error_for_status, join_url, retry_after_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

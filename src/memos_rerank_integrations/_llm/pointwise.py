@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._config import Configurable
-from ._exceptions import (
+from .._configurable import Configurable
+from .._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
     InvalidInputError,
@@ -32,7 +32,7 @@ from ._exceptions import (
     RerankError,
     RerankTimeoutError,
 )
-from ._types import (
+from .._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
     StageThresholds,

@@ -38,22 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._config import Configurable
-from ._exceptions import InvalidInputError, ModelLoadError
-from ._local_engine import (
-    budget_batches,
-    check_positive_int,
-    encode_head,
-    inference,
-    limit_padding,
-    load_shared,
-    model_cache_key,
-    require_local,
-    resolve_device,
-    resolve_dtype,
-)
-from ._qwen_engine import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
-from ._types import (
+from .._configurable import Configurable
+from .._engine.batching import budget_batches, limit_padding
+from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
+from .._exceptions import InvalidInputError, ModelLoadError
+from .._qwen_prompt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, PROMPT_PREFIX, PROMPT_SUFFIX
+from .._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
     StageThresholds,
@@ -61,26 +51,24 @@ from ._types import (
     check_top_n,
     rank_scores,
 )
+from .runtime import (
+    check_positive_int,
+    inference,
+    load_shared,
+    model_cache_key,
+    require_local,
+    resolve_device,
+    resolve_dtype,
+)
+from .tokenize import encode_head
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DEFAULT_INSTRUCTION",
-    "PROMPT_PREFIX",
-    "PROMPT_SUFFIX",
     "QwenReranker",
-    "format_body",
 ]
 
-DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
-DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-PROMPT_PREFIX = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the "
-    'Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
-    "<|im_end|>\n<|im_start|>user\n"
-)
-PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 _INSTRUCTION_CACHE_SIZE = 16
 # The tokenizer is shared per model, whatever the device and dtype.
 _NO_DEVICE: Any = "any-device"
@@ -89,11 +77,6 @@ _NO_DTYPE: Any = "any-dtype"
 # tokens per pass: smaller matrix multiplies run far below peak on CPUs.
 _MAX_PADDING = 0.1
 _MIN_BATCH_TOKENS = 256
-
-
-def format_body(instruction: str, query: str, document: str) -> str:
-    """The model card's prompt body (the only part that is ever truncated)."""
-    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
 
 
 def _common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
@@ -208,7 +191,6 @@ def _plan(groups: Sequence[_Group], budget: int) -> list[list[_Job]]:
     return passes
 
 
-
 def _shared_lengths(base: Sequence[int], sequences: Sequence[list[int]]) -> tuple[int, int]:
     """How many leading tokens every sequence of a call shares (at least one token per
     sequence is left to run: its last position scores it), and how many of those the
@@ -219,15 +201,59 @@ def _shared_lengths(base: Sequence[int], sequences: Sequence[list[int]]) -> tupl
         common = min(common, _common_prefix_length(first, sequence))
     return common, min(common, _common_prefix_length(base, first))
 
+
 # Documents that start where BPE, the pre-tokenizer or NFC could merge them with the
 # text before them; the load-time self-check splices each after each head below.
 _PROBE_DOCUMENTS = (
-    "", " ", "  ", "   x", "\n", "\n\nx", " \n", "\t", "x", "X", "'s", "'ll", "s", "1", "12",
-    ":", "::", ">", "<", "<|im_end|>", "<think>", "\u0301", "\u0301x", "\u0338", "e\u0301",
-    "\u1161", "\u0cd5", "茅台", "🙂", "é", "\r\n", "\u00a0", "\u3000x",
+    "",
+    " ",
+    "  ",
+    "   x",
+    "\n",
+    "\n\nx",
+    " \n",
+    "\t",
+    "x",
+    "X",
+    "'s",
+    "'ll",
+    "s",
+    "1",
+    "12",
+    ":",
+    "::",
+    ">",
+    "<",
+    "<|im_end|>",
+    "<think>",
+    "\u0301",
+    "\u0301x",
+    "\u0338",
+    "e\u0301",
+    "\u1161",
+    "\u0cd5",
+    "茅台",
+    "🙂",
+    "é",
+    "\r\n",
+    "\u00a0",
+    "\u3000x",
 )
 _PROBE_HEADS = (
-    "q", "q ", "q  ", "q\n", "q\n\n", "q?", "q:", "q<", "1", "茅", "e", "", " ", "\u0301",
+    "q",
+    "q ",
+    "q  ",
+    "q\n",
+    "q\n\n",
+    "q?",
+    "q:",
+    "q<",
+    "1",
+    "茅",
+    "e",
+    "",
+    " ",
+    "\u0301",
 )
 
 

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Literal
 
 import httpx
 
-from ._exceptions import InvalidInputError
-from ._http import HTTPBackend, join_url
-from ._qwen import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
-from ._remote import RemoteOptions, read_scored_results, resolve_api_key
-from ._types import check_text
+from .._exceptions import InvalidInputError
+from .._qwen_prompt import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
+from .._types import check_text
+from .base import RemoteOptions, read_scored_results, resolve_api_key
+from .http import HTTPBackend, join_url
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -7,15 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._encoder_base import (
-    EncodedCalls,
-    LoadedEncoder,
-    LocalEncoderReranker,
-    load_encoder,
-    run_batches,
-)
-from ._local_engine import head_text
-from ._types import StageThresholds
+from .._types import StageThresholds
+from .encoder import EncodedCalls, LoadedEncoder, LocalEncoderReranker, load_encoder, run_batches
+from .tokenize import head_text
 
 if TYPE_CHECKING:
     import torch

@@ -61,8 +61,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._linear import Linear, can_prepack, release
-from ._local_engine import cpu_has_amx
+from .cpu import cpu_has_amx
+from .linear import Linear, can_prepack, release
 
 if TYPE_CHECKING:
     import torch

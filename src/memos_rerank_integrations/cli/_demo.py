@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._exceptions import RerankError
 from ._examples import BUSINESS_TRIP_QUERY, EXAMPLES
-from ._exceptions import RerankError
 
 __all__ = ["DEFAULT_MODEL", "main"]
 
@@ -183,7 +183,7 @@ def _load_qwen(model: str, *, offline: bool, say: Say) -> Any | None:
     say(f"Loading {model} ...")
     _quiet_transformers()
     try:
-        from . import QwenReranker
+        from .. import QwenReranker
 
         reranker = QwenReranker(model)
         reranker.rerank("warm-up", ["warm-up"])
@@ -196,7 +196,7 @@ def _load_qwen(model: str, *, offline: bool, say: Say) -> Any | None:
 def _load_embedding(say: Say) -> Any | None:
     _quiet_transformers()
     try:
-        from . import EmbeddingReranker
+        from .. import EmbeddingReranker
 
         reranker = EmbeddingReranker()
         reranker.rerank("warm-up", ["warm-up"])
@@ -243,7 +243,7 @@ def _run_langchain(reranker: Any, top_n: int | None) -> None:
     from langchain_core.embeddings import DeterministicFakeEmbedding
     from langchain_core.vectorstores import InMemoryVectorStore
 
-    from .langchain import RerankCompressor
+    from ..langchain import RerankCompressor
 
     memories = _memories()
     store = InMemoryVectorStore(DeterministicFakeEmbedding(size=64))
@@ -288,7 +288,7 @@ def _run_llama_index(reranker: Any, top_n: int | None) -> None:
     from llama_index.core.llms import MockLLM
     from llama_index.core.schema import TextNode
 
-    from .llama_index import RerankPostprocessor
+    from ..llama_index import RerankPostprocessor
 
     memories = _memories()
     embed_model = MockEmbedding(embed_dim=16)

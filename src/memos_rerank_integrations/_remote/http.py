@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from ._deadline import guard_sockets
-from ._exceptions import (
+from .._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
     InvalidInputError,
@@ -32,7 +31,8 @@ from ._exceptions import (
     RerankError,
     RerankTimeoutError,
 )
-from ._remote import RemoteReranker
+from .base import RemoteReranker
+from .deadline import guard_sockets
 
 __all__ = [
     "ACCEPT_ENCODING",

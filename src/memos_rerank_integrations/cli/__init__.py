@@ -17,13 +17,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from ._cli_input import Document as _Document
-from ._cli_input import UserError as _UserError
-from ._cli_input import clean_text as _clean_text
-from ._cli_input import input_name as _input_name
-from ._cli_input import read_documents as _read_documents
-from ._exceptions import RerankError
-from ._types import Reranker, RerankResult
+from .._exceptions import RerankError
+from .._types import Reranker, RerankResult
+from ._input import Document as _Document
+from ._input import UserError as _UserError
+from ._input import clean_text as _clean_text
+from ._input import input_name as _input_name
+from ._input import read_documents as _read_documents
 
 __all__ = ["API_KEY_ENV", "main"]
 
@@ -43,6 +43,7 @@ _RERANK_BACKENDS = (*_SERVE_BACKENDS, "embedding")
 _CHUNK = 64
 
 logger = logging.getLogger("memos_rerank_integrations.cli")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``memos-rerank`` command line; returns the process exit code."""
@@ -206,14 +207,14 @@ def _parser() -> argparse.ArgumentParser:
         help="rerank the MemOS examples end to end (options go to the demo)",
         add_help=False,  # --help reaches the demo's own parser
     )
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_run_demo)
 
     compare = commands.add_parser(
         "compare",
         help="rerank documents with several backends and print the orders side by side",
         add_help=False,  # --help reaches the command's own parser (in ._compare)
     )
-    compare.set_defaults(run=_compare)
+    compare.set_defaults(run=_run_compare)
     return parser
 
 
@@ -258,16 +259,16 @@ def _build_backend(args: argparse.Namespace, **extra: Any) -> Reranker:
     if args.backend == "cross-encoder":
         if not args.model:
             raise _UserError("--model is required with --backend cross-encoder.")
-        from ._cross_encoder import CrossEncoderReranker
+        from .._local.cross_encoder import CrossEncoderReranker
 
         return CrossEncoderReranker(args.model, **options)
     # Without --model, these use their documented default model.
     model = {"model": args.model} if args.model else {}
     if args.backend == "qwen":
-        from ._qwen import QwenReranker
+        from .._local.qwen import QwenReranker
 
         return QwenReranker(**model, **options)
-    from ._embedding import EmbeddingReranker
+    from .._local.embedding import EmbeddingReranker
 
     return EmbeddingReranker(**model, **options)
 
@@ -278,8 +279,8 @@ def _build_backend(args: argparse.Namespace, **extra: Any) -> Reranker:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import config, create_app
-    from .server._core import check_api_key
+    from ..server import config, create_app
+    from ..server._core import check_api_key
 
     _log_to_stderr(args.log_level)
     # Checked before the model loads, so a bad key fails in a second, not a minute.
@@ -330,7 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _default_batch_documents(device: str | None) -> int:
-    from ._local_engine import resolve_device
+    from .._local.runtime import resolve_device
 
     # A CPU is saturated by one call's worth of rows; a GPU keeps gaining.
     return 128 if resolve_device(device).type == "cuda" else 32
@@ -442,7 +443,7 @@ class _Progress:
 # -- demo ----------------------------------------------------------------------------
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace) -> int:
     try:
         demo = importlib.import_module("._demo", __package__)
     except ModuleNotFoundError as exc:
@@ -453,11 +454,7 @@ def _demo(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) else 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from ._compare import main as compare_main
+def _run_compare(args: argparse.Namespace) -> int:
+    from .._compare import main as compare_main
 
     return compare_main(list(args.demo_args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rerankers that ask a chat model, and the Mem0 LLM wrapper they can run on."""

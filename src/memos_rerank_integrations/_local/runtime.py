@@ -1,0 +1,244 @@
+"""What every local backend shares: device and dtype choice, and the process-wide
+model cache (with loading serialized against every other model use).
+
+torch is imported inside functions only, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .._engine.cpu import cpu_has_native_bf16
+from .._exceptions import InvalidInputError, ModelLoadError
+from .._extras import missing_extra
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "check_positive_int",
+    "clear_model_cache",
+    "inference",
+    "load_shared",
+    "model_cache_key",
+    "require_local",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+logger = logging.getLogger("memos_rerank_integrations")
+
+T = TypeVar("T")
+
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+
+def check_positive_int(value: object, *, name: str, allow_none: bool = False) -> int | None:
+    """Validate an integer option that must be >= 1 (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a positive int or None" if allow_none else "a positive int"
+        raise InvalidInputError(f"{name} must be {expected}, got {value!r}.")
+    return value
+
+
+def model_cache_key(
+    kind: str, model: str | Path, device: torch.device, dtype: torch.dtype
+) -> tuple[str, str, str, str]:
+    """The :func:`load_shared` key of a local model: one load per kind of scorer,
+    model (a local path counts by its resolved location), device and dtype."""
+    name = str(model)
+    local = Path(name).expanduser()
+    if local.exists():
+        name = str(local.resolve())
+    return (kind, name, str(device), str(dtype))
+
+
+def require_local(feature: str) -> None:
+    """Check torch and transformers import, or explain which extra to install."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise missing_extra("local", exc.name or "torch", feature=feature) from exc
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA, then MPS, then CPU, when called (never at import time)."""
+    require_local("Local reranking")
+    import torch
+
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidInputError(
+                f"Unknown device {device!r}; use 'cpu', 'cuda', 'cuda:0' or 'mps'."
+            ) from exc
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` picks bfloat16 where the hardware has native bf16 matrix units
+    (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), else float32."""
+    require_local("Local reranking")
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = _DTYPE_NAMES.get(dtype.lower().removeprefix("torch."))
+        if name is None:
+            raise InvalidInputError(
+                f"Unknown dtype {dtype!r}; use 'float32', 'bfloat16', 'float16' or a torch.dtype."
+            )
+        resolved: torch.dtype = getattr(torch, name)
+        return resolved
+    if dtype is not None:
+        raise InvalidInputError(f"dtype must be a torch.dtype, a name or None, got {dtype!r}.")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+class _LoadGate:
+    """Loading a model excludes every other use of torch models in the process.
+
+    transformers' ``from_pretrained`` changes process-wide state while it loads
+    (torch's default dtype, a meta-device context for empty weights): a second
+    load, or a forward pass, running at the same time in another thread builds
+    tensors of the wrong dtype or on the meta device. Loads take the gate alone
+    (one at a time); forward passes share it, so different models still run in
+    parallel. Waiting loads go first, so a busy model cannot starve them.
+
+    Lock order: a model's own lock first, the gate last; nothing waits for a
+    lock while holding the gate.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._users = 0
+        self._loading = False
+        self._waiting_loads = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        if getattr(self._local, "depth", 0):  # a loader that loads (or uses) a model
+            yield
+            return
+        with self._condition:
+            self._waiting_loads += 1
+            try:
+                self._condition.wait_for(lambda: not self._loading and self._users == 0)
+            finally:
+                self._waiting_loads -= 1
+            self._loading = True
+        self._local.depth = 1
+        try:
+            yield
+        finally:
+            self._local.depth = 0
+            with self._condition:
+                self._loading = False
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._local.depth = depth
+            return
+        with self._condition:
+            self._condition.wait_for(lambda: not self._loading and self._waiting_loads == 0)
+            self._users += 1
+        self._local.depth = 1
+        try:
+            yield
+        finally:
+            self._local.depth = 0
+            with self._condition:
+                self._users -= 1
+                self._condition.notify_all()
+
+
+_gate = _LoadGate()
+
+
+def inference() -> contextlib.AbstractContextManager[None]:
+    """Hold around every forward pass of a local model (after taking the model's own
+    lock): it waits while a model loads anywhere in the process, and keeps loads
+    out while it runs."""
+    return _gate.using()
+
+
+_cache: dict[Hashable, Any] = {}
+_cache_lock = threading.Lock()
+_key_locks: dict[Hashable, threading.Lock] = {}
+
+
+def load_shared(key: Hashable, loader: Callable[[], T], *, model: str) -> T:
+    """Load once per process per ``key`` (model, kind, device, dtype, ...).
+
+    Concurrent first calls for one key wait for a single load. Loads of different
+    models run one at a time, and while one runs no forward pass of any local
+    model does (see :func:`inference`): transformers' loading is not thread-safe.
+    Any loading failure becomes a :class:`ModelLoadError` that names the model and
+    says how to use a local copy.
+    """
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]  # type: ignore[no-any-return]
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]  # type: ignore[no-any-return]
+        try:
+            with _gate.loading():
+                value = loader()
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Could not load model {model!r}: {type(exc).__name__}: {exc}. "
+                "Pass a local directory (a copy saved with save_pretrained, or downloaded "
+                "with `huggingface-cli download`) as the model, or make sure the Hugging Face "
+                "Hub is reachable (and HF_HUB_OFFLINE is unset)."
+            ) from exc
+        logger.info("Loaded model %s", model)
+        with _cache_lock:
+            _cache[key] = value
+        return value
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded model (the next use loads again)."""
+    with _cache_lock:
+        _cache.clear()
