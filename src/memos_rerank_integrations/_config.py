@@ -227,10 +227,10 @@ def _signature_options(cls: type[Any]) -> tuple[frozenset[str], frozenset[str]]:
     required: set[str] = set()
     for parameter in parameters:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            from ._remote.base import RemoteOptions, RemoteReranker
-
-            if issubclass(cls, RemoteReranker):
-                names |= RemoteOptions.__required_keys__ | RemoteOptions.__optional_keys__
+            # Remote backends name what their **options take (keyword_options).
+            keyword_options = getattr(cls, "keyword_options", None)
+            if callable(keyword_options):
+                names |= keyword_options()
         elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
             names.add(parameter.name)
             if parameter.default is inspect.Parameter.empty:

@@ -23,6 +23,9 @@ __all__ = [
     "check_text",
     "check_top_n",
     "estimate_tokens",
+    "nonempty_text",
+    "optional_positive_int",
+    "positive_int",
     "rank_scores",
     "validate_ranking",
 ]
@@ -168,13 +171,34 @@ def rank_scores(
     return results if top_n is None else results[:top_n]
 
 
-def check_top_n(top_n: int | None) -> int | None:
-    """Validate a ``top_n`` option: ``None`` (keep all) or a positive int."""
-    if top_n is None:
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else :class:`InvalidInputError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def optional_positive_int(name: str, value: object) -> int | None:
+    """``None``, or ``value`` if it is an int >= 1 (not a bool)."""
+    if value is None:
         return None
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-        raise InvalidInputError(f"top_n must be a positive int or None, got {top_n!r}.")
-    return top_n
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive int or None, got {value!r}.")
+    return value
+
+
+def check_top_n(top_n: object) -> int | None:
+    """Validate a ``top_n`` option: ``None`` (keep all) or a positive int."""
+    return optional_positive_int("top_n", top_n)
+
+
+def nonempty_text(name: str, value: object) -> str:
+    """``value`` if it is a str with something besides white space and no lone
+    surrogate (a model name, an instruction), else :class:`InvalidInputError`."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError(f"{name} must be a non-empty str, got {value!r}.")
+    check_text(name, value)
+    return value
 
 
 # Lone surrogates: a str can hold them (from "\\ud800" in JSON, or bytes decoded with

@@ -230,7 +230,7 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
                     f"(got {type(document).__name__}); set text_key to the field to score."
                 )
             texts.append(text)
-        limit = check_top_n(top_k)  # type: ignore[arg-type]
+        limit = check_top_n(top_k)
         settings = self._settings
         if limit is not None and (settings.top_n is None or limit < settings.top_n):
             settings = settings.model_copy(update={"top_n": limit})

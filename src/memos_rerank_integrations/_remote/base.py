@@ -20,7 +20,7 @@ import random
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, TypedDict, TypeVar
 
 from pydantic import SecretStr
 
@@ -46,6 +46,9 @@ from .._types import (
     validate_ranking,
 )
 from .deadline import Deadline, run_in_threads
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "InputLimits",
@@ -394,8 +397,12 @@ def read_scored_results(
 
 
 class RemoteOptions(TypedDict, total=False):
-    """Keyword options every remote backend accepts besides its own."""
+    """Keyword options every remote backend accepts besides its own: ``timeout``
+    (seconds per attempt, default 10) and ``max_retries`` (default 2) with the
+    backoff of :class:`RetryPolicy`, the :class:`InputLimits`, and ``thresholds``."""
 
+    timeout: float
+    max_retries: int
     backoff_base: float
     backoff_max: float
     max_documents_per_request: int
@@ -406,6 +413,14 @@ class RemoteOptions(TypedDict, total=False):
     on_too_long: OnTooLong
     count_tokens: Callable[[str], int]
     thresholds: StageThresholds
+
+
+class _Clients(Protocol):
+    """The HTTP clients a backend made (``http.HTTPClients``)."""
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -424,12 +439,16 @@ class RemoteReranker(Configurable):
     """
 
     backend_name: ClassVar[str] = "remote"
+    # Environment variables read, in order, for a key not passed as ``api_key``.
+    key_env: ClassVar[tuple[str, ...]] = ()
+    # The names the ``**options`` of a subclass's constructor take.
+    options_type: ClassVar[type] = RemoteOptions
 
     def __init__(
         self,
         *,
-        timeout: float,
-        max_retries: int,
+        timeout: float = 10.0,
+        max_retries: int = 2,
         backoff_base: float = 0.5,
         backoff_max: float = 8.0,
         max_documents_per_request: int = 64,
@@ -459,6 +478,45 @@ class RemoteReranker(Configurable):
         if not isinstance(thresholds, StageThresholds):
             raise InvalidInputError("thresholds must be a StageThresholds.")
         self.thresholds = thresholds
+        self._clients: _Clients | None = None
+
+    @classmethod
+    def keyword_options(cls) -> frozenset[str]:
+        """The option names a subclass's ``**options`` accept."""
+        typed = cls.options_type
+        return frozenset(typed.__required_keys__ | typed.__optional_keys__)  # type: ignore[attr-defined]
+
+    def _key(self, api_key: str | SecretStr | None, *, required: bool = True) -> SecretStr | None:
+        """The key from ``api_key`` or the first of :attr:`key_env` that is set."""
+        return resolve_api_key(
+            api_key,
+            self.key_env,
+            owner=type(self).__name__,
+            backend=self.backend_name,
+            required=required,
+        )
+
+    def close(self) -> None:
+        """Close the HTTP client this object made (clients passed in stay open)."""
+        if self._clients is not None:
+            self._clients.close()
+
+    async def aclose(self) -> None:
+        """Close the HTTP clients this object made (clients passed in stay open)."""
+        if self._clients is not None:
+            await self._clients.aclose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def _sends_top_n(self) -> bool:
         """Whether the service takes ``top_n``; if not, the cut happens after the merge."""

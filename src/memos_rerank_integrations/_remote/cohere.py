@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
+from .._exceptions import MalformedResponseError, RerankError
 from .._extras import missing_extra
-from .._types import check_text
-from .base import RemoteOptions, RemoteReranker, resolve_api_key
+from .._types import nonempty_text, optional_positive_int
+from .base import RemoteOptions, RemoteReranker
 from .http import HTTPClients, error_for_status, error_for_transport
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class CohereReranker(RemoteReranker):
     """
 
     backend_name = "cohere"
+    key_env = ("CO_API_KEY", "COHERE_API_KEY")
 
     def __init__(
         self,
@@ -51,40 +52,22 @@ class CohereReranker(RemoteReranker):
         *,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = 10.0,
-        max_retries: int = 2,
         max_tokens_per_doc: int | None = None,
         client: Any = None,
         async_client: Any = None,
         **options: Unpack[RemoteOptions],
     ) -> None:
-        if not isinstance(model, str) or not model.strip():
-            raise InvalidInputError(f"model must be a non-empty str, got {model!r}.")
-        check_text("model", model)
-        if max_tokens_per_doc is not None and (
-            isinstance(max_tokens_per_doc, bool)
-            or not isinstance(max_tokens_per_doc, int)
-            or max_tokens_per_doc < 1
-        ):
-            raise InvalidInputError(
-                f"max_tokens_per_doc must be a positive int or None, got {max_tokens_per_doc!r}."
-            )
+        self.model = nonempty_text("model", model)
+        self.max_tokens_per_doc = optional_positive_int("max_tokens_per_doc", max_tokens_per_doc)
         self._cohere = _import_cohere()
-        settings: dict[str, Any] = {"max_documents_per_request": 100, **options}
-        super().__init__(timeout=timeout, max_retries=max_retries, **settings)
-        self.model = model
-        self.max_tokens_per_doc = max_tokens_per_doc
+        defaults: RemoteOptions = {"max_documents_per_request": 100}
+        super().__init__(**defaults | options)
         self.base_url = base_url or os.environ.get("CO_API_URL") or None
-        needs_key = client is None or async_client is None
-        self._api_key = resolve_api_key(
-            api_key,
-            ["CO_API_KEY", "COHERE_API_KEY"],
-            owner="CohereReranker",
-            backend=self.backend_name,
-            required=needs_key,
-        )
+        self._api_key = self._key(api_key, required=client is None or async_client is None)
         self._given_client, self._given_async_client = client, async_client
-        self._clients = HTTPClients(timeout, None, None, backend=self.backend_name)
+        self._clients: HTTPClients = HTTPClients(
+            self.retry.timeout, None, None, backend=self.backend_name
+        )
         # SDK clients wrap our httpx clients; remade when those are (new loop, close).
         self._sdk: tuple[object, Any] | None = None
         self._async_sdk: tuple[object, Any] | None = None
@@ -204,26 +187,6 @@ class CohereReranker(RemoteReranker):
             (getattr(item, "index", None), getattr(item, "relevance_score", None))
             for item in results
         ]
-
-    def close(self) -> None:
-        """Close the HTTP client this object made (clients passed in stay open)."""
-        self._clients.close()
-
-    async def aclose(self) -> None:
-        """Close the HTTP clients this object made (clients passed in stay open)."""
-        await self._clients.aclose()
-
-    def __enter__(self) -> CohereReranker:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> CohereReranker:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 def _safe_cause(exc: Exception) -> Exception | None:

@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 from pydantic import SecretStr
@@ -31,14 +31,18 @@ from .._exceptions import (
     RerankError,
     RerankTimeoutError,
 )
-from .base import RemoteReranker
+from .base import RemoteOptions, RemoteReranker, read_scored_results
 from .deadline import guard_sockets
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "ACCEPT_ENCODING",
     "MAX_RESPONSE_BYTES",
     "HTTPBackend",
     "HTTPClients",
+    "HTTPOptions",
     "error_for_status",
     "error_for_transport",
     "join_url",
@@ -432,49 +436,67 @@ class HTTPClients:
             await client.aclose()
 
 
-_Self = TypeVar("_Self", bound="HTTPBackend")
+class HTTPOptions(RemoteOptions, total=False):
+    """Keyword options every HTTP backend accepts besides its own: those of every
+    remote backend, and your own ``httpx`` clients (``http_client``,
+    ``async_http_client``; yours stay open when the backend is closed)."""
+
+    http_client: httpx.Client | None
+    async_http_client: httpx.AsyncClient | None
 
 
 class HTTPBackend(RemoteReranker):
     """A remote reranker spoken to with JSON over HTTP.
 
-    Subclasses set ``backend_name`` and implement ``_body``, ``_auth_headers`` and
-    ``_read_results`` (and ``_business_error`` when the service reports errors in
-    a 2xx body). Everything else is shared by the sync and async paths.
+    Subclasses set ``backend_name``, :attr:`key_env` and :attr:`auth_scheme`, and
+    override ``_body`` and ``_read_results`` where their service differs from the
+    Cohere-style ``{model, query, documents, top_n}`` -> ``{"results": [{"index",
+    "relevance_score"}]}`` (and ``_business_error`` when the service reports errors
+    in a 2xx body). Everything else is shared by the sync and async paths.
     """
+
+    # ``Authorization: <auth_scheme> <key>`` on every request that has a key.
+    auth_scheme: ClassVar[str] = "Bearer"
+    options_type: ClassVar[type] = HTTPOptions
 
     def __init__(
         self,
         url: str,
         *,
         model: str | None,
-        api_key: SecretStr | None,
-        timeout: float,
-        max_retries: int,
+        api_key: str | SecretStr | None,
+        key_required: bool = True,
         http_client: httpx.Client | None = None,
         async_http_client: httpx.AsyncClient | None = None,
-        **options: Any,
+        **options: Unpack[RemoteOptions],
     ) -> None:
-        super().__init__(timeout=timeout, max_retries=max_retries, **options)
+        super().__init__(**options)
         self.url = _check_url(url)
         self.model = model
-        self._api_key = api_key
-        self._clients = HTTPClients(
-            timeout, http_client, async_http_client, backend=self.backend_name
+        self._api_key = self._key(api_key, required=key_required)
+        self._clients: HTTPClients = HTTPClients(
+            self.retry.timeout, http_client, async_http_client, backend=self.backend_name
         )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, url={self.url!r})"
 
     # Wire format hooks.
-    def _body(self, query: str, documents: list[str], top_n: int | None) -> object:
-        raise NotImplementedError
+    def _body(self, query: str, documents: list[str], top_n: int | None) -> dict[str, object]:
+        body: dict[str, object] = {"query": query, "documents": documents}
+        if self.model is not None:
+            body["model"] = self.model
+        if top_n is not None:
+            body["top_n"] = top_n
+        return body
 
     def _auth_headers(self) -> dict[str, str]:
-        return {}
+        if self._api_key is None:
+            return {}
+        return {"Authorization": f"{self.auth_scheme} {self._api_key.get_secret_value()}"}
 
     def _read_results(self, payload: object) -> list[tuple[object, object]]:
-        raise NotImplementedError
+        return read_scored_results(payload, backend=self.backend_name)
 
     def _business_error(
         self, payload: object, status: int, headers: Mapping[str, str]
@@ -595,26 +617,6 @@ class HTTPBackend(RemoteReranker):
 
     def _clean(self, text: object) -> str:
         return _clean(text, self._api_key)
-
-    def close(self) -> None:
-        """Close the sync client this object made (clients passed in stay open)."""
-        self._clients.close()
-
-    async def aclose(self) -> None:
-        """Close the clients this object made (clients passed in stay open)."""
-        await self._clients.aclose()
-
-    def __enter__(self: _Self) -> _Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self: _Self) -> _Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 def _check_url(url: object) -> str:

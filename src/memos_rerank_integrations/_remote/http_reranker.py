@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-import httpx
-
 from .._exceptions import InvalidInputError
 from .._qwen_prompt import DEFAULT_INSTRUCTION, PROMPT_PREFIX, PROMPT_SUFFIX
-from .._types import check_text
-from .base import RemoteOptions, read_scored_results, resolve_api_key
-from .http import HTTPBackend, join_url
+from .._types import check_text, nonempty_text
+from .base import read_scored_results
+from .http import HTTPBackend, HTTPOptions, join_url
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -42,7 +40,7 @@ class HTTPReranker(HTTPBackend):
     Without the template such a model's scores are close to random. The
     length limits apply to your text, before the template is added.
     Retries, limits, splitting and validation are those of every remote backend
-    (see :class:`~memos_rerank_integrations._remote.RemoteOptions`).
+    (see :class:`~memos_rerank_integrations._remote.http.HTTPOptions`).
     """
 
     backend_name = "http"
@@ -55,20 +53,16 @@ class HTTPReranker(HTTPBackend):
         api_key: str | None = None,
         api_format: APIFormat = "cohere",
         path: str = "rerank",
-        timeout: float = 10.0,
-        max_retries: int = 2,
         truncate: bool = True,
         raw_scores: bool = False,
         template: Template | None = None,
         instruction: str | None = None,
-        http_client: httpx.Client | None = None,
-        async_http_client: httpx.AsyncClient | None = None,
-        **options: Unpack[RemoteOptions],
+        **options: Unpack[HTTPOptions],
     ) -> None:
         if api_format not in ("cohere", "tei"):
             raise InvalidInputError(f"api_format must be 'cohere' or 'tei', got {api_format!r}.")
-        if model is not None and (not isinstance(model, str) or not model.strip()):
-            raise InvalidInputError(f"model must be a non-empty str or None, got {model!r}.")
+        if model is not None:
+            model = nonempty_text("model", model)
         if not isinstance(base_url, str):
             raise InvalidInputError(f"base_url must be a str, got {type(base_url).__name__}.")
         if not isinstance(path, str):
@@ -81,24 +75,13 @@ class HTTPReranker(HTTPBackend):
             )
         if instruction is not None:
             check_text("instruction", instruction)
-        if model is not None:
-            check_text("model", model)
         self.template: Template | None = template
         self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
-        key = resolve_api_key(api_key, [], owner="HTTPReranker", backend="http", required=False)
         self.api_format: APIFormat = api_format
         self.truncate = bool(truncate)
         self.raw_scores = bool(raw_scores)
-        super().__init__(
-            join_url(base_url, path),
-            model=model,
-            api_key=key,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-            async_http_client=async_http_client,
-            **options,
-        )
+        url = join_url(base_url, path)
+        super().__init__(url, model=model, api_key=api_key, key_required=False, **options)
 
     def __repr__(self) -> str:
         return (
@@ -108,12 +91,7 @@ class HTTPReranker(HTTPBackend):
     def _sends_top_n(self) -> bool:
         return self.api_format == "cohere"
 
-    def _auth_headers(self) -> dict[str, str]:
-        if self._api_key is None:
-            return {}
-        return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
-
-    def _body(self, query: str, documents: list[str], top_n: int | None) -> object:
+    def _body(self, query: str, documents: list[str], top_n: int | None) -> dict[str, object]:
         if self.template == "qwen3":
             query = f"{PROMPT_PREFIX}<Instruct>: {self.instruction}\n<Query>: {query}\n"
             documents = [f"<Document>: {document}{PROMPT_SUFFIX}" for document in documents]
@@ -124,16 +102,11 @@ class HTTPReranker(HTTPBackend):
                 "raw_scores": self.raw_scores,
                 "truncate": self.truncate,
             }
-        body: dict[str, object] = {"query": query, "documents": documents}
-        if self.model is not None:
-            body["model"] = self.model
-        if top_n is not None:
-            body["top_n"] = top_n
-        return body
+        return super()._body(query, documents, top_n)
 
     def _read_results(self, payload: object) -> list[tuple[object, object]]:
         if self.api_format == "tei":
             return read_scored_results(
                 payload, backend=self.backend_name, score_key="score", bare_list=True
             )
-        return read_scored_results(payload, backend=self.backend_name)
+        return super()._read_results(payload)

@@ -6,9 +6,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-import httpx
+from typing import TYPE_CHECKING
 
 from .._exceptions import (
     AuthenticationError,
@@ -18,9 +16,9 @@ from .._exceptions import (
     RateLimitError,
     RerankError,
 )
-from .._types import check_text
-from .base import RemoteOptions, read_scored_results, resolve_api_key
-from .http import HTTPBackend, error_for_status, join_url, retry_after_seconds
+from .._types import nonempty_text
+from .base import read_scored_results
+from .http import HTTPBackend, HTTPOptions, error_for_status, join_url, retry_after_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -53,11 +51,13 @@ class MemOSReranker(HTTPBackend):
     2,048 and documents over 32,768 estimated tokens are cut with a warning (or
     rejected with ``on_too_long="raise"``); the per-request document count and
     token budget split big calls into several requests whose answers are merged.
-    See :class:`~memos_rerank_integrations._remote.RemoteOptions` for the other
-    options (backoff, splitting, concurrency, thresholds).
+    See :class:`~memos_rerank_integrations._remote.http.HTTPOptions` for the other
+    options (timeout, retries, splitting, concurrency, thresholds, your own clients).
     """
 
     backend_name = "memos"
+    key_env = ("MEMOS_API_KEY",)
+    auth_scheme = "Token"
 
     def __init__(
         self,
@@ -65,46 +65,17 @@ class MemOSReranker(HTTPBackend):
         *,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = 10.0,
-        max_retries: int = 2,
-        http_client: httpx.Client | None = None,
-        async_http_client: httpx.AsyncClient | None = None,
-        **options: Unpack[RemoteOptions],
+        **options: Unpack[HTTPOptions],
     ) -> None:
-        if not isinstance(model, str) or not model.strip():
-            raise InvalidInputError(f"model must be a non-empty str, got {model!r}.")
-        check_text("model", model)
-        key = resolve_api_key(
-            api_key, ["MEMOS_API_KEY"], owner="MemOSReranker", backend=self.backend_name
-        )
         base = base_url or os.environ.get("MEMOS_BASE_URL") or DEFAULT_MEMOS_BASE_URL
-        settings: dict[str, Any] = {
+        limits: HTTPOptions = {
             "max_query_tokens": 2048,
             "max_document_tokens": 32768,
             # One version of the docs caps a call at 8k document tokens in total.
             "max_tokens_per_request": 8192,
-            **options,
         }
-        super().__init__(
-            join_url(base, "rerank"),
-            model=model,
-            api_key=key,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-            async_http_client=async_http_client,
-            **settings,
-        )
-
-    def _auth_headers(self) -> dict[str, str]:
-        assert self._api_key is not None
-        return {"Authorization": f"Token {self._api_key.get_secret_value()}"}
-
-    def _body(self, query: str, documents: list[str], top_n: int | None) -> object:
-        body: dict[str, object] = {"model": self.model, "query": query, "documents": documents}
-        if top_n is not None:
-            body["top_n"] = top_n
-        return body
+        model = nonempty_text("model", model)
+        super().__init__(join_url(base, "rerank"), model=model, api_key=api_key, **limits | options)
 
     def _read_results(self, payload: object) -> list[tuple[object, object]]:
         # Documented unwrapped; accept the {"code": 0, "data": {...}} envelope the
