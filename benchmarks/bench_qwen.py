@@ -355,9 +355,9 @@ def main() -> None:
             sequences = [
                 sequence
                 for query, documents in calls
-                for sequence in scorer.sequences(
-                    reranker.instruction, query, documents, max_length=8192, max_query_length=None
-                )
+                for sequence in reranker._tokenize(scorer.tokens, [(query, documents)])[
+                    0
+                ].sequences()
             ]
             rate = max(rates)
             floor = unique_tokens(sequences) * 2 * parameters / rate

@@ -119,9 +119,7 @@ def main() -> None:
         tokens = reranker.count_tokens(query, documents)
         longest = max(
             len(s)
-            for s in reranker._loaded().sequences(
-                reranker.instruction, query, documents, max_length=max_length, max_query_length=None
-            )
+            for s in reranker._tokenize(reranker._tokenizer(), [(query, documents)])[0].sequences()
         )
         recipe_logits = len(documents) * longest * vocab * 4
         seconds, _, peak = timed(package, [call], 1)

@@ -66,6 +66,23 @@ INPUTS = [
 ]
 
 
+def _sequences(
+    scorer: Any,
+    instruction: str,
+    query: str,
+    documents: list[str],
+    *,
+    max_length: int,
+    max_query_length: int | None,
+) -> list[list[int]]:
+    """The exact token ids the loaded model scores for a call (the recipe's)."""
+    with scorer.tokens.lock:
+        call = scorer.tokens.tokenize(
+            instruction, query, documents, max_length=max_length, max_query_length=max_query_length
+        )
+    return call.sequences()
+
+
 def scores_of(reranker: QwenReranker, query: str, documents: list[str]) -> list[float]:
     return by_index(reranker.rerank(query, documents))
 
@@ -220,6 +237,27 @@ def test_rerank_many_equals_rerank_per_call(
         assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=TOLERANCE)
 
 
+async def test_arerank_many_runs_off_the_event_loop_and_equals_rerank_many(
+    fp32: QwenReranker,
+) -> None:
+    calls = [("hobbies?", ["badminton", "baijiu"], None), ("drinks?", [], 2), ("x", ["y"], 1)]
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    original = fp32._score_calls
+
+    def watched(pending: list[tuple[str, list[str]]]) -> list[list[float]]:
+        threads.append(threading.get_ident())
+        return original(pending)
+
+    fp32._score_calls = watched  # type: ignore[method-assign]
+    try:
+        together = await fp32.arerank_many(calls)
+    finally:
+        del fp32._score_calls
+    assert threads and loop_thread not in threads
+    assert together == fp32.rerank_many(calls)
+
+
 def test_rerank_many_mixes_calls_in_one_forward_pass(
     fp32: QwenReranker, qwen_recipe: ModelCardRecipe, counter: TokenCounter
 ) -> None:
@@ -250,7 +288,7 @@ def test_rerank_many_mixes_calls_in_one_forward_pass(
 
 def test_system_prompt_runs_once_across_calls(fp32: QwenReranker, counter: TokenCounter) -> None:
     scorer = fp32._loaded()
-    instruction_ids = scorer.tokenizer.encode(fp32.instruction, add_special_tokens=False)
+    instruction_ids = scorer.tokens.tokenizer.encode(fp32.instruction, add_special_tokens=False)
     fp32.rerank("first query", ["a memory"])
     counter.clear()
     memory = "User prefers Jiangxiang-flavored baijiu, like Moutai."
@@ -259,12 +297,12 @@ def test_system_prompt_runs_once_across_calls(fp32: QwenReranker, counter: Token
         fp32.rerank(query, [memory])
     assert len(counter.batches) == len(queries)
     for query, batch in zip(queries, counter.batches, strict=True):
-        (full,) = scorer.sequences(
-            fp32.instruction, query, [memory], max_length=8192, max_query_length=None
+        (full,) = _sequences(
+            scorer, fp32.instruction, query, [memory], max_length=8192, max_query_length=None
         )
         (row,) = batch
         # Only the query, the memory and the suffix run: never the system prompt or instruction.
-        assert len(row) <= len(full) - len(scorer.prefix_ids) - len(instruction_ids)
+        assert len(row) <= len(full) - len(scorer.tokens.prefix_ids) - len(instruction_ids)
         assert row == full[-len(row) :]
 
 
@@ -276,7 +314,7 @@ def test_query_runs_once_per_call_not_per_document(
     fp32.rerank("warm", ["x"])
     counter.clear()
     fp32.rerank(query, documents)
-    query_ids = fp32._loaded().tokenizer.encode(query, add_special_tokens=False)
+    query_ids = fp32._loaded().tokens.tokenizer.encode(query, add_special_tokens=False)
     core = query_ids[1:-1]  # away from BPE boundaries
 
     def contains(row: list[int]) -> bool:
@@ -365,7 +403,7 @@ def test_a_pass_in_chunks_equals_the_pass_in_one(fp32: QwenReranker, chunk: int)
     assert engine is not None
     base = scorer._instruction_prefix(scorer.tokens.instruction_ids(fp32.instruction))
     text = "some query tokens and some document tokens"
-    ids = scorer.tokenizer.encode(text, add_special_tokens=False)
+    ids = scorer.tokens.tokenizer.encode(text, add_special_tokens=False)
     rows = [
         PackedRow(base.kv, len(base.ids), ids[:7], keep_kv=False, score=False),
         PackedRow(None, 0, ids[3:12], parent=0),
@@ -946,8 +984,8 @@ def test_rows_with_different_cached_prefixes_share_a_pass(
     scorer = fp32._loaded()
     base = scorer._instruction_prefix(scorer.tokens.instruction_ids(fp32.instruction))
     documents = ["User likes playing badminton.", "I don't drink alcohol."]
-    sequences = scorer.sequences(
-        fp32.instruction, "hobbies?", documents, max_length=8192, max_query_length=None
+    sequences = _sequences(
+        scorer, fp32.instruction, "hobbies?", documents, max_length=8192, max_query_length=None
     )
     cuts = [10, len(base.ids) - 3, len(base.ids)]
     rows = [
@@ -1016,8 +1054,13 @@ def test_token_ids_equal_the_recipe_at_adversarial_boundaries(
     fp32: QwenReranker, qwen_recipe: ModelCardRecipe, query: str
 ) -> None:
     scorer = fp32._loaded()
-    got = scorer.sequences(
-        fp32.instruction, query, ADVERSARIAL_DOCUMENTS, max_length=8192, max_query_length=None
+    got = _sequences(
+        scorer,
+        fp32.instruction,
+        query,
+        ADVERSARIAL_DOCUMENTS,
+        max_length=8192,
+        max_query_length=None,
     )
     assert got == qwen_recipe.sequences(query, ADVERSARIAL_DOCUMENTS)
 
@@ -1059,8 +1102,8 @@ def test_bounded_tokenization_equals_the_recipe_when_documents_are_cut(
     scorer = fp32._loaded()
     for max_length in (64, 90):
         recipe = _recipe_for(tiny_qwen_dir, max_length)
-        got = scorer.sequences(
-            fp32.instruction, query, documents, max_length=max_length, max_query_length=None
+        got = _sequences(
+            scorer, fp32.instruction, query, documents, max_length=max_length, max_query_length=None
         )
         assert got == recipe.sequences(query, documents)
 
@@ -1097,7 +1140,7 @@ def test_a_huge_query_is_tokenized_once_not_once_per_document(
     scorer = fp32._loaded()
     query = "What are the user's hobbies and favourite drinks? " * 2000  # 100 kB
     documents = [chr(ord("a") + i % 26) for i in range(400)]
-    meter = _TextMeter(scorer.tokenizer, monkeypatch)
+    meter = _TextMeter(scorer.tokens.tokenizer, monkeypatch)
     tokens = fp32.count_tokens(query, documents)
     assert meter.chars < 2 * len(query)  # not 400 x the query
     # Every prompt is max_length long: the query fills the body, the documents are cut away.
@@ -1111,9 +1154,14 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_fits(
     recipe = _recipe_for(tiny_qwen_dir, 512)
     document = "User is going on a business trip to Beijing next Wednesday. " * 20_000  # 1.2 MB
     expected = recipe.sequences("Where?", [document, "short"])
-    meter = _TextMeter(reranker._loaded().tokenizer, monkeypatch)
-    got = reranker._loaded().sequences(
-        reranker.instruction, "Where?", [document, "short"], max_length=512, max_query_length=None
+    meter = _TextMeter(reranker._loaded().tokens.tokenizer, monkeypatch)
+    got = _sequences(
+        reranker._loaded(),
+        reranker.instruction,
+        "Where?",
+        [document, "short"],
+        max_length=512,
+        max_query_length=None,
     )
     assert got == expected
     assert meter.chars < 20_000  # a few thousand characters, not 1.2 million
@@ -1130,9 +1178,14 @@ def test_query_cap_is_applied_once_and_bounded(
     ids = qwen_recipe.tokenizer.encode(query[:2000], add_special_tokens=False)
     capped = qwen_recipe.tokenizer.decode(ids[:16])
     documents = ["User is going to Beijing.", "", " starts with a space"]
-    meter = _TextMeter(reranker._loaded().tokenizer, monkeypatch)
-    got = reranker._loaded().sequences(
-        reranker.instruction, query, documents, max_length=8192, max_query_length=16
+    meter = _TextMeter(reranker._loaded().tokens.tokenizer, monkeypatch)
+    got = _sequences(
+        reranker._loaded(),
+        reranker.instruction,
+        query,
+        documents,
+        max_length=8192,
+        max_query_length=16,
     )
     assert meter.chars < 10_000
     assert got == qwen_recipe.sequences(capped, documents)
@@ -1228,7 +1281,8 @@ def test_eight_threads_with_different_instructions_and_lengths_match_sequential_
     sequential = [run(worker) for worker in range(8)]
     # Watch the model's forward passes: one at a time (they share its buffers and caches).
     scorer = rerankers[0]._loaded()
-    forward = scorer._forward_packed
+    assert scorer.engine is not None
+    forward = scorer.engine.forward
     active, most = 0, 0
     watch = threading.Lock()
 
@@ -1244,7 +1298,7 @@ def test_eight_threads_with_different_instructions_and_lengths_match_sequential_
             with watch:
                 active -= 1
 
-    monkeypatch.setattr(scorer, "_forward_packed", watched)
+    monkeypatch.setattr(scorer.engine, "forward", watched)
     with ThreadPoolExecutor(max_workers=8) as pool:
         concurrent = list(pool.map(run, range(8)))
     for got, expected in zip(concurrent, sequential, strict=True):

@@ -10,18 +10,17 @@ torch is imported inside functions only, so importing this module stays cheap.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._configurable import Configurable
 from .._engine.batching import budget_batches, limit_padding
 from .._exceptions import InvalidInputError
-from .._types import RerankResult, StageThresholds, check_inputs, check_top_n, rank_scores
+from .._types import StageThresholds, positive_int
+from .base import LocalReranker
 from .runtime import inference, load_shared, require_local, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -31,13 +30,11 @@ __all__ = [
     "EncodedCalls",
     "LoadedEncoder",
     "LocalEncoderReranker",
-    "RerankCall",
     "choose_pad_id",
     "load_encoder",
     "run_batches",
 ]
 
-RerankCall = tuple[str, Sequence[str], "int | None"]
 Encodings = Mapping[str, Sequence[Sequence[int]]]
 
 # Tokenizers without a known limit report this sentinel (about 1e30) as model_max_length.
@@ -176,12 +173,6 @@ def run_batches(
     return result[torch.tensor(unique_of)]
 
 
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive int, got {value!r}.")
-    return value
-
-
 def _check_model(model: object) -> str:
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
@@ -192,24 +183,7 @@ def _check_model(model: object) -> str:
     return model
 
 
-def _check_calls(calls: object) -> list[tuple[str, list[str], int | None]]:
-    if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
-        raise InvalidInputError(
-            f"calls must be a sequence of (query, documents, top_n) tuples, "
-            f"got {type(calls).__name__}."
-        )
-    checked = []
-    for position, call in enumerate(calls):
-        if not isinstance(call, (tuple, list)) or len(call) != 3:
-            raise InvalidInputError(
-                f"calls[{position}] must be a (query, documents, top_n) tuple, got {call!r}."
-            )
-        query, documents, top_n = call
-        checked.append((query, check_inputs(query, documents), check_top_n(top_n)))
-    return checked
-
-
-class LocalEncoderReranker(Configurable, ABC):
+class LocalEncoderReranker(LocalReranker):
     """Base of the rerankers that run a Hugging Face encoder in this process."""
 
     _kind: ClassVar[str]
@@ -234,8 +208,8 @@ class LocalEncoderReranker(Configurable, ABC):
             import torch
 
             resolve_dtype(dtype, torch.device("cpu"))
-        self.max_length = _check_positive("max_length", max_length)
-        self.max_batch_tokens = _check_positive("max_batch_tokens", max_batch_tokens)
+        self.max_length = positive_int("max_length", max_length)
+        self.max_batch_tokens = positive_int("max_batch_tokens", max_batch_tokens)
         if not isinstance(thresholds, StageThresholds):
             raise InvalidInputError(
                 f"thresholds must be a StageThresholds, got {type(thresholds).__name__}."
@@ -280,50 +254,14 @@ class LocalEncoderReranker(Configurable, ABC):
             return self.max_length
         return min(self.max_length, loaded.length_limit)
 
-    def rerank_many(self, calls: Sequence[RerankCall]) -> list[list[RerankResult]]:
-        """Rerank several independent ``(query, documents, top_n)`` calls in shared
-        forward passes. Each result list equals what :meth:`rerank` returns for that
-        call (up to float rounding from the different batch shapes)."""
-        checked = _check_calls(calls)
-        pending = [(query, documents) for query, documents, _ in checked if documents]
-        scores: list[list[float]] = []
-        if pending:
-            loaded = self._loaded()
-            with loaded.tokenizer_lock:
-                encoded = self._encode(loaded, pending)
-            with loaded.lock, inference():
-                scores = self._score(loaded, encoded)
-        remaining = iter(scores)
-        return [
-            rank_scores(
-                next(remaining) if documents else [], top_n=top_n, thresholds=self.thresholds
-            )
-            for _, documents, top_n in checked
-        ]
-
-    def count_tokens(self, query: str, documents: Sequence[str]) -> int:
-        """The tokens a :meth:`rerank` of these inputs feeds the model, by
-        tokenization only (no forward pass; it never waits for one), each text read
-        only as far as can fit in ``max_length``. See the subclass for what counts."""
-        checked = check_inputs(query, documents)
-        if not checked:
-            return 0
+    def _score_calls(self, calls: list[tuple[str, list[str]]]) -> list[list[float]]:
         loaded = self._loaded()
         with loaded.tokenizer_lock:
-            return sum(self._encode(loaded, [(query, checked)]).tokens)
+            encoded = self._encode(loaded, calls)
+        with loaded.lock, inference():
+            return self._score(loaded, encoded)
 
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        """Score every document against ``query``; results best first, ties in input order."""
-        return self.rerank_many([(query, documents, top_n)])[0]
-
-    async def arerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        """:meth:`rerank` in a worker thread, so the event loop never blocks."""
-        return await asyncio.to_thread(self.rerank, query, documents, top_n)
-
-    async def arerank_many(self, calls: Sequence[RerankCall]) -> list[list[RerankResult]]:
-        """:meth:`rerank_many` in a worker thread."""
-        return await asyncio.to_thread(self.rerank_many, calls)
+    def _count_tokens(self, query: str, documents: list[str]) -> int:
+        loaded = self._loaded()
+        with loaded.tokenizer_lock:
+            return sum(self._encode(loaded, [(query, documents)]).tokens)

@@ -28,7 +28,6 @@ document instead).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import threading
@@ -38,21 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._configurable import Configurable
 from .._engine.batching import budget_batches, limit_padding
 from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
 from .._exceptions import InvalidInputError, ModelLoadError
 from .._qwen_prompt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, PROMPT_PREFIX, PROMPT_SUFFIX
-from .._types import (
-    DEFAULT_THRESHOLDS,
-    RerankResult,
-    StageThresholds,
-    check_inputs,
-    check_top_n,
-    rank_scores,
-)
+from .._types import DEFAULT_THRESHOLDS, StageThresholds, optional_positive_int, positive_int
+from .base import LocalReranker
 from .runtime import (
-    check_positive_int,
     inference,
     load_shared,
     model_cache_key,
@@ -396,14 +387,11 @@ class _QwenScorer:
         device: torch.device,
     ) -> None:
         self.tokens = tokens
-        self.tokenizer = tokens.tokenizer
         self.decoder = decoder
         self.head = head
         self.bias = bias
         self.device = device
         self.lock = threading.Lock()
-        self.prefix_ids = tokens.prefix_ids
-        self.suffix_ids = tokens.suffix_ids
         self._instructions: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
         # transformers >= 5.2x names the KV-cache argument ``cache`` (``past_key_values``
         # is deprecated and warns on every call); older versions know only the old name.
@@ -412,28 +400,6 @@ class _QwenScorer:
         # The packed engine, where the model's architecture allows (else transformers');
         # it owns the projection weights (held once, prepacked for oneDNN on CPU).
         self.engine: PackedQwen3 | None = packed_engine(decoder, own_weights=True)
-
-    # -- the recipe's token sequences ------------------------------------------------
-
-    def sequences(
-        self,
-        instruction: str,
-        query: str,
-        documents: Sequence[str],
-        *,
-        max_length: int,
-        max_query_length: int | None,
-    ) -> list[list[int]]:
-        """The exact token ids the model card's recipe feeds the model."""
-        with self.tokens.lock:
-            call = self.tokens.tokenize(
-                instruction,
-                query,
-                documents,
-                max_length=max_length,
-                max_query_length=max_query_length,
-            )
-        return call.sequences()
 
     # -- scoring ---------------------------------------------------------------------
 
@@ -531,7 +497,8 @@ class _QwenScorer:
             else:
                 base = group.kept if group.kept is not None else group.prefix
                 rows.append(PackedRow(base.kv, len(base.ids), tail))
-        outputs = self._forward_packed(rows, chunk)
+        assert self.engine is not None
+        outputs = self.engine.forward(rows, chunk_tokens=chunk)
         for job, output in zip(jobs, outputs, strict=True):
             if job.tail is None and job.keep:
                 group = job.group
@@ -542,11 +509,6 @@ class _QwenScorer:
             for (_, job), score in zip(scored, scores, strict=True):
                 assert job.tail is not None
                 results[job.group.position][job.tail] = score
-
-    def _forward_packed(self, rows: Sequence[PackedRow], chunk: int) -> list[Any]:
-        """One pass of the packed engine (every pass goes through here)."""
-        assert self.engine is not None
-        return self.engine.forward(rows, chunk_tokens=chunk)
 
     def _score_transformers(
         self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
@@ -641,7 +603,7 @@ class _QwenScorer:
                 )
                 for row in rows
             ]
-            outputs = self._forward_packed(packed, CHUNK_TOKENS)
+            outputs = self.engine.forward(packed, chunk_tokens=CHUNK_TOKENS)
             if keep_kv:
                 return [
                     _Prefix(row.prefix.ids + tuple(row.ids), kv)
@@ -785,7 +747,7 @@ def _load_scorer(
     return _QwenScorer(tokens, lm.get_decoder(), head, bias, device)
 
 
-class QwenReranker(Configurable):
+class QwenReranker(LocalReranker):
     """Rerank with a Qwen3-Reranker model (or a fine-tune such as MemReranker) locally.
 
     Scores are the model card's ``P("yes")`` in [0, 1], equal to its transformers
@@ -835,13 +797,9 @@ class QwenReranker(Configurable):
         require_local("QwenReranker")
         self.model = str(model)
         self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
-        self.max_length: int = check_positive_int(max_length, name="max_length")  # type: ignore[assignment]
-        self.max_query_length = check_positive_int(
-            max_query_length, name="max_query_length", allow_none=True
-        )
-        self.max_batch_tokens: int = check_positive_int(  # type: ignore[assignment]
-            max_batch_tokens, name="max_batch_tokens"
-        )
+        self.max_length = positive_int("max_length", max_length)
+        self.max_query_length = optional_positive_int("max_query_length", max_query_length)
+        self.max_batch_tokens = positive_int("max_batch_tokens", max_batch_tokens)
         self.device = device
         self.dtype = dtype
         self.thresholds = thresholds
@@ -894,54 +852,19 @@ class QwenReranker(Configurable):
         Tokenization only (the weights are not loaded for it), bounded like
         :meth:`rerank`'s: a long query or document costs what can fit, not its length.
         """
-        checked = check_inputs(query, documents)
-        if not checked:
-            return 0
-        (call,) = self._tokenize(self._tokenizer(), [(query, checked)])
+        return super().count_tokens(query, documents)
+
+    def _count_tokens(self, query: str, documents: list[str]) -> int:
+        (call,) = self._tokenize(self._tokenizer(), [(query, documents)])
         return call.count()
 
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        """Score every document against the query; best first, ``top_n`` kept."""
-        return self.rerank_many([(query, documents, top_n)])[0]
-
-    async def arerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        """:meth:`rerank` in a worker thread; calls on one model run one at a time."""
-        return await asyncio.to_thread(self.rerank, query, documents, top_n)
-
-    def rerank_many(
-        self, calls: Sequence[tuple[str, Sequence[str], int | None]]
-    ) -> list[list[RerankResult]]:
-        """Rerank several independent ``(query, documents, top_n)`` calls in shared
-        forward passes; each result equals what :meth:`rerank` returns for its call."""
-        if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
-            raise InvalidInputError(
-                "calls must be a sequence of (query, documents, top_n) tuples, "
-                f"got {type(calls).__name__}."
-            )
-        checked: list[tuple[str, list[str], int | None]] = []
-        for position, call in enumerate(calls):
-            if not isinstance(call, (tuple, list)) or len(call) != 3:
-                raise InvalidInputError(
-                    f"calls[{position}] must be a (query, documents, top_n) tuple, got {call!r}."
-                )
-            query, documents, top_n = call
-            checked.append((query, check_inputs(query, documents), check_top_n(top_n)))
-        if not any(documents for _, documents, _ in checked):
-            return [[] for _ in checked]
+    def _score_calls(self, calls: list[tuple[str, list[str]]]) -> list[list[float]]:
         scorer = self._loaded()
-        tokenized = self._tokenize(scorer.tokens, [(q, documents) for q, documents, _ in checked])
+        tokenized = self._tokenize(scorer.tokens, calls)
         with scorer.tokens.lock:
             instruction = scorer.tokens.instruction_ids(self.instruction)
         with scorer.lock:
-            scores = scorer.score(
+            return scorer.score(
                 [(instruction, call.sequences()) for call in tokenized],
                 max_batch_tokens=self.max_batch_tokens,
             )
-        return [
-            rank_scores(call_scores, top_n=top_n, thresholds=self.thresholds)
-            for call_scores, (_, _, top_n) in zip(scores, checked, strict=True)
-        ]

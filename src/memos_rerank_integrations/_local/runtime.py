@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "check_positive_int",
     "clear_model_cache",
     "inference",
     "load_shared",
@@ -45,16 +44,6 @@ _DTYPE_NAMES = {
     "fp16": "float16",
     "half": "float16",
 }
-
-
-def check_positive_int(value: object, *, name: str, allow_none: bool = False) -> int | None:
-    """Validate an integer option that must be >= 1 (or ``None`` where allowed)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive int or None" if allow_none else "a positive int"
-        raise InvalidInputError(f"{name} must be {expected}, got {value!r}.")
-    return value
 
 
 def model_cache_key(
