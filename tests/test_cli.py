@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import cohere
@@ -171,7 +170,11 @@ def test_invalid_jsonl_line_is_a_one_line_error(
     ("argv", "stdin", "message"),
     [
         (["rerank", "--query", "q", "--model", "/no/such/model"], "doc\n", "Could not load model"),
-        (["rerank", "--query", "q", "--backend", "cross-encoder"], "doc\n", "--model is required"),
+        (
+            ["rerank", "--query", "q", "--backend", "cross-encoder"],
+            "doc\n",
+            "cross-encoder needs a model",
+        ),
         (
             ["rerank", "--query", "q", "--backend", "embedding", "--instruction", "x"],
             "doc\n",
@@ -200,15 +203,36 @@ def test_bad_option_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "positive integer" in capsys.readouterr().err
 
 
-def test_demo_hook_calls_demo_main_lazily(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_every_command_is_one_tree(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("serve", "rerank", "compare", "demo"))
+
+
+@pytest.mark.parametrize("spelling", ["cross-encoder", "cross_encoder"])
+def test_backend_spellings_are_aliases_of_one_registry_name(
+    spelling: str, cross_encoder_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    received: list[list[str]] = []
-    demo = types.ModuleType("memos_rerank_integrations.cli._demo")
-    demo.main = lambda argv: received.append(argv) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "memos_rerank_integrations.cli._demo", demo)
-    assert main(["demo", "--fast"]) == 7
-    assert received == [["--fast"]]
+    argv = ["rerank", "--query", QUERY, "--backend", spelling, "--model", str(cross_encoder_dir)]
+    code, out, err = run_cli(argv, capsys, stdin="one\ntwo\n")
+    assert code == 0, err
+    assert json.loads(out)["backend"] == "cross_encoder"
+
+
+@pytest.mark.parametrize("command", ["rerank", "compare", "demo"])
+def test_bad_top_n_is_a_usage_error_in_every_command(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [command, "--query", "q", "--top-n", "0"]
+            if command != "demo"
+            else [command, "--top-n", "0"]
+        )
+    assert exit_info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
 
 
 def test_demo_help_is_the_demos_own(capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,14 +241,6 @@ def test_demo_help_is_the_demos_own(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--backend {auto,qwen,embedding}" in out and "--offline" in out
-
-
-def test_demo_missing_is_a_clear_error(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "memos_rerank_integrations.cli._demo", None)
-    code, _, err = run_cli(["demo"], capsys)
-    assert code == 1 and "demo is not available" in err
 
 
 # -- serve, as a real process --------------------------------------------------------

@@ -215,7 +215,6 @@ def test_cli_table_from_stdin(
         (["--backend", "nope"], "Unknown backend 'nope'"),
         (["--backend", "cross-encoder"], "cross-encoder needs a model"),
         (["--backend", "http"], "http needs the server's URL"),
-        (["--top-n", "0"], "--top-n must be a positive integer"),
         (["--input", "/nonexistent/file.txt"], "No such file"),
     ],
 )

@@ -146,8 +146,10 @@ def test_qwen_only_without_the_model_is_a_clear_error(
 
 
 def test_bad_options_are_rejected_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--top-n", "0"]) == 2
-    assert "--top-n must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--top-n", "0"])
+    assert exit_info.value.code == 2
+    assert "--top-n: must be a positive integer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--backend", "nope"])
     assert exit_info.value.code == 2

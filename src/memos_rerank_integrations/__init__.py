@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._configurable import REGISTRY
 from ._exceptions import (
     AuthenticationError,
     BackendUnavailableError,
@@ -37,17 +38,10 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# Backend name -> private module that defines it, imported on first access.
+# Public name -> private module that defines it, imported on first access: every
+# backend of the registry, and the config and compare helpers.
 _LAZY = {
-    "QwenReranker": "._local.qwen",
-    "CrossEncoderReranker": "._local.cross_encoder",
-    "EmbeddingReranker": "._local.embedding",
-    "MemOSReranker": "._remote.memos",
-    "CohereReranker": "._remote.cohere",
-    "HTTPReranker": "._remote.http_reranker",
-    "ZeroEntropyReranker": "._remote.zeroentropy",
-    "FallbackReranker": "._fallback",
-    "LLMReranker": "._llm.pointwise",
+    **{provider.attribute: provider.module for provider in REGISTRY},
     "from_config": "._config",
     "compare": "._compare",
     "acompare": "._compare",

@@ -1,6 +1,6 @@
 """A/B helper: the same documents through several rerankers, side by side with the
 vector (input) order, as Mem0's reranker guide asks ("log the reranked vs.
-non-reranked lists"). ``memos-rerank compare`` is its command line.
+non-reranked lists"). ``memos-rerank compare`` is its command line (in ``cli/``).
 
 >>> comparison = compare(query, documents, rerankers={"minilm": EmbeddingReranker()})
 >>> print(comparison)          # a table: vector order first, then each reranker
@@ -9,12 +9,8 @@ non-reranked lists"). ``memos-rerank compare`` is its command line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import importlib
-import json
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,8 +18,6 @@ from typing import Any
 
 from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
 from ._types import Stage, check_inputs, check_top_n, validate_ranking
-from .cli._input import Document, clean_text, read_documents
-from .cli._input import UserError as _UserError
 
 __all__ = [
     "VECTOR_ORDER",
@@ -341,125 +335,3 @@ async def acompare(
             continue
         columns.append(_column(name, len(docs), started, raw))
     return _cut(Comparison(query, tuple(docs), tuple(columns)), top_n)
-
-
-# -- memos-rerank compare --------------------------------------------------------------
-
-_PROG = "memos-rerank compare"
-_KINDS = ("embedding", "qwen", "cross-encoder", "http", "memos", "cohere", "zeroentropy")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=_PROG,
-        description="Rerank documents with one or more backends and print the orders side by "
-        "side, the input (vector) order first. Documents come from --input (or stdin): one per "
-        "line, or JSON lines with a string 'text' and an optional numeric 'score' (the vector "
-        "score, shown in the first column).",
-    )
-    parser.add_argument("--query", required=True)
-    parser.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
-    parser.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
-    parser.add_argument(
-        "--errors",
-        choices=("strict", "replace"),
-        default="strict",
-        help="input that is not valid UTF-8 text: 'strict' (default) stops with a one-line "
-        "error, 'replace' substitutes U+FFFD",
-    )
-    parser.add_argument(
-        "--backend",
-        action="append",
-        metavar="KIND[=MODEL_OR_URL]",
-        help="a column; repeat for more (default: embedding). KIND is one of "
-        f"{', '.join(_KINDS)}; MODEL is a Hugging Face id or a local directory (required for "
-        "cross-encoder), http takes the server's base URL (http=http://127.0.0.1:8080). "
-        "memos, cohere and zeroentropy read their API keys from the environment.",
-    )
-    parser.add_argument("--top-n", type=int, default=None, help="show the best N of each column")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--device", help="cpu, cuda, mps (local backends; default: best available)")
-    parser.add_argument("--dtype", help="float32, bfloat16, float16 (local backends)")
-    return parser
-
-
-def _backend(spec: str, args: argparse.Namespace) -> Any:
-    kind, _, target = spec.partition("=")
-    kind = kind.strip()
-    target = target.strip()
-    local: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
-    model: dict[str, Any] = {"model": target} if target else {}
-    if kind == "embedding":
-        from ._local.embedding import EmbeddingReranker
-
-        return EmbeddingReranker(**model, **local)
-    if kind == "qwen":
-        from ._local.qwen import QwenReranker
-
-        return QwenReranker(**model, **local)
-    if kind == "cross-encoder":
-        if not target:
-            raise _UserError("cross-encoder needs a model: --backend cross-encoder=MODEL.")
-        from ._local.cross_encoder import CrossEncoderReranker
-
-        return CrossEncoderReranker(target, **local)
-    if kind == "http":
-        if not target:
-            raise _UserError("http needs the server's URL: --backend http=URL.")
-        from ._remote.http_reranker import HTTPReranker
-
-        return HTTPReranker(target)
-    remote = {
-        "memos": "._remote.memos:MemOSReranker",
-        "cohere": "._remote.cohere:CohereReranker",
-        "zeroentropy": "._remote.zeroentropy:ZeroEntropyReranker",
-    }
-    if kind in remote:
-        module, _, name = remote[kind].partition(":")
-        return getattr(importlib.import_module(module, __package__), name)(**model)
-    raise _UserError(f"Unknown backend {kind!r}; use one of: {', '.join(_KINDS)}.")
-
-
-def _vector_scores(documents: list[Document]) -> list[float] | None:
-    """The JSON lines' numeric ``score`` fields, when every document has one."""
-    scores = []
-    for document in documents:
-        score = (document.record or {}).get("score")
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            return None
-        if not math.isfinite(score):
-            return None
-        scores.append(float(score))
-    return scores
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``memos-rerank compare``: returns the process exit code."""
-    args = _parser().parse_args(argv)
-    try:
-        query = clean_text(args.query, args.errors, where="--query")
-        if not query.strip():
-            raise _UserError("--query must not be empty.")
-        if args.top_n is not None and args.top_n < 1:
-            raise _UserError(f"--top-n must be a positive integer, got {args.top_n}.")
-        documents = read_documents(args.input, args.format, args.errors)
-        texts = [document.text for document in documents]
-        scores = _vector_scores(documents)
-        if not texts:
-            raise _UserError("No documents to compare.")
-        specs = args.backend or ["embedding"]
-        rerankers = {spec: _backend(spec, args) for spec in specs}
-        comparison = compare(
-            query, texts, rerankers, vector_scores=scores, top_n=args.top_n, warm_up=True
-        )
-    except (_UserError, RerankError, ImportError, OSError) as exc:
-        sys.stderr.write(
-            f"memos-rerank: error: {' '.join(str(exc).split()) or type(exc).__name__}\n"
-        )
-        return 1
-    if args.json:
-        sys.stdout.write(json.dumps(comparison.to_dict(), ensure_ascii=False, indent=2) + "\n")
-    else:
-        sys.stdout.write(comparison.table() + "\n")
-    sys.stdout.flush()
-    return 0

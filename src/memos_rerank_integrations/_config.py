@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MEM0_PROVIDERS",
+    "backend_class",
     "check_config",
     "from_config",
     "settings_from_dict",
@@ -214,9 +215,10 @@ MEM0_PROVIDERS: Mapping[str, _Mem0Provider] = {
 # --------------------------------------------------------------------------- options
 
 
-def _backend_class(name: str) -> type[Any]:
-    module, attribute = PROVIDERS[name]
-    cls: type[Any] = getattr(importlib.import_module(module, PACKAGE), attribute)
+def backend_class(name: str) -> type[Any]:
+    """The class of this package's provider ``name`` (imported on first use)."""
+    provider = PROVIDERS[name]
+    cls: type[Any] = getattr(importlib.import_module(provider.module, PACKAGE), provider.attribute)
     return cls
 
 
@@ -279,7 +281,7 @@ def _resolve(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(this package's provider, its constructor options), keys checked."""
     dialect = MEM0_PROVIDERS.get(name)
     target = name if name in PROVIDERS else dialect.target if dialect else name
-    cls = _backend_class(target)
+    cls = backend_class(target)
     valid, required = _signature_options(cls)
     accepted = valid | (dialect.keys if dialect is not None else frozenset())
     unknown = sorted(set(options) - accepted)
@@ -391,7 +393,7 @@ def _build(config: Mapping[str, Any], options: dict[str, Any], depth: int) -> Re
             _build(item, {}, depth + 1) if isinstance(item, Mapping) else item
             for item in kwargs["rerankers"]
         ]
-    backend: Reranker = _backend_class(target)(**kwargs)
+    backend: Reranker = backend_class(target)(**kwargs)
     return backend
 
 

@@ -10,6 +10,7 @@ import inspect
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
@@ -22,25 +23,64 @@ if TYPE_CHECKING:
 __all__ = [
     "PACKAGE",
     "PROVIDERS",
+    "REGISTRY",
     "Configurable",
+    "Provider",
     "mask_secrets",
+    "provider_named",
     "strip_secrets",
 ]
 
 PACKAGE = __name__.rpartition(".")[0]
 
-# This package's provider names -> (private module, class).
-PROVIDERS: Mapping[str, tuple[str, str]] = {
-    "qwen": ("._local.qwen", "QwenReranker"),
-    "cross_encoder": ("._local.cross_encoder", "CrossEncoderReranker"),
-    "embedding": ("._local.embedding", "EmbeddingReranker"),
-    "memos": ("._remote.memos", "MemOSReranker"),
-    "cohere": ("._remote.cohere", "CohereReranker"),
-    "http": ("._remote.http_reranker", "HTTPReranker"),
-    "zero_entropy": ("._remote.zeroentropy", "ZeroEntropyReranker"),
-    "llm": ("._llm.pointwise", "LLMReranker"),
-    "fallback": ("._fallback", "FallbackReranker"),
+
+@dataclass(frozen=True)
+class Provider:
+    """One backend of this package: its config name, where its class lives (a
+    private module, relative to the package, and the class name), other spellings
+    the command line accepts, and whether it runs a model in this process."""
+
+    name: str
+    module: str
+    attribute: str
+    aliases: tuple[str, ...] = ()
+    local: bool = False
+
+
+# The one place each backend is named: from_config, to_config, the lazy exports,
+# compare and the command line read it.
+REGISTRY: tuple[Provider, ...] = (
+    Provider("qwen", "._local.qwen", "QwenReranker", local=True),
+    Provider(
+        "cross_encoder",
+        "._local.cross_encoder",
+        "CrossEncoderReranker",
+        aliases=("cross-encoder",),
+        local=True,
+    ),
+    Provider("embedding", "._local.embedding", "EmbeddingReranker", local=True),
+    Provider("memos", "._remote.memos", "MemOSReranker"),
+    Provider("cohere", "._remote.cohere", "CohereReranker"),
+    Provider("http", "._remote.http_reranker", "HTTPReranker"),
+    Provider(
+        "zero_entropy",
+        "._remote.zeroentropy",
+        "ZeroEntropyReranker",
+        aliases=("zeroentropy", "zero-entropy"),
+    ),
+    Provider("llm", "._llm.pointwise", "LLMReranker"),
+    Provider("fallback", "._fallback", "FallbackReranker"),
+)
+PROVIDERS: Mapping[str, Provider] = {provider.name: provider for provider in REGISTRY}
+_SPELLINGS: Mapping[str, Provider] = {
+    spelling: provider for provider in REGISTRY for spelling in (provider.name, *provider.aliases)
 }
+
+
+def provider_named(spelling: str) -> Provider | None:
+    """The provider a name or one of its aliases (``cross-encoder``) spells, if any."""
+    return _SPELLINGS.get(spelling)
+
 
 # Constructor arguments that are never written into a config or a pickle.
 _SECRETS = frozenset({"api_key"})
@@ -94,9 +134,9 @@ def mask_secrets(value: Any) -> Any:
 
 
 def _provider_of(cls: type[Any]) -> str:
-    for name, (module, attribute) in PROVIDERS.items():
-        if cls.__module__ == PACKAGE + module and cls.__qualname__ == attribute:
-            return name
+    for provider in REGISTRY:
+        if cls.__module__ == PACKAGE + provider.module and cls.__qualname__ == provider.attribute:
+            return provider.name
     raise TypeError(
         f"{cls.__qualname__} is not one of this package's backends, so it has no config "
         f"(to_config covers {', '.join(sorted(PROVIDERS))}). It still pickles."

@@ -23,10 +23,12 @@ __all__ = [
     "check_text",
     "check_top_n",
     "estimate_tokens",
+    "lone_surrogate",
     "nonempty_text",
     "optional_positive_int",
     "positive_int",
     "rank_scores",
+    "replace_surrogates",
     "validate_ranking",
 ]
 
@@ -206,15 +208,27 @@ def nonempty_text(name: str, value: object) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def lone_surrogate(text: str) -> tuple[int, str] | None:
+    """The position and character of the first lone surrogate in ``text``, if any."""
+    if text.isascii():
+        return None
+    found = _SURROGATE.search(text)
+    return None if found is None else (found.start(), found.group())
+
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
 def check_text(what: str, text: str) -> None:
     """Raise :class:`InvalidInputError` if ``text`` holds a lone surrogate."""
-    if text.isascii():
-        return
-    found = _SURROGATE.search(text)
+    found = lone_surrogate(text)
     if found is not None:
+        position, char = found
         raise InvalidInputError(
-            f"{what} contains a lone surrogate (U+{ord(found.group()):04X} at character "
-            f"{found.start()}), which is not valid Unicode text and cannot be encoded as "
+            f"{what} contains a lone surrogate (U+{ord(char):04X} at character "
+            f"{position}), which is not valid Unicode text and cannot be encoded as "
             "UTF-8. Decode the source with errors='replace', or remove the character."
         )
 

@@ -27,8 +27,9 @@ from typing import Any
 
 from .._exceptions import RerankError
 from ._examples import BUSINESS_TRIP_QUERY, EXAMPLES
+from ._options import positive_int
 
-__all__ = ["DEFAULT_MODEL", "main"]
+__all__ = ["DEFAULT_MODEL", "add_parser", "main", "run"]
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -44,11 +45,24 @@ class _Choice:
     description: str
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="memos-rerank demo",
-        description="Rerank the MemOS example memories through LangChain and LlamaIndex.",
+_DESCRIPTION = "Rerank the MemOS example memories through LangChain and LlamaIndex."
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "demo", help="rerank the MemOS examples end to end", description=_DESCRIPTION
     )
+    _add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memos-rerank demo", description=_DESCRIPTION)
+    _add_arguments(parser)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -69,17 +83,20 @@ def _parser() -> argparse.ArgumentParser:
         "or the Hugging Face cache (as with HF_HUB_OFFLINE=1).",
     )
     parser.add_argument(
-        "--top-n", type=int, default=None, help="Show at most this many memories per query."
+        "--top-n",
+        type=positive_int,
+        default=None,
+        help="Show at most this many memories per query.",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    args = _parser().parse_args(None if argv is None else list(argv))
-    if args.top_n is not None and args.top_n < 1:
-        _err(f"--top-n must be a positive number, got {args.top_n}.")
-        return 2
+    return run(_parser().parse_args(None if argv is None else list(argv)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo with parsed options; returns the process exit code."""
     _out("memos-rerank demo: the MemOS example memories, reranked in LangChain and LlamaIndex.")
     missing = _missing_frameworks()
     if missing:

@@ -7,15 +7,14 @@ bad input is a :class:`UserError` (one line, no traceback), never a crash.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Document", "UserError", "clean_text", "input_name", "read_documents"]
+from .._types import lone_surrogate, replace_surrogates
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+__all__ = ["Document", "UserError", "clean_text", "input_name", "read_documents"]
 
 
 class UserError(Exception):
@@ -92,14 +91,15 @@ def _parse_documents(
 def clean_text(text: str, errors: str, *, where: str) -> str:
     """Refuse (or replace) lone surrogates: they come from JSON escapes such as
     "\\ud800" or undecodable command-line bytes, and no tokenizer or output accepts them."""
-    match = _SURROGATE.search(text)
-    if match is None:
+    found = lone_surrogate(text)
+    if found is None:
         return text
     if errors == "replace":
-        return _SURROGATE.sub("\ufffd", text)
+        return replace_surrogates(text)
+    position, char = found
     raise UserError(
-        f"{where}: character {match.start() + 1} is a lone surrogate "
-        f"(U+{ord(match.group()):04X}), not valid Unicode text; fix the input, or pass "
+        f"{where}: character {position + 1} is a lone surrogate "
+        f"(U+{ord(char):04X}), not valid Unicode text; fix the input, or pass "
         "--errors replace to replace it with U+FFFD."
     )
 

@@ -1,0 +1,104 @@
+"""``memos-rerank compare``: documents through several backends, the orders side by
+side with the input (vector) order, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from .._compare import compare
+from .._configurable import provider_named
+from ._input import Document, UserError, clean_text, read_documents
+from ._options import add_model_options, build_backend, positive_int, spellings
+
+__all__ = ["add_parser", "run"]
+
+_KINDS = ("embedding", "qwen", "cross_encoder", "http", "memos", "cohere", "zero_entropy")
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="rerank documents with several backends and print the orders side by side",
+        description="Rerank documents with one or more backends and print the orders side by "
+        "side, the input (vector) order first. Documents come from --input (or stdin): one per "
+        "line, or JSON lines with a string 'text' and an optional numeric 'score' (the vector "
+        "score, shown in the first column).",
+    )
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
+    parser.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
+    parser.add_argument(
+        "--errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="input that is not valid UTF-8 text: 'strict' (default) stops with a one-line "
+        "error, 'replace' substitutes U+FFFD",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        metavar="KIND[=MODEL_OR_URL]",
+        help="a column; repeat for more (default: embedding). KIND is one of "
+        f"{', '.join(spellings(_KINDS))}; MODEL is a Hugging Face id or a local directory "
+        "(required for cross-encoder), http takes the server's base URL "
+        "(http=http://127.0.0.1:8080). memos, cohere and zeroentropy read their API keys "
+        "from the environment.",
+    )
+    parser.add_argument(
+        "--top-n", type=positive_int, default=None, help="show the best N of each column"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_options(parser, instruction=False)
+    parser.set_defaults(run=run)
+
+
+def _backend(spec: str, args: argparse.Namespace) -> Any:
+    kind, _, target = spec.partition("=")
+    provider = provider_named(kind.strip())
+    if provider is None or provider.name not in _KINDS:
+        raise UserError(
+            f"Unknown backend {kind.strip()!r}; use one of: {', '.join(spellings(_KINDS))}."
+        )
+    return build_backend(
+        provider.name, target.strip() or None, device=args.device, dtype=args.dtype
+    )
+
+
+def _vector_scores(documents: list[Document]) -> list[float] | None:
+    """The JSON lines' numeric ``score`` fields, when every document has one."""
+    scores = []
+    for document in documents:
+        score = (document.record or {}).get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            return None
+        if not math.isfinite(score):
+            return None
+        scores.append(float(score))
+    return scores
+
+
+def run(args: argparse.Namespace) -> int:
+    """``memos-rerank compare``: returns the process exit code."""
+    query = clean_text(args.query, args.errors, where="--query")
+    if not query.strip():
+        raise UserError("--query must not be empty.")
+    documents = read_documents(args.input, args.format, args.errors)
+    texts = [document.text for document in documents]
+    scores = _vector_scores(documents)
+    if not texts:
+        raise UserError("No documents to compare.")
+    specs = args.backend or ["embedding"]
+    rerankers = {spec: _backend(spec, args) for spec in specs}
+    comparison = compare(
+        query, texts, rerankers, vector_scores=scores, top_n=args.top_n, warm_up=True
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(comparison.to_dict(), ensure_ascii=False, indent=2) + "\n")
+    else:
+        sys.stdout.write(comparison.table() + "\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,213 @@
+"""``memos-rerank serve``: a local model over HTTP in every dialect the server speaks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from ._options import (
+    add_model_options,
+    backend_choice,
+    build_backend,
+    positive_float,
+    positive_int,
+    spellings,
+    tokens_or_none,
+)
+
+__all__ = ["API_KEY_ENV", "add_parser", "run"]
+
+API_KEY_ENV = "MEMOS_RERANK_API_KEY"
+SERVE_BACKENDS = ("qwen", "cross_encoder")
+# MemOS caps queries at 2,048 tokens; the server does the same by default.
+_MEMOS_QUERY_TOKENS = 2048
+# Defaults of the server (kept here so that --help works without the server extra).
+_DEFAULT_REQUEST_TOKENS = 262_144
+_DEFAULT_LIMIT_CONCURRENCY = 256
+_DEFAULT_HEADER_TIMEOUT = 10.0
+
+logger = logging.getLogger("memos_rerank_integrations.cli")
+
+
+def add_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a local model over HTTP in the MemOS, TEI, Cohere, Jina and vLLM shapes",
+        description="Serve a local reranker over HTTP: POST /rerank (MemOS shape, or "
+        "text-embeddings-inference's with 'texts'), POST /v1/rerank (Cohere v1, Jina, vLLM), "
+        "POST /v2/rerank (Cohere v2), POST /score (vLLM), GET /info, /v1/models, /health "
+        "and /openapi.json. Rerank routes take 'Authorization: Bearer KEY' or 'Token KEY'.",
+    )
+    serve.add_argument("--model", required=True, help="Hugging Face id or local directory")
+    serve.add_argument(
+        "--backend",
+        type=backend_choice(SERVE_BACKENDS),
+        default="qwen",
+        help=f"{', '.join(spellings(SERVE_BACKENDS))} (default: qwen)",
+    )
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require this key on the rerank endpoints (default: ${API_KEY_ENV}; "
+        "prefer the variable, command lines are visible to other users)",
+    )
+    serve.add_argument("--model-name", help="model name reported in responses (default: --model)")
+    limits = serve.add_argument_group(
+        "request limits (all checked before any model work)",
+        "A request over a limit gets a 4xx that says which limit and how to split the call.",
+    )
+    limits.add_argument(
+        "--max-documents", type=positive_int, default=1000, help="documents per request (1000)"
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=4 * 1024 * 1024,
+        help="request body size in bytes (4 MiB); larger bodies get 413, unread",
+    )
+    limits.add_argument(
+        "--max-query-tokens",
+        type=positive_int,
+        default=_MEMOS_QUERY_TOKENS,
+        help="cut queries to this many tokens, like MemOS (2048; qwen backend: "
+        "cross-encoders cut query and document to the model's max_length)",
+    )
+    limits.add_argument(
+        "--max-request-tokens",
+        type=tokens_or_none,
+        default=_DEFAULT_REQUEST_TOKENS,
+        help=f"tokens one request may cost, every query-document prompt counted "
+        f"({_DEFAULT_REQUEST_TOKENS}; 'none' for no budget); more gets 413",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a client has to send its request body (30); slower gets 408",
+    )
+    connections = serve.add_argument_group("connections (passed to uvicorn)")
+    connections.add_argument(
+        "--limit-concurrency",
+        type=positive_int,
+        default=_DEFAULT_LIMIT_CONCURRENCY,
+        help=f"open connections or in-flight requests beyond which new requests get 503 "
+        f"({_DEFAULT_LIMIT_CONCURRENCY}); a new connection first closes the one that has "
+        "waited longest without sending a request",
+    )
+    connections.add_argument(
+        "--timeout-keep-alive",
+        type=positive_float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (5)",
+    )
+    connections.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=_DEFAULT_HEADER_TIMEOUT,
+        help=f"seconds a connection has to send a complete request line and headers "
+        f"({_DEFAULT_HEADER_TIMEOUT:g}); idle or trickling connections are closed after it",
+    )
+    serve.add_argument(
+        "--no-batching", action="store_true", help="run requests one at a time (no micro-batching)"
+    )
+    serve.add_argument(
+        "--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics"
+    )
+    serve.add_argument("--batch-window-ms", type=float, default=5.0)
+    serve.add_argument(
+        "--max-batch-documents",
+        type=positive_int,
+        default=None,
+        help="documents per fused forward batch (default: 128 on CUDA, 32 elsewhere)",
+    )
+    serve.add_argument(
+        "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info"
+    )
+    serve.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..server import config, create_app
+    from ..server._core import check_api_key
+
+    _log_to_stderr(args.log_level)
+    # Checked before the model loads, so a bad key fails in a second, not a minute.
+    api_key = check_api_key(args.api_key or os.environ.get(API_KEY_ENV) or None)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            "Serving on %s without an API key: anyone who can reach it can use it.", args.host
+        )
+    extra = {"max_query_length": args.max_query_tokens} if args.backend == "qwen" else {}
+    backend = build_backend(
+        args.backend,
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        instruction=args.instruction,
+        **extra,
+    )
+    logger.info("Loading %s model %s", args.backend, args.model)
+    # Load (and warm up) now, so a bad model fails here and not on the first request.
+    backend.rerank("warm-up", ["warm-up"])
+    app = create_app(
+        backend,
+        model_name=args.model_name or args.model,
+        api_key=api_key,
+        max_documents=args.max_documents,
+        max_body_bytes=args.max_body_bytes,
+        max_request_tokens=args.max_request_tokens,
+        body_timeout=args.body_timeout,
+        batching=not args.no_batching,
+        batch_window_ms=args.batch_window_ms,
+        max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
+        metrics=not args.no_metrics,
+    )
+    server = uvicorn.Server(
+        config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            limit_concurrency=args.limit_concurrency,
+            timeout_keep_alive=args.timeout_keep_alive,
+            header_timeout=args.header_timeout,
+        )
+    )
+    # uvicorn handles SIGINT/SIGTERM (drains requests, runs the app's shutdown, which
+    # stops the model thread), then re-raises the signal to the handler it found:
+    # this no-op one, so a requested shutdown exits with status 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _ignore_signal)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0 if server.started else 1
+
+
+def _default_batch_documents(device: str | None) -> int:
+    from .._local.runtime import resolve_device
+
+    # A CPU is saturated by one call's worth of rows; a GPU keeps gaining.
+    return 128 if resolve_device(device).type == "cuda" else 32
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """Placeholder handler; uvicorn installs its own while serving."""
+
+
+def _log_to_stderr(level: str) -> None:
+    package_logger = logging.getLogger("memos_rerank_integrations")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level.upper())
