@@ -16,8 +16,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from ._types import Stage, check_inputs, check_top_n, validate_ranking
+from ._exceptions import InvalidInputError, RerankError
+from ._types import (
+    Ask,
+    Stage,
+    Steps,
+    arun_steps,
+    check_inputs,
+    check_top_n,
+    checked_results,
+    run_steps,
+)
 
 __all__ = [
     "VECTOR_ORDER",
@@ -204,30 +213,18 @@ def _vector_column(count: int, vector_scores: Sequence[float] | None) -> Compari
     )
 
 
-def _ranked(name: str, raw: object, count: int) -> tuple[RankedDocument, ...]:
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-        raise MalformedResponseError(
-            f"{name} returned {type(raw).__name__}, not a list of results."
-        )
-    items = list(raw)
-    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in items]
-    scores = validate_ranking(pairs, n_documents=count, top_n_sent=None, backend=name)
-    stages = {
-        item.index: item.stage for item in items if isinstance(getattr(item, "stage", None), Stage)
-    }
-    order = sorted(scores, key=lambda index: (-scores[index], index))
-    return tuple(RankedDocument(int(i), scores[i], stages.get(i)) for i in order)
-
-
 def _column(
     name: str, count: int, started: float, raw: object = None, error: RerankError | None = None
 ) -> ComparisonColumn:
     elapsed = (time.perf_counter() - started) * 1000.0
     if error is None:
         try:
-            return ComparisonColumn(name, _ranked(name, raw, count), elapsed)
+            results = checked_results(raw, count=count, backend=name)
         except RerankError as bad:
             error = bad
+        else:
+            ranking = tuple(RankedDocument(r.index, r.score, r.stage) for r in results)
+            return ComparisonColumn(name, ranking, elapsed)
     return ComparisonColumn(name, (), elapsed, f"{type(error).__name__}: {error}")
 
 
@@ -280,28 +277,11 @@ def compare(
     scores one pair per reranker, untimed, so the times are scoring times.
     """
     query, docs, vector = _checked(query, documents, top_n, vector_scores)
-    columns = [vector]
-    for name, reranker in _named(rerankers):
-        sync = callable(getattr(reranker, "rerank", None))
-        if not sync:
+    named = _named(rerankers)
+    for name, reranker in named:
+        if not callable(getattr(reranker, "rerank", None)):
             _no_running_loop(name)
-        started = time.perf_counter()
-        try:
-            if sync:
-                if warm_up:
-                    reranker.rerank(query, docs[:1])
-                    started = time.perf_counter()
-                raw = reranker.rerank(query, docs)
-            else:
-                if warm_up:
-                    asyncio.run(reranker.arerank(query, docs[:1]))
-                    started = time.perf_counter()
-                raw = asyncio.run(reranker.arerank(query, docs))
-        except RerankError as error:
-            columns.append(_column(name, len(docs), started, error=error))
-            continue
-        columns.append(_column(name, len(docs), started, raw))
-    return _cut(Comparison(query, tuple(docs), tuple(columns)), top_n)
+    return run_steps(_columns(query, docs, vector, named, top_n, warm_up))
 
 
 async def acompare(
@@ -316,20 +296,26 @@ async def acompare(
     """The async twin of :func:`compare`: awaits each backend's ``arerank`` (a
     backend with only ``rerank`` runs in a worker thread)."""
     query, docs, vector = _checked(query, documents, top_n, vector_scores)
+    return await arun_steps(_columns(query, docs, vector, _named(rerankers), top_n, warm_up))
+
+
+def _columns(
+    query: str,
+    docs: list[str],
+    vector: ComparisonColumn,
+    named: list[tuple[str, Any]],
+    top_n: int | None,
+    warm_up: bool,
+) -> Steps[Comparison]:
+    """Each reranker in turn (the calls are yielded: see ``_types.Steps``)."""
     columns = [vector]
-    for name, reranker in _named(rerankers):
+    for name, reranker in named:
         started = time.perf_counter()
         try:
-            if callable(getattr(reranker, "arerank", None)):
-                if warm_up:
-                    await reranker.arerank(query, docs[:1])
-                    started = time.perf_counter()
-                raw = await reranker.arerank(query, docs)
-            else:
-                if warm_up:
-                    await asyncio.to_thread(reranker.rerank, query, docs[:1])
-                    started = time.perf_counter()
-                raw = await asyncio.to_thread(reranker.rerank, query, docs)
+            if warm_up:
+                yield Ask(reranker, query, docs[:1])
+                started = time.perf_counter()
+            raw = yield Ask(reranker, query, docs)
         except RerankError as error:
             columns.append(_column(name, len(docs), started, error=error))
             continue

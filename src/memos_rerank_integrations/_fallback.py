@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
-import inspect
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -13,14 +11,16 @@ from types import MappingProxyType
 from typing import Any
 
 from ._configurable import Configurable
-from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
+from ._exceptions import InvalidInputError, RerankError
 from ._types import (
-    DEFAULT_THRESHOLDS,
+    Ask,
     RerankResult,
-    Stage,
+    Steps,
+    arun_steps,
     check_inputs,
     check_top_n,
-    validate_ranking,
+    checked_results,
+    run_steps,
 )
 
 __all__ = ["FallbackAnswer", "FallbackReranker"]
@@ -106,27 +106,25 @@ class FallbackReranker(Configurable):
     def rerank_detailed(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> FallbackAnswer:
-        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
-        errors: list[Exception] = []
-        for position, backend in enumerate(self._rerankers):
-            try:
-                raw = _call_sync(backend, query, docs, top_n)
-                results = _checked(raw, len(docs), top_n, backend)
-            except Exception as error:
-                self._failed(position, error, errors)
-                continue
-            return self._answered(results, position, errors)
-        raise _chained(errors)
+        """Like :meth:`rerank`, with which backend answered and what failed before it."""
+        return run_steps(self._attempts(query, documents, top_n))
 
     async def arerank_detailed(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> FallbackAnswer:
+        """The async twin of :meth:`rerank_detailed`."""
+        return await arun_steps(self._attempts(query, documents, top_n))
+
+    def _attempts(
+        self, query: str, documents: Sequence[str], top_n: int | None
+    ) -> Steps[FallbackAnswer]:
         docs, top_n = check_inputs(query, documents), check_top_n(top_n)
         errors: list[Exception] = []
         for position, backend in enumerate(self._rerankers):
             try:
-                raw = await _call_async(backend, query, docs, top_n)
-                results = _checked(raw, len(docs), top_n, backend)
+                raw = yield Ask(backend, query, docs, top_n)
+                name = type(backend).__name__
+                results = checked_results(raw, count=len(docs), backend=name, top_n=top_n)
             except Exception as error:
                 self._failed(position, error, errors)
                 continue
@@ -196,46 +194,6 @@ class FallbackReranker(Configurable):
 
 def _method(backend: Any, name: str) -> bool:
     return callable(getattr(backend, name, None))
-
-
-def _call_sync(backend: Any, query: str, docs: list[str], top_n: int | None) -> Any:
-    if _method(backend, "rerank"):
-        return backend.rerank(query, docs, top_n=top_n)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(backend.arerank(query, docs, top_n=top_n))
-    raise InvalidInputError(
-        f"{type(backend).__name__} is async-only and cannot be called from rerank() "
-        "inside a running event loop; use arerank()."
-    )
-
-
-async def _call_async(backend: Any, query: str, docs: list[str], top_n: int | None) -> Any:
-    if _method(backend, "arerank"):
-        answer = backend.arerank(query, docs, top_n=top_n)
-        return await answer if inspect.isawaitable(answer) else answer
-    return await asyncio.to_thread(backend.rerank, query, docs, top_n=top_n)
-
-
-def _checked(raw: Any, count: int, top_n: int | None, backend: Any) -> list[RerankResult]:
-    """A duck-typed backend's answer, checked before it is trusted and sorted best first;
-    results without a :class:`Stage` get one from the default thresholds."""
-    name = type(backend).__name__
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-        raise MalformedResponseError(f"{name} returned {type(raw).__name__}, not a list.")
-    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in raw]
-    scores = validate_ranking(pairs, n_documents=count, top_n_sent=top_n, backend=name)
-    results = []
-    # validate_ranking keeps the answer's order, with plain int indices and float scores
-    # (a numpy-scored backend's numpy.int64 / numpy.float32 do not leak out).
-    for item, (index, score) in zip(raw, scores.items(), strict=True):
-        stage = getattr(item, "stage", None)
-        if not isinstance(stage, Stage):
-            stage = DEFAULT_THRESHOLDS.stage(score)
-        results.append(RerankResult(index, score, stage))
-    results.sort(key=lambda result: (-result.score, result.index))
-    return results
 
 
 def _chained(errors: list[Exception]) -> Exception:

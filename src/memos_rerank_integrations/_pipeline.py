@@ -8,25 +8,27 @@ their framework's objects, and in how they show a call to their framework's trac
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._exceptions import InvalidInputError, MalformedResponseError, RerankError
+from ._exceptions import InvalidInputError, RerankError
 from ._types import (
-    DEFAULT_THRESHOLDS,
+    Ask,
     RerankResult,
     Stage,
     StageThresholds,
+    Steps,
+    arun_steps,
     check_top_n,
-    validate_ranking,
+    checked_results,
+    run_steps,
 )
 
 __all__ = [
@@ -222,34 +224,12 @@ def safe_error(error: BaseException) -> str:
     return type(error).__name__
 
 
-def _validated(raw: object, count: int, backend: str) -> list[RerankResult]:
-    """Backends are duck-typed, so their answer is checked before it is trusted:
-    exactly one finite score per document, no index twice."""
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-        raise MalformedResponseError(
-            f"The reranker returned {type(raw).__name__}, not a list of results."
-        )
-    items = list(raw)
-    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in items]
-    scores = validate_ranking(pairs, n_documents=count, top_n_sent=None, backend=backend)
-    stages: dict[int, Stage] = {}
-    for item in items:
-        stage = getattr(item, "stage", None)
-        if isinstance(stage, Stage):
-            stages[item.index] = stage
-    ranked = sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))
-    return [
-        RerankResult(index, score, stages.get(index, DEFAULT_THRESHOLDS.stage(score)))
-        for index, score in ranked
-    ]
-
-
 def _select(
     settings: RerankSettings, raw: object, count: int, top_n: int | None
 ) -> list[RerankResult]:
     """Re-stage with the adapter's (or the backend's) cut points, filter, then cut."""
     thresholds = settings._stage_thresholds()
-    results = _validated(raw, count, settings._model_name())
+    results = checked_results(raw, count=count, backend=settings._model_name())
     if thresholds is not None:
         results = [RerankResult(r.index, r.score, thresholds.stage(r.score)) for r in results]
     kept = [
@@ -349,16 +329,7 @@ def run(
     adapter: str = "adapter",
 ) -> Outcome:
     """Rerank ``texts`` synchronously, applying the adapter's options."""
-    call = _Call(settings, query, len(texts), options, adapter)
-    if not texts:
-        return call.done([])
-    if call.skip:
-        return call.skipped()
-    try:
-        raw = settings.reranker.rerank(query, texts)
-        return call.done(_select(settings, raw, len(texts), call.top_n))
-    except Exception as error:
-        return call.failed(error)
+    return run_steps(_steps(settings, query, texts, options, adapter))
 
 
 async def arun(
@@ -370,17 +341,19 @@ async def arun(
     adapter: str = "adapter",
 ) -> Outcome:
     """The async twin of :func:`run`; a backend without ``arerank`` runs in a thread."""
+    return await arun_steps(_steps(settings, query, texts, options, adapter))
+
+
+def _steps(
+    settings: RerankSettings, query: str, texts: list[str], options: CallOptions, adapter: str
+) -> Steps[Outcome]:
     call = _Call(settings, query, len(texts), options, adapter)
     if not texts:
         return call.done([])
     if call.skip:
         return call.skipped()
     try:
-        arerank = getattr(settings.reranker, "arerank", None)
-        if callable(arerank):
-            raw = await arerank(query, texts)
-        else:
-            raw = await asyncio.to_thread(settings.reranker.rerank, query, texts)
+        raw = yield Ask(settings.reranker, query, texts)
         return call.done(_select(settings, raw, len(texts), call.top_n))
     except Exception as error:
         return call.failed(error)

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ._exceptions import InvalidInputError, MalformedResponseError
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "Ask",
     "RerankResult",
     "Reranker",
     "Stage",
     "StageThresholds",
+    "Steps",
+    "arerank_of",
+    "arun_steps",
     "check_inputs",
     "check_text",
     "check_top_n",
+    "checked_results",
     "estimate_tokens",
     "lone_surrogate",
     "nonempty_text",
@@ -29,8 +36,12 @@ __all__ = [
     "positive_int",
     "rank_scores",
     "replace_surrogates",
+    "rerank_of",
+    "run_steps",
     "validate_ranking",
 ]
+
+T = TypeVar("T")
 
 
 class Stage(IntEnum):
@@ -363,3 +374,111 @@ def validate_ranking(
             backend=backend,
         )
     return scores
+
+
+def checked_results(
+    raw: object, *, count: int, backend: str, top_n: int | None = None
+) -> list[RerankResult]:
+    """A duck-typed reranker's answer, checked before it is trusted (see
+    :func:`validate_ranking`: one finite score per document, no index twice, exactly
+    ``min(top_n, count)`` when ``top_n`` was asked for) and sorted best first, ties in
+    input order. Indices and scores become plain ``int`` / ``float``; an item without a
+    :class:`Stage` gets the default thresholds' stage."""
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise MalformedResponseError(
+            f"{backend} returned {type(raw).__name__}, not a list of results.", backend=backend
+        )
+    items = list(raw)
+    pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in items]
+    scores = validate_ranking(pairs, n_documents=count, top_n_sent=top_n, backend=backend)
+    results = []
+    # validate_ranking keeps the answer's order, with plain int indices and float scores.
+    for item, (index, score) in zip(items, scores.items(), strict=True):
+        stage = getattr(item, "stage", None)
+        if not isinstance(stage, Stage):
+            stage = DEFAULT_THRESHOLDS.stage(score)
+        results.append(RerankResult(index, score, stage))
+    results.sort(key=lambda result: (-result.score, result.index))
+    return results
+
+
+# -- calling duck-typed rerankers, sync and async, over one core -----------------------
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One call a core wants made: ``reranker.rerank(query, documents, top_n)``."""
+
+    reranker: Any
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """``top_n`` as a keyword, when one is asked for (a duck-typed reranker may
+        take only ``query`` and ``documents``)."""
+        return {} if self.top_n is None else {"top_n": self.top_n}
+
+
+# A core is a generator that yields the calls it wants made, is sent each answer (or
+# has the call's exception thrown in), and returns its result: the logic is written
+# once, and run_steps / arun_steps make the calls synchronously or asynchronously.
+Steps = Generator[Ask, object, T]
+
+
+def rerank_of(ask: Ask) -> object:
+    """Make ``ask`` synchronously: ``rerank``, or an async-only reranker's ``arerank``
+    in a new event loop (refused inside a running one)."""
+    reranker = ask.reranker
+    if callable(getattr(reranker, "rerank", None)):
+        return reranker.rerank(ask.query, ask.documents, **ask.options())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited(reranker.arerank(ask.query, ask.documents, **ask.options())))
+    raise InvalidInputError(
+        f"{type(reranker).__name__} is async-only and cannot be called synchronously "
+        "inside a running event loop; use the async API."
+    )
+
+
+async def arerank_of(ask: Ask) -> object:
+    """Make ``ask`` asynchronously: ``arerank``, or ``rerank`` in a worker thread."""
+    reranker = ask.reranker
+    if callable(getattr(reranker, "arerank", None)):
+        return await _awaited(reranker.arerank(ask.query, ask.documents, **ask.options()))
+    return await asyncio.to_thread(reranker.rerank, ask.query, ask.documents, **ask.options())
+
+
+async def _awaited(value: object) -> object:
+    return await value if inspect.isawaitable(value) else value
+
+
+def run_steps(steps: Steps[T]) -> T:
+    """Drive a core synchronously (see :data:`Steps`)."""
+    try:
+        ask = next(steps)
+        while True:
+            try:
+                answer = rerank_of(ask)
+            except Exception as error:
+                ask = steps.throw(error)
+            else:
+                ask = steps.send(answer)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def arun_steps(steps: Steps[T]) -> T:
+    """Drive a core asynchronously (see :data:`Steps`)."""
+    try:
+        ask = next(steps)
+        while True:
+            try:
+                answer = await arerank_of(ask)
+            except Exception as error:
+                ask = steps.throw(error)
+            else:
+                ask = steps.send(answer)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
