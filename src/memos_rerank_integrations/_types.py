@@ -8,10 +8,10 @@ import itertools
 import math
 import operator
 import re
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from ._exceptions import InvalidInputError, MalformedResponseError
 
@@ -454,31 +454,50 @@ async def _awaited(value: object) -> object:
     return await value if inspect.isawaitable(value) else value
 
 
+class _Driver(Generic[T]):
+    """Steps a core: :attr:`ask` is the call it waits for (``None`` once it is done,
+    its return value in :attr:`result`)."""
+
+    def __init__(self, steps: Steps[T]) -> None:
+        self._steps = steps
+        self.result: T | None = None
+        self.ask: Ask | None = self._step(next, steps)
+
+    def _step(self, step: Callable[..., Ask], *arguments: object) -> Ask | None:
+        try:
+            return step(*arguments)
+        except StopIteration as stop:
+            self.result = stop.value
+            return None
+
+    def answer(self, value: object) -> None:
+        self.ask = self._step(self._steps.send, value)
+
+    def fail(self, error: Exception) -> None:
+        self.ask = self._step(self._steps.throw, error)
+
+
 def run_steps(steps: Steps[T]) -> T:
     """Drive a core synchronously (see :data:`Steps`)."""
-    try:
-        ask = next(steps)
-        while True:
-            try:
-                answer = rerank_of(ask)
-            except Exception as error:
-                ask = steps.throw(error)
-            else:
-                ask = steps.send(answer)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+    driver = _Driver(steps)
+    while driver.ask is not None:
+        try:
+            answer = rerank_of(driver.ask)
+        except Exception as error:
+            driver.fail(error)
+        else:
+            driver.answer(answer)
+    return driver.result  # type: ignore[return-value]
 
 
 async def arun_steps(steps: Steps[T]) -> T:
     """Drive a core asynchronously (see :data:`Steps`)."""
-    try:
-        ask = next(steps)
-        while True:
-            try:
-                answer = await arerank_of(ask)
-            except Exception as error:
-                ask = steps.throw(error)
-            else:
-                ask = steps.send(answer)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+    driver = _Driver(steps)
+    while driver.ask is not None:
+        try:
+            answer = await arerank_of(driver.ask)
+        except Exception as error:
+            driver.fail(error)
+        else:
+            driver.answer(answer)
+    return driver.result  # type: ignore[return-value]

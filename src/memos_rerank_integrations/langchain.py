@@ -86,22 +86,15 @@ class RerankCompressor(RerankSettings, BaseDocumentCompressor):
     """
 
     def compress_documents(
-        self,
-        documents: Sequence[Document],
-        query: str,
-        callbacks: Callbacks | None = None,
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         config = ensure_config()
-        manager = CallbackManager.configure(
-            callbacks if callbacks is not None else config.get("callbacks")
-        )
+        manager = CallbackManager.configure(_callbacks(callbacks, config))
         trace = manager.on_chain_start(
             None, self._run_inputs(documents, query), name=self._run_name()
         )
         try:
-            options = _options(config)
-            texts = _texts(documents)
-            outcome = run(self, check_query(query), texts, options, adapter=self._run_name())
+            outcome = run(self, *self._inputs(documents, query, config), adapter=self._run_name())
             kept = _build(documents, outcome)
         except BaseException as error:
             trace.on_chain_error(error)
@@ -110,28 +103,28 @@ class RerankCompressor(RerankSettings, BaseDocumentCompressor):
         return kept
 
     async def acompress_documents(
-        self,
-        documents: Sequence[Document],
-        query: str,
-        callbacks: Callbacks | None = None,
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         config = ensure_config()
-        manager = AsyncCallbackManager.configure(
-            callbacks if callbacks is not None else config.get("callbacks")
-        )
-        trace = await manager.on_chain_start(
-            None, self._run_inputs(documents, query), name=self._run_name()
-        )
+        manager = AsyncCallbackManager.configure(_callbacks(callbacks, config))
+        inputs = self._run_inputs(documents, query)
+        trace = await manager.on_chain_start(None, inputs, name=self._run_name())
         try:
-            options = _options(config)
-            texts = _texts(documents)
-            outcome = await arun(self, check_query(query), texts, options, adapter=self._run_name())
+            call = self._inputs(documents, query, config)
+            outcome = await arun(self, *call, adapter=self._run_name())
             kept = _build(documents, outcome)
         except BaseException as error:
             await trace.on_chain_error(error)
             raise
         await trace.on_chain_end(_run_outputs(kept, outcome))
         return kept
+
+    def _inputs(
+        self, documents: Sequence[Document], query: object, config: RunnableConfig
+    ) -> tuple[str, list[str], CallOptions]:
+        """What the pipeline takes: the query, the documents' texts, the call's options."""
+        options = _options(config)
+        return check_query(query), _texts(documents), options
 
     def as_retriever(self, base_retriever: RetrieverLike, **kwargs: Any) -> RerankRetriever:
         """A :class:`RerankRetriever` that reranks what ``base_retriever`` finds."""
@@ -177,6 +170,10 @@ class RerankRetriever(ContextualCompressionRetriever):
             return await super().ainvoke(input, config, **kwargs)
         finally:
             _CONFIGURABLE.reset(token)
+
+
+def _callbacks(callbacks: Callbacks | None, config: RunnableConfig) -> Callbacks:
+    return callbacks if callbacks is not None else config.get("callbacks")
 
 
 def _configurable(config: RunnableConfig | None) -> Mapping[str, Any]:

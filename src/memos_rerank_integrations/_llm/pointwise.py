@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 
@@ -353,17 +353,28 @@ async def _bounded_gather(
 
 
 class _Client:
-    """Calls one kind of LLM; sync calls fan out over a thread pool by default."""
+    """Calls one kind of LLM through its sync and async methods (the async one run as
+    the sync one in a worker thread where the LLM has none); sync calls of many
+    prompts fan out over a thread pool by default."""
+
+    sync_method: ClassVar[str]
+    async_method: ClassVar[str]
 
     def __init__(self, llm: Any, max_concurrency: int) -> None:
         self.llm = llm
         self.max_concurrency = max_concurrency
 
-    def call(self, prompt: _Prompt) -> _Answer:
+    def _input(self, prompt: _Prompt) -> Any:
         raise NotImplementedError
 
+    def call(self, prompt: _Prompt) -> _Answer:
+        return _answer(getattr(self.llm, self.sync_method)(self._input(prompt)))
+
     async def acall(self, prompt: _Prompt) -> _Answer:
-        raise NotImplementedError
+        method = getattr(self.llm, self.async_method, None)
+        if not callable(method):
+            return await asyncio.to_thread(self.call, prompt)
+        return _answer(await method(self._input(prompt)))
 
     def call_all(self, prompts: list[_Prompt]) -> list[_Answer]:
         if len(prompts) == 1:
@@ -378,14 +389,10 @@ class _Client:
 class _ChatModelClient(_Client):
     """LangChain chat models and LLMs: ``invoke`` / ``ainvoke`` / ``batch``."""
 
-    def call(self, prompt: _Prompt) -> _Answer:
-        return _answer(self.llm.invoke(prompt.as_messages()))
+    sync_method, async_method = "invoke", "ainvoke"
 
-    async def acall(self, prompt: _Prompt) -> _Answer:
-        ainvoke = getattr(self.llm, "ainvoke", None)
-        if not callable(ainvoke):
-            return await asyncio.to_thread(self.call, prompt)
-        return _answer(await ainvoke(prompt.as_messages()))
+    def _input(self, prompt: _Prompt) -> Any:
+        return prompt.as_messages()
 
     def call_all(self, prompts: list[_Prompt]) -> list[_Answer]:
         batch = getattr(self.llm, "batch", None)
@@ -401,14 +408,10 @@ class _ChatModelClient(_Client):
 class _CompletionClient(_Client):
     """LlamaIndex LLMs: ``complete`` / ``acomplete`` returning ``CompletionResponse``."""
 
-    def call(self, prompt: _Prompt) -> _Answer:
-        return _answer(self.llm.complete(prompt.as_text()))
+    sync_method, async_method = "complete", "acomplete"
 
-    async def acall(self, prompt: _Prompt) -> _Answer:
-        acomplete = getattr(self.llm, "acomplete", None)
-        if not callable(acomplete):
-            return await asyncio.to_thread(self.call, prompt)
-        return _answer(await acomplete(prompt.as_text()))
+    def _input(self, prompt: _Prompt) -> Any:
+        return prompt.as_text()
 
 
 def _client_for(llm: object, max_concurrency: int) -> _Client:

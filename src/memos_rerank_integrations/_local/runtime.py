@@ -145,14 +145,8 @@ class _LoadGate:
             finally:
                 self._waiting_loads -= 1
             self._loading = True
-        self._local.depth = 1
-        try:
+        with self._held(self._end_load):
             yield
-        finally:
-            self._local.depth = 0
-            with self._condition:
-                self._loading = False
-                self._condition.notify_all()
 
     @contextlib.contextmanager
     def using(self) -> Iterator[None]:
@@ -167,14 +161,27 @@ class _LoadGate:
         with self._condition:
             self._condition.wait_for(lambda: not self._loading and self._waiting_loads == 0)
             self._users += 1
+        with self._held(self._end_use):
+            yield
+
+    @contextlib.contextmanager
+    def _held(self, release: Callable[[], None]) -> Iterator[None]:
+        """This thread holds the gate until the block ends; then ``release`` runs
+        under the condition and every waiter is woken."""
         self._local.depth = 1
         try:
             yield
         finally:
             self._local.depth = 0
             with self._condition:
-                self._users -= 1
+                release()
                 self._condition.notify_all()
+
+    def _end_load(self) -> None:
+        self._loading = False
+
+    def _end_use(self) -> None:
+        self._users -= 1
 
 
 _gate = _LoadGate()

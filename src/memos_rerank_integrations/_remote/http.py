@@ -529,50 +529,24 @@ class HTTPBackend(RemoteReranker):
     def _score_chunk(
         self, query: str, documents: list[str], top_n: int | None, timeout: float
     ) -> list[tuple[object, object]]:
-        content, headers = self._request_args(query, documents, top_n)
-        deadline = time.monotonic() + timeout
-        logger.debug("POST %s (%d documents)", self.url, len(documents))
+        exchange = _Exchange(self, query, documents, top_n, timeout)
         try:
-            with self._clients.sync().stream(
-                "POST", self.url, content=content, headers=headers, timeout=timeout
-            ) as response:
-                # Raw bytes, decoded here under the size cap: a client passed in would
-                # otherwise inflate each compressed chunk whole.
-                decoder = _BodyDecoder(
-                    response.headers.get("content-encoding"),
-                    limit=MAX_RESPONSE_BYTES,
-                    backend=self.backend_name,
-                )
-                body = bytearray()
+            with self._clients.sync().stream(**exchange.request) as response:
                 for chunk in response.iter_raw():
-                    self._check_time(deadline, timeout)
-                    body += decoder.decode(chunk)
-                body += decoder.flush()
-                return self._parse(response.status_code, response.headers, bytes(body))
+                    exchange.feed(response, chunk)
+                return exchange.finish(response)
         except httpx.HTTPError as exc:
             raise error_for_transport(exc, backend=self.backend_name, timeout=timeout) from exc
 
     async def _ascore_chunk(
         self, query: str, documents: list[str], top_n: int | None, timeout: float
     ) -> list[tuple[object, object]]:
-        content, headers = self._request_args(query, documents, top_n)
-        deadline = time.monotonic() + timeout
-        logger.debug("POST %s (%d documents)", self.url, len(documents))
+        exchange = _Exchange(self, query, documents, top_n, timeout)
         try:
-            async with self._clients.async_().stream(
-                "POST", self.url, content=content, headers=headers, timeout=timeout
-            ) as response:
-                decoder = _BodyDecoder(
-                    response.headers.get("content-encoding"),
-                    limit=MAX_RESPONSE_BYTES,
-                    backend=self.backend_name,
-                )
-                body = bytearray()
+            async with self._clients.async_().stream(**exchange.request) as response:
                 async for chunk in response.aiter_raw():
-                    self._check_time(deadline, timeout)
-                    body += decoder.decode(chunk)
-                body += decoder.flush()
-                return self._parse(response.status_code, response.headers, bytes(body))
+                    exchange.feed(response, chunk)
+                return exchange.finish(response)
         except httpx.HTTPError as exc:
             raise error_for_transport(exc, backend=self.backend_name, timeout=timeout) from exc
 
@@ -617,6 +591,52 @@ class HTTPBackend(RemoteReranker):
 
     def _clean(self, text: object) -> str:
         return _clean(text, self._api_key)
+
+
+class _Exchange:
+    """One attempt's request, and its answer read as raw bytes, decoded here under the
+    size cap (a client passed in would otherwise inflate each compressed chunk whole)
+    and within the attempt's time, then parsed. The sync and async paths share it."""
+
+    def __init__(
+        self,
+        backend: HTTPBackend,
+        query: str,
+        documents: list[str],
+        top_n: int | None,
+        timeout: float,
+    ) -> None:
+        content, headers = backend._request_args(query, documents, top_n)
+        self.request: dict[str, Any] = {
+            "method": "POST",
+            "url": backend.url,
+            "content": content,
+            "headers": headers,
+            "timeout": timeout,
+        }
+        self._backend = backend
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._decoder: _BodyDecoder | None = None
+        self._body = bytearray()
+        logger.debug("POST %s (%d documents)", backend.url, len(documents))
+
+    def _decoder_of(self, response: httpx.Response) -> _BodyDecoder:
+        if self._decoder is None:
+            self._decoder = _BodyDecoder(
+                response.headers.get("content-encoding"),
+                limit=MAX_RESPONSE_BYTES,
+                backend=self._backend.backend_name,
+            )
+        return self._decoder
+
+    def feed(self, response: httpx.Response, chunk: bytes) -> None:
+        self._backend._check_time(self._deadline, self._timeout)
+        self._body += self._decoder_of(response).decode(chunk)
+
+    def finish(self, response: httpx.Response) -> list[tuple[object, object]]:
+        self._body += self._decoder_of(response).flush()
+        return self._backend._parse(response.status_code, response.headers, bytes(self._body))
 
 
 def _check_url(url: object) -> str:
