@@ -16,16 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._calls import Ask, Steps, arun_steps, run_steps
 from ._exceptions import InvalidInputError, RerankError
 from ._types import (
-    Ask,
     Stage,
-    Steps,
-    arun_steps,
-    check_inputs,
-    check_top_n,
+    check_call,
     checked_results,
-    run_steps,
 )
 
 __all__ = [
@@ -242,9 +238,8 @@ def _no_running_loop(name: str) -> None:
 def _checked(
     query: object, documents: object, top_n: int | None, vector_scores: Sequence[float] | None
 ) -> tuple[str, list[str], ComparisonColumn]:
-    docs = check_inputs(query, documents)
-    check_top_n(top_n)
-    return str(query), docs, _vector_column(len(docs), vector_scores)
+    query, docs, _ = check_call(query, documents, top_n)
+    return query, docs, _vector_column(len(docs), vector_scores)
 
 
 def _cut(comparison: Comparison, top_n: int | None) -> Comparison:

@@ -10,17 +10,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ._calls import Ask, Steps, arun_steps, run_steps
 from ._configurable import Configurable
 from ._exceptions import InvalidInputError, RerankError
 from ._types import (
-    Ask,
     RerankResult,
-    Steps,
-    arun_steps,
-    check_inputs,
-    check_top_n,
+    check_call,
     checked_results,
-    run_steps,
 )
 
 __all__ = ["FallbackAnswer", "FallbackReranker"]
@@ -118,7 +114,7 @@ class FallbackReranker(Configurable):
     def _attempts(
         self, query: str, documents: Sequence[str], top_n: int | None
     ) -> Steps[FallbackAnswer]:
-        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
+        query, docs, top_n = check_call(query, documents, top_n)
         errors: list[Exception] = []
         for position, backend in enumerate(self._rerankers):
             try:

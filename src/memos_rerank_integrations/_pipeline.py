@@ -18,17 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ._calls import Ask, Steps, arun_steps, run_steps
 from ._exceptions import InvalidInputError, RerankError
 from ._types import (
-    Ask,
     RerankResult,
     Stage,
     StageThresholds,
-    Steps,
-    arun_steps,
     check_top_n,
     checked_results,
-    run_steps,
 )
 
 __all__ = [

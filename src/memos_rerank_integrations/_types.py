@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import itertools
 import math
 import operator
 import re
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ._exceptions import InvalidInputError, MalformedResponseError
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "Ask",
     "RerankResult",
     "Reranker",
     "Stage",
     "StageThresholds",
-    "Steps",
-    "arerank_of",
-    "arun_steps",
+    "check_call",
     "check_inputs",
     "check_text",
     "check_top_n",
@@ -36,12 +31,8 @@ __all__ = [
     "positive_int",
     "rank_scores",
     "replace_surrogates",
-    "rerank_of",
-    "run_steps",
     "validate_ranking",
 ]
-
-T = TypeVar("T")
 
 
 class Stage(IntEnum):
@@ -203,6 +194,14 @@ def optional_positive_int(name: str, value: object) -> int | None:
 def check_top_n(top_n: object) -> int | None:
     """Validate a ``top_n`` option: ``None`` (keep all) or a positive int."""
     return optional_positive_int("top_n", top_n)
+
+
+def check_call(
+    query: object, documents: object, top_n: object = None
+) -> tuple[str, list[str], int | None]:
+    """One rerank call's inputs checked (:func:`check_inputs`, :func:`check_top_n`)."""
+    docs = check_inputs(query, documents)
+    return str(query), docs, check_top_n(top_n)
 
 
 def nonempty_text(name: str, value: object) -> str:
@@ -400,104 +399,3 @@ def checked_results(
         results.append(RerankResult(index, score, stage))
     results.sort(key=lambda result: (-result.score, result.index))
     return results
-
-
-# -- calling duck-typed rerankers, sync and async, over one core -----------------------
-
-
-@dataclass(frozen=True)
-class Ask:
-    """One call a core wants made: ``reranker.rerank(query, documents, top_n)``."""
-
-    reranker: Any
-    query: str
-    documents: list[str]
-    top_n: int | None = None
-
-    def options(self) -> dict[str, Any]:
-        """``top_n`` as a keyword, when one is asked for (a duck-typed reranker may
-        take only ``query`` and ``documents``)."""
-        return {} if self.top_n is None else {"top_n": self.top_n}
-
-
-# A core is a generator that yields the calls it wants made, is sent each answer (or
-# has the call's exception thrown in), and returns its result: the logic is written
-# once, and run_steps / arun_steps make the calls synchronously or asynchronously.
-Steps = Generator[Ask, object, T]
-
-
-def rerank_of(ask: Ask) -> object:
-    """Make ``ask`` synchronously: ``rerank``, or an async-only reranker's ``arerank``
-    in a new event loop (refused inside a running one)."""
-    reranker = ask.reranker
-    if callable(getattr(reranker, "rerank", None)):
-        return reranker.rerank(ask.query, ask.documents, **ask.options())
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_awaited(reranker.arerank(ask.query, ask.documents, **ask.options())))
-    raise InvalidInputError(
-        f"{type(reranker).__name__} is async-only and cannot be called synchronously "
-        "inside a running event loop; use the async API."
-    )
-
-
-async def arerank_of(ask: Ask) -> object:
-    """Make ``ask`` asynchronously: ``arerank``, or ``rerank`` in a worker thread."""
-    reranker = ask.reranker
-    if callable(getattr(reranker, "arerank", None)):
-        return await _awaited(reranker.arerank(ask.query, ask.documents, **ask.options()))
-    return await asyncio.to_thread(reranker.rerank, ask.query, ask.documents, **ask.options())
-
-
-async def _awaited(value: object) -> object:
-    return await value if inspect.isawaitable(value) else value
-
-
-class _Driver(Generic[T]):
-    """Steps a core: :attr:`ask` is the call it waits for (``None`` once it is done,
-    its return value in :attr:`result`)."""
-
-    def __init__(self, steps: Steps[T]) -> None:
-        self._steps = steps
-        self.result: T | None = None
-        self.ask: Ask | None = self._step(next, steps)
-
-    def _step(self, step: Callable[..., Ask], *arguments: object) -> Ask | None:
-        try:
-            return step(*arguments)
-        except StopIteration as stop:
-            self.result = stop.value
-            return None
-
-    def answer(self, value: object) -> None:
-        self.ask = self._step(self._steps.send, value)
-
-    def fail(self, error: Exception) -> None:
-        self.ask = self._step(self._steps.throw, error)
-
-
-def run_steps(steps: Steps[T]) -> T:
-    """Drive a core synchronously (see :data:`Steps`)."""
-    driver = _Driver(steps)
-    while driver.ask is not None:
-        try:
-            answer = rerank_of(driver.ask)
-        except Exception as error:
-            driver.fail(error)
-        else:
-            driver.answer(answer)
-    return driver.result  # type: ignore[return-value]
-
-
-async def arun_steps(steps: Steps[T]) -> T:
-    """Drive a core asynchronously (see :data:`Steps`)."""
-    driver = _Driver(steps)
-    while driver.ask is not None:
-        try:
-            answer = await arerank_of(driver.ask)
-        except Exception as error:
-            driver.fail(error)
-        else:
-            driver.answer(answer)
-    return driver.result  # type: ignore[return-value]

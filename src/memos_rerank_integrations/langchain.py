@@ -21,22 +21,9 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
+from . import _pipeline as pipeline
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
-from ._pipeline import (
-    FALLBACK_KEY,
-    SCORE_KEY,
-    SKIPPED_KEY,
-    STAGE_KEY,
-    CallOptions,
-    Outcome,
-    RerankSettings,
-    arun,
-    call_options,
-    check_query,
-    copy_metadata,
-    run,
-)
 
 try:
     from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, Callbacks
@@ -63,7 +50,7 @@ _CONFIGURABLE: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.Co
 )
 
 
-class RerankCompressor(RerankSettings, BaseDocumentCompressor):
+class RerankCompressor(pipeline.RerankSettings, BaseDocumentCompressor):
     """Rerank retrieved documents with any reranker of this package (or any object
     with ``rerank`` / ``arerank``).
 
@@ -94,7 +81,9 @@ class RerankCompressor(RerankSettings, BaseDocumentCompressor):
             None, self._run_inputs(documents, query), name=self._run_name()
         )
         try:
-            outcome = run(self, *self._inputs(documents, query, config), adapter=self._run_name())
+            outcome = pipeline.run(
+                self, *self._inputs(documents, query, config), adapter=self._run_name()
+            )
             kept = _build(documents, outcome)
         except BaseException as error:
             trace.on_chain_error(error)
@@ -111,7 +100,7 @@ class RerankCompressor(RerankSettings, BaseDocumentCompressor):
         trace = await manager.on_chain_start(None, inputs, name=self._run_name())
         try:
             call = self._inputs(documents, query, config)
-            outcome = await arun(self, *call, adapter=self._run_name())
+            outcome = await pipeline.arun(self, *call, adapter=self._run_name())
             kept = _build(documents, outcome)
         except BaseException as error:
             await trace.on_chain_error(error)
@@ -121,10 +110,10 @@ class RerankCompressor(RerankSettings, BaseDocumentCompressor):
 
     def _inputs(
         self, documents: Sequence[Document], query: object, config: RunnableConfig
-    ) -> tuple[str, list[str], CallOptions]:
+    ) -> tuple[str, list[str], pipeline.CallOptions]:
         """What the pipeline takes: the query, the documents' texts, the call's options."""
         options = _options(config)
-        return check_query(query), _texts(documents), options
+        return pipeline.check_query(query), _texts(documents), options
 
     def as_retriever(self, base_retriever: RetrieverLike, **kwargs: Any) -> RerankRetriever:
         """A :class:`RerankRetriever` that reranks what ``base_retriever`` finds."""
@@ -180,10 +169,10 @@ def _configurable(config: RunnableConfig | None) -> Mapping[str, Any]:
     return dict(ensure_config(config).get("configurable") or {})
 
 
-def _options(config: RunnableConfig) -> CallOptions:
+def _options(config: RunnableConfig) -> pipeline.CallOptions:
     scoped = _CONFIGURABLE.get()
     values = scoped if scoped is not None else config.get("configurable") or {}
-    return call_options(values, source='config["configurable"]')
+    return pipeline.call_options(values, source='config["configurable"]')
 
 
 def _texts(documents: Sequence[Document]) -> list[str]:
@@ -204,23 +193,23 @@ def _texts(documents: Sequence[Document]) -> list[str]:
 
 
 def _copy(document: Document, extra: dict[str, Any]) -> Document:
-    metadata = copy_metadata(document.metadata)
+    metadata = pipeline.copy_metadata(document.metadata)
     for key in extra:
         metadata.pop(key, None)  # our keys come last, after the original metadata
     return document.model_copy(update={"metadata": {**metadata, **extra}})
 
 
-def _build(documents: Sequence[Document], outcome: Outcome) -> list[Document]:
+def _build(documents: Sequence[Document], outcome: pipeline.Outcome) -> list[Document]:
     if outcome.results is None:
-        flag = SKIPPED_KEY if outcome.skipped else FALLBACK_KEY
+        flag = pipeline.SKIPPED_KEY if outcome.skipped else pipeline.FALLBACK_KEY
         return [_copy(documents[i], {flag: True}) for i in outcome.passthrough]
     return [
-        _copy(documents[r.index], {SCORE_KEY: r.score, STAGE_KEY: r.stage.label})
+        _copy(documents[r.index], {pipeline.SCORE_KEY: r.score, pipeline.STAGE_KEY: r.stage.label})
         for r in outcome.results
     ]
 
 
-def _run_outputs(documents: list[Document], outcome: Outcome) -> dict[str, Any]:
+def _run_outputs(documents: list[Document], outcome: pipeline.Outcome) -> dict[str, Any]:
     return {
         "documents": documents,
         "kept": outcome.kept,

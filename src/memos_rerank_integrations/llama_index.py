@@ -14,22 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from . import _pipeline as pipeline
 from ._config import settings_from_dict, settings_to_dict
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
-from ._pipeline import (
-    FALLBACK_KEY,
-    SKIPPED_KEY,
-    STAGE_KEY,
-    CallOptions,
-    Outcome,
-    RerankSettings,
-    arun,
-    call_options,
-    check_query,
-    copy_metadata,
-    run,
-)
 
 try:
     from llama_index.core.bridge.pydantic import Field
@@ -50,7 +38,7 @@ __all__ = ["RerankPostprocessor", "RerankQueryBundle"]
 dispatcher = get_dispatcher(__name__)
 
 RETRIEVAL_SCORE_KEY = "retrieval_score"
-_ADDED_KEYS = (RETRIEVAL_SCORE_KEY, STAGE_KEY, FALLBACK_KEY, SKIPPED_KEY)
+_ADDED_KEYS = (RETRIEVAL_SCORE_KEY, pipeline.STAGE_KEY, pipeline.FALLBACK_KEY, pipeline.SKIPPED_KEY)
 
 
 @dataclass
@@ -66,7 +54,7 @@ class RerankQueryBundle(QueryBundle):
     rerank_top_n: int | None = None
 
 
-class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
+class RerankPostprocessor(pipeline.RerankSettings, BaseNodePostprocessor):
     """Rerank retrieved nodes with any reranker of this package (or any object with
     ``rerank`` / ``arerank``).
 
@@ -129,10 +117,12 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     ) -> list[NodeWithScore]:
         query, texts, options = self._inputs(nodes, query_bundle)
         if not nodes:
-            run(self, query, texts, options, adapter=type(self).__name__)
+            pipeline.run(self, query, texts, options, adapter=type(self).__name__)
             return []
         with self._events(nodes, query_bundle, options) as finish:
-            return finish(nodes, run(self, query, texts, options, adapter=type(self).__name__))
+            return finish(
+                nodes, pipeline.run(self, query, texts, options, adapter=type(self).__name__)
+            )
 
     @dispatcher.span
     async def _apostprocess_nodes(
@@ -140,21 +130,21 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     ) -> list[NodeWithScore]:
         query, texts, options = self._inputs(nodes, query_bundle)
         if not nodes:
-            await arun(self, query, texts, options, adapter=type(self).__name__)
+            await pipeline.arun(self, query, texts, options, adapter=type(self).__name__)
             return []
         with self._events(nodes, query_bundle, options) as finish:
-            outcome = await arun(self, query, texts, options, adapter=type(self).__name__)
+            outcome = await pipeline.arun(self, query, texts, options, adapter=type(self).__name__)
             return finish(nodes, outcome)
 
     def _inputs(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
-    ) -> tuple[str, list[str], CallOptions]:
+    ) -> tuple[str, list[str], pipeline.CallOptions]:
         if query_bundle is None:
             raise InvalidInputError(
                 "RerankPostprocessor needs a query: pass query_bundle or query_str."
             )
-        query = check_query(query_bundle.query_str)
-        options = call_options(query_bundle, source="The query bundle's")
+        query = pipeline.check_query(query_bundle.query_str)
+        options = pipeline.call_options(query_bundle, source="The query bundle's")
         texts = []
         for position, item in enumerate(nodes):
             node = getattr(item, "node", None)
@@ -172,8 +162,11 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
 
     @contextmanager
     def _events(
-        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None, options: CallOptions
-    ) -> Iterator[Callable[[list[NodeWithScore], Outcome], list[NodeWithScore]]]:
+        self,
+        nodes: list[NodeWithScore],
+        query_bundle: QueryBundle | None,
+        options: pipeline.CallOptions,
+    ) -> Iterator[Callable[[list[NodeWithScore], pipeline.Outcome], list[NodeWithScore]]]:
         """Emit ReRankStart/End events and the RERANKING callback event around one
         rerank; the yielded ``finish`` builds the output, records it and returns it."""
         model = self._model_name()
@@ -189,7 +182,9 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         }
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
 
-            def finish(given: list[NodeWithScore], outcome: Outcome) -> list[NodeWithScore]:
+            def finish(
+                given: list[NodeWithScore], outcome: pipeline.Outcome
+            ) -> list[NodeWithScore]:
                 result = _build(given, outcome)
                 facts = outcome.facts()
                 event.on_end(payload={EventPayload.NODES: result, **facts})
@@ -201,7 +196,7 @@ class RerankPostprocessor(RerankSettings, BaseNodePostprocessor):
 
 def _copy(item: NodeWithScore, extra: dict[str, Any]) -> Any:
     node = item.node
-    metadata = copy_metadata(node.metadata)
+    metadata = pipeline.copy_metadata(node.metadata)
     for key in (RETRIEVAL_SCORE_KEY, *extra):
         metadata.pop(key, None)  # our keys come last, after the original metadata
     return node.model_copy(
@@ -217,14 +212,16 @@ def _with_keys(keys: list[str]) -> list[str]:
     return [*keys, *(key for key in _ADDED_KEYS if key not in keys)]
 
 
-def _build(nodes: list[NodeWithScore], outcome: Outcome) -> list[NodeWithScore]:
+def _build(nodes: list[NodeWithScore], outcome: pipeline.Outcome) -> list[NodeWithScore]:
     if outcome.results is None:
-        flag = SKIPPED_KEY if outcome.skipped else FALLBACK_KEY
+        flag = pipeline.SKIPPED_KEY if outcome.skipped else pipeline.FALLBACK_KEY
         return [
             NodeWithScore(node=_copy(nodes[i], {flag: True}), score=nodes[i].score)
             for i in outcome.passthrough
         ]
     return [
-        NodeWithScore(node=_copy(nodes[r.index], {STAGE_KEY: r.stage.label}), score=r.score)
+        NodeWithScore(
+            node=_copy(nodes[r.index], {pipeline.STAGE_KEY: r.stage.label}), score=r.score
+        )
         for r in outcome.results
     ]

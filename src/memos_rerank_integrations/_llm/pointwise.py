@@ -22,23 +22,14 @@ from typing import Any, ClassVar, TypeVar
 
 import httpx
 
+from .. import _exceptions as errors
 from .._configurable import Configurable
-from .._exceptions import (
-    AuthenticationError,
-    BackendUnavailableError,
-    InvalidInputError,
-    MalformedResponseError,
-    RateLimitError,
-    RerankError,
-    RerankTimeoutError,
-)
 from .._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
     StageThresholds,
-    check_inputs,
+    check_call,
     check_text,
-    check_top_n,
     rank_scores,
 )
 
@@ -306,25 +297,25 @@ def _status_code(exc: BaseException) -> int | None:
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError, FutureTimeoutError, httpx.TimeoutException)
 
 
-def _map_llm_error(exc: Exception, llm_name: str) -> RerankError:
+def _map_llm_error(exc: Exception, llm_name: str) -> errors.RerankError:
     """Translate an exception raised by the LLM client. The message names only the
     exception type and status: provider messages can echo headers or keys."""
     kind = type(exc).__name__
     backend = f"llm:{llm_name}"
     status = next((s for s in map(_status_code, _chain(exc)) if s is not None), None)
     if any(isinstance(e, _TIMEOUTS) for e in _chain(exc)):
-        return RerankTimeoutError(f"The LLM call timed out ({kind}).", backend=backend)
+        return errors.RerankTimeoutError(f"The LLM call timed out ({kind}).", backend=backend)
     if status == 429:
-        return RateLimitError(
+        return errors.RateLimitError(
             f"The LLM provider is rate limiting ({kind}).", status_code=status, backend=backend
         )
     if status in (401, 403):
-        return AuthenticationError(
+        return errors.AuthenticationError(
             f"The LLM provider rejected the credentials ({kind}); check the model's API key.",
             status_code=status,
             backend=backend,
         )
-    return BackendUnavailableError(
+    return errors.BackendUnavailableError(
         f"The LLM call failed ({kind}).", status_code=status, backend=backend
     )
 
@@ -420,7 +411,7 @@ def _client_for(llm: object, max_concurrency: int) -> _Client:
         return _ChatModelClient(llm, max_concurrency)
     if callable(getattr(llm, "complete", None)):
         return _CompletionClient(llm, max_concurrency)
-    raise InvalidInputError(
+    raise errors.InvalidInputError(
         f"llm must be a LangChain chat model (with invoke/ainvoke) or a LlamaIndex LLM "
         f"(with complete/acomplete); got {type(llm).__name__}."
     )
@@ -433,8 +424,30 @@ _Rounds = Generator[list[_Prompt], list[_Answer], list[float]]
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}.")
+        raise errors.InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return value
+
+
+class _Grading:
+    """One call's rounds of prompts (see ``LLMReranker._rounds``): :attr:`prompts` to
+    ask next (empty once done), then :attr:`results`, ranked."""
+
+    def __init__(
+        self, rounds: _Rounds | None, top_n: int | None, thresholds: StageThresholds
+    ) -> None:
+        self._rounds = rounds
+        self._top_n = top_n
+        self._thresholds = thresholds
+        self.results: list[RerankResult] = []
+        self.prompts: list[_Prompt] = [] if rounds is None else next(rounds)
+
+    def answer(self, answers: list[_Answer]) -> None:
+        assert self._rounds is not None
+        try:
+            self.prompts = self._rounds.send(answers)
+        except StopIteration as done:
+            self.prompts = []
+            self.results = rank_scores(done.value, top_n=self._top_n, thresholds=self._thresholds)
 
 
 class LLMReranker(Configurable):
@@ -476,7 +489,7 @@ class LLMReranker(Configurable):
         thresholds: StageThresholds = DEFAULT_THRESHOLDS,
     ) -> None:
         if instruction is not None and not isinstance(instruction, str):
-            raise InvalidInputError(
+            raise errors.InvalidInputError(
                 f"instruction must be a str or None, got {type(instruction).__name__}."
             )
         if instruction is not None:
@@ -484,7 +497,7 @@ class LLMReranker(Configurable):
         if max_document_chars is not None:
             _check_int("max_document_chars", max_document_chars, 1)
         if not isinstance(thresholds, StageThresholds):
-            raise InvalidInputError(
+            raise errors.InvalidInputError(
                 f"thresholds must be a StageThresholds, got {type(thresholds).__name__}."
             )
         self._client = _client_for(llm, _check_int("max_concurrency", max_concurrency, 1))
@@ -515,41 +528,40 @@ class LLMReranker(Configurable):
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
         """Grade every document against ``query``; results best first."""
-        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
-        if not docs:
-            return []
-        rounds = self._rounds(query, docs)
-        prompts = next(rounds)
-        try:
-            while True:
-                with self._llm_errors():
-                    answers = self._client.call_all(prompts)
-                prompts = rounds.send(answers)
-        except StopIteration as done:
-            return rank_scores(done.value, top_n=top_n, thresholds=self.thresholds)
+        grading = self._grading(query, documents, top_n)
+        while grading.prompts:
+            grading.answer(self._ask(self._client.call_all, grading.prompts))
+        return grading.results
 
     async def arerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
         """Async twin of :meth:`rerank`, at most ``max_concurrency`` requests at once."""
-        docs, top_n = check_inputs(query, documents), check_top_n(top_n)
-        if not docs:
-            return []
-        rounds = self._rounds(query, docs)
-        prompts = next(rounds)
-        try:
-            while True:
-                with self._llm_errors():
-                    answers = await self._client.acall_all(prompts)
-                prompts = rounds.send(answers)
-        except StopIteration as done:
-            return rank_scores(done.value, top_n=top_n, thresholds=self.thresholds)
+        grading = self._grading(query, documents, top_n)
+        while grading.prompts:
+            answers = self._ask(self._client.acall_all, grading.prompts)
+            grading.answer(await self._awaited(answers))
+        return grading.results
+
+    def _grading(self, query: str, documents: Sequence[str], top_n: int | None) -> _Grading:
+        query, docs, top_n = check_call(query, documents, top_n)
+        rounds = self._rounds(query, docs) if docs else None
+        return _Grading(rounds, top_n, self.thresholds)
+
+    def _ask(self, call: Callable[[list[_Prompt]], R], prompts: list[_Prompt]) -> R:
+        """``call(prompts)`` with the LLM's errors mapped onto the error tree."""
+        with self._llm_errors():
+            return call(prompts)
+
+    async def _awaited(self, answers: Awaitable[list[_Answer]]) -> list[_Answer]:
+        with self._llm_errors():
+            return await answers
 
     @contextlib.contextmanager
     def _llm_errors(self) -> Iterator[None]:
         try:
             yield
-        except RerankError:
+        except errors.RerankError:
             raise
         except Exception as exc:
             raise _map_llm_error(exc, self._llm_name) from exc
@@ -590,7 +602,7 @@ class LLMReranker(Configurable):
             asked = [prompts[i] if attempt == 0 else prompts[i].with_reminder() for i in pending]
             answers = yield asked
             if len(answers) != len(pending):
-                raise MalformedResponseError(
+                raise errors.MalformedResponseError(
                     f"The LLM returned {len(answers)} answers for {len(pending)} prompts.",
                     backend=f"llm:{self._llm_name}",
                 )
@@ -609,7 +621,7 @@ class LLMReranker(Configurable):
                 self.max_retries + 1,
             )
         first = pending[0]
-        raise MalformedResponseError(
+        raise errors.MalformedResponseError(
             f"The LLM gave no readable grade 0-4 for document(s) {pending} after "
             f"{self.max_retries + 1} attempt(s); e.g. document {first} got "
             f"{unreadable[first][:120]!r}. Use a model that follows instructions, or raise "

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .._configurable import Configurable
 from .._exceptions import InvalidInputError
-from .._types import RerankResult, StageThresholds, check_inputs, check_top_n, rank_scores
+from .._types import RerankResult, StageThresholds, check_call, check_inputs, rank_scores
 
 __all__ = ["LocalReranker", "RerankCall", "check_calls"]
 
@@ -35,7 +35,7 @@ def check_calls(calls: object) -> list[tuple[str, list[str], int | None]]:
                 f"calls[{position}] must be a (query, documents, top_n) tuple, got {call!r}."
             )
         query, documents, top_n = call
-        checked.append((query, check_inputs(query, documents), check_top_n(top_n)))
+        checked.append(check_call(query, documents, top_n))
     return checked
 
 

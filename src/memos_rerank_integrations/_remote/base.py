@@ -24,23 +24,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, TypedDict, TypeVa
 
 from pydantic import SecretStr
 
+from .. import _exceptions as errors
 from .._configurable import Configurable
-from .._exceptions import (
-    AuthenticationError,
-    BackendUnavailableError,
-    InvalidInputError,
-    MalformedResponseError,
-    ModelLoadError,
-    RateLimitError,
-    RerankError,
-    RerankTimeoutError,
-)
 from .._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
     StageThresholds,
-    check_inputs,
-    check_top_n,
+    check_call,
     estimate_tokens,
     rank_scores,
     validate_ranking,
@@ -110,11 +100,11 @@ class InputLimits:
         for name in ("max_documents_per_request", "max_concurrency"):
             _check_positive(name, getattr(self, name), optional=False)
         if self.on_too_long not in ("truncate", "raise"):
-            raise InvalidInputError(
+            raise errors.InvalidInputError(
                 f"on_too_long must be 'truncate' or 'raise', got {self.on_too_long!r}."
             )
         if not callable(self.count_tokens):
-            raise InvalidInputError("count_tokens must be a callable str -> int.")
+            raise errors.InvalidInputError("count_tokens must be a callable str -> int.")
 
     def fit(self, what: str, text: str, limit: int | None) -> str:
         """``text`` within ``limit`` tokens: unchanged, truncated with a warning, or an error."""
@@ -124,7 +114,7 @@ class InputLimits:
         if tokens <= limit:
             return text
         if self.on_too_long == "raise":
-            raise InvalidInputError(
+            raise errors.InvalidInputError(
                 f"{what} is about {tokens} tokens, over the limit of {limit}. Shorten it, "
                 "raise the limit, or pass on_too_long='truncate'."
             )
@@ -142,7 +132,7 @@ def _check_positive(name: str, value: object, *, optional: bool) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "a positive int or None" if optional else "a positive int"
-        raise InvalidInputError(f"{name} must be {allowed}, got {value!r}.")
+        raise errors.InvalidInputError(f"{name} must be {allowed}, got {value!r}.")
 
 
 def plan_requests(
@@ -196,12 +186,16 @@ class RetryPolicy:
         for name in ("timeout", "backoff_base", "backoff_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidInputError(f"{name} must be a number of seconds, got {value!r}.")
+                raise errors.InvalidInputError(
+                    f"{name} must be a number of seconds, got {value!r}."
+                )
             if not math.isfinite(value) or value < 0 or (name == "timeout" and value == 0):
-                raise InvalidInputError(f"{name} must be a finite, positive number, got {value!r}.")
+                raise errors.InvalidInputError(
+                    f"{name} must be a finite, positive number, got {value!r}."
+                )
         retries = self.max_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise InvalidInputError(f"max_retries must be an int >= 0, got {retries!r}.")
+            raise errors.InvalidInputError(f"max_retries must be an int >= 0, got {retries!r}.")
 
     @property
     def total_budget(self) -> float:
@@ -211,11 +205,11 @@ class RetryPolicy:
         """A fresh deadline for one call, :attr:`total_budget` seconds from now."""
         return Deadline(self.total_budget)
 
-    def delay(self, attempt: int, error: RerankError, remaining: float) -> float | None:
+    def delay(self, attempt: int, error: errors.RerankError, remaining: float) -> float | None:
         """Seconds to wait before retrying after ``error``, or ``None`` to give up."""
         if attempt >= self.max_retries or not _is_retryable(error):
             return None
-        if isinstance(error, RateLimitError) and error.retry_after is not None:
+        if isinstance(error, errors.RateLimitError) and error.retry_after is not None:
             wait = max(0.0, error.retry_after)
             if wait > self.backoff_max:
                 return None
@@ -228,7 +222,7 @@ class RetryPolicy:
     def _attempt_timeout(self, deadline: Deadline, what: str, backend: str | None) -> float:
         remaining = deadline.remaining()
         if deadline.cancelled or remaining <= 0:
-            raise RerankTimeoutError(
+            raise errors.RerankTimeoutError(
                 f"No time was left for the {what} within the call's deadline of "
                 f"{deadline.seconds:.3g} s.",
                 backend=backend,
@@ -252,7 +246,7 @@ class RetryPolicy:
             try:
                 with deadline.attempt(timeout):
                     return attempt(timeout)
-            except RerankError as error:
+            except errors.RerankError as error:
                 wait = self.delay(number, error, deadline.remaining())
                 if wait is None:
                     raise
@@ -277,10 +271,10 @@ class RetryPolicy:
             try:
                 with deadline.attempt(timeout):
                     return await asyncio.wait_for(attempt(timeout), timeout)
-            except RerankError as error:
+            except errors.RerankError as error:
                 failure = error
             except asyncio.TimeoutError:
-                failure = RerankTimeoutError(
+                failure = errors.RerankTimeoutError(
                     f"The {what} got no complete answer within {timeout:.3g} s.",
                     backend=backend,
                 )
@@ -292,13 +286,15 @@ class RetryPolicy:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _is_retryable(error: RerankError) -> bool:
-    if isinstance(error, ModelLoadError):
+def _is_retryable(error: errors.RerankError) -> bool:
+    if isinstance(error, errors.ModelLoadError):
         return False
-    return isinstance(error, (RateLimitError, RerankTimeoutError, BackendUnavailableError))
+    return isinstance(
+        error, (errors.RateLimitError, errors.RerankTimeoutError, errors.BackendUnavailableError)
+    )
 
 
-def _log_retry(what: str, error: RerankError, attempt: int, wait: float) -> None:
+def _log_retry(what: str, error: errors.RerankError, attempt: int, wait: float) -> None:
     logger.info(
         "%s failed with %s (%s); retry %d in %.2f s",
         what,
@@ -329,21 +325,21 @@ def resolve_api_key(
     if api_key is None:
         api_key = next((os.environ[name] for name in env_names if os.environ.get(name)), None)
     if api_key is not None and not isinstance(api_key, str):
-        raise InvalidInputError(f"api_key must be a str, got {type(api_key).__name__}.")
+        raise errors.InvalidInputError(f"api_key must be a str, got {type(api_key).__name__}.")
     if api_key is not None:
         api_key = api_key.strip()
     if not api_key:
         if not required:
             return None
         names = " or ".join(env_names)
-        raise AuthenticationError(
+        raise errors.AuthenticationError(
             f"{owner} needs an API key: pass api_key=... or set {names}.", backend=backend
         )
     problem = _key_problem(api_key)
     if problem is not None:
         # Caller input, not a rejected credential: nothing was sent. The key itself is
         # never part of the message.
-        raise InvalidInputError(f"The API key given to {owner} {problem}.", backend=backend)
+        raise errors.InvalidInputError(f"The API key given to {owner} {problem}.", backend=backend)
     return SecretStr(api_key)
 
 
@@ -379,13 +375,13 @@ def read_scored_results(
     else:
         items = payload.get("results") if isinstance(payload, Mapping) else None
     if not isinstance(items, list):
-        raise MalformedResponseError(
+        raise errors.MalformedResponseError(
             f"The {backend} answer has no list of results.", backend=backend
         )
     pairs = []
     for position, item in enumerate(items):
         if not isinstance(item, Mapping) or "index" not in item or score_key not in item:
-            raise MalformedResponseError(
+            raise errors.MalformedResponseError(
                 f"Result {position} of the {backend} answer lacks 'index' or {score_key!r}.",
                 backend=backend,
             )
@@ -476,7 +472,7 @@ class RemoteReranker(Configurable):
             count_tokens=count_tokens,
         )
         if not isinstance(thresholds, StageThresholds):
-            raise InvalidInputError("thresholds must be a StageThresholds.")
+            raise errors.InvalidInputError("thresholds must be a StageThresholds.")
         self.thresholds = thresholds
         self._clients: _Clients | None = None
 
@@ -589,9 +585,9 @@ class RemoteReranker(Configurable):
                 raise
         return self._merge(requests, answers, top_n)
 
-    def _expired(self, deadline: Deadline, count: int) -> RerankTimeoutError:
+    def _expired(self, deadline: Deadline, count: int) -> errors.RerankTimeoutError:
         parts = "" if count == 1 else f" ({count} requests)"
-        return RerankTimeoutError(
+        return errors.RerankTimeoutError(
             f"The {self.backend_name} call{parts} took longer than its deadline of "
             f"{deadline.seconds:.3g} s.",
             backend=self.backend_name,
@@ -600,8 +596,7 @@ class RemoteReranker(Configurable):
     def _plan(
         self, query: str, documents: Sequence[str], top_n: int | None
     ) -> tuple[str, list[_Request], int | None]:
-        docs = check_inputs(query, documents)
-        top_n = check_top_n(top_n)
+        query, docs, top_n = check_call(query, documents, top_n)
         if not docs:
             return query, [], top_n
         limits = self.limits

@@ -22,15 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
-from .._exceptions import (
-    AuthenticationError,
-    BackendUnavailableError,
-    InvalidInputError,
-    MalformedResponseError,
-    RateLimitError,
-    RerankError,
-    RerankTimeoutError,
-)
+from .. import _exceptions as errors
 from .base import RemoteOptions, RemoteReranker, read_scored_results
 from .deadline import guard_sockets
 
@@ -120,51 +112,55 @@ def error_for_status(
     headers: Mapping[str, str] | None = None,
     code: int | str | None = None,
     secret: SecretStr | None = None,
-) -> RerankError:
+) -> errors.RerankError:
     """The error for a non-2xx answer, with the server's message made safe."""
     detail = _server_message(payload)
     suffix = f": {_clean(detail, secret)}" if detail else ""
     kwargs: dict[str, Any] = {"status_code": status, "code": code, "backend": backend}
     if status in (401, 403):
-        return AuthenticationError(
+        return errors.AuthenticationError(
             f"The {backend} service rejected the credentials{suffix}. Check the API key.",
             **kwargs,
         )
     if status == 429:
-        return RateLimitError(
+        return errors.RateLimitError(
             f"The {backend} service is rate limiting requests{suffix}",
             retry_after=retry_after_seconds(headers or {}),
             **kwargs,
         )
     if status == 408:
-        return RerankTimeoutError(f"The {backend} service timed out the request{suffix}", **kwargs)
+        return errors.RerankTimeoutError(
+            f"The {backend} service timed out the request{suffix}", **kwargs
+        )
     if status >= 500:
-        return BackendUnavailableError(f"The {backend} service failed{suffix}", **kwargs)
+        return errors.BackendUnavailableError(f"The {backend} service failed{suffix}", **kwargs)
     if status == 404:
-        return InvalidInputError(
+        return errors.InvalidInputError(
             f"The {backend} endpoint was not found{suffix}. Check base_url.", **kwargs
         )
     if 400 <= status < 500:
-        return InvalidInputError(f"The {backend} service rejected the request{suffix}", **kwargs)
-    return MalformedResponseError(
+        return errors.InvalidInputError(
+            f"The {backend} service rejected the request{suffix}", **kwargs
+        )
+    return errors.MalformedResponseError(
         f"The {backend} service answered with unexpected HTTP status {status}{suffix}", **kwargs
     )
 
 
-def error_for_transport(exc: Exception, *, backend: str, timeout: float) -> RerankError:
+def error_for_transport(exc: Exception, *, backend: str, timeout: float) -> errors.RerankError:
     """The error for a request that got no HTTP answer."""
     if isinstance(exc, httpx.TimeoutException):
-        return RerankTimeoutError(
+        return errors.RerankTimeoutError(
             f"The {backend} service did not answer within {timeout:.3g} s ({type(exc).__name__}).",
             backend=backend,
         )
     if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
-        return InvalidInputError(
+        return errors.InvalidInputError(
             f"Cannot send a request to the {backend} service: check base_url "
             f"({type(exc).__name__}).",
             backend=backend,
         )
-    return BackendUnavailableError(
+    return errors.BackendUnavailableError(
         f"Could not reach the {backend} service ({type(exc).__name__}).", backend=backend
     )
 
@@ -193,15 +189,15 @@ class _BodyDecoder:
         self._stages: list[_ZlibStage] = []
         for coding in reversed([c for c in codings if c and c != "identity"]):
             if coding not in ("gzip", "x-gzip", "deflate"):
-                raise MalformedResponseError(
+                raise errors.MalformedResponseError(
                     f"The {backend} answer uses Content-Encoding {_clean(coding, None)!r}, "
                     f"which this client did not ask for ({ACCEPT_ENCODING}).",
                     backend=backend,
                 )
             self._stages.append(_ZlibStage(coding, limit, self._too_large))
 
-    def _too_large(self) -> MalformedResponseError:
-        return MalformedResponseError(
+    def _too_large(self) -> errors.MalformedResponseError:
+        return errors.MalformedResponseError(
             f"The {self._backend} answer is larger than {self._limit} bytes.",
             backend=self._backend,
         )
@@ -229,8 +225,8 @@ class _BodyDecoder:
             raise self._too_large()
         return data
 
-    def _unreadable(self, exc: zlib.error) -> MalformedResponseError:
-        return MalformedResponseError(
+    def _unreadable(self, exc: zlib.error) -> errors.MalformedResponseError:
+        return errors.MalformedResponseError(
             f"The {self._backend} answer could not be decompressed ({exc}).",
             backend=self._backend,
         )
@@ -241,7 +237,7 @@ class _ZlibStage:
     _SNIFF_BYTES = 64 * 1024
 
     def __init__(
-        self, coding: str, limit: int, too_large: Callable[[], MalformedResponseError]
+        self, coding: str, limit: int, too_large: Callable[[], errors.MalformedResponseError]
     ) -> None:
         gzip = coding in ("gzip", "x-gzip")
         self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
@@ -391,9 +387,9 @@ class HTTPClients:
         backend: str = "remote",
     ) -> None:
         if client is not None and not isinstance(client, httpx.Client):
-            raise InvalidInputError(f"http_client must be an httpx.Client, got {client!r}.")
+            raise errors.InvalidInputError(f"http_client must be an httpx.Client, got {client!r}.")
         if async_client is not None and not isinstance(async_client, httpx.AsyncClient):
-            raise InvalidInputError(
+            raise errors.InvalidInputError(
                 f"async_http_client must be an httpx.AsyncClient, got {async_client!r}."
             )
         self._timeout = timeout
@@ -500,7 +496,7 @@ class HTTPBackend(RemoteReranker):
 
     def _business_error(
         self, payload: object, status: int, headers: Mapping[str, str]
-    ) -> RerankError | None:
+    ) -> errors.RerankError | None:
         """An error the service reports inside a parsed body (None: not an error)."""
         return None
 
@@ -513,7 +509,7 @@ class HTTPBackend(RemoteReranker):
             content = body.encode("utf-8")
         except (UnicodeEncodeError, ValueError, RecursionError) as exc:
             # check_inputs has vetted query and documents; this is an option's text.
-            raise InvalidInputError(
+            raise errors.InvalidInputError(
                 f"The {self.backend_name} request cannot be encoded as JSON in UTF-8 "
                 f"({type(exc).__name__}); check the text options (model, instruction).",
                 backend=self.backend_name,
@@ -554,7 +550,7 @@ class HTTPBackend(RemoteReranker):
         # For clients passed in: httpx's read timeout is per chunk, so a server
         # trickling bytes would never trip it. (Our own clients' sockets stop anyway.)
         if time.monotonic() > deadline:
-            raise RerankTimeoutError(
+            raise errors.RerankTimeoutError(
                 f"The {self.backend_name} answer took longer than {timeout:.3g} s.",
                 backend=self.backend_name,
             )
@@ -579,7 +575,7 @@ class HTTPBackend(RemoteReranker):
                 secret=self._api_key,
             )
         if not parsed:
-            raise MalformedResponseError(
+            raise errors.MalformedResponseError(
                 f"The {self.backend_name} answer is not valid JSON.",
                 status_code=status,
                 backend=self.backend_name,
@@ -641,17 +637,17 @@ class _Exchange:
 
 def _check_url(url: object) -> str:
     if not isinstance(url, str) or not url.strip():
-        raise InvalidInputError(f"base_url must be a non-empty str, got {url!r}.")
+        raise errors.InvalidInputError(f"base_url must be a non-empty str, got {url!r}.")
     try:
         parsed = httpx.URL(url.strip())
     except httpx.InvalidURL as exc:
-        raise InvalidInputError(f"base_url is not a valid URL: {exc}.") from exc
+        raise errors.InvalidInputError(f"base_url is not a valid URL: {exc}.") from exc
     if parsed.userinfo:
-        raise InvalidInputError(
+        raise errors.InvalidInputError(
             "base_url must not contain credentials; pass the key as api_key instead."
         )
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InvalidInputError(
+        raise errors.InvalidInputError(
             f"base_url must be an http:// or https:// URL with a host, got {url!r}."
         )
     return str(parsed)

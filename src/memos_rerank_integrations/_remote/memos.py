@@ -8,14 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .._exceptions import (
-    AuthenticationError,
-    BackendUnavailableError,
-    InvalidInputError,
-    MalformedResponseError,
-    RateLimitError,
-    RerankError,
-)
+from .. import _exceptions as errors
 from .._types import nonempty_text
 from .base import read_scored_results
 from .http import HTTPBackend, HTTPOptions, error_for_status, join_url, retry_after_seconds
@@ -29,15 +22,15 @@ DEFAULT_MEMOS_BASE_URL = "https://memos.memtensor.cn/api/openmem/v1"
 
 # Business codes from the MemOS documentation. They may come with HTTP 200 or with
 # a non-2xx status; either way the code decides the error class.
-MEMOS_ERROR_CODES: Mapping[int, type[RerankError]] = {
-    40000: InvalidInputError,  # malformed body
-    40002: InvalidInputError,  # a required field is empty
-    40003: InvalidInputError,  # empty documents
-    40100: AuthenticationError,  # key required
-    40130: AuthenticationError,  # key required
-    40132: AuthenticationError,  # key invalid or expired
-    40309: RateLimitError,  # token rate limit
-    50000: BackendUnavailableError,  # internal error
+MEMOS_ERROR_CODES: Mapping[int, type[errors.RerankError]] = {
+    40000: errors.InvalidInputError,  # malformed body
+    40002: errors.InvalidInputError,  # a required field is empty
+    40003: errors.InvalidInputError,  # empty documents
+    40100: errors.AuthenticationError,  # key required
+    40130: errors.AuthenticationError,  # key required
+    40132: errors.AuthenticationError,  # key invalid or expired
+    40309: errors.RateLimitError,  # token rate limit
+    50000: errors.BackendUnavailableError,  # internal error
 }
 
 _SUCCESS_CODES = (0, 200)
@@ -88,13 +81,13 @@ class MemOSReranker(HTTPBackend):
 
     def _business_error(
         self, payload: object, status: int, headers: Mapping[str, str]
-    ) -> RerankError | None:
+    ) -> errors.RerankError | None:
         if not isinstance(payload, Mapping) or "code" not in payload:
             return None
         raw = payload["code"]
         code = _business_code(raw)
         if code is None:
-            return MalformedResponseError(
+            return errors.MalformedResponseError(
                 f"The memos answer has a code that is not an integer: {self._clean(raw)[:40]!r}.",
                 status_code=status,
                 backend=self.backend_name,
@@ -107,7 +100,7 @@ class MemOSReranker(HTTPBackend):
             # Unknown five-digit codes follow the documented ones: HTTP status * 100 + n.
             like_status = code // 100 if 10000 <= code < 60000 else status
             if 200 <= like_status < 300:
-                return MalformedResponseError(
+                return errors.MalformedResponseError(
                     f"The memos service answered with code {code}: {message}",
                     status_code=status,
                     code=code,
@@ -123,15 +116,15 @@ class MemOSReranker(HTTPBackend):
             error.status_code, error.code = status, code
             return error
         text = f"The memos service answered with code {code}: {message}"
-        if kind is RateLimitError:
-            return RateLimitError(
+        if kind is errors.RateLimitError:
+            return errors.RateLimitError(
                 text,
                 retry_after=retry_after_seconds(headers),
                 status_code=status,
                 code=code,
                 backend=self.backend_name,
             )
-        if kind is AuthenticationError:
+        if kind is errors.AuthenticationError:
             text += ". Check MEMOS_API_KEY or the api_key argument."
         return kind(text, status_code=status, code=code, backend=self.backend_name)
 

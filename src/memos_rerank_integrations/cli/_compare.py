@@ -12,7 +12,7 @@ from typing import Any
 from .._compare import compare
 from .._configurable import provider_named
 from ._input import Document, UserError, clean_text, read_documents
-from ._options import add_model_options, build_backend, positive_int, spellings
+from ._options import add_input_options, add_model_options, build_backend, positive_int, spellings
 
 __all__ = ["add_parser", "run"]
 
@@ -28,16 +28,7 @@ def add_parser(commands: Any) -> None:
         "line, or JSON lines with a string 'text' and an optional numeric 'score' (the vector "
         "score, shown in the first column).",
     )
-    parser.add_argument("--query", required=True)
-    parser.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
-    parser.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
-    parser.add_argument(
-        "--errors",
-        choices=("strict", "replace"),
-        default="strict",
-        help="input that is not valid UTF-8 text: 'strict' (default) stops with a one-line "
-        "error, 'replace' substitutes U+FFFD",
-    )
+    add_input_options(parser)
     parser.add_argument(
         "--backend",
         action="append",

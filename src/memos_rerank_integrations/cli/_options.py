@@ -15,6 +15,7 @@ from .._types import Reranker
 from ._input import UserError
 
 __all__ = [
+    "add_input_options",
     "add_model_options",
     "backend_choice",
     "build_backend",
@@ -70,6 +71,21 @@ def spellings(names: Sequence[str]) -> list[str]:
     return [
         (provider.aliases or (provider.name,))[0] for provider in REGISTRY if provider.name in names
     ]
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    """The query and where the documents come from (``rerank``, ``compare``)."""
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
+    parser.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
+    parser.add_argument(
+        "--errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="input that is not valid UTF-8 text (undecodable bytes, lone surrogates in "
+        "JSON escapes or in --query): 'strict' (default) stops with an error naming the "
+        "line, 'replace' puts U+FFFD in its place",
+    )
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, instruction: bool = True) -> None:

@@ -10,7 +10,14 @@ from typing import Any, TextIO
 
 from .._types import Reranker, RerankResult
 from ._input import Document, UserError, clean_text, input_name, read_documents
-from ._options import add_model_options, backend_choice, build_backend, positive_int, spellings
+from ._options import (
+    add_input_options,
+    add_model_options,
+    backend_choice,
+    build_backend,
+    positive_int,
+    spellings,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -30,17 +37,7 @@ def add_parser(commands: Any) -> None:
         "echoed as 'record'). 'auto' (default) picks jsonl for *.jsonl / *.ndjson files "
         "or when the first non-blank line is a JSON object, else lines.",
     )
-    rerank.add_argument("--query", required=True)
-    rerank.add_argument("--input", default="-", help="file to read, '-' for stdin (default)")
-    rerank.add_argument("--format", choices=("auto", "lines", "jsonl"), default="auto")
-    rerank.add_argument(
-        "--errors",
-        choices=("strict", "replace"),
-        default="strict",
-        help="input that is not valid UTF-8 text (undecodable bytes, lone surrogates in "
-        "JSON escapes or in --query): 'strict' (default) stops with an error naming the "
-        "line, 'replace' puts U+FFFD in its place",
-    )
+    add_input_options(rerank)
     rerank.add_argument(
         "--backend",
         type=backend_choice(RERANK_BACKENDS),
