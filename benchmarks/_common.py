@@ -93,7 +93,7 @@ def command_line() -> str:
 
 def run_info() -> dict[str, Any]:
     """Machine, date, commit and command of this run."""
-    commit = _git("rev-parse", "--short=10", "HEAD")
+    commit = _git("rev-parse", "--short", "HEAD")
     changed = _git(
         "status",
         "--porcelain",
