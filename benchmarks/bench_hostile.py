@@ -1,4 +1,4 @@
-"""What hostile input costs the server and the CLI (issue: "cannot be wedged, amplified").
+"""What hostile input costs the server and the CLI: time, answer and memory.
 
 Each scenario runs the real ``memos-rerank`` command in a subprocess, with the
 tiny offline Qwen3 model of ``memos_rerank_integrations.testing``:
@@ -16,7 +16,10 @@ tiny offline Qwen3 model of ``memos_rerank_integrations.testing``:
   the line (peak RSS of the process), without the model.
 - ``cli-line-qwen``: the same line scored by the tiny Qwen model (peak RSS).
 
-    PYTHONPATH=src python benchmarks/bench_hostile.py --json benchmarks/bench_hostile.json
+    PYTHONPATH=src python benchmarks/bench_hostile.py --timeout 300
+
+writes ``benchmarks/results/bench_hostile-<machine>.json`` (``--out`` elsewhere).
+``--smoke`` uses a 1 MiB line instead of 50 MiB.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _common
 
 WORDS = ("memory", "hobby", "badminton", "travel", "Beijing", "user", "prefers", "tea")
 
@@ -137,14 +144,20 @@ def cli_line(model: str, megabytes: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--scenarios", default="cli-baseline,cli-line,amplify,amplify-no-budget,cli-line-qwen"
     )
     parser.add_argument("--line-mib", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--json", type=Path)
+    _common.add_output_arguments(parser, "bench_hostile")
     args = parser.parse_args()
+    run = _common.run_info()
+    out = _common.output_path(args, "bench_hostile")
+    if args.smoke:
+        args.line_mib = 1
 
     from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
@@ -166,14 +179,13 @@ def main() -> None:
                 raise SystemExit(f"unknown scenario {scenario!r}")
             print(json.dumps({scenario: result}), flush=True)
             results[scenario] = result
-    if args.json:
-        environment = {
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "load_average": os.getloadavg(),
-        }
-        args.json.write_text(json.dumps({"environment": environment, **results}, indent=2) + "\n")
+    environment = {
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average": os.getloadavg(),
+    }
+    _common.write(out, {"environment": environment, **results}, run)
 
 
 if __name__ == "__main__":

