@@ -23,6 +23,7 @@ __all__ = [
     "check_text",
     "check_top_n",
     "estimate_tokens",
+    "find_lone_surrogate",
     "rank_scores",
     "validate_ranking",
 ]
@@ -182,11 +183,14 @@ def check_top_n(top_n: int | None) -> int | None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def find_lone_surrogate(text: str) -> re.Match[str] | None:
+    """The first lone surrogate in ``text`` (its character and position), or ``None``."""
+    return None if text.isascii() else _SURROGATE.search(text)
+
+
 def check_text(what: str, text: str) -> None:
     """Raise :class:`InvalidInputError` if ``text`` holds a lone surrogate."""
-    if text.isascii():
-        return
-    found = _SURROGATE.search(text)
+    found = find_lone_surrogate(text)
     if found is not None:
         raise InvalidInputError(
             f"{what} contains a lone surrogate (U+{ord(found.group()):04X} at character "

@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from .._types import Reranker, RerankResult
+from .._types import Reranker, RerankResult, find_lone_surrogate
 from ._batcher import MicroBatcher
 
 __all__ = [
@@ -61,8 +60,6 @@ INTERNAL = 50000
 # The fallback token estimate for backends without ``count_tokens``: about four
 # characters per token, the usual rule of thumb for English text.
 CHARS_PER_TOKEN = 4
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -109,7 +106,7 @@ def error_response(dialect: Dialect, error: ApiError, *, close: bool = False) ->
 
 
 def _valid_text(value: str) -> str:
-    match = _SURROGATE.search(value)
+    match = find_lone_surrogate(value)
     if match is not None:
         raise PydanticCustomError(
             "lone_surrogate",
