@@ -138,8 +138,9 @@ def create_app(
     is refused unread, a chunked body as soon as it passes the limit); a body
     not received within ``body_timeout`` seconds a 408; a request that would
     score more than ``max_request_tokens`` tokens (the backend's
-    ``count_tokens`` when it has one, else about four characters per token;
-    ``None``: no budget) a 413 that says how to split it.
+    ``count_tokens`` when it has one, else the clients' estimate: a token per
+    non-ASCII character and per four ASCII ones; ``None``: no budget) a 413 that
+    says how to split it.
 
     ``batching``, ``batch_window_ms`` and ``max_batch_documents`` configure the
     :class:`MicroBatcher` (``app.state.batcher``), whose worker thread stops when

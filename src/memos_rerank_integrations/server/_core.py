@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from .._types import Reranker, RerankResult, find_lone_surrogate
+from .._types import Reranker, RerankResult, estimate_tokens, find_lone_surrogate
 from ._batcher import MicroBatcher
 
 __all__ = [
@@ -56,10 +56,6 @@ EMPTY_DOCUMENTS = 40003
 KEY_REQUIRED = 40100
 KEY_INVALID = 40132
 INTERNAL = 50000
-
-# The fallback token estimate for backends without ``count_tokens``: about four
-# characters per token, the usual rule of thumb for English text.
-CHARS_PER_TOKEN = 4
 
 
 class ApiError(Exception):
@@ -365,11 +361,12 @@ class Service:
             )
 
     def estimate_tokens(self, query: str, documents: Sequence[str]) -> int:
-        """About four characters per token (the query capped like the backend caps it)."""
-        query_tokens = math.ceil(len(query) / CHARS_PER_TOKEN)
+        """The clients' estimate (:func:`~memos_rerank_integrations._types.estimate_tokens`)
+        of every document scored with the query, the query capped like the backend caps it."""
+        query_tokens = estimate_tokens(query)
         if self._query_cap is not None:
             query_tokens = min(query_tokens, self._query_cap)
-        return sum(query_tokens + math.ceil(len(d) / CHARS_PER_TOKEN) for d in documents)
+        return sum(query_tokens + estimate_tokens(document) for document in documents)
 
     async def count_tokens(self, calls: Sequence[tuple[str, Sequence[str]]]) -> int:
         """Tokens the calls would score: the backend's ``count_tokens`` in a worker
