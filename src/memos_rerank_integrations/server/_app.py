@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI
@@ -140,10 +138,6 @@ def create_app(
         routers.append(_metrics.router)
         paths = [r.path for router in routers for r in router.routes if isinstance(r, APIRoute)]
         telemetry = _metrics.Metrics(batcher, routes=[*paths, *_DOCS_ROUTES])
-    tokenizer_workers = min(4, os.cpu_count() or 1)
-    tokenizer = ThreadPoolExecutor(
-        max_workers=tokenizer_workers, thread_name_prefix="memos-rerank-tokenize"
-    )
     service = Service(
         reranker,
         batcher,
@@ -151,8 +145,6 @@ def create_app(
         max_documents=max_documents,
         max_request_tokens=max_request_tokens,
         max_body_bytes=max_body_bytes,
-        tokenizer=tokenizer,
-        tokenizer_workers=tokenizer_workers,
     )
     on_error: Callable[[ApiError], None] = telemetry.on_error if telemetry else _no_op
 
@@ -163,7 +155,7 @@ def create_app(
             yield
         finally:
             batcher.close()
-            tokenizer.shutdown(wait=False, cancel_futures=True)
+            service.close()
 
     app = FastAPI(
         title="memos-rerank",

@@ -13,9 +13,10 @@ import asyncio
 import hmac
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -405,7 +406,11 @@ class Ranked:
 
 class Service:
     """The model behind every dialect: its name and limits, the token budget, the
-    batcher, errors; ``app.state.service``, given to handlers by :data:`ServiceDep`."""
+    batcher, errors; ``app.state.service``, given to handlers by :data:`ServiceDep`.
+
+    Backends' ``count_tokens`` run in up to four threads of the service's own
+    (``memos-rerank-tokenize``), which :meth:`close` stops.
+    """
 
     def __init__(
         self,
@@ -416,8 +421,6 @@ class Service:
         max_documents: int,
         max_request_tokens: int | None,
         max_body_bytes: int,
-        tokenizer: Executor,
-        tokenizer_workers: int,
     ) -> None:
         self.reranker = reranker
         self.batcher = batcher
@@ -425,13 +428,19 @@ class Service:
         self.max_documents = max_documents
         self.max_request_tokens = max_request_tokens
         self.max_body_bytes = max_body_bytes
-        self.tokenizer_workers = tokenizer_workers
+        self.tokenizer_workers = min(4, os.cpu_count() or 1)
         self.started_at = int(time.time())
-        self._tokenizer = tokenizer
+        self._tokenizer = ThreadPoolExecutor(
+            max_workers=self.tokenizer_workers, thread_name_prefix="memos-rerank-tokenize"
+        )
         count = getattr(reranker, "count_tokens", None)
         self._count: Callable[[str, Sequence[str]], int] | None = count if callable(count) else None
         cap = getattr(reranker, "max_query_length", None)
         self._query_cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+    def close(self) -> None:
+        """Stop the tokenizer threads; a count in progress finishes, queued ones are dropped."""
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     def check_documents(self, count: int, *, field: str = "documents") -> None:
         if count > self.max_documents:
