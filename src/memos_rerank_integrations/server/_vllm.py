@@ -2,8 +2,8 @@
 
 ``/score`` scores ``text_1`` against ``text_2``: one query against one text or a
 list of texts, or two lists of equal length pair by pair. Scores come back in
-input order (not ranked), like vLLM's. Errors are in Cohere's shape (vLLM's
-clients read ``message``). This module's :data:`router` owns the three routes.
+input order (not ranked), like vLLM's. Errors come in Cohere's shape (``message``
+and ``detail``). This module's :data:`router` owns the three routes.
 """
 
 from __future__ import annotations
