@@ -376,6 +376,29 @@ def test_missing_server_extra_names_it() -> None:
     assert "memos-rerank-integrations[server]" in result.stdout
 
 
+def test_each_dialect_module_owns_its_routes_in_an_api_router() -> None:
+    from fastapi import APIRouter
+    from fastapi.routing import APIRoute
+
+    from memos_rerank_integrations.server import _cohere, _memos, _status, _tei, _vllm
+
+    owned = {}
+    for module in (_memos, _tei, _cohere, _vllm, _status):
+        assert isinstance(module.router, APIRouter)
+        owned[module.__name__.rsplit(".", 1)[1]] = {
+            route.path for route in module.router.routes if isinstance(route, APIRoute)
+        }
+    assert owned == {
+        "_memos": {"/rerank"},
+        "_tei": {"/info"},
+        "_cohere": {"/v1/rerank", "/v2/rerank"},
+        "_vllm": {"/score", "/v1/score", "/v1/models"},
+        "_status": {"/health"},
+    }
+    app = create_app(WordOverlapReranker(), model_name="m", metrics=False)
+    assert set(app.openapi()["paths"]) == set().union(*owned.values())
+
+
 # -- real tiny models behind the server ----------------------------------------------
 
 

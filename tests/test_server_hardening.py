@@ -20,6 +20,7 @@ from memos_rerank_integrations import (
     MalformedResponseError,
     QwenReranker,
 )
+from memos_rerank_integrations._types import estimate_tokens
 from memos_rerank_integrations.server import config, create_app
 from memos_rerank_integrations.server._batcher import MicroBatcher
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
@@ -347,7 +348,7 @@ def test_without_count_tokens_the_budget_uses_an_estimate() -> None:
     backend = HostileReranker()
     app = create_app(backend, model_name="m", max_request_tokens=1000)
     with LiveServer(app) as live:
-        long_query = "word " * 200  # ~250 tokens by the 4-characters estimate
+        long_query = "word " * 200  # 250 tokens by the estimate: 4 ASCII characters a token
         over = httpx.post(
             f"{live.url}/v2/rerank", json={"query": long_query, "documents": DOCUMENTS}, timeout=20
         )
@@ -356,6 +357,28 @@ def test_without_count_tokens_the_budget_uses_an_estimate() -> None:
         )
     assert over.status_code == 413 and "would score" in over.json()["message"]
     assert fits.status_code == 200
+    assert backend.model_calls == 1
+
+
+def test_the_budget_estimates_cjk_text_as_the_clients_do() -> None:
+    """Without ``count_tokens``, the server counts a request as the clients'
+    ``estimate_tokens`` counts it: one token per CJK character, not one per four."""
+    query, document = "用户的爱好是什么？", "用户喜欢打羽毛球。" * 10
+    tokens = estimate_tokens(query) + estimate_tokens(document)
+    assert tokens == 99
+    backend = HostileReranker()
+    app = create_app(backend, model_name="m", max_request_tokens=tokens)
+    with LiveServer(app) as live:
+        fits = httpx.post(
+            f"{live.url}/rerank", json={"query": query, "documents": [document]}, timeout=20
+        )
+        over = httpx.post(
+            f"{live.url}/rerank", json={"query": query, "documents": [document, "球"]}, timeout=20
+        )
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    assert over.status_code == 413
+    assert over.json()["message"].startswith(f"This request would score {tokens + 10} tokens")
     assert backend.model_calls == 1
 
 

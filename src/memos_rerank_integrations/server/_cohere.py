@@ -4,6 +4,8 @@ Clients of ``/v1/rerank``: ``cohere.Client`` (and Mem0's cohere provider), LangC
 ``JinaRerank``, MemOS's ``http_bge`` reranker (its default path), vLLM-style clients.
 Clients of ``/v2/rerank``: ``cohere.ClientV2`` / ``AsyncClientV2`` with ``base_url``,
 langchain-cohere ``CohereRerank``, LlamaIndex ``CohereRerank``.
+
+This module's :data:`router` owns both routes.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import math
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from ._core import ApiError, Dialect, Query, Service, Text
+from ._core import ApiError, Dialect, RerankRequest, Route, Router, ServiceDep, Text
 
 __all__ = [
     "COHERE",
@@ -27,6 +29,8 @@ __all__ = [
     "CohereV2RerankResponse",
     "rerank_v1",
     "rerank_v2",
+    "route",
+    "router",
 ]
 
 # Cohere bills one search unit per query and up to 100 documents.
@@ -38,6 +42,16 @@ def _error_body(error: ApiError) -> dict[str, Any]:
 
 
 COHERE = Dialect("cohere", _error_body)
+
+
+def route(what: str) -> Route:
+    """A route answered in Cohere's error shape, whose clients send ``Bearer``."""
+    return Route(COHERE, "Bearer", what)
+
+
+_BODY = "a JSON object with 'query' and 'documents' (Cohere {} shape)"
+
+router = Router()
 
 
 class CohereError(BaseModel):
@@ -64,13 +78,9 @@ class CohereMeta(BaseModel):
     billed_units: CohereBilledUnits
 
 
-class CohereV1RerankRequest(BaseModel):
+class CohereV1RerankRequest(RerankRequest):
     """The Cohere v1 rerank request, also spoken by Jina and vLLM."""
 
-    model_config = ConfigDict(strict=True, title="CohereV1RerankRequest")
-
-    model: str | None = Field(None, description="Ignored: the server serves its one model.")
-    query: Query
     documents: list[Text | dict[Text, Text]] = Field(
         min_length=1,
         description="Strings, or objects whose 'text' field (or the rank_fields) is ranked.",
@@ -130,9 +140,15 @@ def _document_text(
     return "\n".join(f"{field}: {document[field]}" for field in present)
 
 
-async def rerank_v1(
-    service: Service, request: Request, body: CohereV1RerankRequest
-) -> JSONResponse:
+@router.rerank(
+    "/v1/rerank",
+    route(_BODY.format("v1")),
+    errors=(CohereError,),
+    response_model=CohereV1RerankResponse,
+    response_model_exclude_none=True,
+    summary="Rerank (Cohere v1, Jina and vLLM shape)",
+)
+async def rerank_v1(body: CohereV1RerankRequest, request: Request, service: ServiceDep) -> Response:
     texts = [
         _document_text(position, document, body.rank_fields)
         for position, document in enumerate(body.documents)
@@ -159,13 +175,9 @@ async def rerank_v1(
     )
 
 
-class CohereV2RerankRequest(BaseModel):
+class CohereV2RerankRequest(RerankRequest):
     """The Cohere v2 rerank request."""
 
-    model_config = ConfigDict(strict=True, title="CohereV2RerankRequest")
-
-    model: str | None = Field(None, description="Ignored: the server serves its one model.")
-    query: Query
     documents: list[Text] = Field(min_length=1)
     top_n: int | None = Field(None, ge=1)
     max_tokens_per_doc: int | None = Field(
@@ -184,9 +196,14 @@ class CohereV2RerankResponse(BaseModel):
     meta: CohereMeta
 
 
-async def rerank_v2(
-    service: Service, request: Request, body: CohereV2RerankRequest
-) -> JSONResponse:
+@router.rerank(
+    "/v2/rerank",
+    route(_BODY.format("v2")),
+    errors=(CohereError,),
+    response_model=CohereV2RerankResponse,
+    summary="Rerank (Cohere v2 shape)",
+)
+async def rerank_v2(body: CohereV2RerankRequest, request: Request, service: ServiceDep) -> Response:
     ranked = await service.rank(request, body.query, body.documents, body.top_n)
     return JSONResponse(
         {

@@ -1,9 +1,10 @@
-"""What every dialect shares: errors, the text types, keys, limits and scoring.
+"""What every dialect shares: errors, the text types, keys, limits, scoring and routes.
 
-A dialect module only declares its request model (pydantic: the validation *and*
-the OpenAPI schema), turns a valid request into ``(query, documents, top_n)``
-and renders the answer. Limits, the token budget, authentication, model calls
-and their errors live here, once.
+A dialect module declares its request models (pydantic: the validation *and* the
+OpenAPI schema) and a :class:`Router` whose handlers turn a valid request into
+``(query, documents, top_n)``, score it with the app's :class:`Service` (the
+:data:`ServiceDep` dependency) and render the answer. Limits, the token budget,
+authentication, model calls and their errors live here, once.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import asyncio
 import hmac
 import logging
 import math
-import re
+import os
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from fastapi import APIRouter, Depends
+from fastapi.types import DecoratedCallable
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from .._types import Reranker, RerankResult
+from .._types import Reranker, RerankResult, estimate_tokens, lone_surrogate
 from ._batcher import MicroBatcher
 
 __all__ = [
@@ -39,7 +43,11 @@ __all__ = [
     "Dialect",
     "Query",
     "Ranked",
+    "RerankRequest",
+    "Route",
+    "Router",
     "Service",
+    "ServiceDep",
     "Text",
     "authorize",
     "check_api_key",
@@ -57,12 +65,6 @@ EMPTY_DOCUMENTS = 40003
 KEY_REQUIRED = 40100
 KEY_INVALID = 40132
 INTERNAL = 50000
-
-# The fallback token estimate for backends without ``count_tokens``: about four
-# characters per token, the usual rule of thumb for English text.
-CHARS_PER_TOKEN = 4
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -105,18 +107,76 @@ def error_response(dialect: Dialect, error: ApiError, *, close: bool = False) ->
     return JSONResponse(dialect.error_body(error), error.status, headers=headers)
 
 
+@dataclass(frozen=True)
+class Route:
+    """A guarded POST route: the dialect of its errors, the auth scheme its clients
+    send, and the body it expects (for error messages)."""
+
+    dialect: Dialect
+    scheme: str
+    what: str
+    # A route whose body is a tagged union of two dialects' requests: the union's
+    # tags, and which dialect a (valid or invalid) body speaks.
+    union_tags: frozenset[str] = frozenset()
+    speaks: Callable[[Any], Dialect] | None = None
+
+    def dialect_of(self, body: Any) -> Dialect:
+        return self.dialect if self.speaks is None else self.speaks(body)
+
+
+_ERROR_STATUSES = {
+    400: "Invalid request (names the field), or the model refused its input",
+    401: "Missing or invalid API key",
+    408: "The body did not arrive in time",
+    413: "Body over the size limit, or the request over the token budget",
+    500: "The model gave an invalid answer, or an internal error",
+    503: "The model failed, or the server is shutting down",
+}
+
+
+class Router(APIRouter):
+    """A dialect's routes; :attr:`guarded` maps each rerank route's path to its
+    :class:`Route`, for the guard, the error handlers and the OpenAPI security."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guarded: dict[str, Route] = {}
+
+    def rerank(
+        self, path: str, route: Route, *, errors: tuple[type[BaseModel], ...], **options: Any
+    ) -> Callable[[DecoratedCallable], DecoratedCallable]:
+        """``@router.rerank(path, route, errors=(ErrorModel, ...), summary=...)``: a
+        guarded POST route tagged ``rerank``, its errors documented in ``errors``'
+        shapes (one or two models)."""
+        self.guarded[path] = route
+        schema: Any = errors[0] if len(errors) == 1 else errors[0] | errors[1]
+        responses: dict[int | str, dict[str, Any]] = {
+            status: {"model": schema, "description": text}
+            for status, text in _ERROR_STATUSES.items()
+        }
+        return self.post(path, responses=responses, tags=["rerank"], **options)
+
+    def status(
+        self, path: str, *, summary: str, **options: Any
+    ) -> Callable[[DecoratedCallable], DecoratedCallable]:
+        """``@router.status(path, summary=..., response_model=...)``: a GET route
+        tagged ``status``."""
+        return self.get(path, summary=summary, tags=["status"], **options)
+
+
 # -- text fields ---------------------------------------------------------------------
 
 
 def _valid_text(value: str) -> str:
-    match = _SURROGATE.search(value)
-    if match is not None:
+    found = lone_surrogate(value)
+    if found is not None:
+        position, char = found
         raise PydanticCustomError(
             "lone_surrogate",
             "holds a lone surrogate (U+{codepoint}) at character {position}: not valid "
             "Unicode text. Send UTF-8 text (a JSON \\ud800-\\udfff escape must be half "
             "of a pair)",
-            {"codepoint": f"{ord(match.group()):04X}", "position": match.start()},
+            {"codepoint": f"{ord(char):04X}", "position": position},
         )
     return value
 
@@ -132,6 +192,16 @@ Text = Annotated[str, AfterValidator(_valid_text)]
 """A string that is valid Unicode (no lone surrogates)."""
 Query = Annotated[str, AfterValidator(_valid_query)]
 """A non-blank :data:`Text`."""
+
+
+class RerankRequest(BaseModel):
+    """The fields the MemOS and Cohere rerank requests begin with; JSON types are
+    not converted (``"3"`` is no ``top_n``)."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = Field(None, description="Ignored: the server serves its one model.")
+    query: Query
 
 
 # -- validation errors -> one clear message ------------------------------------------
@@ -336,7 +406,12 @@ class Ranked:
 
 
 class Service:
-    """The model behind every dialect: limits, token budget, batcher, errors."""
+    """The model behind every dialect: its name and limits, the token budget, the
+    batcher, errors; ``app.state.service``, given to handlers by :data:`ServiceDep`.
+
+    Backends' ``count_tokens`` run in up to four threads of the service's own
+    (``memos-rerank-tokenize``), which :meth:`close` stops.
+    """
 
     def __init__(
         self,
@@ -346,18 +421,27 @@ class Service:
         model_name: str,
         max_documents: int,
         max_request_tokens: int | None,
-        tokenizer: Executor,
+        max_body_bytes: int,
     ) -> None:
         self.reranker = reranker
         self.batcher = batcher
         self.model_name = model_name
         self.max_documents = max_documents
         self.max_request_tokens = max_request_tokens
-        self._tokenizer = tokenizer
+        self.max_body_bytes = max_body_bytes
+        self.tokenizer_workers = min(4, os.cpu_count() or 1)
+        self.started_at = int(time.time())
+        self._tokenizer = ThreadPoolExecutor(
+            max_workers=self.tokenizer_workers, thread_name_prefix="memos-rerank-tokenize"
+        )
         count = getattr(reranker, "count_tokens", None)
         self._count: Callable[[str, Sequence[str]], int] | None = count if callable(count) else None
         cap = getattr(reranker, "max_query_length", None)
         self._query_cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+    def close(self) -> None:
+        """Stop the tokenizer threads; a count in progress finishes, queued ones are dropped."""
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     def check_documents(self, count: int, *, field: str = "documents") -> None:
         if count > self.max_documents:
@@ -368,11 +452,12 @@ class Service:
             )
 
     def estimate_tokens(self, query: str, documents: Sequence[str]) -> int:
-        """About four characters per token (the query capped like the backend caps it)."""
-        query_tokens = math.ceil(len(query) / CHARS_PER_TOKEN)
+        """The clients' estimate (:func:`~memos_rerank_integrations._types.estimate_tokens`)
+        of every document scored with the query, the query capped like the backend caps it."""
+        query_tokens = estimate_tokens(query)
         if self._query_cap is not None:
             query_tokens = min(query_tokens, self._query_cap)
-        return sum(query_tokens + math.ceil(len(d) / CHARS_PER_TOKEN) for d in documents)
+        return sum(query_tokens + estimate_tokens(document) for document in documents)
 
     async def count_tokens(self, calls: Sequence[tuple[str, Sequence[str]]]) -> int:
         """Tokens the calls would score: the backend's ``count_tokens`` in a worker
@@ -430,6 +515,11 @@ class Service:
         outputs = await self._wait(request, futures)
         return Ranked([result for output in outputs for result in output], tokens)
 
+    def model_limit(self, name: str) -> int | None:
+        """The backend's ``name`` attribute (``max_length``...) if it is an int."""
+        value = getattr(self.reranker, name, None)
+        return value if isinstance(value, int) else None
+
     def _submit(
         self, query: str, documents: Sequence[str], top_n: int | None
     ) -> Future[list[RerankResult]]:
@@ -465,6 +555,15 @@ class Service:
             raise ApiError(400, exc.message) from None
         except Exception as exc:
             raise _model_error(exc) from None
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(_service)]
+"""A handler parameter that receives the app's :class:`Service`."""
 
 
 async def _disconnected(request: Request) -> None:

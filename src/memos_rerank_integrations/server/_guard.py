@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._core import ApiError, Dialect, authorize, error_response
+from ._core import ApiError, Route, authorize, error_response
 
 __all__ = ["Guard"]
 
@@ -25,14 +25,14 @@ class _Disconnected(Exception):
 
 
 class Guard:
-    """Pure ASGI middleware; ``routes`` maps each guarded POST path to its dialect
-    (and the auth scheme its clients use)."""
+    """Pure ASGI middleware; ``routes`` maps each guarded POST path to its
+    :class:`Route` (the dialect of its errors, the auth scheme its clients use)."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        routes: Mapping[str, tuple[Dialect, str]],
+        routes: Mapping[str, Route],
         api_key: str | None,
         max_body_bytes: int,
         body_timeout: float,
@@ -50,15 +50,14 @@ class Guard:
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        dialect, scheme = route
         try:
             if self.key is not None:
-                authorize(scope["headers"], self.key, scheme=scheme)
+                authorize(scope["headers"], self.key, scheme=route.scheme)
             body = await self._read_body(scope, receive)
             _check_utf8(body)
         except ApiError as error:
             self.on_error(error)
-            await error_response(dialect, error, close=error.status in (408, 413))(
+            await error_response(route.dialect, error, close=error.status in (408, 413))(
                 scope, receive, send
             )
             return

@@ -3,20 +3,34 @@
 Clients: :class:`~memos_rerank_integrations.MemOSReranker`, the MemOS
 documentation's ``requests.post``, infinity's client, this package's
 :class:`~memos_rerank_integrations.HTTPReranker` (``Bearer``).
+
+This module's :data:`router` owns ``/rerank``, which text-embeddings-inference's
+clients call too: its body is a tagged union of the two requests (TEI's has
+``texts`` instead of ``documents``), and a TEI body is answered by
+:func:`._tei.rerank`, in TEI's shapes.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Discriminator, Field, Tag
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from ._core import ApiError, Dialect, Query, Service, Text
+from . import _tei
+from ._core import ApiError, Dialect, RerankRequest, Route, Router, ServiceDep, Text
 
-__all__ = ["MEMOS", "MemOSError", "MemOSRerankRequest", "MemOSRerankResponse", "rerank"]
+__all__ = [
+    "MEMOS",
+    "MemOSError",
+    "MemOSRerankRequest",
+    "MemOSRerankResponse",
+    "RerankBody",
+    "rerank",
+    "router",
+]
 
 
 def _error_body(error: ApiError) -> dict[str, Any]:
@@ -36,13 +50,9 @@ class MemOSError(BaseModel):
     detail: str
 
 
-class MemOSRerankRequest(BaseModel):
+class MemOSRerankRequest(RerankRequest):
     """The MemOS "Rerank Memory" request."""
 
-    model_config = ConfigDict(strict=True, title="MemOSRerankRequest")
-
-    model: str | None = Field(None, description="Ignored: the server serves its one model.")
-    query: Query
     documents: list[Text] = Field(min_length=1, description="Texts to rank against the query.")
     top_n: int | None = Field(None, ge=1, description="Keep the best N (default: all).")
 
@@ -71,7 +81,42 @@ class MemOSRerankResponse(BaseModel):
     results: list[MemOSResult]
 
 
-async def rerank(service: Service, request: Request, body: MemOSRerankRequest) -> JSONResponse:
+def _shape(body: Any) -> str:
+    """Which of the two /rerank dialects a body speaks: TEI's has 'texts'."""
+    if isinstance(body, dict):
+        return "tei" if "texts" in body and "documents" not in body else "memos"
+    return "tei" if isinstance(body, _tei.TEIRerankRequest) else "memos"
+
+
+RerankBody = Annotated[
+    Annotated[MemOSRerankRequest, Tag("memos")] | Annotated[_tei.TEIRerankRequest, Tag("tei")],
+    Discriminator(_shape),
+]
+
+_ROUTE = Route(
+    MEMOS,
+    "Token",
+    "a JSON object with 'query' and 'documents' (MemOS shape) or 'query' and 'texts' "
+    "(text-embeddings-inference shape)",
+    union_tags=frozenset({"memos", "tei"}),
+    speaks=lambda body: _tei.TEI if _shape(body) == "tei" else MEMOS,
+)
+
+router = Router()
+
+
+@router.rerank(
+    "/rerank",
+    _ROUTE,
+    errors=(MemOSError, _tei.TEIError),
+    response_model=MemOSRerankResponse | list[_tei.TEIRank],
+    summary="Rerank (MemOS shape, or TEI's with 'texts')",
+    description="With 'documents': the MemOS shape, answered with 'results'. With "
+    "'texts': text-embeddings-inference's shape, answered with a bare list.",
+)
+async def rerank(body: RerankBody, request: Request, service: ServiceDep) -> Response:
+    if isinstance(body, _tei.TEIRerankRequest):
+        return await _tei.rerank(service, request, body)
     ranked = await service.rank(request, body.query, body.documents, body.top_n)
     return JSONResponse(
         {

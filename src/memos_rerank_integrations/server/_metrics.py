@@ -1,4 +1,5 @@
-"""``GET /metrics``: Prometheus text format, one registry per app.
+"""``GET /metrics``: Prometheus text format, one registry per app (this module's
+:data:`router`, included when the app has metrics).
 
 =============================================  ===========================================
 ``memos_rerank_requests_total``                HTTP requests by ``route``, ``method``, ``status``
@@ -32,12 +33,14 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._batcher import BatchReport, MicroBatcher
-from ._core import ApiError
+from ._core import ApiError, Router
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware", "router"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -156,3 +159,17 @@ class MetricsMiddleware:
         finally:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
             self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
+
+
+router = Router()
+
+
+@router.status(
+    "/metrics",
+    summary="Prometheus metrics (no key needed)",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
+async def prometheus_metrics(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

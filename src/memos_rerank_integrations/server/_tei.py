@@ -3,6 +3,9 @@ and ``GET /info``.
 
 Clients: ``tei-client`` (it reads ``/info`` first), this package's
 ``HTTPReranker(api_format="tei")``, LangChain/LlamaIndex TEI rerankers.
+
+This module's :data:`router` owns ``/info``. ``/rerank`` belongs to
+:mod:`._memos`, whose handler answers a TEI body with :func:`rerank`.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
+from .. import __version__
 from .._types import Reranker
-from ._core import ApiError, Dialect, Query, Service, Text
+from ._core import ApiError, Dialect, Query, Router, Service, ServiceDep, Text
 
 __all__ = [
     "TEI",
@@ -27,6 +31,7 @@ __all__ = [
     "TEIRerankRequest",
     "info",
     "rerank",
+    "router",
     "score_scale",
 ]
 
@@ -97,7 +102,7 @@ def _sigmoid(logit: float) -> float:
 class TEIRerankRequest(BaseModel):
     """The text-embeddings-inference rerank request (``texts`` instead of ``documents``)."""
 
-    model_config = ConfigDict(strict=True, title="TEIRerankRequest")
+    model_config = ConfigDict(strict=True)
 
     query: Query
     texts: list[Text] = Field(min_length=1)
@@ -123,9 +128,10 @@ class TEIRank(BaseModel):
     text: str | None = None
 
 
-async def rerank(
-    service: Service, request: Request, body: TEIRerankRequest, scale: ScoreScale
-) -> JSONResponse:
+async def rerank(service: Service, request: Request, body: TEIRerankRequest) -> JSONResponse:
+    """Answer a TEI ``/rerank`` body (errors too, in TEI's shape)."""
+    request.state.dialect = TEI
+    scale = score_scale(service.reranker)
     ranked = await service.rank(request, body.query, body.texts, None)
     convert: Callable[[float], float] | None = None
     if body.raw_scores and scale == "probability":
@@ -167,30 +173,35 @@ class TEIInfo(BaseModel):
     max_query_tokens: int | None
 
 
-def info(service: Service, *, version: str, max_body_bytes: int, workers: int) -> dict[str, Any]:
-    reranker = service.reranker
-    dtype = getattr(reranker, "dtype", None)
+router = Router()
+
+
+@router.status(
+    "/info",
+    response_model=TEIInfo,
+    summary="The served model and limits (text-embeddings-inference's fields)",
+)
+async def info(service: ServiceDep) -> Response:
+    dtype = getattr(service.reranker, "dtype", None)
     dtype_name = "auto" if dtype is None else str(dtype).removeprefix("torch.")
-    max_length = getattr(reranker, "max_length", None)
-    batch_tokens = getattr(reranker, "max_batch_tokens", None)
-    query_cap = getattr(reranker, "max_query_length", None)
-    return {
+    body = {
         "model_id": service.model_name,
         "model_sha": None,
         "model_dtype": dtype_name,
         "model_type": {"reranker": {"id2label": {"0": "relevance"}, "label2id": {"relevance": 0}}},
         "max_concurrent_requests": None,
-        "max_input_length": max_length if isinstance(max_length, int) else None,
-        "max_batch_tokens": batch_tokens if isinstance(batch_tokens, int) else None,
+        "max_input_length": service.model_limit("max_length"),
+        "max_batch_tokens": service.model_limit("max_batch_tokens"),
         "max_batch_requests": None,
         "max_client_batch_size": service.max_documents,
         "auto_truncate": True,
-        "tokenization_workers": workers,
-        "version": version,
+        "tokenization_workers": service.tokenizer_workers,
+        "version": __version__,
         "sha": None,
         "docker_label": None,
         "router": "memos-rerank-integrations",
         "max_request_tokens": service.max_request_tokens,
-        "max_body_bytes": max_body_bytes,
-        "max_query_tokens": query_cap if isinstance(query_cap, int) else None,
+        "max_body_bytes": service.max_body_bytes,
+        "max_query_tokens": service.model_limit("max_query_length"),
     }
+    return JSONResponse(body)

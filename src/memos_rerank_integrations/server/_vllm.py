@@ -2,28 +2,29 @@
 
 ``/score`` scores ``text_1`` against ``text_2``: one query against one text or a
 list of texts, or two lists of equal length pair by pair. Scores come back in
-input order (not ranked), like vLLM's.
+input order (not ranked), like vLLM's. Errors come in Cohere's shape (``message``
+and ``detail``). This module's :data:`router` owns the three routes.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from ._core import ApiError, Query, Service, Text
+from ._cohere import CohereError, route
+from ._core import ApiError, Query, Router, ServiceDep, Text
 
-__all__ = ["ModelList", "ScoreRequest", "ScoreResponse", "models", "score"]
+__all__ = ["ModelList", "ScoreRequest", "ScoreResponse", "models", "router", "score"]
 
 
 class ScoreRequest(BaseModel):
     """vLLM's score request."""
 
-    model_config = ConfigDict(strict=True, title="ScoreRequest")
+    model_config = ConfigDict(strict=True)
 
     model: str | None = Field(None, description="Ignored: the server serves its one model.")
     text_1: Query | list[Query] = Field(description="The query, or one query per pair.")
@@ -53,7 +54,11 @@ class ScoreResponse(BaseModel):
     usage: ScoreUsage
 
 
-async def score(service: Service, request: Request, body: ScoreRequest) -> JSONResponse:
+router = Router()
+_ROUTE = route("a JSON object with 'text_1' and 'text_2' (vLLM score shape)")
+
+
+async def score(body: ScoreRequest, request: Request, service: ServiceDep) -> Response:
     queries = body.text_1 if isinstance(body.text_1, list) else [body.text_1]
     texts = body.text_2 if isinstance(body.text_2, list) else [body.text_2]
     if not queries or not texts:
@@ -88,6 +93,16 @@ async def score(service: Service, request: Request, body: ScoreRequest) -> JSONR
     )
 
 
+for _path in ("/score", "/v1/score"):
+    router.rerank(
+        _path,
+        _ROUTE,
+        errors=(CohereError,),
+        response_model=ScoreResponse,
+        summary="Score text pairs (vLLM shape; scores in input order)",
+    )(score)
+
+
 class ModelCard(BaseModel):
     id: str
     object: str = "model"
@@ -102,18 +117,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def models(service: Service, *, created: int) -> dict[str, Any]:
-    max_length = getattr(service.reranker, "max_length", None)
-    return {
+@router.status(
+    "/v1/models", response_model=ModelList, summary="The served model (OpenAI / vLLM list)"
+)
+async def models(service: ServiceDep) -> Response:
+    body = {
         "object": "list",
         "data": [
             {
                 "id": service.model_name,
                 "object": "model",
-                "created": created,
+                "created": service.started_at,
                 "owned_by": "memos-rerank-integrations",
                 "root": service.model_name,
-                "max_model_len": max_length if isinstance(max_length, int) else None,
+                "max_model_len": service.model_limit("max_length"),
             }
         ],
     }
+    return JSONResponse(body)
