@@ -18,7 +18,6 @@ on relevance use it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -116,11 +115,7 @@ def page_blocks(path: Path, root: Path = ROOT) -> list[Block]:
 
 
 def pages() -> list[Path]:
-    docs = [
-        path
-        for path in sorted(DOCS.rglob("*.md"))
-        if GENERATED not in path.parents
-    ]
+    docs = [path for path in sorted(DOCS.rglob("*.md")) if GENERATED not in path.parents]
     return [README, *docs]
 
 
@@ -281,7 +276,8 @@ def test_a_block_cannot_be_skipped_silently(tmp_path: Path, markdown: str, messa
 
 
 def nav_pages() -> set[str]:
-    return set(re.findall(r"^\s*- (?:[^:\n]+: )?(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    return set(re.findall(r"^\s*- (?:[^:\n]+: )?(\S+\.md)\s*$", config, re.M))
 
 
 def test_every_page_is_in_the_site_navigation() -> None:
