@@ -6,18 +6,22 @@ checkout's ``src`` on ``PYTHONPATH`` and ``HF_HUB_OFFLINE=1``. The notebooks ass
 on their own results (e.g. the baijiu memory first for the liquor query), so a
 wrong ranking fails here, not only an exception; their outputs hold no warning.
 
-``notebooks/rendered/`` holds an executed copy of each (``python notebooks/render.py``)
-for readers without Jupyter: the same code, with its outputs and plots.
+The notebooks are stored once. ``python notebooks/render.py`` executes them and writes
+readable copies (the executed notebook, a markdown page, the plots as PNG files) into the
+git-ignored ``docs/notebooks/``; each test run below also writes those copies, with the
+same ``render.write``, from the notebook it has just executed, and checks them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import nbformat
 import pytest
@@ -26,7 +30,6 @@ from nbclient import NotebookClient
 from ._backends import SRC
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-RENDERED = NOTEBOOKS / "rendered"
 PLOTS = {"01_langchain.ipynb": 0, "02_llama_index.ipynb": 1, "03_thresholds.ipynb": 3}
 WARNING_MARKS = ("Warning", "deprecated", "IProgress")
 NAMES = ["01_langchain.ipynb", "02_llama_index.ipynb", "03_thresholds.ipynb"]
@@ -34,6 +37,15 @@ NAMES = ["01_langchain.ipynb", "02_llama_index.ipynb", "03_thresholds.ipynb"]
 # busy machine while still catching a hang.
 CELL_TIMEOUT_S = 120
 NOTEBOOK_BUDGET_S = 240
+
+
+def load_render() -> ModuleType:
+    """``notebooks/render.py``, the one command that renders the notebooks."""
+    spec = importlib.util.spec_from_file_location("notebooks_render", NOTEBOOKS / "render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +74,16 @@ def test_every_notebook_is_tested() -> None:
     assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == NAMES
 
 
+def test_the_notebooks_are_stored_once() -> None:
+    """No executed or rendered copy is kept in the repository: only the notebooks."""
+    stored = sorted(
+        path.relative_to(NOTEBOOKS).as_posix()
+        for path in NOTEBOOKS.rglob("*")
+        if path.is_file() and not {"__pycache__", ".ipynb_checkpoints"} & set(path.parts)
+    )
+    assert stored == sorted([*NAMES, "data/labelled_memories.json", "render.py"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_stored_without_outputs(name: str) -> None:
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -72,7 +94,7 @@ def test_stored_without_outputs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_runs_offline(name: str, kernel_name: str) -> None:
+def test_runs_offline(name: str, kernel_name: str, tmp_path: Path) -> None:
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(
         notebook,
@@ -92,30 +114,34 @@ def test_runs_offline(name: str, kernel_name: str) -> None:
     # The plots render (inline backend, headless).
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) == PLOTS[name]
+    check_rendered_copies(notebook, name, tmp_path)
 
 
 def code_sources(notebook: nbformat.NotebookNode) -> list[str]:
     return [cell.source for cell in notebook.cells if cell.cell_type == "code"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_rendered_copy_is_current(name: str) -> None:
-    """The committed rendered copy runs the notebook's present code, with every output
-    and plot; its markdown twin shows the same plots as PNG files."""
+def check_rendered_copies(executed: nbformat.NotebookNode, name: str, out: Path) -> None:
+    """What ``python notebooks/render.py`` writes for an executed notebook: the executed
+    copy, with every output, and a markdown page with the notebook's code and its plots
+    as PNG files."""
+    stem = name.removesuffix(".ipynb")
+    written = load_render().write(executed, stem, out)
+    assert {path.name for path in written} == {
+        name,
+        f"{stem}.md",
+        *(f"{stem}_{k}.png" for k in range(1, PLOTS[name] + 1)),
+    }
     stored = nbformat.read(NOTEBOOKS / name, as_version=4)
-    rendered = nbformat.read(RENDERED / name, as_version=4)
-    assert [c.source for c in rendered.cells] == [c.source for c in stored.cells], (
-        f"rendered/{name} is stale: run python notebooks/render.py"
-    )
-    code_cells = [cell for cell in rendered.cells if cell.cell_type == "code"]
+    copy = nbformat.read(out / name, as_version=4)
+    assert [c.source for c in copy.cells] == [c.source for c in stored.cells]
+    code_cells = [cell for cell in copy.cells if cell.cell_type == "code"]
     assert all(cell.execution_count is not None for cell in code_cells)
-    outputs = [output for cell in code_cells for output in cell.outputs]
-    assert not [output for output in outputs if output.output_type == "error"]
-    assert sum("image/png" in output.get("data", {}) for output in outputs) == PLOTS[name]
-    markdown = (RENDERED / name.replace(".ipynb", ".md")).read_text(encoding="utf-8")
+    markdown = (out / f"{stem}.md").read_text(encoding="utf-8")
+    assert markdown.count("```python\n") == len(code_sources(stored))
     for source in code_sources(stored):
         assert source.rstrip() in markdown
     for k in range(1, PLOTS[name] + 1):
-        png = f"{name.removesuffix('.ipynb')}_{k}.png"
+        png = f"{stem}_{k}.png"
         assert f"]({png})" in markdown
-        assert (RENDERED / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
