@@ -26,19 +26,15 @@ from ._exceptions import InvalidInputError
 from ._extras import missing_extra
 
 try:
+    from langchain_classic.retrievers import ContextualCompressionRetriever
     from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, Callbacks
     from langchain_core.documents import BaseDocumentCompressor, Document
     from langchain_core.retrievers import RetrieverLike
     from langchain_core.runnables import RunnableConfig, ensure_config
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    package = (exc.name or "langchain_core").split(".")[0].replace("_", "-")
     raise missing_extra(
-        "langchain", "langchain-core", feature="memos_rerank_integrations.langchain"
-    ) from exc
-try:
-    from langchain_classic.retrievers import ContextualCompressionRetriever
-except ImportError as exc:  # pragma: no cover - exercised without the extra installed
-    raise missing_extra(
-        "langchain", "langchain-classic", feature="memos_rerank_integrations.langchain"
+        "langchain", package, feature="memos_rerank_integrations.langchain"
     ) from exc
 
 __all__ = ["RerankCompressor", "RerankRetriever"]

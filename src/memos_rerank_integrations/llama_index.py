@@ -19,6 +19,8 @@ from ._config import settings_from_dict, settings_to_dict
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
 
+__all__ = ["RerankPostprocessor", "RerankQueryBundle"]
+
 try:
     from llama_index.core.bridge.pydantic import Field
     from llama_index.core.callbacks import CBEventType, EventPayload
@@ -33,7 +35,6 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "llama-index", "llama-index-core", feature="memos_rerank_integrations.llama_index"
     ) from exc
 
-__all__ = ["RerankPostprocessor", "RerankQueryBundle"]
 
 dispatcher = get_dispatcher(__name__)
 

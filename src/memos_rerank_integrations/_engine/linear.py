@@ -2,9 +2,8 @@
 oneDNN's linear on a copy of it prepacked into oneDNN's blocked layout (as vLLM-CPU
 and IPEX run them).
 
-On the AVX-512 CPU measured, the prepacked linear ran these models' projection shapes
-at 1.1-1.6x the rate of ``F.linear`` in float32 and bfloat16 (most at the 10-100-row
-heights of a short call), with bitwise the same bfloat16 results. It is used on CPU
+The weight is reordered once, at load, into the blocked layout oneDNN's kernels read,
+instead of on every call; bfloat16 results match ``F.linear``'s. It is used on CPU
 only, in float32 or bfloat16, where torch was built with oneDNN (:func:`can_prepack`).
 
 Prepacked, an elementwise step that follows a projection can run inside it as a

@@ -2,19 +2,17 @@
 
 The weights are the loaded ``Qwen3Model``'s own. On CPU (float32 or bfloat16, where
 torch has oneDNN) every projection runs as oneDNN's prepacked linear (see
-``_linear``; 1.2-1.65x faster one-memory calls than ``F.linear``). When the
+``linear``): the weight is reordered once, at load, not on every call. When the
 engine owns the weights (``own_weights``, as ``QwenReranker`` builds it) the plain copy
 is released, so the model is held once. Elsewhere the weights are used in place.
 Prepacked, the MLP's SiLU and its gate-times-up product and both residual adds run
-inside the matmuls as oneDNN post-ops, with no pass of their own over memory (bf16 on
-an AMX CPU: RAG calls 1.09-1.12x, memory calls 1.05-1.09x; float32 unchanged). The
+inside the matmuls as oneDNN post-ops, with no pass of their own over memory. The
 prepacked copies are prepared for the engine (``PackedQwen3._prepacked``): q and k in
 rotary pairs (below), the weights of the RMSNorms before attention and before the MLP
 folded into the projections that read their output (one multiply pass less per norm),
-and for bf16 on an AMX CPU q/k/v stacked into one projection (RAG calls 1.10-1.13x,
-one-memory calls 1.05-1.07x; in float32, and on the AVX-512 CPU without AMX measured
-earlier, stacking was no faster). Rows of any length are packed into one ``[tokens,
-hidden]`` matrix: no padding is ever run through a matrix multiply.
+and, for bf16 on a CPU with AMX tiles only, q/k/v stacked into one projection. Rows
+of any length are packed into one ``[tokens, hidden]`` matrix: no padding is ever run
+through a matrix multiply.
 
 A row rests on a context: a cached prefix (per layer ``(keys, values)``), or the
 tokens of an earlier row of the same pass (its *parent*, e.g. a query that every
@@ -48,8 +46,7 @@ embeddings from the model's own ``rotary_emb`` (any RoPE scaling it was configur
 with), softmax attention with the model's scaling. Prepacked, q and k are produced
 with each head's dimensions in rotary pairs (their projections' rows reordered, a
 layout attention does not see), so each one's norm and rotary run in one float32
-pass ending in a complex multiply and one rounding (bf16 on an AMX CPU: that step
-2-2.5x faster in a micro-benchmark, RAG calls 1.07-1.18x). Models this engine does
+pass ending in a complex multiply and one rounding. Models this engine does
 not cover (sliding-window layers, other activations) keep the transformers forward.
 
 torch is imported inside functions only, so importing this module stays cheap.
@@ -83,16 +80,14 @@ _UPCAST_QUERIES = 32
 # Masked calls (fused CPU kernel only): a piece of at least _WHOLE_QUERIES queries
 # whose context is no longer than its queries, and whose context and own keys number
 # at most _MASKED_KEYS, attends in one masked call over them joined (a copy), not in
-# parts merged: one pass over its queries instead of two or three (bf16 RAG passages:
-# attention 1.5x in a micro-benchmark). Where ``PackedQwen3.group_queries`` is set,
-# shorter pieces that share a context attend likewise, up to that many queries per
-# call (20 bf16 memory rows on an AMX CPU: attention 2-3x). Longer contexts keep the
-# parts.
+# parts merged: one pass over its queries instead of two or three. Where
+# ``PackedQwen3.group_queries`` is set, shorter pieces that share a context attend
+# likewise, up to that many queries per call. Longer contexts keep the parts.
 _WHOLE_QUERIES = 64
 _MASKED_KEYS = 1024
-# Queries per masked call of short pieces, for bf16 on a CPU with AMX tiles (there
-# the kernel's matmuls are cheap and its per-call passes are not; in float32, and in
-# bf16 without AMX, one call per part was faster).
+# Queries per masked call of short pieces: grouping applies only to bf16 on a CPU with
+# AMX tiles (``_amx_bf16``), where the kernel's matmuls are cheap and its per-call
+# passes are not.
 _GROUP_QUERIES = 128
 
 # Per decoder layer, (keys, values) of shape [1, kv_heads, length, head_dim].
@@ -224,9 +219,8 @@ class PackedQwen3:
                     release(module, "the packed Qwen3 engine (PackedQwen3.forward)")
         # The fused CPU flash-attention kernel returns the log-sum-exp the merge needs.
         self._flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-        # bf16 attention of at most this many queries runs the fused kernel in float32:
-        # faster on an avx512_bf16 CPU without AMX (one-memory calls 1.07x); where AMX
-        # tiles run the bf16 kernel, bf16 is faster at every size (memory calls 1.07x).
+        # bf16 attention of at most this many queries runs the fused kernel in float32
+        # on CPUs without AMX tiles; with AMX tiles attention stays in bf16.
         self.upcast_queries = 0 if cpu_has_amx() else _UPCAST_QUERIES
         self.group_queries = _GROUP_QUERIES if _amx_bf16(self.norm.dtype) else 0
 
@@ -771,11 +765,8 @@ def _projections(layer: Any) -> tuple[Any, ...]:
 
 def _amx_bf16(dtype: Any) -> bool:
     """bf16 on a CPU with AMX tiles: where prepacked q, k and v run as one stacked
-    projection (oneDNN there: 1.3x faster at 25-128 rows, 1.0-1.1x at 500-1,800;
-    engine A/B: RAG calls 1.10-1.13x, one-memory calls 1.05-1.07x) and short pieces
-    attend in grouped masked calls (``group_queries``). In float32 the engine measured
-    both at 0.95-1.03x, and on an AVX-512 CPU without AMX stacking measured 0-20%
-    slower."""
+    projection and short pieces attend in grouped masked calls (``group_queries``).
+    float32, and bf16 without AMX, keep separate projections and one call per part."""
     import torch
 
     return bool(dtype == torch.bfloat16 and cpu_has_amx())

@@ -31,7 +31,7 @@ class CrossEncoderReranker(LocalEncoderReranker):
     ``query_template`` and ``document_template`` wrap each side of the pair
     before tokenization (each holds its placeholder, ``{query}`` or
     ``{document}``, once). Models converted from a prompted reranker need them,
-    e.g. Qwen3-Reranker "-seq-cls" checkpoints (see the README). Text after
+    e.g. Qwen3-Reranker "-seq-cls" checkpoints (see the docs' vLLM page). Text after
     ``{document}`` is never cut: a long document loses the tail of its own text
     only.
 

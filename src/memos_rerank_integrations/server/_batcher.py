@@ -87,8 +87,8 @@ class MicroBatcher:
     ``enabled=False``, calls run one at a time in arrival order.
 
     The default of 32 documents suits CPUs, where one forward pass of a few dozen
-    rows already uses every core: fusing small calls pays, fusing 20-document
-    calls only adds latency (measured in BENCHMARKS.md). GPUs gain from more.
+    rows already uses every core: small calls are fused, larger calls run one by
+    one. GPUs gain from more.
 
     When the worker is idle a call starts at once; the ``batch_window_ms`` wait
     for more calls applies only right after a batch finished, i.e. under load,
