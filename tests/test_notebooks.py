@@ -23,7 +23,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from ._backends import SRC
+from .support.backends import SRC
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 RENDERED = NOTEBOOKS / "rendered"

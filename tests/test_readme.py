@@ -28,7 +28,7 @@ import pytest
 import memos_rerank_integrations
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
-from ._backends import SUBPROCESS_ENV
+from .support.backends import SUBPROCESS_ENV
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$", re.DOTALL | re.MULTILINE)
