@@ -20,47 +20,36 @@ import pytest
 
 from memos_rerank_integrations import (
     AuthenticationError,
-    CohereReranker,
-    HTTPReranker,
     MalformedResponseError,
     MemOSReranker,
     RerankTimeoutError,
-    ZeroEntropyReranker,
 )
 
 from ..support.loopback import MODES, LoopbackServer, Recorded, Reply, cohere_results, cohere_shaped
+from ..support.remote import BACKENDS as REMOTE_BACKENDS
+from ..support.remote import COHERE, KEY, MEMOS, RemoteBackend
 
 T = TypeVar("T")
 
-KEY = "sk-hostile-SECRET-5150"
 DOCS = ["doc 1", "doc 2", "doc 3"]
 OK = cohere_results(DOCS)
 SLACK = 1.0  # what a test allows on top of the documented bound
 MiB = 1 << 20
 
 
-def _http(server: LoopbackServer, **options: Any) -> HTTPReranker:
-    return HTTPReranker(server.url, api_key=KEY, **options)
+def _maker(backend: RemoteBackend) -> Callable[..., Any]:
+    """``make(server, **options)``: ``backend`` against ``server`` (with the key)."""
+
+    def make(server: LoopbackServer, **options: Any) -> Any:
+        return backend.make(server.url, **options)
+
+    return make
 
 
-def _memos(server: LoopbackServer, **options: Any) -> MemOSReranker:
-    return MemOSReranker(api_key=KEY, base_url=server.url, **options)
-
-
-def _zeroentropy(server: LoopbackServer, **options: Any) -> ZeroEntropyReranker:
-    return ZeroEntropyReranker(api_key=KEY, base_url=server.url, **options)
-
-
-def _cohere(server: LoopbackServer, **options: Any) -> CohereReranker:
-    return CohereReranker(api_key=KEY, base_url=server.url, **options)
-
-
-BACKENDS: dict[str, Callable[..., Any]] = {
-    "http": _http,
-    "memos": _memos,
-    "zeroentropy": _zeroentropy,
-    "cohere": _cohere,
-}
+# The four backends of the contract (tests/support/remote.py), HTTPReranker in its
+# Cohere-like format: the answers scripted here are in that shape.
+BACKENDS: dict[str, Callable[..., Any]] = {b.name: _maker(b) for b in REMOTE_BACKENDS if not b.tei}
+_memos, _cohere = _maker(MEMOS), _maker(COHERE)
 
 
 def bound(timeout: float, max_retries: int = 0, backoff_max: float = 8.0) -> float:

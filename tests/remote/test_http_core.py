@@ -374,23 +374,6 @@ def test_ties_keep_input_order_whatever_order_the_server_lists_them(
         assert indices == sorted(indices, key=lambda i: (-scores[i], i))
 
 
-def test_ties_keep_input_order_against_a_real_server(server: Any) -> None:
-    from memos_rerank_integrations import MemOSReranker
-
-    from ..support.loopback import Recorded, Reply
-
-    def reversed_ties(request: Recorded) -> Reply:
-        n = len(request.body["documents"])
-        return Reply(
-            200, {"results": [{"index": i, "relevance_score": 0.5} for i in reversed(range(n))]}
-        )
-
-    server.script(*[reversed_ties] * 3)
-    docs = [f"doc {i}" for i in range(7)]
-    reranker = MemOSReranker(api_key="k", base_url=server.url, max_documents_per_request=3)
-    assert [r.index for r in reranker.rerank("q", docs)] == list(range(7))
-
-
 # ---------------------------------------------------------------- numbers from duck-typed backends
 
 
