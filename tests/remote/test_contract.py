@@ -154,11 +154,12 @@ def test_transient_failures_then_success(
     server.script(
         Reply(503, backend.error("warming up")),
         Reply(429, backend.error("slow"), headers={"Retry-After-Ms": "50"}),
+        Reply(429, backend.error("slow"), headers={"Retry-After": "0"}),
         backend.serve,
     )
-    results = invoke(make(backend, server, max_retries=2), mode, "q", DOCS)
+    results = invoke(make(backend, server, max_retries=3), mode, "q", DOCS)
     assert [r.index for r in results] == expected_order(DOCS)
-    assert len(server.requests) == 3
+    assert len(server.requests) == 4
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from memos_rerank_integrations import InvalidInputError, ZeroEntropyReranker
 from memos_rerank_integrations._remote.zeroentropy import DEFAULT_ZEROENTROPY_BASE_URL
 
-from ..support.loopback import FAST, LoopbackServer, cohere_shaped
+from ..support.loopback import FAST, LoopbackServer, Reply, cohere_shaped
 
 KEY = "ze-SECRET-key-0099"
 DOCS = ["doc 11", "doc 12", "doc 13"]
@@ -39,6 +39,15 @@ def test_latency_is_sent_when_set(server: LoopbackServer) -> None:
 def test_bad_latency_is_rejected() -> None:
     with pytest.raises(InvalidInputError, match="latency"):
         ZeroEntropyReranker(api_key=KEY, latency=5)  # type: ignore[arg-type]
+
+
+def test_a_validation_error_list_is_invalid_input(server: LoopbackServer) -> None:
+    # Zero Entropy answers 422 with FastAPI's list of validation errors.
+    server.script(Reply(422, {"detail": [{"loc": ["body", "query"], "msg": "field required"}]}))
+    with pytest.raises(InvalidInputError, match="field required") as caught:
+        make(server, max_retries=1).rerank("q", DOCS)
+    assert caught.value.status_code == 422 and caught.value.backend == "zeroentropy"
+    assert len(server.requests) == 1
 
 
 def test_base_urls(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
