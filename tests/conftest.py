@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import _offline  # noqa: F401 - Mem0's settings, read when mem0 is first imported
-from ._loopback import LoopbackServer, loopback
+from .support import offline  # noqa: F401 - Mem0's settings, read when mem0 is first imported
+from .support.loopback import LoopbackServer, loopback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -23,7 +23,7 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._compare import VECTOR_ORDER
 from memos_rerank_integrations.cli import main as cli_main
 
-from ._backends import SUBPROCESS_ENV, OverlapReranker, RawReranker, ScriptedReranker
+from .support.backends import SUBPROCESS_ENV, OverlapReranker, RawReranker, ScriptedReranker
 
 QUERY = "playing badminton hobbies"
 DOCS = [

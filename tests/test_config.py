@@ -31,9 +31,9 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
-from . import _qwen_fixtures
-from ._backends import SUBPROCESS_ENV, OverlapReranker
-from ._loopback import (
+from .support import qwen_fixtures as _qwen_fixtures
+from .support.backends import SUBPROCESS_ENV, OverlapReranker
+from .support.loopback import (
     FAST,
     LoopbackServer,
     Recorded,

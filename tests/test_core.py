@@ -25,7 +25,7 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._engine.batching import budget_batches
 from memos_rerank_integrations._types import check_inputs, check_top_n, rank_scores
 
-from ._backends import SUBPROCESS_ENV, OverlapReranker, SyncOnlyReranker
+from .support.backends import SUBPROCESS_ENV, OverlapReranker, SyncOnlyReranker
 
 PUBLIC_API = [
     "DEFAULT_THRESHOLDS",

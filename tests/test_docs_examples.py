@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 import memos_rerank_integrations
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
-from ._backends import SUBPROCESS_ENV
+from .support.backends import SUBPROCESS_ENV
 
 if sys.version_info >= (3, 11):
     import tomllib

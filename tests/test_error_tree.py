@@ -31,7 +31,7 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
-from ._loopback import (
+from .support.loopback import (
     MODES,
     LoopbackServer,
     Reply,

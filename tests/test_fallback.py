@@ -27,7 +27,7 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._fallback import FallbackAnswer
 from memos_rerank_integrations._types import rank_scores
 
-from ._loopback import (
+from .support.loopback import (
     MODES,
     SLOWER,
     LoopbackServer,

@@ -27,7 +27,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from ._backends import SRC
+from .support.backends import SRC
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PLOTS = {"01_langchain.ipynb": 0, "02_llama_index.ipynb": 1, "03_thresholds.ipynb": 3}

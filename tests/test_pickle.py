@@ -33,10 +33,17 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
-from . import _qwen_fixtures
-from ._backends import OverlapReranker
-from ._loopback import LoopbackServer, Recorded, Reply, cohere_results, expected_order, loopback
-from ._pickle_child import rerank_in_child
+from .support import qwen_fixtures as _qwen_fixtures
+from .support.backends import OverlapReranker
+from .support.loopback import (
+    LoopbackServer,
+    Recorded,
+    Reply,
+    cohere_results,
+    expected_order,
+    loopback,
+)
+from .support.pickle_child import rerank_in_child
 
 tiny_qwen_dir = _qwen_fixtures.tiny_qwen_dir
 

@@ -20,7 +20,7 @@ HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 # all-MiniLM-L6-v2's stage cut points: calibration.fit_thresholds(balanced=True) on the
 # "fit" queries of notebooks/data/labelled_memories.json, scored in float32, rounded to
-# three decimals (tests/test_stage_defaults.py re-fits them and checks the held-out half).
+# three decimals (tests/local/test_stage_defaults.py re-fits them and checks the held-out half).
 MINILM_THRESHOLDS = StageThresholds(
     weak=0.124, partial=0.247, relevant=0.371, highly_relevant=0.524
 )
