@@ -255,7 +255,7 @@ def test_long_documents_are_truncated() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"window": 1}, "window"),
+        ({"window": 1, "step": 1}, "window must be an int >= 2"),
         ({"window": 0}, "window"),
         ({"window": True}, "window"),
         ({"window": 2.0}, "window"),
