@@ -399,7 +399,7 @@ def test_bracketed_identifiers_are_read_in_order(numbers: list[int], count: int)
 def test_any_answers_rank_every_document_once_or_raise(
     answers: list[str], count: int, window: int, max_retries: int
 ) -> None:
-    replies = iter(answers * 50)
+    replies = itertools.cycle(answers)
     llm = scripted("langchain", lambda prompt: next(replies))
     step = max(1, window // 2)
     reranker = LLMListwiseReranker(llm, window=window, step=step, max_retries=max_retries)
