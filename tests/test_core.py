@@ -38,6 +38,7 @@ PUBLIC_API = [
     "FallbackReranker",
     "HTTPReranker",
     "InvalidInputError",
+    "LLMListwiseReranker",
     "LLMReranker",
     "MalformedResponseError",
     "MemOSReranker",

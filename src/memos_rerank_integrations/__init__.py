@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._compare import Comparison, acompare, compare
     from ._config import from_config
     from ._fallback import FallbackReranker
+    from ._llm.listwise import LLMListwiseReranker
     from ._llm.pointwise import LLMReranker
     from ._local.cross_encoder import CrossEncoderReranker
     from ._local.embedding import EmbeddingReranker
@@ -59,6 +60,7 @@ __all__ = [
     "FallbackReranker",
     "HTTPReranker",
     "InvalidInputError",
+    "LLMListwiseReranker",
     "LLMReranker",
     "MalformedResponseError",
     "MemOSReranker",

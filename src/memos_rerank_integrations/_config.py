@@ -386,7 +386,7 @@ def _build(config: Mapping[str, Any], options: dict[str, Any], depth: int) -> Re
     target, kwargs = _resolve(name, {**config_options, **options})
     if "thresholds" in kwargs:
         kwargs["thresholds"] = thresholds_from(kwargs["thresholds"])
-    if target == "llm" and "llm" in kwargs:
+    if target in ("llm", "llm_listwise") and "llm" in kwargs:
         kwargs["llm"] = _build_llm(kwargs["llm"])
     if _nested_configs(target, kwargs, depth):
         kwargs["rerankers"] = [

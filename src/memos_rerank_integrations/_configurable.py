@@ -69,6 +69,7 @@ REGISTRY: tuple[Provider, ...] = (
         aliases=("zeroentropy", "zero-entropy"),
     ),
     Provider("llm", "._llm.pointwise", "LLMReranker"),
+    Provider("llm_listwise", "._llm.listwise", "LLMListwiseReranker"),
     Provider("fallback", "._fallback", "FallbackReranker"),
 )
 PROVIDERS: Mapping[str, Provider] = {provider.name: provider for provider in REGISTRY}
