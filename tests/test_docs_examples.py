@@ -31,6 +31,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import memos_rerank_integrations
+from memos_rerank_integrations._configurable import REGISTRY
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
 from .support.backends import SUBPROCESS_ENV
@@ -337,7 +338,8 @@ def test_the_backends_table_names_public_classes(page: Path) -> None:
     start = text.index("| Backend | Class |")
     table = text[start : text.index("\n\n", start)]
     named = set(re.findall(r"`([A-Z]\w+Reranker)\(", table))
-    assert len(named) == 9
+    # Every backend of the registry, and nothing else.
+    assert named == {provider.attribute for provider in REGISTRY}
     assert named <= set(memos_rerank_integrations.__all__)
     for name in named:
         assert getattr(memos_rerank_integrations, name).__name__ == name

@@ -12,6 +12,7 @@ latency and base URLs) is in that backend's own test module.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -317,10 +318,12 @@ def test_a_trickling_answer_cannot_outlast_the_timeout(
     # Each byte arrives well within httpx's per-read timeout; the whole takes ~4 s.
     server.script(Reply(200, backend.answer(DOCS), trickle=0.05))
     started = time.monotonic()
-    # The message names the timeout (or, on a loaded machine, the little less of it left).
-    with pytest.raises(RerankTimeoutError, match=r"\b0\.(3|29\d) s\b"):
+    with pytest.raises(RerankTimeoutError) as raised:
         invoke(make(backend, server, timeout=0.3, max_retries=0), mode, "q", DOCS)
     assert time.monotonic() - started < 1.5
+    # The message names the timeout (or, on a loaded machine, the little less of it left).
+    seconds = re.search(r"\b(\d+(?:\.\d+)?) s\b", str(raised.value))
+    assert seconds is not None and 0 < float(seconds.group(1)) <= 0.3, str(raised.value)
 
 
 # ---------------------------------------------------------------- big and concurrent calls
