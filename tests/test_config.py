@@ -346,7 +346,10 @@ def test_a_model_name_never_picks_the_backend(tiny_qwen_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"provider": "qwen3"}, r"Unknown reranker provider 'qwen3'. Valid providers: cohere, "),
+        (
+            {"provider": "qwen3"},
+            r"provider 'qwen3'. Did you mean 'qwen'.*Valid providers: cohere, ",
+        ),
         ({"provider": None}, r"Valid providers: .*sentence_transformer"),
         ({"provider": "qwen", "config": {"modle": "x"}}, r"\['modle'\].*Valid options: device,"),
         ({"provider": "memos", "config": {"top_k": 3}}, r"\['top_k'\].*max_retries"),
@@ -364,6 +367,51 @@ def test_a_model_name_never_picks_the_backend(tiny_qwen_dir: Path) -> None:
 def test_bad_configs_are_invalid_input(config: Any, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         from_config(config)
+
+
+# Issue 27: an unknown option is an InvalidInputError naming the closest valid one, in
+# every backend's constructor and every part of a config (never a bare TypeError).
+@pytest.mark.parametrize(
+    ("build", "closest"),
+    [
+        (lambda: QwenReranker(modle="x"), "model"),
+        (lambda: CrossEncoderReranker("m", normalise=False), "normalize"),
+        (lambda: EmbeddingReranker(max_lenght=64), "max_length"),
+        (lambda: MemOSReranker(api_key=KEY, timout=3), "timeout"),
+        (lambda: CohereReranker(api_key=KEY, max_tokens_per_document=9), "max_tokens_per_doc"),
+        (lambda: HTTPReranker("http://127.0.0.1:9", api_fromat="tei"), "api_format"),
+        (lambda: ZeroEntropyReranker(api_key=KEY, latancy="fast"), "latency"),
+        (lambda: LLMReranker(OverlapReranker(), use_logprob=False), "use_logprobs"),
+        (lambda: FallbackReranker(rerankerz=[]), "rerankers"),
+        (lambda: from_config({"provider": "qwen", "config": {"modle": "x"}}), "model"),
+        (lambda: from_config({"provider": "huggingface", "config": {"batch": 3}}), "batch_size"),
+        (lambda: from_config({"provider": "qwen", "confg": {}}), "config"),
+        (lambda: from_config({"provider": "cohre"}), "cohere"),
+        (
+            lambda: from_config({"provider": "qwen", "config": {"thresholds": {"parital": 0.3}}}),
+            "partial",
+        ),
+        (
+            lambda: from_config(
+                {"provider": "llm", "config": {"llm": {"provider": "openai", "confg": {}}}}
+            ),
+            "config",
+        ),
+    ],
+)
+def test_an_unknown_option_names_the_closest_valid_one(build: Any, closest: str) -> None:
+    with pytest.raises(InvalidInputError, match=rf"Did you mean '{closest}' for '\w+'\?") as raised:
+        build()
+    assert KEY not in str(raised.value)
+
+
+def test_top_n_on_a_backend_says_where_it_goes() -> None:
+    for build in (
+        lambda: MemOSReranker(api_key=KEY, top_k=3),
+        lambda: from_config({"provider": "embedding", "config": {"top_n": 3}}),
+    ):
+        with pytest.raises(InvalidInputError, match=r"pass top_n to each call"):
+            build()
 
 
 def test_deeply_nested_fallbacks_are_refused() -> None:

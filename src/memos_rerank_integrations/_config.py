@@ -24,7 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._configurable import PACKAGE, PROVIDERS
+from ._configurable import (
+    BACKEND_CALL_OPTIONS,
+    PACKAGE,
+    PROVIDERS,
+    did_you_mean,
+    unknown_options,
+)
 from ._exceptions import InvalidInputError
 from ._types import StageThresholds
 
@@ -252,16 +258,18 @@ def _split(config: object) -> tuple[str, dict[str, Any]]:
             "A backend config is a mapping {'provider': NAME, 'config': {...}}, "
             f"got {type(config).__name__}."
         )
-    extra = sorted(set(config) - {"provider", "config"})
+    extra = sorted(set(config) - {"provider", "config"}, key=str)
     if extra:
         raise InvalidInputError(
             f"Unknown top-level key(s) {extra} in a backend config; it holds only 'provider' "
-            "and 'config'."
+            f"and 'config'. {did_you_mean(extra, ('provider', 'config'))}".rstrip()
         )
     name = config.get("provider")
     if not isinstance(name, str) or (name not in PROVIDERS and name not in MEM0_PROVIDERS):
+        hint = did_you_mean([name], _all_names()) if isinstance(name, str) else ""
         raise InvalidInputError(
-            f"Unknown reranker provider {name!r}. Valid providers: {', '.join(_all_names())}."
+            f"Unknown reranker provider {name!r}. {hint + ' ' if hint else ''}Valid providers: "
+            f"{', '.join(_all_names())}."
         )
     options = config.get("config")
     if options is None:
@@ -288,8 +296,9 @@ def _resolve(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if unknown:
         what = f"{name!r} (Mem0's keys and {cls.__name__}'s)" if dialect else repr(name)
         raise InvalidInputError(
-            f"Unknown option(s) {unknown} for reranker provider {what}. "
-            f"Valid options: {', '.join(sorted(accepted))}."
+            unknown_options(
+                unknown, accepted, owner=f"reranker provider {what}", notes=BACKEND_CALL_OPTIONS
+            )
         )
     if dialect is not None:
         options = dialect.translate(options)
@@ -332,10 +341,11 @@ def thresholds_from(value: object) -> StageThresholds:
         return value
     if isinstance(value, Mapping):
         fields = {"weak", "partial", "relevant", "highly_relevant"}
-        unknown = sorted(set(value) - fields)
+        unknown = sorted(set(value) - fields, key=str)
         if unknown:
             raise InvalidInputError(
-                f"Unknown threshold name(s) {unknown}; use {', '.join(sorted(fields))}."
+                f"Unknown threshold name(s) {unknown}; use {', '.join(sorted(fields))}. "
+                f"{did_you_mean(unknown, fields)}".rstrip()
             )
         return StageThresholds(**value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
@@ -349,13 +359,18 @@ def thresholds_from(value: object) -> StageThresholds:
 def _build_llm(value: object) -> object:
     if not isinstance(value, Mapping):
         return value  # the caller's own chat model
-    unknown = sorted(set(value) - {"provider", "config", "timeout"})
+    keys = ("provider", "config", "timeout")
+    unknown = sorted(set(value) - set(keys), key=str)
     provider = value.get("provider")
     if unknown or not isinstance(provider, str):
         raise InvalidInputError(
             "An LLM in a config is a mapping {'provider': <a Mem0 LLM provider, e.g. "
             "'openai'>, 'config': {...}, 'timeout': seconds (optional)}"
-            + (f"; unknown key(s) {unknown}." if unknown else ".")
+            + (
+                f"; unknown key(s) {unknown}. {did_you_mean(unknown, keys)}".rstrip()
+                if unknown
+                else "."
+            )
         )
     try:
         from ._llm.mem0_llm import Mem0LLM
