@@ -12,8 +12,10 @@ Every backend inherits :class:`Configurable`, which remembers the arguments its
 constructor was called with. ``to_config()`` turns the explicit ones into a config
 (plain JSON data); pickling stores them too and calls the constructor again on
 unpickling, so HTTP clients, loaded models and locks are made afresh, lazily, in the
-process that unpickles. API keys are in neither: they come back from the environment
-(or an explicit ``api_key``) when the backend is rebuilt.
+process that unpickles. A config never holds an API key (the rebuilt backend reads it
+from the environment, or takes ``from_config(config, api_key=...)``); a pickle carries
+an explicit ``api_key`` as a ``SecretStr``. Unknown providers, keys and options are
+:class:`InvalidInputError` naming the closest valid name.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "backend_class",
     "check_config",
     "from_config",
+    "provider_options",
     "settings_from_dict",
     "settings_to_dict",
     "thresholds_from",
@@ -283,6 +286,20 @@ def _split(config: object) -> tuple[str, dict[str, Any]]:
         if not isinstance(key, str):
             raise InvalidInputError(f"Option names must be str, got {key!r}.")
     return name, dict(options)
+
+
+def provider_options(name: str) -> frozenset[str] | None:
+    """The option names provider ``name`` accepts (a Mem0 provider's keys included), or
+    ``None`` for a name that is no provider."""
+    dialect = MEM0_PROVIDERS.get(name)
+    if name in PROVIDERS:
+        target = name
+    elif dialect is not None:
+        target = dialect.target
+    else:
+        return None
+    valid, _ = _signature_options(backend_class(target))
+    return valid | (dialect.keys if dialect is not None else frozenset())
 
 
 def _resolve(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:

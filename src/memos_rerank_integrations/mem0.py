@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from ._config import check_config, from_config, thresholds_from
-from ._configurable import mask_secrets
+from ._config import check_config, from_config, provider_options, thresholds_from
+from ._configurable import mask_secrets, unknown_options
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
 from ._llm.mem0_llm import Mem0LLM
@@ -112,6 +112,9 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
                 f"top_n={self.top_n} and top_k={self.top_k} disagree; they are one option "
                 "(top_k is Mem0's name for it): give one."
             )
+        unknown = self.unknown_options(self.model_extra or {}, self.backend)
+        if unknown is not None:
+            raise InvalidInputError(unknown)
         check_config({"provider": self.backend, "config": self.backend_options()})
         return self
 
@@ -119,6 +122,23 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
         # Backend options may nest keys (an LLM config's api_key): never show them.
         for name, value in super().__repr_args__():
             yield name, mask_secrets(value) if name in (self.model_extra or {}) else value
+
+    @classmethod
+    def unknown_options(cls, options: Mapping[str, Any], backend: object) -> str | None:
+        """Why ``options`` hold names that neither this block nor ``backend`` take
+        (naming the closest valid one), or ``None`` when all are known."""
+        backend_keys = provider_options(backend) if isinstance(backend, str) else None
+        if backend_keys is None:
+            return None  # an unknown backend is reported by check_config
+        own = set(cls.model_fields)
+        unknown = sorted(set(options) - own - backend_keys, key=str)
+        if not unknown:
+            return None
+        return unknown_options(
+            unknown,
+            (own - {"provider", "model", "api_key"}) | backend_keys,
+            owner=f"Mem0RerankerConfig with backend {backend!r} (its options and the backend's)",
+        )
 
     @property
     def limit(self) -> int | None:
@@ -160,10 +180,16 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         **options: Any,
     ) -> None:
         if config is None:
+            unknown = Mem0RerankerConfig.unknown_options(options, options.get("backend", "qwen"))
+            if unknown is not None:
+                raise InvalidInputError(unknown)
             config = Mem0RerankerConfig(**options)
         elif options:
             raise InvalidInputError("Pass options in config or as keywords, not both.")
         elif isinstance(config, Mapping):
+            unknown = Mem0RerankerConfig.unknown_options(config, config.get("backend", "qwen"))
+            if unknown is not None:
+                raise InvalidInputError(unknown)
             config = Mem0RerankerConfig(**config)
         elif not isinstance(config, Mem0RerankerConfig):
             if not isinstance(config, BaseModel):
