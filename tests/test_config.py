@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydantic
 import pytest
 
 from memos_rerank_integrations import (
@@ -29,6 +30,7 @@ from memos_rerank_integrations import (
     ZeroEntropyReranker,
     from_config,
 )
+from memos_rerank_integrations._config import check_config
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
 from .support import qwen_fixtures as _qwen_fixtures
@@ -423,6 +425,33 @@ def test_deeply_nested_fallbacks_are_refused() -> None:
         config = {"provider": "fallback", "config": {"rerankers": [config]}}
     with pytest.raises(InvalidInputError, match="nested more than 8 levels"):
         from_config(config)
+
+
+def fallback_levels(levels: int) -> dict[str, Any]:
+    """``levels`` fallback configs, each wrapping the next, around one http config."""
+    config: dict[str, Any] = {"provider": "http", "config": {"base_url": "http://127.0.0.1:9"}}
+    for _ in range(levels):
+        config = {"provider": "fallback", "config": {"rerankers": [config]}}
+    return config
+
+
+def test_the_fallback_nesting_limit_is_exactly_eight_levels() -> None:
+    from memos_rerank_integrations.mem0 import Mem0RerankerConfig
+
+    deepest = fallback_levels(8)
+    check_config(deepest)
+    Mem0RerankerConfig(backend="fallback", **deepest["config"])
+    backend: Any = from_config(deepest)
+    levels = 0
+    while isinstance(backend, FallbackReranker):
+        levels, backend = levels + 1, backend.rerankers[0]
+    assert levels == 8 and isinstance(backend, HTTPReranker)
+    too_deep = fallback_levels(9)
+    for build in (from_config, check_config):
+        with pytest.raises(InvalidInputError, match="nested more than 8 levels"):
+            build(too_deep)
+    with pytest.raises(pydantic.ValidationError, match="nested more than 8 levels"):
+        Mem0RerankerConfig(backend="fallback", **too_deep["config"])
 
 
 def test_mem0_llm_errors_never_show_the_key() -> None:
