@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -37,11 +37,8 @@ __all__ = ["Mem0LLM", "Mem0Reranker", "Mem0RerankerConfig", "register"]
 
 RERANK_SCORE_KEY = "rerank_score"
 RERANK_STAGE_KEY = "rerank_stage"
-
-# Options of the plug-in itself; everything else in the block configures the backend.
-_OWN_FIELDS = frozenset(
-    {"backend", "top_n", "top_k", "min_score", "min_stage", "thresholds", "text_key"}
-)
+SCORE_KEY = "score"
+VECTOR_SCORE_KEY = "vector_score"
 
 
 class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
@@ -57,6 +54,13 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
     option under Mem0's name); a search's own ``top_k`` cuts further. ``min_score`` and
     ``min_stage`` drop memories before the cut; ``thresholds`` maps scores onto
     ``rerank_stage``. ``text_key`` is the field of Mem0's result dicts that is scored.
+
+    ``score`` says what each result's ``score`` field holds: ``"vector"`` (the default)
+    keeps Mem0's own search score there, as Mem0's own reranker providers do, with the
+    rerank score beside it in ``rerank_score``; ``"rerank"`` puts the rerank score in
+    ``score`` (for code that reads ``score`` and expects it to follow the order) and
+    moves Mem0's search score to ``vector_score``. A search's ``threshold`` (Mem0's,
+    0.1 by default) drops hits by Mem0's score before this reranker sees them.
     """
 
     # Inputs may hold keys: validation errors must not echo them.
@@ -71,6 +75,11 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
         default_factory=StageThresholds, description="Cut points that map scores onto stages."
     )
     text_key: str = Field(default="memory", description="The field of each memory to score.")
+    score: Literal["vector", "rerank"] = Field(
+        default="vector",
+        description="What each result's `score` holds: Mem0's search score ('vector') or "
+        "the rerank score ('rerank', Mem0's score then under `vector_score`).",
+    )
 
     @field_validator("top_n", "top_k", mode="before")
     @classmethod
@@ -165,8 +174,10 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
     ``Mem0Reranker(reranker=QwenReranker(), top_n=5)`` for a backend you built.
 
     :meth:`rerank` returns deep copies of Mem0's result dicts, best first, with
-    ``rerank_score`` (a float) and ``rerank_stage`` (e.g. ``"relevant"``) added; the
-    vector ``score`` and every other field are kept, and the input is never changed.
+    ``rerank_score`` (a float) and ``rerank_stage`` (e.g. ``"relevant"``) added; Mem0's
+    ``score`` and every other field are kept, and the input is never changed. With
+    ``score="rerank"`` the rerank score is in ``score`` too, and Mem0's score moves to
+    ``vector_score``.
     When the backend fails it raises (a :class:`~memos_rerank_integrations.RerankError`),
     and Mem0 logs it and returns its vector-search results unchanged: there are never
     made-up scores.
@@ -226,7 +237,7 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         settings, texts = self._prepare(query, documents, top_k)
         if not texts:
             return []
-        return self._build(documents, run(settings, query, texts))
+        return self._build(documents, run(settings, query, texts), self.config.score)
 
     async def arerank(
         self, query: str, documents: list[dict[str, Any]], top_k: int | None = None
@@ -236,7 +247,7 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         settings, texts = self._prepare(query, documents, top_k)
         if not texts:
             return []
-        return self._build(documents, await arun(settings, query, texts))
+        return self._build(documents, await arun(settings, query, texts), self.config.score)
 
     def _prepare(
         self, query: object, documents: object, top_k: object
@@ -263,13 +274,18 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         return settings, texts
 
     @staticmethod
-    def _build(documents: Sequence[Mapping[str, Any]], outcome: Outcome) -> list[dict[str, Any]]:
+    def _build(
+        documents: Sequence[Mapping[str, Any]], outcome: Outcome, score: str
+    ) -> list[dict[str, Any]]:
         assert outcome.results is not None  # fallback is off: a failure raised
         ranked = []
         for result in outcome.results:
             item = copy.deepcopy(dict(documents[result.index]))
             item[RERANK_SCORE_KEY] = result.score
             item[RERANK_STAGE_KEY] = result.stage.label
+            if score == "rerank":
+                item[VECTOR_SCORE_KEY] = item.get(SCORE_KEY)
+                item[SCORE_KEY] = result.score
             ranked.append(item)
         return ranked
 
