@@ -161,11 +161,14 @@ def mask_secrets(value: Any) -> Any:
 
 
 def hide_secrets(value: Any) -> Any:
-    """A copy of nested config data whose secrets (what :func:`strip_secrets` drops)
-    are wrapped in ``SecretStr``: kept, e.g. for a pickle, but never shown by a repr."""
+    """A copy of nested config data whose secret texts (the str values
+    :func:`strip_secrets` drops) are wrapped in ``SecretStr``: kept, e.g. for a pickle,
+    but never shown by a repr. Other values keep their type."""
     if isinstance(value, Mapping):
         return {
-            key: SecretStr(str(item)) if _secret_entry(key, item) else hide_secrets(item)
+            key: SecretStr(item)
+            if isinstance(item, str) and _secret_entry(key, item)
+            else hide_secrets(item)
             for key, item in value.items()
         }
     if isinstance(value, (list, tuple)):
