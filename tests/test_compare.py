@@ -131,6 +131,44 @@ def test_bad_input_is_invalid_input(kwargs: dict[str, object], message: str) -> 
         compare(**arguments)  # type: ignore[arg-type]
 
 
+def test_vector_scores_as_vector_stores_return_them() -> None:
+    # Issue 27: numpy float32 scores were refused and a generator gave a raw TypeError.
+    numpy = pytest.importorskip("numpy")
+    given: list[object] = [
+        numpy.array([0.8, 0.5, 0.25], dtype=numpy.float32),
+        [numpy.float32(0.8), numpy.float16(0.5), numpy.int64(0)],
+        (score for score in (0.8, 0.5, 0.25)),
+        (0.8, 0.5, 0.25),
+    ]
+    for scores in given:
+        column = compare(QUERY, DOCS, [OverlapReranker()], vector_scores=scores)[VECTOR_ORDER]  # type: ignore[arg-type]
+        values = [row.score for row in column.ranking]
+        assert values[:2] == [pytest.approx(0.8), pytest.approx(0.5)]
+        assert all(type(value) is float for value in values)  # plain JSON numbers
+    for bad, message in [
+        ((score for score in (0.8, 0.5)), "one number per document: got 2 for 3"),
+        (iter(["0.8", "0.5", "0.2"]), r"vector_scores\[0\] must be a finite number"),
+        (numpy.array([0.8, numpy.inf, 0.2]), r"vector_scores\[1\] must be a finite number"),
+        (0.5, "sequence or iterable of numbers"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            compare(QUERY, DOCS, [OverlapReranker()], vector_scores=bad)  # type: ignore[arg-type]
+
+
+class Tied:
+    """Duck-typed: all three documents tie; the answer lists them in reverse order."""
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        return [RerankResult(i, 0.5, Stage.PARTIAL) for i in reversed(range(len(documents)))]
+
+
+async def test_ties_keep_input_order_in_every_column() -> None:
+    assert compare(QUERY, DOCS, {"tied": Tied()})["tied"].order == [0, 1, 2]
+    assert (await acompare(QUERY, DOCS, {"tied": Tied()}, top_n=2))["tied"].order == [0, 1]
+
+
 class AsyncOnly:
     def __init__(self) -> None:
         self.calls: list[int] = []

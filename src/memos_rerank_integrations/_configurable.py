@@ -1,34 +1,46 @@
 """The base of every backend, :class:`Configurable`: the arguments its constructor was
-called with, ``to_config()``, pickling and copies, with secrets kept out; and the
-provider registry, which names each backend once (names and module paths only:
-nothing here imports a backend)."""
+called with (unknown option names refused), ``to_config()`` with secrets kept out,
+pickling with an explicit key carried as a ``SecretStr``, and copies; the helpers that
+strip, mask, wrap and find secrets in nested config data (key-, token-, secret- and
+password-named entries, and credentials in URLs such as a proxy's
+``http://user:password@host``); and the provider registry, which names each backend
+once (names and module paths only: nothing here imports a backend)."""
 
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
+from ._exceptions import InvalidInputError
 from ._types import StageThresholds, estimate_tokens
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "BACKEND_CALL_OPTIONS",
     "PACKAGE",
     "PROVIDERS",
     "REGISTRY",
     "Configurable",
     "Provider",
+    "did_you_mean",
+    "hide_secrets",
     "mask_secrets",
     "provider_named",
+    "reveal_secrets",
+    "secret_texts",
     "strip_secrets",
+    "unknown_options",
 ]
 
 PACKAGE = __name__.rpartition(".")[0]
@@ -83,12 +95,9 @@ def provider_named(spelling: str) -> Provider | None:
     return _SPELLINGS.get(spelling)
 
 
-# Constructor arguments that are never written into a config or a pickle.
+# Constructor arguments that are never written into a config; a pickle carries them
+# as a SecretStr.
 _SECRETS = frozenset({"api_key"})
-# Backends whose key can only be passed as an argument (no environment variable): a
-# pickle, which never holds the key, could not give it back, so pickling one that has
-# a key is refused.
-_KEY_ONLY_AS_ARGUMENT = frozenset({"HTTPReranker"})
 # Constructor arguments that hold the caller's own objects (clients with their
 # transports, proxies and auth): a config cannot describe them, and a pickle of them
 # could carry credentials, so to_config() and pickling refuse them.
@@ -102,36 +111,153 @@ _SECRET_SUFFIXES = ("api_key", "_secret", "_password", "_token", "access_key", "
 _SECRET_NAMES = frozenset({"token", "secret", "password", "credentials", "api_key"})
 
 
+_MASK = "**********"
+# The user information of a URL (``scheme://user:password@``, or a token as the user):
+# a proxy's or a server's credentials.
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]+)@")
+
+
 def _is_secret(name: str) -> bool:
     lowered = name.lower()
     return lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES)
 
 
+def _secret_entry(key: object, item: object) -> bool:
+    """Whether a mapping entry holds a secret: a secret name, or a URL with credentials."""
+    return (isinstance(key, str) and _is_secret(key) and item is not None) or _has_credentials(item)
+
+
+def _has_credentials(value: object) -> bool:
+    return isinstance(value, str) and _URL_CREDENTIALS.search(value) is not None
+
+
 def strip_secrets(value: Any) -> Any:
-    """A copy of nested config data without key-, token-, secret- or password-named entries."""
+    """A copy of nested config data without key-, token-, secret- or password-named
+    entries, and without strings holding a URL with credentials (a proxy's
+    ``http://user:password@host``)."""
     if isinstance(value, Mapping):
         return {
-            key: strip_secrets(item)
-            for key, item in value.items()
-            if not (isinstance(key, str) and _is_secret(key))
+            key: strip_secrets(item) for key, item in value.items() if not _secret_entry(key, item)
         }
     if isinstance(value, (list, tuple)):
-        return [strip_secrets(item) for item in value]
+        return [strip_secrets(item) for item in value if not _has_credentials(item)]
     return value
 
 
 def mask_secrets(value: Any) -> Any:
-    """Nested config data with key-, token-, secret- or password-named values masked."""
+    """Nested config data with key-, token-, secret- or password-named values masked,
+    and the credentials of URLs (``http://**********@host``)."""
     if isinstance(value, Mapping):
         return {
-            key: "**********"
+            key: _MASK
             if isinstance(key, str) and _is_secret(key) and item is not None
             else mask_secrets(item)
             for key, item in value.items()
         }
     if isinstance(value, (list, tuple)):
         return [mask_secrets(item) for item in value]
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(rf"\g<scheme>{_MASK}@", value)
     return value
+
+
+def hide_secrets(value: Any) -> Any:
+    """A copy of nested config data whose secret texts (the str values
+    :func:`strip_secrets` drops) are wrapped in ``SecretStr``: kept, e.g. for a pickle,
+    but never shown by a repr. Other values keep their type."""
+    if isinstance(value, Mapping):
+        return {
+            key: SecretStr(item)
+            if isinstance(item, str) and _secret_entry(key, item)
+            else hide_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [SecretStr(item) if _has_credentials(item) else hide_secrets(item) for item in value]
+    return value
+
+
+def reveal_secrets(value: Any) -> Any:
+    """The inverse of :func:`hide_secrets`: every ``SecretStr`` as its plain text."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, Mapping):
+        return {key: reveal_secrets(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [reveal_secrets(item) for item in value]
+    return value
+
+
+def secret_texts(value: Any) -> list[str]:
+    """Every secret text in nested config data (secret-named values, URL credentials
+    and their password part), longest first: what to scrub from an error message."""
+    found: set[str] = set()
+
+    def visit(key: object, item: object) -> None:
+        if isinstance(item, SecretStr):
+            item = item.get_secret_value()
+        if isinstance(key, str) and _is_secret(key) and isinstance(item, (str, int, float)):
+            found.add(str(item))
+        if isinstance(item, str):
+            for match in _URL_CREDENTIALS.finditer(item):
+                userinfo = match["userinfo"]
+                found.add(userinfo)
+                found.update(part for part in userinfo.split(":", 1)[1:] if part)
+        elif isinstance(item, Mapping):
+            for inner_key, inner in item.items():
+                visit(inner_key, inner)
+        elif isinstance(item, (list, tuple)):
+            for inner in item:
+                visit(None, inner)
+
+    visit(None, value)
+    return sorted((text for text in found if text), key=len, reverse=True)
+
+
+def _shown_name(name: object) -> str:
+    text = repr(name)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# Options people pass to a backend that belong to each call.
+BACKEND_CALL_OPTIONS: Mapping[str, str] = {
+    name: f"{name} is not a backend option: pass top_n to each call "
+    "(rerank(query, documents, top_n=...)) or to an adapter."
+    for name in ("top_n", "top_k")
+}
+
+
+def did_you_mean(
+    unknown: Iterable[object], valid: Iterable[str], notes: Mapping[str, str] | None = None
+) -> str:
+    """For each unknown name, the closest valid one (``difflib``: "Did you mean 'top_n'
+    for 'top_k'?") or, with none close, its entry in ``notes``; "" when nothing helps."""
+    valid_names = sorted(set(valid))
+    hints = []
+    for name in sorted(str(item) for item in unknown):
+        close = difflib.get_close_matches(name, valid_names, n=1)
+        if close:
+            hints.append(f"Did you mean {close[0]!r} for {_shown_name(name)}?")
+        elif notes and name in notes:
+            hints.append(notes[name])
+    return " ".join(hints)
+
+
+def unknown_options(
+    unknown: Iterable[object],
+    valid: Iterable[str],
+    *,
+    owner: str,
+    notes: Mapping[str, str] | None = None,
+) -> str:
+    """The message for options ``owner`` does not take: the unknown names, the closest
+    valid name for each (:func:`did_you_mean`), then every valid name."""
+    names = sorted(str(name) for name in unknown)
+    valid_names = sorted(set(valid))
+    shown = ", ".join(_shown_name(name) for name in names)
+    hint = did_you_mean(names, valid_names, notes)
+    message = f"Unknown option(s) [{shown}] for {owner}." + (f" {hint}" if hint else "")
+    return message + f" Valid options: {', '.join(valid_names)}."
 
 
 def _provider_of(cls: type[Any]) -> str:
@@ -206,17 +332,50 @@ def _rebuild(cls: type[Any], options: dict[str, Any]) -> Any:
     return cls(**options)
 
 
+def _keyword_names(cls: type[Any]) -> frozenset[str] | None:
+    """The keyword options ``cls``'s constructor takes (its named parameters, and what
+    its ``**options`` take when the class names them with ``keyword_options()``);
+    ``None`` when a bare ``**kwargs`` takes anything."""
+    if cls in _KEYWORDS:
+        return _KEYWORDS[cls]
+    names: set[str] = set()
+    open_ended = False
+    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            keyword_options = getattr(cls, "keyword_options", None)
+            if callable(keyword_options):
+                names |= keyword_options()
+            else:
+                open_ended = True
+        elif parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            names.add(parameter.name)
+    result = None if open_ended else frozenset(names)
+    _KEYWORDS[cls] = result
+    return result
+
+
+_KEYWORDS: dict[type[Any], frozenset[str] | None] = {}
+
+
 class Configurable:
     """What makes a backend configurable and picklable: the arguments its constructor
     was called with, recorded before ``__init__`` runs.
 
+    * An option name the constructor does not take is an :class:`InvalidInputError`
+      naming the closest valid one (``top_k`` -> ``top_n``), raised before anything
+      is built.
     * :meth:`to_config` returns ``{"provider", "config"}`` with the options that were
       passed explicitly (defaults stay defaults), as plain JSON data; never the key.
     * Pickling stores the same options (Python objects allowed, e.g. a
       ``StageThresholds``) and calls the constructor again when unpickled, so clients,
-      models and locks are rebuilt lazily there. The key is never pickled: the rebuilt
-      backend reads it from the environment, as a backend built without ``api_key``
-      does (unpickling raises :class:`AuthenticationError` if it is not set there).
+      models and locks are rebuilt lazily there. An explicit ``api_key`` travels
+      inside the pickle as a pydantic ``SecretStr`` (a pickle is a format for trusted
+      processes: treat it like the key); a key the backend read from the environment
+      is not pickled, and the rebuilt backend reads it from the environment of the
+      process that unpickles it.
     * Your own HTTP/SDK clients and LLM objects cannot go into a config or a pickle:
       both raise ``TypeError`` naming the option (rebuild with ``from_config(config,
       http_client=...)``). ``copy.copy`` / ``copy.deepcopy`` build a new backend from
@@ -226,6 +385,13 @@ class Configurable:
     _config_call: tuple[tuple[Any, ...], dict[str, Any]]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        valid = _keyword_names(cls)
+        if valid is not None:
+            unknown = [name for name in kwargs if name not in valid]
+            if unknown:
+                raise InvalidInputError(
+                    unknown_options(unknown, valid, owner=cls.__name__, notes=BACKEND_CALL_OPTIONS)
+                )
         instance = super().__new__(cls)
         recorded = dict(kwargs)
         for name in _SECRETS & set(recorded):
@@ -283,12 +449,8 @@ class Configurable:
         options = {}
         for key, value in self._config_options().items():
             if key in _SECRETS:
-                if value is not None and type(self).__name__ in _KEY_ONLY_AS_ARGUMENT:
-                    raise TypeError(
-                        f"Cannot pickle {owner} with an api_key: pickles never hold keys, and "
-                        f"{owner} reads none from the environment. Rebuild it in the worker "
-                        "with from_config(backend.to_config(), api_key=...)."
-                    )
+                if value is not None:  # recorded as a SecretStr by __new__
+                    options[key] = value
                 continue
             if key in _USER_OBJECTS and value is not None:
                 raise TypeError(

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._calls import Ask, Steps, arun_steps, run_steps
+from ._configurable import unknown_options
 from ._exceptions import InvalidInputError, RerankError
 from ._types import (
     RerankResult,
@@ -52,9 +53,28 @@ TOP_N_OPTION = "rerank_top_n"
 
 
 class RerankSettings(BaseModel):
-    """Options shared by the LangChain compressor and the LlamaIndex postprocessor."""
+    """Options shared by the LangChain compressor and the LlamaIndex postprocessor.
+
+    An option the adapter does not have (Mem0's ``top_k`` for ``top_n``, a misspelling)
+    is an :class:`InvalidInputError` naming the closest valid one, never ignored, and
+    so is assigning one; ``model_validate`` refuses it too (a pydantic
+    ``ValidationError`` with that message)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, validate_assignment=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        valid = field_names(type(self))
+        unknown = [name for name in data if name not in valid]
+        if unknown:
+            raise InvalidInputError(unknown_options(unknown, valid, owner=type(self).__name__))
+        super().__init__(**data)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not name.startswith("_") and not hasattr(type(self), name):
+            valid = field_names(type(self))
+            if name not in valid:
+                raise InvalidInputError(unknown_options([name], valid, owner=type(self).__name__))
+        super().__setattr__(name, value)
 
     reranker: Any = Field(
         description="Any object with rerank(query, documents, top_n=None) and, ideally, "
@@ -125,6 +145,17 @@ class RerankSettings(BaseModel):
             return self.thresholds
         own = getattr(self.reranker, "thresholds", None)
         return own if isinstance(own, StageThresholds) else None
+
+
+def field_names(cls: type[BaseModel]) -> set[str]:
+    """The names a pydantic model's constructor takes: its fields and their aliases."""
+    names = set(cls.model_fields)
+    for info in cls.model_fields.values():
+        if info.alias is not None:
+            names.add(info.alias)
+        if isinstance(info.validation_alias, str):
+            names.add(info.validation_alias)
+    return names
 
 
 @dataclass(frozen=True)

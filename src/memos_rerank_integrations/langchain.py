@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from . import _pipeline as pipeline
+from ._configurable import unknown_options
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
 
@@ -54,6 +55,9 @@ class RerankCompressor(pipeline.RerankSettings, BaseDocumentCompressor):
     ``metadata["rerank_stage"]`` (e.g. ``"relevant"``) written after the original
     metadata; ids and all other metadata (deep-copied) are kept and the input is never
     mutated. ``min_score`` and ``min_stage`` are applied before the ``top_n`` cut.
+    An option it does not have (``top_k=3``, a misspelling) is an
+    ``InvalidInputError`` naming the closest valid one (``top_n``), as LangChain's
+    own compressors forbid unknown fields.
     When the backend fails and ``fallback`` is true (the default), the original
     documents come back in their original order, cut to ``top_n``, flagged with
     ``metadata["rerank_fallback"] = True``, and a warning is logged. A skipped call
@@ -128,7 +132,8 @@ class RerankRetriever(ContextualCompressionRetriever):
 
     ``RerankRetriever(base_retriever=..., compressor=RerankCompressor(...))`` (or
     ``base_compressor=``, as for the stock class, or ``compressor.as_retriever(...)``)
-    retrieves and reranks like ``ContextualCompressionRetriever``, and is one. Per call,
+    retrieves and reranks like ``ContextualCompressionRetriever``, and is one (an
+    unknown option is an ``InvalidInputError`` naming the closest one). Per call,
     ``retriever.invoke(query, config={"configurable": {"rerank": False}})`` skips
     reranking and ``{"rerank_top_n": 3}`` keeps three; the keys reach every
     :class:`RerankCompressor` under it (also inside a ``DocumentCompressorPipeline``).
@@ -137,6 +142,14 @@ class RerankRetriever(ContextualCompressionRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
 
     base_compressor: BaseDocumentCompressor = Field(alias="compressor")
+
+    def __init__(self, /, **data: Any) -> None:
+        # LangChain's retrievers ignore unknown fields: top_n=3 here would vanish.
+        valid = pipeline.field_names(type(self))
+        unknown = [name for name in data if name not in valid]
+        if unknown:
+            raise InvalidInputError(unknown_options(unknown, valid, owner=type(self).__name__))
+        super().__init__(**data)
 
     def invoke(
         self, input: str, config: RunnableConfig | None = None, **kwargs: Any

@@ -64,12 +64,13 @@ class RerankPostprocessor(pipeline.RerankSettings, BaseNodePostprocessor):
     carry ``metadata["retrieval_score"]`` (the incoming score) and
     ``metadata["rerank_stage"]``; both keys are excluded from LLM and embedding
     text. The incoming nodes are never mutated. ``min_score`` and ``min_stage``
-    apply before the ``top_n`` cut. On a backend error with ``fallback`` true, the
-    nodes keep their original order and scores, cut to ``top_n``, flagged with
-    ``metadata["rerank_fallback"] = True``; a skipped query (``enabled=False``,
-    ``skip_if(query)`` true, or a :class:`RerankQueryBundle` with ``rerank=False``)
-    comes back the same way flagged ``metadata["rerank_skipped"] = True``, without a
-    backend call.
+    apply before the ``top_n`` cut. An option it does not have (``top_k=3``, a
+    misspelling) is an ``InvalidInputError`` naming the closest valid one (``top_n``).
+    On a backend error with ``fallback`` true, the nodes keep their original order
+    and scores, cut to ``top_n``, flagged with ``metadata["rerank_fallback"] = True``;
+    a skipped query (``enabled=False``, ``skip_if(query)`` true, or a
+    :class:`RerankQueryBundle` with ``rerank=False``) comes back the same way flagged
+    ``metadata["rerank_skipped"] = True``, without a backend call.
 
     Each call is an instrumentation span with ``ReRankStartEvent`` / ``ReRankEndEvent``
     (whose ``tags`` hold ``rerank_backend``, ``rerank_documents``, ``rerank_kept``,

@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from ._config import check_config, from_config, thresholds_from
-from ._configurable import mask_secrets
+from ._config import check_config, from_config, provider_options, thresholds_from
+from ._configurable import mask_secrets, unknown_options
 from ._exceptions import InvalidInputError
 from ._extras import missing_extra
 from ._llm.mem0_llm import Mem0LLM
@@ -37,11 +37,8 @@ __all__ = ["Mem0LLM", "Mem0Reranker", "Mem0RerankerConfig", "register"]
 
 RERANK_SCORE_KEY = "rerank_score"
 RERANK_STAGE_KEY = "rerank_stage"
-
-# Options of the plug-in itself; everything else in the block configures the backend.
-_OWN_FIELDS = frozenset(
-    {"backend", "top_n", "top_k", "min_score", "min_stage", "thresholds", "text_key"}
-)
+SCORE_KEY = "score"
+VECTOR_SCORE_KEY = "vector_score"
 
 
 class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
@@ -57,6 +54,13 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
     option under Mem0's name); a search's own ``top_k`` cuts further. ``min_score`` and
     ``min_stage`` drop memories before the cut; ``thresholds`` maps scores onto
     ``rerank_stage``. ``text_key`` is the field of Mem0's result dicts that is scored.
+
+    ``score`` says what each result's ``score`` field holds: ``"vector"`` (the default)
+    keeps Mem0's own search score there, as Mem0's own reranker providers do, with the
+    rerank score beside it in ``rerank_score``; ``"rerank"`` puts the rerank score in
+    ``score`` (for code that reads ``score`` and expects it to follow the order) and
+    moves Mem0's search score to ``vector_score``. A search's ``threshold`` (Mem0's,
+    0.1 by default) drops hits by Mem0's score before this reranker sees them.
     """
 
     # Inputs may hold keys: validation errors must not echo them.
@@ -71,6 +75,11 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
         default_factory=StageThresholds, description="Cut points that map scores onto stages."
     )
     text_key: str = Field(default="memory", description="The field of each memory to score.")
+    score: Literal["vector", "rerank"] = Field(
+        default="vector",
+        description="What each result's `score` holds: Mem0's search score ('vector') or "
+        "the rerank score ('rerank', Mem0's score then under `vector_score`).",
+    )
 
     @field_validator("top_n", "top_k", mode="before")
     @classmethod
@@ -112,6 +121,9 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
                 f"top_n={self.top_n} and top_k={self.top_k} disagree; they are one option "
                 "(top_k is Mem0's name for it): give one."
             )
+        unknown = self.unknown_options(self.model_extra or {}, self.backend)
+        if unknown is not None:
+            raise InvalidInputError(unknown)
         check_config({"provider": self.backend, "config": self.backend_options()})
         return self
 
@@ -119,6 +131,23 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
         # Backend options may nest keys (an LLM config's api_key): never show them.
         for name, value in super().__repr_args__():
             yield name, mask_secrets(value) if name in (self.model_extra or {}) else value
+
+    @classmethod
+    def unknown_options(cls, options: Mapping[str, Any], backend: object) -> str | None:
+        """Why ``options`` hold names that neither this block nor ``backend`` take
+        (naming the closest valid one), or ``None`` when all are known."""
+        backend_keys = provider_options(backend) if isinstance(backend, str) else None
+        if backend_keys is None:
+            return None  # an unknown backend is reported by check_config
+        own = set(cls.model_fields)
+        unknown = sorted(set(options) - own - backend_keys, key=str)
+        if not unknown:
+            return None
+        return unknown_options(
+            unknown,
+            (own - {"provider", "model", "api_key"}) | backend_keys,
+            owner=f"Mem0RerankerConfig with backend {backend!r} (its options and the backend's)",
+        )
 
     @property
     def limit(self) -> int | None:
@@ -145,8 +174,10 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
     ``Mem0Reranker(reranker=QwenReranker(), top_n=5)`` for a backend you built.
 
     :meth:`rerank` returns deep copies of Mem0's result dicts, best first, with
-    ``rerank_score`` (a float) and ``rerank_stage`` (e.g. ``"relevant"``) added; the
-    vector ``score`` and every other field are kept, and the input is never changed.
+    ``rerank_score`` (a float) and ``rerank_stage`` (e.g. ``"relevant"``) added; Mem0's
+    ``score`` and every other field are kept, and the input is never changed. With
+    ``score="rerank"`` the rerank score is in ``score`` too, and Mem0's score moves to
+    ``vector_score``.
     When the backend fails it raises (a :class:`~memos_rerank_integrations.RerankError`),
     and Mem0 logs it and returns its vector-search results unchanged: there are never
     made-up scores.
@@ -160,10 +191,16 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         **options: Any,
     ) -> None:
         if config is None:
+            unknown = Mem0RerankerConfig.unknown_options(options, options.get("backend", "qwen"))
+            if unknown is not None:
+                raise InvalidInputError(unknown)
             config = Mem0RerankerConfig(**options)
         elif options:
             raise InvalidInputError("Pass options in config or as keywords, not both.")
         elif isinstance(config, Mapping):
+            unknown = Mem0RerankerConfig.unknown_options(config, config.get("backend", "qwen"))
+            if unknown is not None:
+                raise InvalidInputError(unknown)
             config = Mem0RerankerConfig(**config)
         elif not isinstance(config, Mem0RerankerConfig):
             if not isinstance(config, BaseModel):
@@ -200,7 +237,7 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         settings, texts = self._prepare(query, documents, top_k)
         if not texts:
             return []
-        return self._build(documents, run(settings, query, texts))
+        return self._build(documents, run(settings, query, texts), self.config.score)
 
     async def arerank(
         self, query: str, documents: list[dict[str, Any]], top_k: int | None = None
@@ -210,7 +247,7 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         settings, texts = self._prepare(query, documents, top_k)
         if not texts:
             return []
-        return self._build(documents, await arun(settings, query, texts))
+        return self._build(documents, await arun(settings, query, texts), self.config.score)
 
     def _prepare(
         self, query: object, documents: object, top_k: object
@@ -237,13 +274,18 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
         return settings, texts
 
     @staticmethod
-    def _build(documents: Sequence[Mapping[str, Any]], outcome: Outcome) -> list[dict[str, Any]]:
+    def _build(
+        documents: Sequence[Mapping[str, Any]], outcome: Outcome, score: str
+    ) -> list[dict[str, Any]]:
         assert outcome.results is not None  # fallback is off: a failure raised
         ranked = []
         for result in outcome.results:
             item = copy.deepcopy(dict(documents[result.index]))
             item[RERANK_SCORE_KEY] = result.score
             item[RERANK_STAGE_KEY] = result.stage.label
+            if score == "rerank":
+                item[VECTOR_SCORE_KEY] = item.get(SCORE_KEY)
+                item[SCORE_KEY] = result.score
             ranked.append(item)
         return ranked
 

@@ -160,6 +160,50 @@ def test_search_without_rerank_is_vector_only(memory: Memory) -> None:
     assert all("rerank_score" not in hit and "rerank_stage" not in hit for hit in plain)
 
 
+def test_score_rerank_puts_the_rerank_score_in_score(memory: Memory, tiny_qwen_dir: Path) -> None:
+    """Issue 27: Mem0's docs read ``score``; with ``"score": "rerank"`` in the block it
+    is the rerank score, and Mem0's own score is kept under ``vector_score``."""
+    hits = vector_hits(memory)
+    vector = {hit["id"]: hit["score"] for hit in hits}
+    default = memory.reranker
+    block = {"backend": "qwen", "model": str(tiny_qwen_dir), "top_n": 3, "score": "rerank"}
+    memory.reranker = RerankerFactory.create("memos", block)  # as Memory.from_config does
+    try:
+        reranked = memory.search(QUERY, filters=USER, top_k=5, threshold=0.0, rerank=True)
+    finally:
+        memory.reranker = default
+    results = reranked["results"]
+    same_ranking(results, expected_ranking(tiny_qwen_dir, hits)[:3])
+    assert [r["score"] for r in results] == [r["rerank_score"] for r in results]
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert [r["vector_score"] for r in results] == pytest.approx([vector[r["id"]] for r in results])
+    # The default keeps Mem0's score in score, as Mem0's own providers do.
+    plain = memory.search(QUERY, filters=USER, top_k=5, threshold=0.0, rerank=True)["results"]
+    assert all("vector_score" not in r for r in plain)
+    assert [r["score"] for r in plain] == pytest.approx([vector[r["id"]] for r in plain])
+
+
+class Recording(OverlapReranker):
+    """Records the documents each call was given."""
+
+
+def test_mem0s_threshold_drops_hits_before_the_reranker_sees_them(memory: Memory) -> None:
+    """What docs/mem0.md says: a search's ``threshold`` (0.1 by default) drops hits by
+    Mem0's vector score before the reranker is called."""
+    hits = vector_hits(memory)
+    cut = sorted(hit["score"] for hit in hits)[2]  # the median score: three hits reach it
+    backend = Recording()
+    default = memory.reranker
+    memory.reranker = Mem0Reranker(reranker=backend)
+    try:
+        memory.search(QUERY, filters=USER, top_k=5, threshold=cut, rerank=True)
+    finally:
+        memory.reranker = default
+    ((_, _, seen),) = backend.calls
+    assert sorted(seen) == sorted(hit["memory"] for hit in hits if hit["score"] >= cut)
+    assert 0 < len(seen) < len(hits)
+
+
 async def test_async_memory_reranks_the_same_way(
     tmp_path: Path, tiny_qwen_dir: Path, memory: Memory
 ) -> None:
@@ -246,6 +290,18 @@ def test_outputs_are_deep_copies_and_inputs_stay_untouched() -> None:
     assert out[0]["id"] == "m1" and out[0]["score"] == hits[1]["score"]
     out[0]["metadata"]["tags"].append("changed")
     assert hits == before
+
+
+def test_score_option_alone() -> None:
+    hits = mem0_hits()
+    out = Mem0Reranker(reranker=OverlapReranker(), score="rerank").rerank(
+        "User drinks baijiu?", hits
+    )
+    assert [r["score"] for r in out] == [r["rerank_score"] for r in out]
+    assert out[0]["id"] == "m1" and out[0]["vector_score"] == hits[1]["score"]
+    assert "vector_score" not in hits[1] and hits[1]["score"] == 0.9  # inputs untouched
+    with pytest.raises(pydantic.ValidationError, match="score"):
+        Mem0RerankerConfig(backend="embedding", score="both")
 
 
 def test_top_n_top_k_and_thresholds() -> None:

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .._configurable import strip_secrets
+from .._configurable import hide_secrets, reveal_secrets, secret_texts, strip_secrets
 from .._exceptions import InvalidInputError, MalformedResponseError
 
 __all__ = ["Mem0LLM"]
@@ -23,9 +23,14 @@ class Mem0LLM:
 
     What ``from_config`` builds for an LLM given as ``{"provider", "config"}`` (and
     for Mem0's ``llm_reranker`` blocks). It has a config, so the reranker has one too
-    and pickles; the config and the pickle hold no key (``api_key`` and other secret
-    fields are dropped: the rebuilt LLM reads its key from the environment, e.g.
-    ``OPENAI_API_KEY``). ``timeout`` (seconds) bounds each request of clients built on
+    and pickles. :meth:`to_config` holds no secret: ``api_key`` and other key-, token-,
+    secret- or password-named fields are dropped, and so is every URL with credentials
+    (a proxy's ``http://user:password@host`` in ``http_client_proxies``); an LLM rebuilt
+    from it reads its key from the environment (e.g. ``OPENAI_API_KEY``). A pickle keeps
+    the whole config, those secrets wrapped in ``SecretStr`` (a pickle is a format for
+    trusted processes), so the unpickled LLM talks through the same proxy with the same
+    key. Errors from Mem0 while building the LLM have every secret masked. ``timeout``
+    (seconds) bounds each request of clients built on
     the OpenAI SDK (Mem0's ``openai``, ``deepseek``, ``xai``, ``vllm``, ``lmstudio``...);
     other providers keep their own client's timeouts.
     """
@@ -59,7 +64,9 @@ class Mem0LLM:
         self.provider = provider
         self.timeout = float(timeout)
         self._config: dict[str, Any] = strip_secrets(options)
-        secrets = [str(v) for k, v in options.items() if k not in self._config and v]
+        # What a pickle carries: the whole config, secrets wrapped so no repr shows them.
+        self._pickled: dict[str, Any] = hide_secrets(options)
+        secrets = secret_texts(options)
         error: InvalidInputError | None = None
         try:
             self._llm = LlmFactory.create(provider, options)
@@ -103,15 +110,16 @@ class Mem0LLM:
         return answer
 
     def to_config(self) -> dict[str, Any]:
-        """``{"provider", "config"}`` (plus ``timeout`` when not the default), no keys."""
+        """``{"provider", "config"}`` (plus ``timeout`` when not the default), without
+        keys or URLs with credentials."""
         spec: dict[str, Any] = {"provider": self.provider, "config": dict(self._config)}
         if self.timeout != _DEFAULT_LLM_TIMEOUT:
             spec["timeout"] = self.timeout
         return spec
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_llm, (self.provider, dict(self._config), self.timeout))
+        return (_rebuild_llm, (self.provider, dict(self._pickled), self.timeout))
 
 
 def _rebuild_llm(provider: str, config: dict[str, Any], timeout: float) -> Mem0LLM:
-    return Mem0LLM(provider, config, timeout=timeout)
+    return Mem0LLM(provider, reveal_secrets(config), timeout=timeout)
