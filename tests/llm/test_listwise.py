@@ -553,15 +553,16 @@ def test_from_config_with_a_mem0_llm(
             "step": 10,
         },
     }
-    monkeypatch.setenv("OPENAI_API_KEY", "worker-key")  # a pickle holds no key
-    data = pickle.dumps(backend)
-    assert SECRET.encode() not in data
-    copy = pickle.loads(data)
+    # The explicit key travels in the pickle (a trusted-process format), so the worker
+    # uses it even where its environment has another.
+    monkeypatch.setenv("OPENAI_API_KEY", "worker-key")
+    copy = pickle.loads(pickle.dumps(backend))
     assert isinstance(copy, LLMListwiseReranker) and (copy.window, copy.step) == (20, 10)
+    assert SECRET not in repr(copy)
     assert order_of(copy.rerank(QUERY, docs(50))) == order
     assert len(server.requests) == 8
     headers = {k.lower(): v for k, v in server.requests[-1].headers.items()}
-    assert headers["authorization"] == "Bearer worker-key"
+    assert headers["authorization"] == f"Bearer {SECRET}"
 
 
 def test_an_llm_object_is_passed_as_an_option() -> None:
