@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import threading
 import time
 import tracemalloc
@@ -244,6 +245,30 @@ def test_a_gzip_bomb_never_takes_much_more_memory_than_the_cap(server: LoopbackS
     finally:
         tracemalloc.stop()
     assert peak < 160 * MiB
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_million_objects_under_the_cap_cost_a_few_times_their_size(
+    server: LoopbackServer, backend: Callable[..., Any], mode: str
+) -> None:
+    # 26 kB of gzip, 6 MiB of "{}," decoded: parsed, two million dicts (some 150 MB;
+    # gigabytes at the cap, more through the Cohere SDK's models). Refused unparsed,
+    # it costs what reading its bytes does.
+    body = b'{"results": [' + b"{}," * 2_000_000 + b"{}]}"
+    size = len(body)
+    packed = gzip.compress(body, 1)
+    server.script(Reply(200, OK), Reply(200, packed, headers={"Content-Encoding": "gzip"}))
+    reranker = backend(server, timeout=60.0, max_retries=0)
+    within(60.0, call(reranker, mode, "q", DOCS))  # clients and SDK built outside the trace
+    tracemalloc.start()
+    try:
+        with pytest.raises(MalformedResponseError) as caught:
+            within(60.0, call(reranker, mode, "q", DOCS))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * size, f"{peak / size:.1f} times the answer's size"
+    assert "more than 4,288 JSON items" in str(caught.value)
 
 
 @pytest.mark.parametrize("mode", MODES)
