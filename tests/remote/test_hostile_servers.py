@@ -423,6 +423,33 @@ def test_clients_passed_in_are_held_to_the_bound_too(server: LoopbackServer, mod
             within(bound(0.5) + SLACK, call(reranker, mode, "q", DOCS))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_trickled_body_through_a_client_passed_in_stops_being_read_at_the_deadline(
+    server: LoopbackServer, mode: str
+) -> None:
+    import httpx
+
+    # Each byte well within httpx's per-read timeout; the whole answer takes ~8 s.
+    server.script(Reply(200, OK, trickle=0.05))
+    started = time.monotonic()
+    with httpx.Client() as client:
+        reranker = _memos(
+            server,
+            timeout=0.5,
+            max_retries=0,
+            http_client=client,
+            async_http_client=httpx.AsyncClient(),
+        )
+        with pytest.raises(RerankTimeoutError):
+            within(bound(0.5) + SLACK, call(reranker, mode, "q", DOCS))
+        # The call returns at its deadline whatever the client does; the attempt itself
+        # must stop reading then too, not read on in its thread to the answer's end.
+        while not server.hangups and time.monotonic() < started + 15.0:
+            time.sleep(0.01)
+    assert server.hangups, "the answer was read to its end"
+    assert server.hangups[0] - started < bound(0.5) + SLACK
+
+
 def test_a_straggler_on_a_client_passed_in_does_not_hold_up_interpreter_exit() -> None:
     import subprocess
     import sys
