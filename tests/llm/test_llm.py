@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
@@ -50,8 +52,12 @@ from memos_rerank_integrations import (
     RerankTimeoutError,
     Stage,
 )
+from memos_rerank_integrations._llm.pointwise import parse_grade, parse_score
 from memos_rerank_integrations.langchain import RerankCompressor
 from memos_rerank_integrations.llama_index import RerankPostprocessor
+
+from ..support.linear import assert_linear, repeated
+from ..support.loopback import LoopbackServer, Recorded, Reply
 
 QUERY = "What are the user's hobbies?"
 # Grades a careful grader might give the MemOS example memories.
@@ -356,6 +362,27 @@ UNREADABLE = [
     '{"answer": 3}',
     '{"grade": true}',
     "NaN",
+    # Grades above 4 written as text, not as a JSON number.
+    "Grade: 5",
+    '{"grade": "5"}',
+    "I would give it a 5.",
+    "6 - highly relevant",
+    # Mem0's scale: one score, or none.
+    "0.8, maybe 0.9",
+    "Score: 1.5",
+    '{"score": 1.2}',
+]
+
+# Mem0's LLM reranker asks for a score from 0.0 to 1.0; such a score, written with a
+# decimal point, is read as the score itself.
+MEM0_SCALE = [
+    ("0.8", 0.8),
+    ("Score: 0.35", 0.35),
+    ("1.0", 1.0),
+    ("0.0", 0.0),
+    ('{"score": 0.6}', 0.6),
+    ("On a scale from 0.0 to 1.0, this is 0.9.", 0.9),
+    ("3 (0.75)", 0.75),  # a grade and the same score agree
 ]
 
 
@@ -365,6 +392,20 @@ def test_messy_but_readable_answers(answer: str, grade: int) -> None:
     [result] = LLMReranker(llm, max_retries=0).rerank("q", ["d"])
     assert result.score == grade / 4
     assert result.stage is Stage(grade)
+
+
+@pytest.mark.parametrize(("answer", "score"), MEM0_SCALE)
+def test_scores_on_mem0s_scale_are_read_as_they_are(answer: str, score: float) -> None:
+    llm = FakeListChatModel(responses=[answer])
+    [result] = LLMReranker(llm, max_retries=0).rerank("q", ["d"])
+    assert result.score == score
+    assert result.stage is DEFAULT_THRESHOLDS.stage(score)
+
+
+def test_whole_numbers_stay_grades() -> None:
+    llm = FakeListChatModel(responses=["1", "Grade: 1", "2.0", "Grade: 2.0"])
+    results = LLMReranker(llm, max_retries=0, max_concurrency=1).rerank("q", list("abcd"))
+    assert [(r.index, r.score) for r in results] == [(2, 0.5), (3, 0.5), (0, 0.25), (1, 0.25)]
 
 
 @pytest.mark.parametrize("answer", UNREADABLE)
@@ -399,6 +440,49 @@ def test_string_llms_and_minimal_duck_typed_models_work() -> None:
 
     results = LLMReranker(Minimal(), max_concurrency=2).rerank(QUERY, DOCS[:3])
     assert [(r.index, r.score) for r in results] == [(0, 0.75), (1, 0.0), (2, 0.0)]
+
+
+# ---------------------------------------------------------------- reading time
+
+
+def test_a_40000_space_answer_is_read_in_linear_time() -> None:
+    # A pattern that began with a run of whitespace was retried from each space:
+    # about a minute of CPU for this answer.
+    started = time.thread_time()
+    assert parse_grade("3" + " " * 40_000 + ".") == 3
+    assert parse_grade("Grade:" + " " * 40_000 + "2 /" + " " * 40_000 + "4") == 2
+    assert time.thread_time() - started < 2.0
+
+
+def test_a_json_answer_of_a_million_objects_is_not_built() -> None:
+    import tracemalloc
+
+    answer = "[" + "{}," * 1_000_000 + "{}]"  # parsed: a million dicts, some 60 MB
+    tracemalloc.start()
+    try:
+        assert parse_score(answer) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(answer), f"{peak / len(answer):.1f} times the answer's size"
+
+
+_ANSWER_PIECES = st.sampled_from(
+    [" ", "\t", "\n", "0", "1", "3", "4", "9", ".", "-", "/", "out of", "to", "{", "}", "[", "]"]
+)
+_MORE_ANSWER_PIECES = st.sampled_from(
+    ['"', "\\", ":", "<think>", "</think>", "```", "relevant", "highly", "not", "a", "_", "é"]
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(unit=st.lists(_ANSWER_PIECES | _MORE_ANSWER_PIECES, min_size=1, max_size=6).map("".join))
+@example(unit=" ")
+@example(unit="0 ")
+@example(unit="<think>")
+@example(unit="{")
+def test_reading_an_answer_takes_linear_time(unit: str) -> None:
+    assert_linear(parse_score, lambda n: "3" + repeated(unit, n) + ".", 2_000)
 
 
 # ---------------------------------------------------------------- retries
@@ -603,6 +687,14 @@ def test_logprobs_refine_the_score_to_the_expected_grade() -> None:
     assert plain.score == 0.75
 
 
+def test_logprobs_leave_a_score_on_mem0s_scale_alone() -> None:
+    top = [{"token": "0", "logprob": math.log(0.7)}, {"token": "1", "logprob": math.log(0.3)}]
+    content = [{**top[0], "top_logprobs": top}, {"token": ".8", "logprob": 0.0}]
+    message = AIMessage(content="0.8", response_metadata={"logprobs": {"content": content}})
+    [result] = LLMReranker(GenericFakeChatModel(messages=iter([message]))).rerank("q", ["d"])
+    assert result.score == 0.8
+
+
 def test_logprobs_without_the_grade_token_keep_the_plain_grade() -> None:
     message = logprob_message("Grade", {"Grade": 0.9, "Score": 0.1})
     message = AIMessage(content="Grade: 1", response_metadata=message.response_metadata)
@@ -672,3 +764,39 @@ def test_importing_the_backend_imports_no_framework() -> None:
         env={**os.environ, "PYTHONPATH": src},
     )
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- Mem0's llm_reranker block
+
+
+def mem0_style_chat(answers: dict[str, str]) -> Callable[[Recorded], Reply]:
+    """An OpenAI-compatible /chat/completions answering each document's score the way
+    Mem0's LLM reranker asks its model to: one number from 0.0 to 1.0."""
+
+    def respond(request: Recorded) -> Reply:
+        answer = answers[document_of(request.body["messages"][-1]["content"])]
+        message = {"role": "assistant", "content": answer}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        body = {"id": "c", "object": "chat.completion", "created": 0, "choices": [choice]}
+        return Reply(200, {**body, "model": request.body["model"]})
+
+    return respond
+
+
+def test_a_mem0_llm_reranker_block_reads_scores_given_the_way_mem0_asks(
+    server: LoopbackServer,
+) -> None:
+    from memos_rerank_integrations import from_config
+
+    answers = {"doc 1": "0.8", "doc 2": "Score: 0.35", "doc 3": "1.0", "doc 4": "0.0"}
+    server.script(*[mem0_style_chat(answers)] * len(answers))
+    block = {  # as Mem0 documents it for an OpenAI-compatible endpoint
+        "provider": "openai",
+        "model": "gpt-test",
+        "api_key": "sk-test-key",
+        "llm": {"provider": "openai", "config": {"openai_base_url": server.url + "/v1"}},
+    }
+    reranker = from_config({"provider": "llm_reranker", "config": block})
+    results = reranker.rerank("q", list(answers))
+    assert [(r.index, r.score) for r in results] == [(2, 1.0), (0, 0.8), (1, 0.35), (3, 0.0)]
+    assert len(server.requests) == len(answers)

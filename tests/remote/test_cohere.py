@@ -86,3 +86,16 @@ def test_the_sdk_reads_a_numeric_string_index_as_the_number(
     server.script(Reply(200, answer))
     results = invoke(make(server), mode, "q", DOCS)
     assert [(r.index, type(r.index)) for r in results] == [(2, int), (1, int), (0, int)]
+
+
+@pytest.mark.parametrize(("count", "sizes"), [(100, [100]), (101, [100, 1]), (200, [100, 100])])
+def test_one_request_per_search_unit_of_100_documents(
+    server: LoopbackServer, count: int, sizes: list[int]
+) -> None:
+    # Cohere bills a search unit per query of up to 100 documents: a call of exactly
+    # 100 is one request, and one more document makes a second.
+    server.script(*[cohere_shaped] * len(sizes))
+    docs = [f"doc {i}" for i in range(count)]
+    results = make(server, max_concurrency=1).rerank("q", docs)
+    assert [r.index for r in results] == expected_order(docs)
+    assert [len(request.body["documents"]) for request in server.requests] == sizes

@@ -326,6 +326,98 @@ def test_a_trickling_answer_cannot_outlast_the_timeout(
     assert seconds is not None and 0 < float(seconds.group(1)) <= 0.3, str(raised.value)
 
 
+# ---------------------------------------------------------------- answers bounded in objects
+
+# The documented bound: 4,096 JSON items plus 64 per document of the request, nesting at
+# most 32 deep (docs/backends.md).
+MAX_ITEMS = 4096 + 64 * len(DOCS)
+MAX_DEPTH = 32
+
+
+def json_items(value: Any) -> int:
+    """Items as the bound counts them: each array and object, and each comma in one."""
+    if isinstance(value, (list, dict)):
+        inner = value.values() if isinstance(value, dict) else value
+        return 1 + max(len(value) - 1, 0) + sum(json_items(v) for v in inner)
+    return 0
+
+
+def json_depth(value: Any) -> int:
+    if isinstance(value, (list, dict)):
+        inner = value.values() if isinstance(value, dict) else value
+        return 1 + max((json_depth(v) for v in inner), default=0)
+    return 0
+
+
+def padded(backend: RemoteBackend, *, items: int = 0, depth: int = 0) -> Any:
+    """The service's answer for DOCS with an extra field in its first result: a list
+    bringing the whole answer to ``items`` JSON items, or lists nested so that the
+    answer is ``depth`` deep."""
+    answer = backend.answer(DOCS)
+    first = (answer if backend.tei else answer["results"])[0]
+    if items:
+        # The new key adds a comma, the list itself and one comma per element after the first.
+        first["padding"] = [0] * (items - json_items(answer) - 1)
+    else:
+        nested: list[Any] = []
+        for _ in range(depth - json_depth(answer) - 1):
+            nested = [nested]
+        first["padding"] = nested
+    assert json_items(answer) == items or json_depth(answer) == depth
+    return answer
+
+
+@pytest.mark.parametrize("mode", MODES)
+@each_backend
+def test_an_answer_at_the_item_and_depth_bounds_is_read(
+    server: LoopbackServer, backend: RemoteBackend, mode: str
+) -> None:
+    server.script(
+        Reply(200, padded(backend, items=MAX_ITEMS)), Reply(200, padded(backend, depth=MAX_DEPTH))
+    )
+    for _ in range(2):
+        results = invoke(make(backend, server, max_retries=0), mode, "q", DOCS)
+        assert [r.index for r in results] == expected_order(DOCS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@each_backend
+def test_an_answer_over_the_item_bound_is_refused_unparsed(
+    server: LoopbackServer, backend: RemoteBackend, mode: str
+) -> None:
+    server.script(Reply(200, padded(backend, items=MAX_ITEMS + 1)))
+    with pytest.raises(MalformedResponseError, match=f"more than {MAX_ITEMS:,} JSON items"):
+        invoke(make(backend, server, max_retries=1), mode, "q", DOCS)
+    assert len(server.requests) == 1  # not retried
+
+
+@pytest.mark.parametrize("mode", MODES)
+@each_backend
+def test_an_answer_nested_deeper_than_the_bound_is_refused(
+    server: LoopbackServer, backend: RemoteBackend, mode: str
+) -> None:
+    server.script(Reply(200, padded(backend, depth=MAX_DEPTH + 1)))
+    with pytest.raises(MalformedResponseError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        invoke(make(backend, server, max_retries=0), mode, "q", DOCS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@each_backend
+def test_an_error_status_over_the_bound_is_still_that_statuss_error(
+    server: LoopbackServer, backend: RemoteBackend, mode: str
+) -> None:
+    hostile = b'{"message": [' + b"{}," * 100_000 + b"{}]}"
+    server.script(
+        Reply(429, hostile, headers={"Retry-After": "0"}),
+        Reply(500, hostile),
+        Reply(401, hostile),
+    )
+    with pytest.raises(AuthenticationError) as caught:
+        invoke(make(backend, server, max_retries=2), mode, "q", DOCS)
+    assert caught.value.status_code == 401
+    assert len(server.requests) == 3  # 429 and 500 were retried, as always
+
+
 # ---------------------------------------------------------------- big and concurrent calls
 
 

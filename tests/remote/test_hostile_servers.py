@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import threading
 import time
 import tracemalloc
@@ -247,6 +248,30 @@ def test_a_gzip_bomb_never_takes_much_more_memory_than_the_cap(server: LoopbackS
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_two_million_objects_under_the_cap_cost_a_few_times_their_size(
+    server: LoopbackServer, backend: Callable[..., Any], mode: str
+) -> None:
+    # 26 kB of gzip, 6 MiB of "{}," decoded: parsed, two million dicts (some 150 MB;
+    # gigabytes at the cap, more through the Cohere SDK's models). Refused unparsed,
+    # it costs what reading its bytes does.
+    body = b'{"results": [' + b"{}," * 2_000_000 + b"{}]}"
+    size = len(body)
+    packed = gzip.compress(body, 1)
+    server.script(Reply(200, OK), Reply(200, packed, headers={"Content-Encoding": "gzip"}))
+    reranker = backend(server, timeout=60.0, max_retries=0)
+    within(60.0, call(reranker, mode, "q", DOCS))  # clients and SDK built outside the trace
+    tracemalloc.start()
+    try:
+        with pytest.raises(MalformedResponseError) as caught:
+            within(60.0, call(reranker, mode, "q", DOCS))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * size, f"{peak / size:.1f} times the answer's size"
+    assert "more than 4,288 JSON items" in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_a_200_mib_answer_is_cut_at_the_cap(
     server: LoopbackServer, backend: Callable[..., Any], mode: str
 ) -> None:
@@ -396,6 +421,33 @@ def test_clients_passed_in_are_held_to_the_bound_too(server: LoopbackServer, mod
         )
         with pytest.raises(RerankTimeoutError):
             within(bound(0.5) + SLACK, call(reranker, mode, "q", DOCS))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_trickled_body_through_a_client_passed_in_stops_being_read_at_the_deadline(
+    server: LoopbackServer, mode: str
+) -> None:
+    import httpx
+
+    # Each byte well within httpx's per-read timeout; the whole answer takes ~8 s.
+    server.script(Reply(200, OK, trickle=0.05))
+    started = time.monotonic()
+    with httpx.Client() as client:
+        reranker = _memos(
+            server,
+            timeout=0.5,
+            max_retries=0,
+            http_client=client,
+            async_http_client=httpx.AsyncClient(),
+        )
+        with pytest.raises(RerankTimeoutError):
+            within(bound(0.5) + SLACK, call(reranker, mode, "q", DOCS))
+        # The call returns at its deadline whatever the client does; the attempt itself
+        # must stop reading then too, not read on in its thread to the answer's end.
+        while not server.hangups and time.monotonic() < started + 15.0:
+            time.sleep(0.01)
+    assert server.hangups, "the answer was read to its end"
+    assert server.hangups[0] - started < bound(0.5) + SLACK
 
 
 def test_a_straggler_on_a_client_passed_in_does_not_hold_up_interpreter_exit() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import json
 import threading
 import time
 import zlib
@@ -11,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from memos_rerank_integrations import (
@@ -40,6 +42,8 @@ from memos_rerank_integrations._remote.http import (
     retry_after_seconds,
 )
 from memos_rerank_integrations._types import estimate_tokens, rank_scores
+
+from ..support.linear import assert_linear, repeated
 
 
 def test_estimate_tokens_counts_ascii_by_four_and_other_characters_by_one() -> None:
@@ -488,6 +492,110 @@ def test_body_decoder_rejects_what_it_cannot_read(encoding: str, data: bytes, ma
         decoder = _BodyDecoder(encoding, limit=1000, backend="t")
         decoder.decode(data)
         decoder.flush()
+
+
+# ---------------------------------------------------------------- answers bounded in objects
+
+_TRICKY = st.lists(
+    st.sampled_from(
+        ['"', "\\", "\\\\", '\\"', "[", "]", "{", "}", ",", ":", " ", "é", "\U0001f600"]
+    ),
+    max_size=6,
+).map("".join)
+_KEYS = _TRICKY | st.text(max_size=4)
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TRICKY
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(_KEYS, children, max_size=5),
+    max_leaves=40,
+)
+
+
+def _json_items(value: Any) -> int:
+    """Items as the bound counts them: each array and object, and each comma in one."""
+    if isinstance(value, (list, dict)):
+        inner = value.values() if isinstance(value, dict) else value
+        return 1 + max(len(value) - 1, 0) + sum(_json_items(v) for v in inner)
+    return 0
+
+
+def _json_depth(value: Any) -> int:
+    if isinstance(value, (list, dict)):
+        inner = value.values() if isinstance(value, dict) else value
+        return 1 + max((_json_depth(v) for v in inner), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=_VALUES,
+    indent=st.sampled_from([None, 0, 2]),
+    ensure_ascii=st.booleans(),
+    as_bytes=st.booleans(),
+)
+def test_the_shape_check_counts_what_the_parser_would_build(
+    value: Any, indent: int | None, ensure_ascii: bool, as_bytes: bool
+) -> None:
+    from memos_rerank_integrations._remote.json_bounds import json_shape_problem
+
+    text = json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+    content: str | bytes = text.encode() if as_bytes else text
+    items, depth = _json_items(value), _json_depth(value)
+    assert json_shape_problem(content, max_items=items, max_depth=depth) is None
+    if items:
+        over = json_shape_problem(content, max_items=items - 1, max_depth=depth)
+        assert over == f"holds more than {items - 1:,} JSON items"
+    if depth:
+        deeper = json_shape_problem(content, max_items=items, max_depth=depth - 1)
+        assert deeper == f"is nested deeper than {depth - 1} levels"
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"]" + b"{}," * 10, "is not valid JSON"),  # a bracket closing nothing
+        (b'"a" "b" "c" "d" "e" "f"', "is not valid JSON"),  # more strings than 1 item holds
+        (b'"\\\\"' + b",[]" * 5, "holds more than 1 JSON items"),  # an escaped backslash ends...
+        (b'"\\"' + b",[]" * 5, None),  # ...an escaped quote does not
+        (b'"\\\\\\"' + b",[]" * 5, None),
+        (b'"unterminated' + b",[]" * 5, None),
+    ],
+)
+def test_the_shape_check_refuses_what_no_valid_json_holds(content: bytes, problem: Any) -> None:
+    from memos_rerank_integrations._remote.json_bounds import json_shape_problem
+
+    assert json_shape_problem(content, max_items=1) == problem
+
+
+_BODY_PIECES = st.sampled_from(
+    [b" ", b"\n", b"0", b"9", b"-", b".", b"e", b'"', b"\\", b'\\"', b"\\u", b"[", b"]", b"{"]
+)
+_MORE_PIECES = st.sampled_from([b"}", b",", b":", b"a", b"true", b"\xff", "\U0001f600".encode()])
+
+
+@settings(max_examples=30, deadline=None)
+@given(unit=st.lists(_BODY_PIECES | _MORE_PIECES, min_size=1, max_size=6).map(b"".join))
+@example(unit=b'"\\"')  # escaped quotes: a string that never ends, retried from each quote
+@example(unit=b" ")
+@example(unit=b"[")
+def test_reading_an_answer_takes_linear_time(unit: bytes) -> None:
+    from memos_rerank_integrations import MemOSReranker
+    from memos_rerank_integrations._remote.json_bounds import json_shape_problem
+
+    reranker = MemOSReranker(api_key="k", base_url="http://127.0.0.1:9")
+
+    def parse(body: bytes) -> None:
+        with contextlib.suppress(RerankError):
+            reranker._parse(200, {}, body, n_documents=3)
+
+    assert_linear(
+        lambda body: json_shape_problem(body, max_items=10**9), lambda n: repeated(unit, n), 2_000
+    )
+    assert_linear(parse, lambda n: b'{"results": [' + repeated(unit, n), 2_000)
 
 
 # ---------------------------------------------------------------- one deadline per call

@@ -2,8 +2,10 @@
 
 Each (query, document) pair asks the model for a grade 0-4 on the package's five
 relevance stages; score = grade / 4, so grade ``g`` lands on ``Stage(g)`` with the
-default :class:`StageThresholds`. One prompt builder, one parser and one retry loop
-(a generator that yields prompts and receives answers) serve the sync and async paths.
+default :class:`StageThresholds` (a score from 0.0 to 1.0 written with a decimal
+point, as Mem0's LLM reranker asks for, is read as it is). One prompt builder, one
+parser and one retry loop (a generator that yields prompts and receives answers) serve
+the sync and async paths.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import httpx
 
 from .. import _exceptions as errors
 from .._configurable import Configurable
+from .._remote.json_bounds import json_shape_problem
 from .._types import (
     DEFAULT_THRESHOLDS,
     RerankResult,
@@ -99,11 +102,18 @@ class _Answer:
 
 # ---------------------------------------------------------------- parsing
 
+# Every pattern here runs in linear time: none starts with an unbounded run that
+# could begin at each character of a long run (a leading ``\s*`` retried at every
+# space of a 40,000-space answer was quadratic: about a minute), and none nests
+# quantifiers over the same characters.
 _THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
 _FENCE = re.compile(r"```[\w-]*")
-_SCALE = re.compile(r"\b0\s*(?:-|–|—|to)\s*4\b", re.IGNORECASE)
-_OUT_OF_FOUR = re.compile(r"\s*(?:/|\bout\s+of\b)\s*4\b(?!\.\d)", re.IGNORECASE)
+# "0-4", "0 to 4" and Mem0's "0.0 to 1.0": the scale named, not a grade.
+_SCALE = re.compile(r"\b0(?:\.0)?\s*(?:-|–|—|to)\s*(?:4|1\.0)\b(?!\.\d)", re.IGNORECASE)
+# "/4" or "out of 4" after a grade. A match starts at no whitespace preceded by
+# whitespace, so a run of spaces is scanned once, from its first one.
+_OUT_OF_FOUR = re.compile(r"(?<!\s)\s*(?:/|\bout\s+of\b)\s*4\b(?!\.\d)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)(?!\w|\.\d)")
 _WORD_DASH = re.compile(r"(?<=[A-Za-z])[-_](?=[A-Za-z])")
 # Longest phrases first: at one position the first alternative that matches wins, so
@@ -114,6 +124,22 @@ _STAGE_WORDS = re.compile(
     re.IGNORECASE,
 )
 _GRADE_KEYS = ("grade", "score", "relevance", "rating", "stage", "label")
+# A JSON answer holding more than this (or nested deeper than MAX_RESPONSE_DEPTH) is
+# read as text instead: a grade needs a few items, not a parser building millions.
+_MAX_ANSWER_ITEMS = 1000
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What an answer says: its ``score`` in [0, 1], and the ``grade`` 0-4 it came from
+    (``None`` for a score given on Mem0's 0.0-1.0 scale)."""
+
+    score: float
+    grade: int | None = None
+
+    @classmethod
+    def of_grade(cls, grade: int) -> _Reading:
+        return cls(grade / 4, grade)
 
 
 def _stage_word_grade(word: str) -> int:
@@ -144,14 +170,20 @@ def _strip_thinking(text: str) -> str:
     return "".join(parts)
 
 
-def _number_grade(value: float) -> int | None:
-    if not math.isfinite(value) or value != int(value) or not 0 <= value <= 4:
+def _number_reading(value: float, *, decimal: bool) -> _Reading | None:
+    """A number as a grade 0-4 or, written with a decimal point and from 0.0 to 1.0
+    (``0.8``, ``1.0``), as a score on Mem0's scale."""
+    if not math.isfinite(value):
         return None
-    return int(value)
+    if decimal and 0 <= value <= 1:
+        return _Reading(value + 0.0)  # + 0.0: -0.0 reads as 0.0
+    if value != int(value) or not 0 <= value <= 4:
+        return None
+    return _Reading.of_grade(int(value))
 
 
-def _json_grade(text: str) -> tuple[bool, int | None]:
-    """(found JSON, grade). A JSON answer is read by its grade field only, so numbers
+def _json_reading(text: str) -> tuple[bool, _Reading | None]:
+    """(found JSON, reading). A JSON answer is read by its grade field only, so numbers
     in an explanation field cannot conflict with it."""
     candidates = [text]
     # From the first "{" to the last "}" (what a greedy regex would match, in linear time).
@@ -159,53 +191,79 @@ def _json_grade(text: str) -> tuple[bool, int | None]:
     if first != -1 and last > first and (first, last) != (0, len(text) - 1):
         candidates.append(text[first : last + 1])
     for candidate in candidates:
+        if json_shape_problem(candidate, max_items=_MAX_ANSWER_ITEMS) is not None:
+            continue
         try:
             value = json.loads(candidate)
-        except (ValueError, RecursionError):  # not JSON, a 4,300-digit int, deep nesting
+        except (ValueError, RecursionError):  # not JSON, a 4,300-digit int
             continue
         if isinstance(value, dict):
             keys = {str(key).lower(): key for key in value}
             field = next((keys[name] for name in _GRADE_KEYS if name in keys), None)
-            return True, None if field is None else _value_grade(value[field])
-        return True, _value_grade(value)
+            return True, None if field is None else _value_reading(value[field])
+        return True, _value_reading(value)
     return False, None
 
 
-def _value_grade(value: object) -> int | None:
+def _value_reading(value: object) -> _Reading | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if 0 <= value <= 4 else None  # no float(): 10**400 would overflow
+        # No float(): 10**400 would overflow.
+        return _Reading.of_grade(value) if 0 <= value <= 4 else None
     if isinstance(value, float):
-        return _number_grade(value)
+        return _number_reading(value, decimal=True)
     if isinstance(value, str):
-        return _text_grade(value)
+        return _text_reading(value)
     return None
 
 
-def _text_grade(text: str) -> int | None:
+def _text_reading(text: str) -> _Reading | None:
     text = _OUT_OF_FOUR.sub("", _SCALE.sub(" ", text))
     text = _WORD_DASH.sub(" ", text)
-    grades: set[int | None] = {_number_grade(float(n)) for n in _NUMBER.findall(text)}
-    grades |= {_stage_word_grade(word) for word in _STAGE_WORDS.findall(text)}
-    # Strict: exactly one grade, stated once or repeated consistently; conflicting or
+    readings = [_number_reading(float(n), decimal="." in n) for n in _NUMBER.findall(text)]
+    readings += [_Reading.of_grade(_stage_word_grade(w)) for w in _STAGE_WORDS.findall(text)]
+    # Strict: one score, stated once or repeated consistently; conflicting or
     # out-of-range numbers make the answer unreadable rather than guessed.
-    if len(grades) != 1:
+    distinct = set(readings)
+    scores = {None if reading is None else reading.score for reading in distinct}
+    if len(scores) != 1:
         return None
-    return grades.pop()
+    score = scores.pop()
+    if score is None:
+        return None
+    # A grade and the same score on Mem0's scale ("3 (0.75)") give the score alone.
+    return distinct.pop() if len(distinct) == 1 else _Reading(score)
+
+
+def _read(answer: str) -> _Reading | None:
+    text = _FENCE.sub(" ", _strip_thinking(answer)).strip()
+    if not text:
+        return None
+    found, reading = _json_reading(text)
+    return reading if found else _text_reading(text)
+
+
+def parse_score(answer: str) -> float | None:
+    """The score in [0, 1] a model's answer gives, or ``None`` when it cannot be read:
+    a grade 0-4 divided by 4 (see :func:`parse_grade`) or, for a number written with
+    a decimal point from 0.0 to 1.0 (``"0.8"``, ``{"score": 0.8}``), that number, as
+    Mem0's LLM reranker asks its model for a score. Whole numbers are grades, so
+    ``"1"`` is 0.25 and ``"1.0"`` is 1.0; ``"0.8, maybe 0.9"`` conflicts and is
+    unreadable (Mem0 would take the first number)."""
+    reading = _read(answer)
+    return None if reading is None else reading.score
 
 
 def parse_grade(answer: str) -> int | None:
-    """The grade 0-4 in a model's answer, or ``None`` when it cannot be read.
+    """The grade 0-4 in a model's answer, or ``None`` when it cannot be read (or is a
+    score on Mem0's 0.0-1.0 scale, see :func:`parse_score`).
 
     Accepts extra words, markdown, code fences, ``"3/4"``, stage names and JSON such as
     ``{"grade": 2}``; rejects refusals, conflicting grades and numbers outside 0-4.
     """
-    text = _FENCE.sub(" ", _strip_thinking(answer)).strip()
-    if not text:
-        return None
-    found, grade = _json_grade(text)
-    return grade if found else _text_grade(text)
+    reading = _read(answer)
+    return None if reading is None else reading.grade
 
 
 def _expected_grade(grade: int, logprobs: Any) -> float | None:
@@ -461,7 +519,11 @@ class LLMReranker(Configurable):
     ``thresholds``.
 
     Answers are parsed strictly (a digit, a stage name, ``"3/4"``, markdown or
-    ``{"grade": 3}``); an answer that cannot be read is asked again up to
+    ``{"grade": 3}``), in time linear in their length. A number written with a decimal
+    point from 0.0 to 1.0 (``"0.8"``, ``{"score": 0.8}``) is taken as the score itself,
+    on the scale Mem0's LLM reranker asks its model for (so a Mem0 ``llm_reranker``
+    block's model may answer either way); whole numbers are grades, so ``"1"`` scores
+    0.25 and ``"1.0"`` scores 1.0. An answer that cannot be read is asked again up to
     ``max_retries`` times, then the whole call raises :class:`MalformedResponseError`:
     there is never a silent default score. Errors of the LLM client become
     :class:`RerankTimeoutError`, :class:`RateLimitError`, :class:`AuthenticationError`
@@ -583,14 +645,14 @@ class LLMReranker(Configurable):
             return None
 
     def _read_score(self, answer: _Answer) -> float | None:
-        grade = parse_grade(answer.text)
-        if grade is None:
+        reading = _read(answer.text)
+        if reading is None:
             return None
-        if self.use_logprobs and answer.logprobs is not None:
-            expected = _expected_grade(grade, answer.logprobs)
+        if reading.grade is not None and self.use_logprobs and answer.logprobs is not None:
+            expected = _expected_grade(reading.grade, answer.logprobs)
             if expected is not None:
                 return expected / 4
-        return grade / 4
+        return reading.score
 
     def _rounds(self, query: str, documents: list[str]) -> _Rounds:
         """Ask for every grade, then again for the unreadable ones, up to max_retries."""

@@ -1,2 +1,3 @@
 """Remote backends: the shared base (limits, retries, keys), the HTTP transport and
-its deadline, and one module per service (MemOS, Cohere, Zero Entropy, any HTTP reranker)."""
+its deadline, the bound on the JSON items of an answer (``json_bounds``), and one
+module per service (MemOS, Cohere, Zero Entropy, any HTTP reranker)."""

@@ -12,7 +12,7 @@ from .._exceptions import MalformedResponseError, RerankError
 from .._extras import missing_extra
 from .._types import nonempty_text, optional_positive_int
 from .base import RemoteOptions, RemoteReranker
-from .http import HTTPClients, error_for_status, error_for_transport
+from .http import HTTPClients, answer_bound, error_for_status, error_for_transport
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -39,8 +39,12 @@ class CohereReranker(RemoteReranker):
     splitting (100 documents per request by default, one Cohere search unit) and
     validation are those of every remote backend (see
     :class:`~memos_rerank_integrations._remote.RemoteOptions`), and SDK errors map onto
-    this package's error tree. ``client`` / ``async_client`` take ready-made SDK
-    clients (any object with a Cohere-v2 ``rerank``); the key is then not needed.
+    this package's error tree. The SDK reads its answers through this package's
+    ``httpx`` clients, so they are held to the same bounds as every remote backend's
+    (64 MiB decoded, JSON items and depth, checked before the SDK parses them).
+    ``client`` / ``async_client`` take ready-made SDK clients (any object with a
+    Cohere-v2 ``rerank``; their answers are theirs to bound); the key is then not
+    needed.
     """
 
     backend_name = "cohere"
@@ -134,7 +138,8 @@ class CohereReranker(RemoteReranker):
     ) -> list[tuple[object, object]]:
         arguments = self._arguments(query, documents, top_n, timeout)
         try:
-            response = self._sync_client().rerank(**arguments)
+            with answer_bound(len(documents)):
+                response = self._sync_client().rerank(**arguments)
         except Exception as exc:
             error, cause = self._mapped(exc, timeout), _safe_cause(exc)
         else:
@@ -147,7 +152,8 @@ class CohereReranker(RemoteReranker):
     ) -> list[tuple[object, object]]:
         arguments = self._arguments(query, documents, top_n, timeout)
         try:
-            response = await self._async_sdk_client().rerank(**arguments)
+            with answer_bound(len(documents)):
+                response = await self._async_sdk_client().rerank(**arguments)
         except Exception as exc:
             error, cause = self._mapped(exc, timeout), _safe_cause(exc)
         else:

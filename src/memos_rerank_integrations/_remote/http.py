@@ -17,6 +17,8 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -25,6 +27,7 @@ from pydantic import SecretStr
 from .. import _exceptions as errors
 from .base import RemoteOptions, RemoteReranker, read_scored_results
 from .deadline import guard_sockets
+from .json_bounds import MAX_RESPONSE_DEPTH, NOT_JSON, json_shape_problem, max_response_items
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -35,6 +38,7 @@ __all__ = [
     "HTTPBackend",
     "HTTPClients",
     "HTTPOptions",
+    "answer_bound",
     "error_for_status",
     "error_for_transport",
     "join_url",
@@ -313,10 +317,61 @@ def _decoder_for(response: httpx.Response, backend: str) -> _BodyDecoder:
     return decoder
 
 
+# The documents of the request whose answer our clients read whole (set around an SDK
+# call by answer_bound; None: no bound on the answer's JSON items).
+_ANSWER_DOCUMENTS: ContextVar[int | None] = ContextVar("answer_documents", default=None)
+
+
+@contextmanager
+def answer_bound(n_documents: int) -> Iterator[None]:
+    """Within this block, an answer that our clients read whole (``stream=False``: what a
+    vendor SDK such as Cohere's asks for) is refused before anyone parses it when it
+    holds more JSON items than a ranking of ``n_documents`` documents could need, or is
+    nested deeper than :data:`~._remote.json_bounds.MAX_RESPONSE_DEPTH`. Async code sees
+    the bound in the task that entered the block."""
+    token = _ANSWER_DOCUMENTS.set(n_documents)
+    try:
+        yield
+    finally:
+        _ANSWER_DOCUMENTS.reset(token)
+
+
+def _shape_problem(content: bytes | bytearray, n_documents: int) -> str | None:
+    return json_shape_problem(
+        content, max_items=max_response_items(n_documents), max_depth=MAX_RESPONSE_DEPTH
+    )
+
+
+def _unparsed(
+    backend: str, problem: str, status: int, n_documents: int
+) -> errors.MalformedResponseError:
+    """The error for a 2xx answer refused by :func:`json_shape_problem` or the parser."""
+    message = f"The {backend} answer {problem}"
+    if problem != NOT_JSON:
+        message += f", beyond what a ranking of {n_documents} documents holds; it was not parsed"
+    return errors.MalformedResponseError(message + ".", status_code=status, backend=backend)
+
+
+def _check_shape(response: httpx.Response, backend: str) -> None:
+    """Raise for a read answer over the bound of :func:`answer_bound`: the status's own
+    error for a non-2xx answer (its body is not read), else MalformedResponseError."""
+    n_documents = _ANSWER_DOCUMENTS.get()
+    if n_documents is None:
+        return
+    problem = _shape_problem(response.content, n_documents)
+    if problem is None:
+        return
+    status = response.status_code
+    if not 200 <= status < 300:
+        raise error_for_status(status, backend=backend, headers=response.headers)
+    raise _unparsed(backend, problem, status, n_documents)
+
+
 class _GuardedClient(httpx.Client):
     """The sync client this package makes: sockets that keep the attempt deadline
     (:func:`~._deadline.guard_sockets`) and answers decoded under the size cap, for
-    every caller of :meth:`send` (``stream``, ``request``, the Cohere SDK)."""
+    every caller of :meth:`send` (``stream``, ``request``, the Cohere SDK); an answer
+    read whole within :func:`answer_bound` is held to its bound on JSON items."""
 
     def __init__(self, *, backend: str, **options: Any) -> None:
         super().__init__(**options)
@@ -334,6 +389,7 @@ class _GuardedClient(httpx.Client):
             response.stream = _DecodedStream(response.stream, decoder)
             if not stream:
                 response.read()
+                _check_shape(response, self._backend_name)
         except BaseException:
             response.close()
             raise
@@ -342,7 +398,8 @@ class _GuardedClient(httpx.Client):
 
 class _GuardedAsyncClient(httpx.AsyncClient):
     """The async client this package makes: answers decoded under the size cap (the
-    deadline is kept by ``asyncio.wait_for`` around each attempt)."""
+    deadline is kept by ``asyncio.wait_for`` around each attempt) and, read whole
+    within :func:`answer_bound`, held to its bound on JSON items."""
 
     def __init__(self, *, backend: str, **options: Any) -> None:
         super().__init__(**options)
@@ -359,6 +416,7 @@ class _GuardedAsyncClient(httpx.AsyncClient):
             response.stream = _AsyncDecodedStream(response.stream, decoder)
             if not stream:
                 await response.aread()
+                _check_shape(response, self._backend_name)
         except BaseException:
             await response.aclose()
             raise
@@ -556,15 +614,29 @@ class HTTPBackend(RemoteReranker):
             )
 
     def _parse(
-        self, status: int, headers: Mapping[str, str], content: bytes
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        content: bytes | bytearray,
+        *,
+        n_documents: int,
     ) -> list[tuple[object, object]]:
-        try:
-            payload: object = json.loads(content)
-            parsed = True
-        except (ValueError, RecursionError):
-            # Invalid JSON or UTF-8, an integer of over 4,300 digits, nesting deeper
-            # than the parser's recursion limit.
-            payload, parsed = content[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace"), False
+        """The raw ``(index, score)`` pairs of an answer to a request for ``n_documents``
+        documents, or the error it stands for. The body is parsed only when it holds
+        no more JSON items than such a ranking could need
+        (:func:`~._remote.json_bounds.max_response_items`) and nests no deeper than
+        :data:`~._remote.json_bounds.MAX_RESPONSE_DEPTH`."""
+        problem = _shape_problem(content, n_documents)
+        payload: object = None
+        parsed = False
+        if problem is None:
+            try:
+                payload, parsed = json.loads(content), True
+            except (ValueError, RecursionError):
+                # Invalid JSON or UTF-8, an integer of over 4,300 digits.
+                problem = NOT_JSON
+        if not parsed:
+            payload = bytes(content[:_MAX_MESSAGE_CHARS]).decode("utf-8", "replace")
         if not 200 <= status < 300:
             error = self._business_error(payload, status, headers) if parsed else None
             raise error or error_for_status(
@@ -575,11 +647,8 @@ class HTTPBackend(RemoteReranker):
                 secret=self._api_key,
             )
         if not parsed:
-            raise errors.MalformedResponseError(
-                f"The {self.backend_name} answer is not valid JSON.",
-                status_code=status,
-                backend=self.backend_name,
-            )
+            assert problem is not None
+            raise _unparsed(self.backend_name, problem, status, n_documents)
         error = self._business_error(payload, status, headers)
         if error is not None:
             raise error
@@ -611,6 +680,7 @@ class _Exchange:
             "timeout": timeout,
         }
         self._backend = backend
+        self._n_documents = len(documents)
         self._timeout = timeout
         self._deadline = time.monotonic() + timeout
         self._decoder: _BodyDecoder | None = None
@@ -632,7 +702,9 @@ class _Exchange:
 
     def finish(self, response: httpx.Response) -> list[tuple[object, object]]:
         self._body += self._decoder_of(response).flush()
-        return self._backend._parse(response.status_code, response.headers, bytes(self._body))
+        return self._backend._parse(
+            response.status_code, response.headers, self._body, n_documents=self._n_documents
+        )
 
 
 def _check_url(url: object) -> str:
