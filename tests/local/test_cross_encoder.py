@@ -20,9 +20,12 @@ from memos_rerank_integrations import (
     InvalidInputError,
     ModelLoadError,
     StageThresholds,
+    from_config,
 )
 from memos_rerank_integrations._local import runtime as engine
-from memos_rerank_integrations.testing import build_tiny_cross_encoder
+from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
+
+from ..support.checkpoints import with_config, without_weights
 
 QUERY = "What are the user's hobbies?"
 DOCUMENTS = [
@@ -172,6 +175,66 @@ def test_more_than_two_labels_is_a_load_error(tmp_path: Path) -> None:
     path = build_tiny_cross_encoder(tmp_path, num_labels=3)
     with pytest.raises(ModelLoadError, match="3-label head"):
         CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen3-Reranker-shaped checkpoint: a Qwen3ForCausalLM, no classification head."""
+    return build_tiny_qwen_reranker(tmp_path_factory.mktemp("causal-lm"))
+
+
+def test_a_causal_lm_checkpoint_is_refused_naming_qwen_reranker(causal_lm: Path) -> None:
+    """transformers would give the missing head random weights: every process would
+    rank differently. The error says so and names the class that scores this model."""
+    engine.clear_model_cache()
+    reranker = CrossEncoderReranker(causal_lm, dtype="float32")
+    with pytest.raises(ModelLoadError) as info:
+        reranker.rerank(QUERY, DOCUMENTS)
+    message = str(info.value)
+    assert "Qwen3ForCausalLM" in message and "score.weight" in message
+    assert "at random" in message and "QwenReranker" in message
+    assert not engine._cache
+
+
+def test_mem0s_huggingface_block_refuses_a_causal_lm_checkpoint(causal_lm: Path) -> None:
+    backend = from_config({"provider": "huggingface", "config": {"model": str(causal_lm)}})
+    assert isinstance(backend, CrossEncoderReranker)
+    with pytest.raises(ModelLoadError, match="QwenReranker"):
+        backend.rerank(QUERY, DOCUMENTS)
+
+
+def test_a_checkpoint_missing_encoder_weights_is_refused(one_label: Path, tmp_path: Path) -> None:
+    path = without_weights(one_label, tmp_path / "no-pooler", "bert.pooler.")
+    with pytest.raises(ModelLoadError, match=r"no weights for bert\.pooler\.dense\.bias"):
+        CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+
+
+def test_a_head_of_another_shape_than_the_config_says_is_refused(
+    two_labels: Path, tmp_path: Path
+) -> None:
+    """A config edited to one label over a two-logit checkpoint: transformers would
+    re-initialise the head at random (with ignore_mismatched_sizes) or fail with a
+    message pointing at its log."""
+    path = with_config(
+        two_labels, tmp_path / "edited", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
+    )
+    with pytest.raises(ModelLoadError) as info:
+        CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+    assert "classifier.weight (checkpoint 2x32, model 1x32)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "labels", [{"0": "relevant", "1": "irrelevant"}, {"0": "entailment", "1": "neutral"}]
+)
+def test_two_labels_whose_names_invert_relevance_are_refused(
+    two_labels: Path, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    path = with_config(two_labels, tmp_path / "inverted", id2label=labels)
+    with pytest.raises(ModelLoadError, match="label 1 as the relevant one"):
+        CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+    # Names that put relevance on label 1 are fine.
+    fine = with_config(two_labels, tmp_path / "fine", id2label={"0": "irrelevant", "1": "relevant"})
+    assert len(CrossEncoderReranker(fine, dtype="float32").rerank(QUERY, DOCUMENTS)) == 7
 
 
 def test_results_sorted_ties_in_input_order_and_top_n(one_label: Path) -> None:

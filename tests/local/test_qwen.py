@@ -32,6 +32,7 @@ from memos_rerank_integrations._qwen_prompt import PROMPT_PREFIX, PROMPT_SUFFIX
 
 from ..support import qwen_fixtures as _qwen_fixtures
 from ..support.backends import MEMOS_EXAMPLES
+from ..support.checkpoints import without_weights
 from ..support.qwen_fixtures import ModelCardRecipe, by_index
 
 EXAMPLES = MEMOS_EXAMPLES
@@ -824,6 +825,34 @@ def test_hub_id_offline_raises_model_load_error(monkeypatch: pytest.MonkeyPatch)
     reranker = QwenReranker("memos-test/not-a-real-reranker", device="cpu")
     with pytest.raises(ModelLoadError, match="memos-test/not-a-real-reranker"):
         reranker.rerank("q", ["d"])
+
+
+def test_a_sequence_classification_checkpoint_is_refused_naming_cross_encoder(
+    tiny_qwen_dir: Path, tmp_path: Path
+) -> None:
+    """A Qwen3 "-seq-cls" checkpoint loads as a causal LM without a missing weight (its
+    LM head is tied to the embeddings), but its yes/no logits mean nothing."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3ForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_qwen_dir)
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        Qwen3ForSequenceClassification(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_qwen_dir).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as caught:
+        QwenReranker(tmp_path, dtype="float32").rerank("q", ["d"])
+    message = str(caught.value)
+    assert "Qwen3ForSequenceClassification" in message and "CrossEncoderReranker" in message
+
+
+def test_a_checkpoint_missing_weights_is_refused(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    path = without_weights(tiny_qwen_dir, tmp_path / "no-mlp", "model.layers.1.mlp.")
+    with pytest.raises(ModelLoadError) as caught:
+        QwenReranker(path, dtype="float32").rerank("q", ["d"])
+    message = str(caught.value)
+    assert "no weights for model.layers.1.mlp.down_proj.weight" in message
+    assert "at random" in message
 
 
 def test_no_documents_needs_no_model(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from .._exceptions import InvalidInputError, ModelLoadError
 from .._qwen_prompt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, PROMPT_PREFIX, PROMPT_SUFFIX
 from .._types import DEFAULT_THRESHOLDS, StageThresholds, optional_positive_int, positive_int
 from .base import LocalReranker
+from .encoder import checkpoint_architecture, refuse_untrained_weights
 from .runtime import (
     inference,
     load_shared,
@@ -732,9 +733,15 @@ def _load_scorer(
 
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     dtype_option = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    lm: Any = AutoModelForCausalLM.from_pretrained(
-        model, attn_implementation="sdpa", **{dtype_option: dtype}
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        model,
+        attn_implementation="sdpa",
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+        **{dtype_option: dtype},
     )
+    lm, report = loaded
+    _refuse_other_heads(model, lm.config, report)
     lm.to(device)
     lm.eval()
     lm.requires_grad_(False)
@@ -745,6 +752,23 @@ def _load_scorer(
     if getattr(output, "bias", None) is not None:
         bias = float(output.bias[yes].float() - output.bias[no].float())
     return _QwenScorer(tokens, lm.get_decoder(), head, bias, device)
+
+
+def _refuse_other_heads(model: str, config: Any, report: Any) -> None:
+    """A checkpoint QwenReranker would score at random or without meaning is a
+    :class:`ModelLoadError`: one missing weights of the causal LM (they would be
+    initialised at random), or a sequence-classification checkpoint (e.g. a
+    Qwen3-Reranker "-seq-cls" conversion), whose LM head is not the one it was
+    trained with (with tied embeddings it loads without a missing weight)."""
+    refuse_untrained_weights(model, config, report, reranker="QwenReranker")
+    architecture = checkpoint_architecture(config)
+    if architecture is not None and architecture.endswith("ForSequenceClassification"):
+        raise ModelLoadError(
+            f"Model {model!r} ({architecture}) is a sequence-classification checkpoint: "
+            "QwenReranker reads the answer from a causal LM's yes/no logits, which this "
+            "checkpoint was not trained to give: use CrossEncoderReranker (backend "
+            "'cross-encoder')."
+        )
 
 
 class QwenReranker(LocalReranker):
