@@ -26,7 +26,8 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._engine.batching import limit_padding
 from memos_rerank_integrations._engine.qwen3 import PackedRow
-from memos_rerank_integrations._local.qwen import _Prefix, _Row
+from memos_rerank_integrations._local import runtime as local_runtime
+from memos_rerank_integrations._local.qwen import MAX_INSTRUCTION_LENGTH, _Prefix, _Row
 from memos_rerank_integrations._local.runtime import resolve_dtype
 from memos_rerank_integrations._qwen_prompt import PROMPT_PREFIX, PROMPT_SUFFIX
 
@@ -902,12 +903,36 @@ def test_query_truncation(tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe) -> 
         ({"max_batch_tokens": -5}, "max_batch_tokens"),
         ({"max_query_length": 0}, "max_query_length"),
         ({"instruction": 3}, "instruction"),
+        ({"instruction": "x" * (MAX_INSTRUCTION_LENGTH + 1)}, "at most 8192 are accepted"),
+        ({"instruction": "half \ud800 a pair"}, "instruction contains a lone surrogate"),
         ({"thresholds": (0.1, 0.2, 0.3, 0.4)}, "thresholds"),
     ],
 )
 def test_invalid_options(tiny_qwen_dir: Path, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         QwenReranker(tiny_qwen_dir, **kwargs)
+
+
+def test_an_instruction_of_the_longest_length_is_accepted(tiny_qwen_dir: Path) -> None:
+    instruction = "x" * MAX_INSTRUCTION_LENGTH
+    assert QwenReranker(tiny_qwen_dir, instruction=instruction).instruction == instruction
+
+
+def test_an_instruction_that_fills_max_length_is_refused_before_the_weights_load(
+    tiny_qwen_dir: Path,
+) -> None:
+    """Cut to fit, every document would keep no token of its own and all would score
+    the same; the check needs only the tokenizer."""
+    local_runtime.clear_model_cache()
+    reranker = QwenReranker(
+        tiny_qwen_dir, instruction="Find the memories. " * 20, max_length=80, dtype="float32"
+    )
+    with pytest.raises(InvalidInputError, match="leaving no room for the query and document"):
+        reranker.rerank("q", ["User likes tea.", "User likes playing badminton."])
+    with pytest.raises(InvalidInputError, match="max_length=80"):
+        reranker.count_tokens("q", ["d"])
+    assert not any(key[0] == "qwen-yes-no" for key in local_runtime._cache), "the weights loaded"
+    local_runtime.clear_model_cache()
 
 
 def test_max_length_too_small_for_the_prompt(tiny_qwen_dir: Path) -> None:
@@ -1122,14 +1147,16 @@ def test_bounded_tokenization_equals_the_recipe_when_documents_are_cut(
     query: str,
     documents: list[str],
 ) -> None:
-    """With a small max_length and short prefixes (so cuts fall anywhere), the ids
-    still equal the recipe's: the cut never changes a kept token."""
+    """With a small max_length and short prefixes (so cuts fall anywhere in the query
+    and documents), the ids still equal the recipe's: the cut never changes a kept
+    token. (The default instruction's part of the prompt takes 66 tokens here; a
+    max_length that cuts into it is refused.)"""
     from memos_rerank_integrations._local import tokenize as _local_engine
 
     monkeypatch.setattr(_local_engine, "_HEAD_MIN_CHARS", 4)
     monkeypatch.setattr(_local_engine, "_CUT_SEARCH", 8)
     scorer = fp32._loaded()
-    for max_length in (64, 90):
+    for max_length in (67, 90):
         recipe = _recipe_for(tiny_qwen_dir, max_length)
         got = _sequences(
             scorer, fp32.instruction, query, documents, max_length=max_length, max_query_length=None
@@ -1224,7 +1251,7 @@ def test_query_cap_is_applied_once_and_bounded(
 
 
 @pytest.mark.parametrize("max_query_length", [None, 3])
-@pytest.mark.parametrize("max_length", [60, 8192])
+@pytest.mark.parametrize("max_length", [80, 8192])
 def test_count_tokens_is_the_recipes_prompt_length(
     tiny_qwen_dir: Path,
     qwen_recipe: ModelCardRecipe,

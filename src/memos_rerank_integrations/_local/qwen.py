@@ -41,7 +41,13 @@ from .._engine.batching import budget_batches, limit_padding
 from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
 from .._exceptions import InvalidInputError, ModelLoadError
 from .._qwen_prompt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, PROMPT_PREFIX, PROMPT_SUFFIX
-from .._types import DEFAULT_THRESHOLDS, StageThresholds, optional_positive_int, positive_int
+from .._types import (
+    DEFAULT_THRESHOLDS,
+    StageThresholds,
+    check_text,
+    optional_positive_int,
+    positive_int,
+)
 from .base import LocalReranker
 from .encoder import checkpoint_architecture, refuse_untrained_weights
 from .runtime import (
@@ -58,8 +64,14 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "MAX_INSTRUCTION_LENGTH",
     "QwenReranker",
 ]
+
+# The longest instruction QwenReranker takes, in characters (the model card's default
+# has 88); on first use it must also leave room for the query and document within
+# max_length tokens.
+MAX_INSTRUCTION_LENGTH = 8192
 
 _INSTRUCTION_CACHE_SIZE = 16
 # The tokenizer is shared per model, whatever the device and dtype.
@@ -322,6 +334,19 @@ class _QwenTokens:
             )
         return budget
 
+    def check_instruction(self, instruction: str, max_length: int) -> None:
+        """Raise :class:`InvalidInputError` when the system prompt and ``instruction``
+        with the prompt's suffix leave no token of ``max_length`` for the query and
+        document (every document would score the same)."""
+        fixed = len(self.instruction_ids(instruction)) + len(self.suffix_ids)
+        if fixed >= max_length:
+            raise InvalidInputError(
+                f"The instruction takes {fixed - len(self.prefix_ids) - len(self.suffix_ids)} "
+                f"tokens: with the prompt's fixed prefix and suffix that is {fixed} of "
+                f"max_length={max_length}, leaving no room for the query and document. "
+                "Shorten the instruction or raise max_length."
+            )
+
     def cap_query(self, query: str, max_query_length: int | None) -> str:
         """The query cut to ``max_query_length`` tokens (decoded back to text)."""
         if max_query_length is None:
@@ -349,6 +374,7 @@ class _QwenTokens:
         read only as far as can fit.
         """
         budget = self.budget(max_length)
+        self.check_instruction(instruction, max_length)
         if not documents:
             return _CallTokens(list(self.prefix_ids), [])
         text = _head_text(instruction, self.cap_query(query, max_query_length))
@@ -754,6 +780,26 @@ def _load_scorer(
     return _QwenScorer(tokens, lm.get_decoder(), head, bias, device)
 
 
+def _check_instruction(instruction: object) -> str:
+    """The instruction to use: ``None`` is the model card's; a str longer than
+    :data:`MAX_INSTRUCTION_LENGTH` characters, one holding a lone surrogate, or
+    anything else is an :class:`InvalidInputError`."""
+    if instruction is None:
+        return DEFAULT_INSTRUCTION
+    if not isinstance(instruction, str):
+        raise InvalidInputError(
+            f"instruction must be a str or None, got {type(instruction).__name__}."
+        )
+    if len(instruction) > MAX_INSTRUCTION_LENGTH:
+        raise InvalidInputError(
+            f"instruction is {len(instruction)} characters long; at most "
+            f"{MAX_INSTRUCTION_LENGTH} are accepted (the model card's has "
+            f"{len(DEFAULT_INSTRUCTION)})."
+        )
+    check_text("The instruction", instruction)
+    return instruction
+
+
 def _refuse_other_heads(model: str, config: Any, report: Any) -> None:
     """A checkpoint QwenReranker would score at random or without meaning is a
     :class:`ModelLoadError`: one missing weights of the causal LM (they would be
@@ -810,17 +856,14 @@ class QwenReranker(LocalReranker):
     ) -> None:
         if not isinstance(model, (str, Path)) or not str(model):
             raise InvalidInputError(f"model must be a Hub id or a local directory, got {model!r}.")
-        if instruction is not None and not isinstance(instruction, str):
-            raise InvalidInputError(
-                f"instruction must be a str or None, got {type(instruction).__name__}."
-            )
+        instruction = _check_instruction(instruction)
         if not isinstance(thresholds, StageThresholds):
             raise InvalidInputError(
                 f"thresholds must be a StageThresholds, got {type(thresholds).__name__}."
             )
         require_local("QwenReranker")
         self.model = str(model)
-        self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+        self.instruction = instruction
         self.max_length = positive_int("max_length", max_length)
         self.max_query_length = optional_positive_int("max_query_length", max_query_length)
         self.max_batch_tokens = positive_int("max_batch_tokens", max_batch_tokens)
@@ -883,8 +926,10 @@ class QwenReranker(LocalReranker):
         return call.count()
 
     def _score_calls(self, calls: list[tuple[str, list[str]]]) -> list[list[float]]:
+        # Tokenized before the weights load, so that an instruction or max_length that
+        # cannot work is reported without loading them.
+        tokenized = self._tokenize(self._tokenizer(), calls)
         scorer = self._loaded()
-        tokenized = self._tokenize(scorer.tokens, calls)
         with scorer.tokens.lock:
             instruction = scorer.tokens.instruction_ids(self.instruction)
         with scorer.lock:
