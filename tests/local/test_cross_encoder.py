@@ -203,6 +203,35 @@ def test_mem0s_huggingface_block_refuses_a_causal_lm_checkpoint(causal_lm: Path)
         backend.rerank(QUERY, DOCUMENTS)
 
 
+def test_mem0s_huggingface_block_cuts_pairs_at_its_max_length(one_label: Path) -> None:
+    """The block's max_length reaches the reranker: its scores are Mem0's own
+    HuggingFaceReranker's at that max_length (a short query, so that Mem0's
+    longest-first truncation also cuts only the document), not the default's."""
+    from mem0.utils.factory import RerankerFactory
+
+    query = "hobbies?"
+    documents = [DOCUMENTS[0], DOCUMENTS[5], DOCUMENTS[1] + " " + DOCUMENTS[5]]
+    block: dict[str, object] = {"model": str(one_label), "device": "cpu", "max_length": 24}
+    memories = [{"id": str(i), "memory": text} for i, text in enumerate(documents)]
+    theirs = RerankerFactory.create("huggingface", dict(block)).rerank(query, memories)
+    ours = from_config({"provider": "huggingface", "config": block})
+    assert isinstance(ours, CrossEncoderReranker) and ours.max_length == 24
+    results = ours.rerank(query, documents)
+    assert [r.index for r in results] == [int(m["id"]) for m in theirs]
+    assert [r.score for r in results] == pytest.approx(
+        [m["rerank_score"] for m in theirs], abs=1e-5
+    )
+    # The long documents were cut: the default max_length scores them otherwise.
+    unset = {key: value for key, value in block.items() if key != "max_length"}
+    default = from_config({"provider": "huggingface", "config": unset})
+    uncut = scores_by_index(default.rerank(query, documents))
+    assert uncut[0] == pytest.approx(scores_by_index(results)[0], abs=1e-6)
+    assert uncut[1] != pytest.approx(scores_by_index(results)[1], abs=1e-4)
+    # batch_size pairs of the block's max_length tokens per forward pass.
+    batched = from_config({"provider": "huggingface", "config": {**block, "batch_size": 3}})
+    assert batched.max_batch_tokens == 3 * 24  # type: ignore[attr-defined]
+
+
 def test_a_checkpoint_missing_encoder_weights_is_refused(one_label: Path, tmp_path: Path) -> None:
     path = without_weights(one_label, tmp_path / "no-pooler", "bert.pooler.")
     with pytest.raises(ModelLoadError, match=r"no weights for bert\.pooler\.dense\.bias"):

@@ -737,6 +737,57 @@ def test_a_model_the_engine_does_not_cover_keeps_transformers_forward(
     assert by_index(together[1]) == pytest.approx(recipe("q", ["a memory"]), abs=TOLERANCE)
 
 
+# Variants of the tiny model that the packed engine refuses (see packed_engine): a GELU
+# MLP, and sliding-window attention in the second layer (shorter than the prompts).
+UNCOVERED = {
+    "gelu": {"hidden_act": "gelu"},
+    "sliding-window": {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(UNCOVERED))
+def uncovered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
+
+    directory = tmp_path_factory.mktemp(request.param)
+    return build_tiny_qwen_reranker(directory, seed=7, **UNCOVERED[request.param])
+
+
+def test_rerank_many_on_a_model_the_engine_does_not_cover_equals_the_recipe(
+    uncovered: Path,
+) -> None:
+    """Every call of a rerank_many is the recipe's ranking: calls of several documents
+    (their queries run once and kept), a lone document, an empty call, duplicates and
+    top_n, mixed in passes of a small budget, so rows resting on different cached
+    prefixes share padded, masked batches."""
+    recipe = ModelCardRecipe(uncovered)
+    reranker = QwenReranker(uncovered, dtype="float32", max_batch_tokens=160)
+    scorer = reranker._loaded()
+    assert scorer.engine is None
+    assert scorer.reuses_prefixes == ("sliding" not in uncovered.name)
+    documents = [LONG_DOCUMENT[:400], "User likes tea.", "x", "User likes tea.", LONG_DOCUMENT[:90]]
+    calls: list[tuple[str, list[str], int | None]] = [
+        ("Where is the user going next week?", documents, None),
+        ("q", ["a memory"], None),
+        ("drinks?", [], 3),
+        ("What does the user drink?", documents[::-1], 2),
+        ("Where is the user going next week?", documents[1:3], 1),
+    ]
+    together = reranker.rerank_many(calls)
+    for (query, docs, top_n), got in zip(calls, together, strict=True):
+        expected = recipe(query, docs) if docs else []
+        order = sorted(range(len(docs)), key=lambda i: (-expected[i], i))[:top_n]
+        assert [r.index for r in got] == order
+        assert [r.score for r in got] == pytest.approx([expected[i] for i in order], abs=TOLERANCE)
+        assert [(r.index, r.stage) for r in got] == [
+            (r.index, r.stage) for r in reranker.rerank(query, docs, top_n)
+        ]
+    assert together[2] == []
+    # The duplicate documents tie exactly, in input order.
+    first, second = (r for r in together[0] if r.index in (1, 3))
+    assert (first.index, first.score) == (1, second.score)
+
+
 # -- the model, its dtype and its padding -----------------------------------------------------
 
 

@@ -427,6 +427,11 @@ class _QwenScorer:
         # The packed engine, where the model's architecture allows (else transformers');
         # it owns the projection weights (held once, prepacked for oneDNN on CPU).
         self.engine: PackedQwen3 | None = packed_engine(decoder, own_weights=True)
+        # Cached prefixes are reused only where every layer attends to every earlier
+        # position: a sliding-window layer's mask and cache do not take a prefix cache
+        # built here, so such a model runs each sequence whole.
+        layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"]
+        self.reuses_prefixes = all(kind == "full_attention" for kind in layer_types)
 
     # -- scoring ---------------------------------------------------------------------
 
@@ -542,9 +547,12 @@ class _QwenScorer:
     ) -> list[list[float]]:
         """transformers' forward (models the packed engine does not cover): the query
         part of each call in a pass of its own (its KV kept), then the documents in
-        length-sorted, padding-bounded batches resting on it."""
+        length-sorted, padding-bounded batches resting on it. A model with other than
+        full-attention layers runs every sequence whole (no cached prefix)."""
         import torch
 
+        if not self.reuses_prefixes:
+            return self._score_whole(calls, max_batch_tokens=max_batch_tokens)
         with inference(), torch.inference_mode():
             shared, shared_rows, shared_owners = [], [], []
             for position, (instruction, sequences) in enumerate(calls):
@@ -580,6 +588,26 @@ class _QwenScorer:
                 assert isinstance(score, float)
                 results[position][index] = score
             return results
+
+    def _score_whole(
+        self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
+    ) -> list[list[float]]:
+        """Every sequence run whole by transformers' forward, in length-sorted,
+        padding-bounded batches."""
+        import torch
+
+        rows = [_Row(_EMPTY_PREFIX, sequence) for _, sequences in calls for sequence in sequences]
+        with inference(), torch.inference_mode():
+            scores = iter(self._run(rows, max_batch_tokens, keep_kv=False))
+        results = []
+        for _, sequences in calls:
+            call_scores = []
+            for _ in sequences:
+                score = next(scores)
+                assert isinstance(score, float)
+                call_scores.append(score)
+            results.append(call_scores)
+        return results
 
     def _instruction_prefix(self, ids: tuple[int, ...]) -> _Prefix:
         """The KV cache of a system prompt + instruction part (kept for the last
