@@ -736,3 +736,63 @@ def test_models_the_packed_engine_does_not_cover_keep_the_transformers_forward(
     reranker = CrossEncoderReranker(last_token_model, dtype="float32", max_length=32)
     reranker.rerank(QUERY, ["warm up"])
     assert reranker._loaded().packed is None
+
+
+@pytest.fixture(scope="module")
+def electra(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ElectraForSequenceClassification (the shape of ms-marco-electra cross-encoders),
+    with two labels: an architecture the packed engine does not cover."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    path = build_tiny_cross_encoder(tmp_path_factory.mktemp("electra"), num_labels=2, seed=4)
+    config = ElectraConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(path)),
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        pad_token_id=0,
+        initializer_range=0.5,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        ElectraForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("architecture", ["last_token_model", "electra"])
+def test_rerank_many_on_a_model_the_engine_does_not_cover_equals_the_recipe(
+    request: pytest.FixtureRequest, architecture: str
+) -> None:
+    """transformers' padded forward over calls mixed in batches of a small budget: each
+    call's ranking is the one-pair-at-a-time recipe's (top_n, duplicates, an empty
+    call and a lone document included)."""
+    path = request.getfixturevalue(architecture)
+    engine.clear_model_cache()
+    reranker = CrossEncoderReranker(path, dtype="float32", max_length=40, max_batch_tokens=90)
+    calls: list[tuple[str, list[str], int | None]] = [
+        (QUERY, MANY_LENGTHS, None),
+        ("Any liquor recommendations for me?", [DOCUMENTS[3], DOCUMENTS[0], DOCUMENTS[3]], None),
+        ("empty call", [], None),
+        ("one memory", [DOCUMENTS[6]], None),
+        ("badminton", MANY_LENGTHS[::-1], 4),
+    ]
+    together = reranker.rerank_many(calls)
+    assert reranker._loaded().packed is None
+    for (query, documents, top_n), got in zip(calls, together, strict=True):
+        if not documents:
+            assert got == []
+            continue
+        logits = reference_logits(path, query, documents, max_length=40)
+        raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+        expected = torch.sigmoid(raw).tolist()
+        order = sorted(range(len(documents)), key=lambda i: (-expected[i], i))[:top_n]
+        assert [r.index for r in got] == order
+        assert [r.score for r in got] == pytest.approx([expected[i] for i in order], abs=1e-5)
+    # The duplicate documents tie exactly, in input order.
+    first, second = (r for r in together[1] if r.index != 1)
+    assert (first.index, second.index, first.score) == (0, 2, second.score)
+    engine.clear_model_cache()
