@@ -40,6 +40,12 @@ class CrossEncoderReranker(LocalEncoderReranker):
     (= ``sigmoid(logit_1 - logit_0)``) for a two-logit head. With
     ``normalize=False`` the raw logit (``logit_1 - logit_0`` for two logits).
 
+    A checkpoint it would score at random is a :class:`ModelLoadError` when it loads:
+    one lacking weights (e.g. an original Qwen3-Reranker, a causal LM with no
+    classification head: the error says to use ``QwenReranker``) or holding them in
+    another shape than its config says, a head of more than two labels, or two
+    labels named so that label 0 is the relevant one.
+
     Weights load on first use and are shared by every reranker in the process with
     the same model, device and dtype. ``device=None`` picks CUDA, then MPS, then
     CPU; ``dtype=None`` picks bfloat16 where the hardware runs it natively, else

@@ -855,7 +855,10 @@ class QwenReranker(LocalReranker):
     Args:
         model: a Hugging Face Hub id or a local directory. Loaded on first use and
             shared by every reranker in the process with the same model, device and dtype.
-        instruction: the ``<Instruct>`` text (default: the model card's web-search one).
+        instruction: the ``<Instruct>`` text (default: the model card's web-search one),
+            at most :data:`MAX_INSTRUCTION_LENGTH` characters; on first use, with the
+            prompt's fixed parts it must leave room for the query and document within
+            ``max_length`` tokens (else :class:`InvalidInputError`, before the weights load).
         max_length: the most tokens of one prompt; only the document's tail is cut.
         device: ``"cuda"``, ``"mps"``, ``"cpu"``...; ``None`` picks CUDA, then MPS,
             then CPU when the model loads.

@@ -99,6 +99,9 @@ positive_int = int_in(1, MAX_COUNT)
 positive_float = number_in(0.0, 3600.0)
 
 
+_TOKENS = int_in(1, 10**9)
+
+
 def tokens_or_none(text: str) -> int | None:
     """A token budget (1 to 10**9), or ``none`` for no budget."""
     if text.strip().lower() == "none":
@@ -107,18 +110,16 @@ def tokens_or_none(text: str) -> int | None:
     return parsed
 
 
-_TOKENS = int_in(1, 10**9)
-
-
-def text_of_at_most(limit: int, *, what: str = "characters") -> Any:
-    """An argparse ``type``: a non-empty string of at most ``limit`` characters."""
+def text_of_at_most(limit: int) -> Any:
+    """An argparse ``type``: a string with something besides white space, of at most
+    ``limit`` characters, else a usage error (exit 2)."""
 
     def parse(text: str) -> str:
         if not text.strip():
             raise argparse.ArgumentTypeError("must not be empty")
         if len(text) > limit:
             raise argparse.ArgumentTypeError(
-                f"must be at most {limit} {what}, got {len(text)}: {_shown(text)}"
+                f"must be at most {limit} characters, got {len(text)}: {_shown(text)}"
             )
         return text
 

@@ -237,8 +237,8 @@ def _checked_model_name(name: str) -> str:
     surrogates), else a :class:`UserError`."""
     if not name.isprintable():
         raise UserError(
-            f"--model-name {name[:40]!r} holds a control or unprintable character; "
-            "pass --model-name with a plain name."
+            f"The model name {name[:40]!r} (--model-name, else --model) holds a control or "
+            "unprintable character; pass --model-name with a plain name."
         )
     return name
 
