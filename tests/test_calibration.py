@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -149,3 +150,90 @@ def test_no_cut_points_fit_better_balanced(
     rival = StageThresholds.from_cuts(cuts)
     best = stage_error(fitted, scores, grades, balanced=True)
     assert best <= stage_error(rival, scores, grades, balanced=True) + 1e-9
+
+
+# -- scores one float step apart --------------------------------------------------------
+#
+# Between two adjacent floats there is no room for a cut point: the fit must see that
+# (a cut is the lowest score of its stage, so scores a and nextafter(a) can only be split
+# by a cut at nextafter(a) itself), and still give valid, optimal cut points.
+
+
+def steps_from(start: float, count: int, direction: float) -> list[float]:
+    """``start`` and the ``count - 1`` floats next to it towards ``direction``."""
+    values = [start]
+    for _ in range(count - 1):
+        values.append(math.nextafter(values[-1], direction))
+    return values
+
+
+LADDERS = [
+    steps_from(0.0, 6, math.inf),  # 0.0 and the smallest subnormals
+    steps_from(0.5, 6, math.inf),
+    steps_from(0.3, 6, -math.inf),
+    steps_from(1.0, 6, -math.inf),  # 1.0 and the floats just below it
+]
+
+
+def candidate_cuts(scores: list[float]) -> list[float]:
+    """Every cut point that splits the scores differently: each score (it goes above),
+    the float after it (it goes below), and the ends of [0, 1]."""
+    cuts = {0.0, 1.0}
+    for score in scores:
+        cuts.update((score, math.nextafter(score, math.inf)))
+    return sorted(cut for cut in cuts if 0.0 <= cut <= 1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(LADDERS).flatmap(
+        lambda ladder: st.lists(
+            st.tuples(st.sampled_from(ladder), st.integers(min_value=0, max_value=4)),
+            min_size=1,
+            max_size=7,
+        )
+    ),
+    st.booleans(),
+)
+def test_scores_one_float_step_apart_get_valid_optimal_cuts(
+    pairs: list[tuple[float, int]], balanced: bool
+) -> None:
+    scores = [score for score, _ in pairs]
+    grades = [grade for _, grade in pairs]
+    fitted = fit_thresholds(scores, grades, balanced=balanced)
+    assert isinstance(fitted, StageThresholds)  # in [0, 1] and strictly increasing
+    best = stage_error(fitted, scores, grades, balanced=balanced)
+    for cuts in itertools.combinations(candidate_cuts(scores), 4):
+        rival = stage_error(StageThresholds.from_cuts(cuts), scores, grades, balanced=balanced)
+        assert best <= rival + 1e-12, (cuts, fitted.cuts)
+
+
+def test_two_scores_one_step_apart_are_split_by_a_cut_at_the_upper_one() -> None:
+    low = 0.5
+    high = math.nextafter(low, math.inf)
+    fitted = fit_thresholds([low, high], [0, 1])
+    assert (fitted.stage(low), fitted.stage(high)) == (Stage.IRRELEVANT, Stage.WEAK)
+    assert fitted.weak == high
+    # Four grades apart, only one cut fits between them: the nearest stages win.
+    fitted = fit_thresholds([low, high], [0, 4])
+    assert stage_error(fitted, [low, high], [0, 4]) == pytest.approx(3 / 2)
+    assert fitted.stage(high) - fitted.stage(low) == 1
+
+
+def test_the_floats_just_below_one_leave_room_only_for_their_own_cuts() -> None:
+    """1.0 reaches every cut, so it is always highly relevant; the three floats below
+    it leave room for only three more cuts: each score lands one stage high, in
+    distinct stages, rather than two sharing one."""
+    below = steps_from(math.nextafter(1.0, -math.inf), 3, -math.inf)[::-1]  # ascending
+    scores = [*below, 1.0]
+    fitted = fit_thresholds(scores, [0, 1, 2, 3])
+    assert [fitted.stage(score) for score in scores] == [1, 2, 3, 4]
+    assert fitted.cuts[1:] == (below[1], below[2], 1.0)
+    assert stage_error(fitted, scores, [0, 1, 2, 3]) == 1.0
+
+
+def test_the_smallest_subnormals_are_staged_exactly() -> None:
+    scores = steps_from(0.0, 5, math.inf)  # 0.0, 5e-324, 1e-323, ...
+    fitted = fit_thresholds(scores, [0, 1, 2, 3, 4])
+    assert fitted.cuts == tuple(scores[1:])
+    assert [fitted.stage(score) for score in scores] == [0, 1, 2, 3, 4]

@@ -352,6 +352,21 @@ def test_serve_with_a_bad_model_exits_1_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
+def test_serve_refuses_a_causal_lm_as_a_cross_encoder_before_serving(qwen_dir: Path) -> None:
+    """An original Qwen3-Reranker has no classification head: served as a cross-encoder
+    it would answer with a random head, different in every process."""
+    port = free_port()
+    process = start_serve(
+        ["--backend", "cross-encoder", "--model", str(qwen_dir), "--port", str(port)]
+    )
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    errors = [line for line in err.splitlines() if line.startswith("memos-rerank: error:")]
+    assert len(errors) == 1, err
+    assert "Qwen3ForCausalLM" in errors[0] and "QwenReranker (backend 'qwen')" in errors[0]
+    assert "Uvicorn running" not in err and "Traceback" not in err
+
+
 # -- input that is not valid text, as a real process ------------------------------------
 
 

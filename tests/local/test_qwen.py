@@ -26,12 +26,14 @@ from memos_rerank_integrations import (
 )
 from memos_rerank_integrations._engine.batching import limit_padding
 from memos_rerank_integrations._engine.qwen3 import PackedRow
-from memos_rerank_integrations._local.qwen import _Prefix, _Row
+from memos_rerank_integrations._local import runtime as local_runtime
+from memos_rerank_integrations._local.qwen import MAX_INSTRUCTION_LENGTH, _Prefix, _Row
 from memos_rerank_integrations._local.runtime import resolve_dtype
 from memos_rerank_integrations._qwen_prompt import PROMPT_PREFIX, PROMPT_SUFFIX
 
 from ..support import qwen_fixtures as _qwen_fixtures
 from ..support.backends import MEMOS_EXAMPLES
+from ..support.checkpoints import without_weights
 from ..support.qwen_fixtures import ModelCardRecipe, by_index
 
 EXAMPLES = MEMOS_EXAMPLES
@@ -735,6 +737,57 @@ def test_a_model_the_engine_does_not_cover_keeps_transformers_forward(
     assert by_index(together[1]) == pytest.approx(recipe("q", ["a memory"]), abs=TOLERANCE)
 
 
+# Variants of the tiny model that the packed engine refuses (see packed_engine): a GELU
+# MLP, and sliding-window attention in the second layer (shorter than the prompts).
+UNCOVERED = {
+    "gelu": {"hidden_act": "gelu"},
+    "sliding-window": {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(UNCOVERED))
+def uncovered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from memos_rerank_integrations.testing import build_tiny_qwen_reranker
+
+    directory = tmp_path_factory.mktemp(request.param)
+    return build_tiny_qwen_reranker(directory, seed=7, **UNCOVERED[request.param])
+
+
+def test_rerank_many_on_a_model_the_engine_does_not_cover_equals_the_recipe(
+    uncovered: Path,
+) -> None:
+    """Every call of a rerank_many is the recipe's ranking: calls of several documents
+    (their queries run once and kept), a lone document, an empty call, duplicates and
+    top_n, mixed in passes of a small budget, so rows resting on different cached
+    prefixes share padded, masked batches."""
+    recipe = ModelCardRecipe(uncovered)
+    reranker = QwenReranker(uncovered, dtype="float32", max_batch_tokens=160)
+    scorer = reranker._loaded()
+    assert scorer.engine is None
+    assert scorer.reuses_prefixes == ("sliding" not in uncovered.name)
+    documents = [LONG_DOCUMENT[:400], "User likes tea.", "x", "User likes tea.", LONG_DOCUMENT[:90]]
+    calls: list[tuple[str, list[str], int | None]] = [
+        ("Where is the user going next week?", documents, None),
+        ("q", ["a memory"], None),
+        ("drinks?", [], 3),
+        ("What does the user drink?", documents[::-1], 2),
+        ("Where is the user?", documents[1:3], 1),
+    ]
+    together = reranker.rerank_many(calls)
+    for (query, docs, top_n), got in zip(calls, together, strict=True):
+        expected = recipe(query, docs) if docs else []
+        order = sorted(range(len(docs)), key=lambda i: (-expected[i], i))[:top_n]
+        assert [r.index for r in got] == order
+        assert [r.score for r in got] == pytest.approx([expected[i] for i in order], abs=TOLERANCE)
+        assert [(r.index, r.stage) for r in got] == [
+            (r.index, r.stage) for r in reranker.rerank(query, docs, top_n)
+        ]
+    assert together[2] == []
+    # The duplicate documents tie exactly, in input order.
+    first, second = (r for r in together[0] if r.index in (1, 3))
+    assert (first.index, first.score) == (1, second.score)
+
+
 # -- the model, its dtype and its padding -----------------------------------------------------
 
 
@@ -826,6 +879,34 @@ def test_hub_id_offline_raises_model_load_error(monkeypatch: pytest.MonkeyPatch)
         reranker.rerank("q", ["d"])
 
 
+def test_a_sequence_classification_checkpoint_is_refused_naming_cross_encoder(
+    tiny_qwen_dir: Path, tmp_path: Path
+) -> None:
+    """A Qwen3 "-seq-cls" checkpoint loads as a causal LM without a missing weight (its
+    LM head is tied to the embeddings), but its yes/no logits mean nothing."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3ForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_qwen_dir)
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        Qwen3ForSequenceClassification(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_qwen_dir).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as caught:
+        QwenReranker(tmp_path, dtype="float32").rerank("q", ["d"])
+    message = str(caught.value)
+    assert "Qwen3ForSequenceClassification" in message and "CrossEncoderReranker" in message
+
+
+def test_a_checkpoint_missing_weights_is_refused(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    path = without_weights(tiny_qwen_dir, tmp_path / "no-mlp", "model.layers.1.mlp.")
+    with pytest.raises(ModelLoadError) as caught:
+        QwenReranker(path, dtype="float32").rerank("q", ["d"])
+    message = str(caught.value)
+    assert "no weights for model.layers.1.mlp.down_proj.weight" in message
+    assert "at random" in message
+
+
 def test_no_documents_needs_no_model(tmp_path: Path) -> None:
     assert QwenReranker(tmp_path / "never-loaded").rerank("q", []) == []
 
@@ -873,12 +954,36 @@ def test_query_truncation(tiny_qwen_dir: Path, qwen_recipe: ModelCardRecipe) -> 
         ({"max_batch_tokens": -5}, "max_batch_tokens"),
         ({"max_query_length": 0}, "max_query_length"),
         ({"instruction": 3}, "instruction"),
+        ({"instruction": "x" * (MAX_INSTRUCTION_LENGTH + 1)}, "at most 8192 are accepted"),
+        ({"instruction": "half \ud800 a pair"}, "instruction contains a lone surrogate"),
         ({"thresholds": (0.1, 0.2, 0.3, 0.4)}, "thresholds"),
     ],
 )
 def test_invalid_options(tiny_qwen_dir: Path, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         QwenReranker(tiny_qwen_dir, **kwargs)
+
+
+def test_an_instruction_of_the_longest_length_is_accepted(tiny_qwen_dir: Path) -> None:
+    instruction = "x" * MAX_INSTRUCTION_LENGTH
+    assert QwenReranker(tiny_qwen_dir, instruction=instruction).instruction == instruction
+
+
+def test_an_instruction_that_fills_max_length_is_refused_before_the_weights_load(
+    tiny_qwen_dir: Path,
+) -> None:
+    """Cut to fit, every document would keep no token of its own and all would score
+    the same; the check needs only the tokenizer."""
+    local_runtime.clear_model_cache()
+    reranker = QwenReranker(
+        tiny_qwen_dir, instruction="Find the memories. " * 20, max_length=80, dtype="float32"
+    )
+    with pytest.raises(InvalidInputError, match="leaving no room for the query and document"):
+        reranker.rerank("q", ["User likes tea.", "User likes playing badminton."])
+    with pytest.raises(InvalidInputError, match="max_length=80"):
+        reranker.count_tokens("q", ["d"])
+    assert not any(key[0] == "qwen-yes-no" for key in local_runtime._cache), "the weights loaded"
+    local_runtime.clear_model_cache()
 
 
 def test_max_length_too_small_for_the_prompt(tiny_qwen_dir: Path) -> None:
@@ -1093,14 +1198,16 @@ def test_bounded_tokenization_equals_the_recipe_when_documents_are_cut(
     query: str,
     documents: list[str],
 ) -> None:
-    """With a small max_length and short prefixes (so cuts fall anywhere), the ids
-    still equal the recipe's: the cut never changes a kept token."""
+    """With a small max_length and short prefixes (so cuts fall anywhere in the query
+    and documents), the ids still equal the recipe's: the cut never changes a kept
+    token. (The default instruction's part of the prompt takes 66 tokens here; a
+    max_length that cuts into it is refused.)"""
     from memos_rerank_integrations._local import tokenize as _local_engine
 
     monkeypatch.setattr(_local_engine, "_HEAD_MIN_CHARS", 4)
     monkeypatch.setattr(_local_engine, "_CUT_SEARCH", 8)
     scorer = fp32._loaded()
-    for max_length in (64, 90):
+    for max_length in (67, 90):
         recipe = _recipe_for(tiny_qwen_dir, max_length)
         got = _sequences(
             scorer, fp32.instruction, query, documents, max_length=max_length, max_query_length=None
@@ -1195,7 +1302,7 @@ def test_query_cap_is_applied_once_and_bounded(
 
 
 @pytest.mark.parametrize("max_query_length", [None, 3])
-@pytest.mark.parametrize("max_length", [60, 8192])
+@pytest.mark.parametrize("max_length", [80, 8192])
 def test_count_tokens_is_the_recipes_prompt_length(
     tiny_qwen_dir: Path,
     qwen_recipe: ModelCardRecipe,

@@ -7,5 +7,7 @@
 - :mod:`.server`: a stand-in model and a live uvicorn for the server tests;
 - :mod:`.offline`: Mem0's offline settings and a network guard;
 - :mod:`.qwen_fixtures`: the tiny offline Qwen3-Reranker and the model card's recipe;
+- :mod:`.checkpoints`: copies of saved checkpoints without some weights or with another
+  config;
 - :mod:`.pickle_child`, :mod:`.qwen_memory_child`: code run in child processes.
 """

@@ -40,6 +40,12 @@ class CrossEncoderReranker(LocalEncoderReranker):
     (= ``sigmoid(logit_1 - logit_0)``) for a two-logit head. With
     ``normalize=False`` the raw logit (``logit_1 - logit_0`` for two logits).
 
+    A checkpoint it would score at random is a :class:`ModelLoadError` when it loads:
+    one lacking weights (e.g. an original Qwen3-Reranker, a causal LM with no
+    classification head: the error says to use ``QwenReranker``) or holding them in
+    another shape than its config says, a head of more than two labels, or two
+    labels named so that label 0 is the relevant one.
+
     Weights load on first use and are shared by every reranker in the process with
     the same model, device and dtype. ``device=None`` picks CUDA, then MPS, then
     CPU; ``dtype=None`` picks bfloat16 where the hardware runs it natively, else
@@ -81,13 +87,14 @@ class CrossEncoderReranker(LocalEncoderReranker):
     def _load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
         from transformers import AutoModelForSequenceClassification
 
-        loaded = load_encoder(self.model, AutoModelForSequenceClassification, device, dtype)
-        labels = loaded.model.config.num_labels
-        if labels not in (1, 2):
-            raise ModelLoadError(
-                f"Model {self.model!r} has a {labels}-label head; CrossEncoderReranker needs "
-                "a relevance model with one logit (or two: not relevant / relevant)."
-            )
+        loaded = load_encoder(
+            self.model,
+            AutoModelForSequenceClassification,
+            device,
+            dtype,
+            reranker="CrossEncoderReranker",
+        )
+        _check_labels(self.model, loaded.model.config)
         # The engine owns the layers' weights (held once, prepacked for oneDNN on CPU).
         engine = packed_bert(loaded.model, own_weights=True)
         if engine is not None:
@@ -141,6 +148,35 @@ class CrossEncoderReranker(LocalEncoderReranker):
             scores.append(flat[start : start + count])
             start += count
         return scores
+
+
+# Label names that say which of two logits is the relevant one.
+_RELEVANT_NAMES = frozenset({"relevant", "positive", "pos", "yes", "true", "match", "entailment"})
+_IRRELEVANT_NAMES = frozenset(
+    {"irrelevant", "not relevant", "not_relevant", "negative", "neg", "no", "false", "no match"}
+)
+
+
+def _check_labels(model: str, config: Any) -> None:
+    """A relevance head has one logit, or two with label 1 the relevant one: a head of
+    another width, or two labels whose names say label 0 is the relevant one, is a
+    :class:`ModelLoadError` (the scores would be meaningless or inverted)."""
+    labels = config.num_labels
+    if labels not in (1, 2):
+        raise ModelLoadError(
+            f"Model {model!r} has a {labels}-label head; CrossEncoderReranker needs "
+            "a relevance model with one logit (or two: not relevant / relevant)."
+        )
+    if labels == 2:
+        names = getattr(config, "id2label", None) or {}
+        first = str(names.get(0, "")).strip().lower()
+        second = str(names.get(1, "")).strip().lower()
+        if first in _RELEVANT_NAMES or second in _IRRELEVANT_NAMES:
+            raise ModelLoadError(
+                f"Model {model!r} names its labels 0={names.get(0)!r}, 1={names.get(1)!r}: "
+                "CrossEncoderReranker scores label 1 as the relevant one, so its scores "
+                "would be inverted. Use a checkpoint whose label 1 means relevant."
+            )
 
 
 def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

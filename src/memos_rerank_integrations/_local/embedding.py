@@ -92,7 +92,10 @@ class EmbeddingReranker(LocalEncoderReranker):
     def _load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
         from transformers import AutoModel
 
-        return load_encoder(self.model, AutoModel, device, dtype)
+        # Mean pooling never runs the pooler, so a checkpoint saved without it is fine.
+        return load_encoder(
+            self.model, AutoModel, device, dtype, reranker="EmbeddingReranker", unused=("pooler.",)
+        )
 
     def count_tokens(self, query: str, documents: Sequence[str]) -> int:
         """The tokens embedded for a call as the recipe runs it: the query's plus

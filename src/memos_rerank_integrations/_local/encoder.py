@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._engine.batching import budget_batches, limit_padding
-from .._exceptions import InvalidInputError
+from .._exceptions import InvalidInputError, ModelLoadError
 from .._types import StageThresholds, positive_int
 from .base import LocalReranker
 from .runtime import inference, load_shared, require_local, resolve_device, resolve_dtype
@@ -30,8 +30,11 @@ __all__ = [
     "EncodedCalls",
     "LoadedEncoder",
     "LocalEncoderReranker",
+    "checkpoint_architecture",
     "choose_pad_id",
     "load_encoder",
+    "refuse_untrained_weights",
+    "right_class_hint",
     "run_batches",
 ]
 
@@ -97,16 +100,113 @@ def choose_pad_id(tokenizer: Any, config: Any) -> int:
 
 
 def load_encoder(
-    model: str, auto_class: Any, device: torch.device, dtype: torch.dtype
+    model: str,
+    auto_class: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    reranker: str,
+    unused: tuple[str, ...] = (),
 ) -> LoadedEncoder:
-    """Load ``model`` with a transformers ``Auto*`` class and its tokenizer, in eval mode."""
+    """Load ``model`` with a transformers ``Auto*`` class and its tokenizer, in eval mode.
+
+    A checkpoint that lacks weights the model needs, or holds them in another shape,
+    is a :class:`ModelLoadError` (see :func:`refuse_untrained_weights`); weights whose
+    names start with one of ``unused`` are never run by ``reranker`` and may be missing.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    network = auto_class.from_pretrained(model, dtype=dtype)
+    # Mismatched shapes are loaded (at random) and reported, so the error can name them.
+    network, report = auto_class.from_pretrained(
+        model, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    refuse_untrained_weights(model, network.config, report, reranker=reranker, unused=unused)
     network.to(device).eval()
     pad_id = choose_pad_id(tokenizer, network.config)
     return LoadedEncoder(network, tokenizer, device, pad_id, _length_limit(tokenizer))
+
+
+def refuse_untrained_weights(
+    model: str,
+    config: Any,
+    report: Mapping[str, Any],
+    *,
+    reranker: str,
+    unused: tuple[str, ...] = (),
+) -> None:
+    """Raise :class:`ModelLoadError` when transformers' loading ``report``
+    (``from_pretrained(..., output_loading_info=True)``) lists weights the checkpoint
+    lacks (``missing_keys``) or holds in another shape (``mismatched_keys``), except
+    those starting with one of ``unused``: transformers initialises them at random, so
+    every process would score differently. The message names the weights, the
+    checkpoint's architecture and, where the architecture says so, the class that
+    scores it (e.g. :class:`QwenReranker` for a causal LM)."""
+    missing = sorted(
+        str(key) for key in report.get("missing_keys") or () if not str(key).startswith(unused)
+    )
+    mismatched = sorted(
+        f"{entry[0]} (checkpoint {_shape(entry[1])}, model {_shape(entry[2])})"
+        for entry in report.get("mismatched_keys") or ()
+        if not str(entry[0]).startswith(unused)
+    )
+    if not missing and not mismatched:
+        return
+    architecture = checkpoint_architecture(config)
+    problems = []
+    if missing:
+        problems.append(f"no weights for {_listed(missing)}")
+    if mismatched:
+        problems.append(f"weights of another shape for {_listed(mismatched)}")
+    raise ModelLoadError(
+        f"Model {model!r} ({architecture or 'architecture not named'}) has "
+        f"{' and '.join(problems)}: transformers would initialise them at random, so "
+        f"{reranker} would score at random (differently in every process). "
+        f"{right_class_hint(architecture, reranker)}"
+    )
+
+
+def checkpoint_architecture(config: Any) -> str | None:
+    """The first class named in the checkpoint's ``config.architectures``, if any."""
+    architectures = getattr(config, "architectures", None) or ()
+    first = next(iter(architectures), None)
+    return first if isinstance(first, str) else None
+
+
+# The reranker that scores each kind of checkpoint, by the end of its class name.
+_CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
+_CLASSIFIER = ("ForSequenceClassification",)
+
+
+def right_class_hint(architecture: str | None, reranker: str) -> str:
+    """One sentence saying which reranker scores a checkpoint of ``architecture``."""
+    if architecture is not None:
+        if architecture.endswith(_CAUSAL_LM) and reranker != "QwenReranker":
+            return (
+                f"{architecture} is a causal language model, not a cross-encoder: a "
+                "Qwen3-Reranker (or a fine-tune of one) is scored by QwenReranker "
+                "(backend 'qwen')."
+            )
+        if architecture.endswith(_CLASSIFIER) and reranker != "CrossEncoderReranker":
+            return (
+                f"{architecture} is a sequence-classification model (a cross-encoder): "
+                "use CrossEncoderReranker (backend 'cross-encoder')."
+            )
+        if architecture.endswith("Model") and reranker == "CrossEncoderReranker":
+            return (
+                f"{architecture} is a bare encoder without a classification head: for "
+                "an embedding model use EmbeddingReranker (backend 'embedding')."
+            )
+    return f"Use a checkpoint trained for {reranker}."
+
+
+def _shape(shape: Any) -> str:
+    return "x".join(str(int(size)) for size in shape) if shape is not None else "?"
+
+
+def _listed(names: Sequence[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _length_limit(tokenizer: Any) -> int | None:

@@ -41,8 +41,15 @@ from .._engine.batching import budget_batches, limit_padding
 from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
 from .._exceptions import InvalidInputError, ModelLoadError
 from .._qwen_prompt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, PROMPT_PREFIX, PROMPT_SUFFIX
-from .._types import DEFAULT_THRESHOLDS, StageThresholds, optional_positive_int, positive_int
+from .._types import (
+    DEFAULT_THRESHOLDS,
+    StageThresholds,
+    check_text,
+    optional_positive_int,
+    positive_int,
+)
 from .base import LocalReranker
+from .encoder import checkpoint_architecture, refuse_untrained_weights
 from .runtime import (
     inference,
     load_shared,
@@ -57,8 +64,14 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "MAX_INSTRUCTION_LENGTH",
     "QwenReranker",
 ]
+
+# The longest instruction QwenReranker takes, in characters (the model card's default
+# has 88); on first use it must also leave room for the query and document within
+# max_length tokens.
+MAX_INSTRUCTION_LENGTH = 8192
 
 _INSTRUCTION_CACHE_SIZE = 16
 # The tokenizer is shared per model, whatever the device and dtype.
@@ -321,6 +334,19 @@ class _QwenTokens:
             )
         return budget
 
+    def check_instruction(self, instruction: str, max_length: int) -> None:
+        """Raise :class:`InvalidInputError` when the system prompt and ``instruction``
+        with the prompt's suffix leave no token of ``max_length`` for the query and
+        document (every document would score the same)."""
+        fixed = len(self.instruction_ids(instruction)) + len(self.suffix_ids)
+        if fixed >= max_length:
+            raise InvalidInputError(
+                f"The instruction takes {fixed - len(self.prefix_ids) - len(self.suffix_ids)} "
+                f"tokens: with the prompt's fixed prefix and suffix that is {fixed} of "
+                f"max_length={max_length}, leaving no room for the query and document. "
+                "Shorten the instruction or raise max_length."
+            )
+
     def cap_query(self, query: str, max_query_length: int | None) -> str:
         """The query cut to ``max_query_length`` tokens (decoded back to text)."""
         if max_query_length is None:
@@ -348,6 +374,7 @@ class _QwenTokens:
         read only as far as can fit.
         """
         budget = self.budget(max_length)
+        self.check_instruction(instruction, max_length)
         if not documents:
             return _CallTokens(list(self.prefix_ids), [])
         text = _head_text(instruction, self.cap_query(query, max_query_length))
@@ -400,6 +427,11 @@ class _QwenScorer:
         # The packed engine, where the model's architecture allows (else transformers');
         # it owns the projection weights (held once, prepacked for oneDNN on CPU).
         self.engine: PackedQwen3 | None = packed_engine(decoder, own_weights=True)
+        # Cached prefixes are reused only where every layer attends to every earlier
+        # position: a sliding-window layer's mask and cache do not take a prefix cache
+        # built here, so such a model runs each sequence whole.
+        layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"]
+        self.reuses_prefixes = all(kind == "full_attention" for kind in layer_types)
 
     # -- scoring ---------------------------------------------------------------------
 
@@ -515,9 +547,12 @@ class _QwenScorer:
     ) -> list[list[float]]:
         """transformers' forward (models the packed engine does not cover): the query
         part of each call in a pass of its own (its KV kept), then the documents in
-        length-sorted, padding-bounded batches resting on it."""
+        length-sorted, padding-bounded batches resting on it. A model with other than
+        full-attention layers runs every sequence whole (no cached prefix)."""
         import torch
 
+        if not self.reuses_prefixes:
+            return self._score_whole(calls, max_batch_tokens=max_batch_tokens)
         with inference(), torch.inference_mode():
             shared, shared_rows, shared_owners = [], [], []
             for position, (instruction, sequences) in enumerate(calls):
@@ -553,6 +588,26 @@ class _QwenScorer:
                 assert isinstance(score, float)
                 results[position][index] = score
             return results
+
+    def _score_whole(
+        self, calls: Sequence[tuple[tuple[int, ...], list[list[int]]]], *, max_batch_tokens: int
+    ) -> list[list[float]]:
+        """Every sequence run whole by transformers' forward, in length-sorted,
+        padding-bounded batches."""
+        import torch
+
+        rows = [_Row(_EMPTY_PREFIX, sequence) for _, sequences in calls for sequence in sequences]
+        with inference(), torch.inference_mode():
+            scores = iter(self._run(rows, max_batch_tokens, keep_kv=False))
+        results = []
+        for _, sequences in calls:
+            call_scores = []
+            for _ in sequences:
+                score = next(scores)
+                assert isinstance(score, float)
+                call_scores.append(score)
+            results.append(call_scores)
+        return results
 
     def _instruction_prefix(self, ids: tuple[int, ...]) -> _Prefix:
         """The KV cache of a system prompt + instruction part (kept for the last
@@ -732,9 +787,15 @@ def _load_scorer(
 
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     dtype_option = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    lm: Any = AutoModelForCausalLM.from_pretrained(
-        model, attn_implementation="sdpa", **{dtype_option: dtype}
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        model,
+        attn_implementation="sdpa",
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+        **{dtype_option: dtype},
     )
+    lm, report = loaded
+    _refuse_other_heads(model, lm.config, report)
     lm.to(device)
     lm.eval()
     lm.requires_grad_(False)
@@ -747,6 +808,43 @@ def _load_scorer(
     return _QwenScorer(tokens, lm.get_decoder(), head, bias, device)
 
 
+def _check_instruction(instruction: object) -> str:
+    """The instruction to use: ``None`` is the model card's; a str longer than
+    :data:`MAX_INSTRUCTION_LENGTH` characters, one holding a lone surrogate, or
+    anything else is an :class:`InvalidInputError`."""
+    if instruction is None:
+        return DEFAULT_INSTRUCTION
+    if not isinstance(instruction, str):
+        raise InvalidInputError(
+            f"instruction must be a str or None, got {type(instruction).__name__}."
+        )
+    if len(instruction) > MAX_INSTRUCTION_LENGTH:
+        raise InvalidInputError(
+            f"instruction is {len(instruction)} characters long; at most "
+            f"{MAX_INSTRUCTION_LENGTH} are accepted (the model card's has "
+            f"{len(DEFAULT_INSTRUCTION)})."
+        )
+    check_text("The instruction", instruction)
+    return instruction
+
+
+def _refuse_other_heads(model: str, config: Any, report: Any) -> None:
+    """A checkpoint QwenReranker would score at random or without meaning is a
+    :class:`ModelLoadError`: one missing weights of the causal LM (they would be
+    initialised at random), or a sequence-classification checkpoint (e.g. a
+    Qwen3-Reranker "-seq-cls" conversion), whose LM head is not the one it was
+    trained with (with tied embeddings it loads without a missing weight)."""
+    refuse_untrained_weights(model, config, report, reranker="QwenReranker")
+    architecture = checkpoint_architecture(config)
+    if architecture is not None and architecture.endswith("ForSequenceClassification"):
+        raise ModelLoadError(
+            f"Model {model!r} ({architecture}) is a sequence-classification checkpoint: "
+            "QwenReranker reads the answer from a causal LM's yes/no logits, which this "
+            "checkpoint was not trained to give: use CrossEncoderReranker (backend "
+            "'cross-encoder')."
+        )
+
+
 class QwenReranker(LocalReranker):
     """Rerank with a Qwen3-Reranker model (or a fine-tune such as MemReranker) locally.
 
@@ -757,7 +855,10 @@ class QwenReranker(LocalReranker):
     Args:
         model: a Hugging Face Hub id or a local directory. Loaded on first use and
             shared by every reranker in the process with the same model, device and dtype.
-        instruction: the ``<Instruct>`` text (default: the model card's web-search one).
+        instruction: the ``<Instruct>`` text (default: the model card's web-search one),
+            at most :data:`MAX_INSTRUCTION_LENGTH` characters; on first use, with the
+            prompt's fixed parts it must leave room for the query and document within
+            ``max_length`` tokens (else :class:`InvalidInputError`, before the weights load).
         max_length: the most tokens of one prompt; only the document's tail is cut.
         device: ``"cuda"``, ``"mps"``, ``"cpu"``...; ``None`` picks CUDA, then MPS,
             then CPU when the model loads.
@@ -786,17 +887,14 @@ class QwenReranker(LocalReranker):
     ) -> None:
         if not isinstance(model, (str, Path)) or not str(model):
             raise InvalidInputError(f"model must be a Hub id or a local directory, got {model!r}.")
-        if instruction is not None and not isinstance(instruction, str):
-            raise InvalidInputError(
-                f"instruction must be a str or None, got {type(instruction).__name__}."
-            )
+        instruction = _check_instruction(instruction)
         if not isinstance(thresholds, StageThresholds):
             raise InvalidInputError(
                 f"thresholds must be a StageThresholds, got {type(thresholds).__name__}."
             )
         require_local("QwenReranker")
         self.model = str(model)
-        self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+        self.instruction = instruction
         self.max_length = positive_int("max_length", max_length)
         self.max_query_length = optional_positive_int("max_query_length", max_query_length)
         self.max_batch_tokens = positive_int("max_batch_tokens", max_batch_tokens)
@@ -859,8 +957,10 @@ class QwenReranker(LocalReranker):
         return call.count()
 
     def _score_calls(self, calls: list[tuple[str, list[str]]]) -> list[list[float]]:
+        # Tokenized before the weights load, so that an instruction or max_length that
+        # cannot work is reported without loading them.
+        tokenized = self._tokenize(self._tokenizer(), calls)
         scorer = self._loaded()
-        tokenized = self._tokenize(scorer.tokens, calls)
         with scorer.tokens.lock:
             instruction = scorer.tokens.instruction_ids(self.instruction)
         with scorer.lock:

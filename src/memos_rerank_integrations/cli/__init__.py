@@ -4,7 +4,9 @@ several backends side by side, and the ``demo``.
 
 Exit codes: 0 done; 1 the input, a model or a backend failed (a one-line message on
 stderr, never a traceback); 2 the command line itself is wrong (argparse's usage
-message); 130 interrupted.
+message: an unknown option, a value out of its range); 130 interrupted (Ctrl-C, also
+when it arrives while a library is being imported and the library reports it as
+another error).
 """
 
 from __future__ import annotations
@@ -14,31 +16,53 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .._exceptions import RerankError
-from . import _compare, _demo, _rerank, _serve
+from . import _compare, _demo, _interrupts, _rerank, _serve
 from ._input import UserError
 from ._serve import API_KEY_ENV
 
 __all__ = ["API_KEY_ENV", "main"]
 
 _PROG = "memos-rerank"
+# An error message is shown up to this many characters.
+_MESSAGE_LIMIT = 2000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``memos-rerank`` command line; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    command: Callable[[argparse.Namespace], int] = args.run
-    try:
-        return command(args)
-    except (UserError, RerankError, ImportError, OSError) as exc:
-        sys.stderr.write(f"{_PROG}: error: {_one_line(exc)}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{_PROG}: interrupted\n")
-        return 130
+    with _interrupts.watch():
+        try:
+            args = _parser().parse_args(argv)
+            command: Callable[[argparse.Namespace], int] = args.run
+            return command(args)
+        except KeyboardInterrupt:
+            return _interrupted()
+        except SystemExit:
+            if _interrupts.seen():
+                return _interrupted()
+            raise
+        except (UserError, RerankError, ImportError, OSError) as exc:
+            if _interrupts.seen():
+                return _interrupted()
+            return _error(_one_line(exc))
+        except Exception as exc:  # a bug or a library's own error: still one line
+            if _interrupts.seen():
+                return _interrupted()
+            return _error(f"{type(exc).__name__}: {_one_line(exc)}")
+
+
+def _error(message: str) -> int:
+    sys.stderr.write(f"{_PROG}: error: {message}\n")
+    return 1
+
+
+def _interrupted() -> int:
+    sys.stderr.write(f"{_PROG}: interrupted\n")
+    return 130
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
 
 from .._compare import compare
 from .._configurable import provider_named
-from ._input import Document, UserError, clean_text, read_documents
-from ._options import add_input_options, add_model_options, build_backend, positive_int, spellings
+from ._input import Document, UserError, checked_query, read_documents
+from ._options import (
+    MAX_PATH_LENGTH,
+    add_input_options,
+    add_model_options,
+    build_backend,
+    positive_int,
+    spellings,
+)
 
 __all__ = ["add_parser", "run"]
 
 _KINDS = ("embedding", "qwen", "cross_encoder", "http", "memos", "cohere", "zero_entropy")
+# Columns of one comparison.
+MAX_BACKENDS = 16
 
 
 def add_parser(commands: Any) -> None:
@@ -37,7 +45,7 @@ def add_parser(commands: Any) -> None:
         f"{', '.join(spellings(_KINDS))}; MODEL is a Hugging Face id or a local directory "
         "(required for cross-encoder), http takes the server's base URL "
         "(http=http://127.0.0.1:8080). memos, cohere and zeroentropy read their API keys "
-        "from the environment.",
+        f"from the environment. At most {MAX_BACKENDS} columns.",
     )
     parser.add_argument(
         "--top-n", type=positive_int, default=None, help="show the best N of each column"
@@ -48,6 +56,8 @@ def add_parser(commands: Any) -> None:
 
 
 def _backend(spec: str, args: argparse.Namespace) -> Any:
+    if len(spec) > MAX_PATH_LENGTH:
+        raise UserError(f"--backend is {len(spec)} characters long; at most {MAX_PATH_LENGTH}.")
     kind, _, target = spec.partition("=")
     provider = provider_named(kind.strip())
     if provider is None or provider.name not in _KINDS:
@@ -66,24 +76,25 @@ def _vector_scores(documents: list[Document]) -> list[float] | None:
         score = (document.record or {}).get("score")
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             return None
-        if not math.isfinite(score):
-            return None
+        # JSON input holds finite numbers a float can hold (see _input).
         scores.append(float(score))
     return scores
 
 
 def run(args: argparse.Namespace) -> int:
     """``memos-rerank compare``: returns the process exit code."""
-    query = clean_text(args.query, args.errors, where="--query")
-    if not query.strip():
-        raise UserError("--query must not be empty.")
+    query = checked_query(args.query, args.errors)
+    specs = args.backend or ["embedding"]
+    if len(specs) > MAX_BACKENDS:
+        raise UserError(f"At most {MAX_BACKENDS} --backend columns, got {len(specs)}.")
+    # Every option is checked (the backends built, no weights loaded) before any input
+    # is read.
+    rerankers = {spec: _backend(spec, args) for spec in specs}
     documents = read_documents(args.input, args.format, args.errors)
     texts = [document.text for document in documents]
     scores = _vector_scores(documents)
     if not texts:
         raise UserError("No documents to compare.")
-    specs = args.backend or ["embedding"]
-    rerankers = {spec: _backend(spec, args) for spec in specs}
     comparison = compare(
         query, texts, rerankers, vector_scores=scores, top_n=args.top_n, warm_up=True
     )

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import RerankError
+from . import _interrupts
 from ._examples import BUSINESS_TRIP_QUERY, EXAMPLES
-from ._options import positive_int
+from ._options import MAX_PATH_LENGTH, positive_int, text_of_at_most
 
 __all__ = ["DEFAULT_MODEL", "add_parser", "main", "run"]
 
@@ -66,6 +67,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
+        type=text_of_at_most(MAX_PATH_LENGTH),
         help="Qwen3-Reranker model: a Hugging Face id or a local directory "
         f"(default: {DEFAULT_MODEL}).",
     )
@@ -112,9 +114,13 @@ def run(args: argparse.Namespace) -> int:
         _run_langchain(choice.reranker, args.top_n)
         _run_llama_index(choice.reranker, args.top_n)
     except ImportError as exc:
+        if _interrupts.seen():
+            raise KeyboardInterrupt from exc
         _err(f"{exc}\nThe demo needs every extra: pip install 'memos-rerank-integrations[all]'")
         return 1
     except RerankError as exc:
+        if _interrupts.seen():
+            raise KeyboardInterrupt from exc
         _err(f"Reranking failed: {type(exc).__name__}: {exc}")
         return 1
     return 0
@@ -205,6 +211,8 @@ def _load_qwen(model: str, *, offline: bool, say: Say) -> Any | None:
         reranker = QwenReranker(model)
         reranker.rerank("warm-up", ["warm-up"])
     except (ImportError, RerankError) as exc:
+        if _interrupts.seen():  # Ctrl-C while loading, reported as another error
+            raise KeyboardInterrupt from exc
         say(f"Could not load {model}: {_first_line(exc)}")
         return None
     return reranker
@@ -218,6 +226,8 @@ def _load_embedding(say: Say) -> Any | None:
         reranker = EmbeddingReranker()
         reranker.rerank("warm-up", ["warm-up"])
     except (ImportError, RerankError) as exc:
+        if _interrupts.seen():
+            raise KeyboardInterrupt from exc
         say(f"Could not load {OFFLINE_MODEL}: {_first_line(exc)}")
         return None
     return reranker

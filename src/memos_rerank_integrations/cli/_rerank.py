@@ -9,14 +9,17 @@ import sys
 from typing import Any, TextIO
 
 from .._types import Reranker, RerankResult
-from ._input import Document, UserError, clean_text, input_name, read_documents
+from ._input import Document, UserError, checked_query, input_name, read_documents
 from ._options import (
+    MAX_PATH_LENGTH,
     add_input_options,
     add_model_options,
     backend_choice,
     build_backend,
+    checked_instruction,
     positive_int,
     spellings,
+    text_of_at_most,
 )
 
 __all__ = ["add_parser", "run"]
@@ -46,6 +49,7 @@ def add_parser(commands: Any) -> None:
     )
     rerank.add_argument(
         "--model",
+        type=text_of_at_most(MAX_PATH_LENGTH),
         help="Hugging Face id or local directory (default: Qwen/Qwen3-Reranker-0.6B for qwen, "
         "the packaged all-MiniLM-L6-v2 for embedding; required for cross-encoder)",
     )
@@ -58,15 +62,19 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    query = clean_text(args.query, args.errors, where="--query")
-    if not query.strip():
-        raise UserError("--query must not be empty.")
+    query = checked_query(args.query, args.errors)
+    # Every option is checked (the backend built, its weights not loaded) before any
+    # input is read.
+    backend = build_backend(
+        args.backend,
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        instruction=checked_instruction(args),
+    )
     documents = read_documents(args.input, args.format, args.errors)
     if not documents:
         raise UserError(f"No documents in {input_name(args.input)}.")
-    backend = build_backend(
-        args.backend, args.model, device=args.device, dtype=args.dtype, instruction=args.instruction
-    )
     texts = [document.text for document in documents]
     results = _score_with_progress(backend, query, texts, show=not args.no_progress)
     del texts

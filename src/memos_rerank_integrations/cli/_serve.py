@@ -6,16 +6,24 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
+from ._input import UserError
 from ._options import (
+    MAX_COUNT,
+    MAX_NAME_LENGTH,
+    MAX_PATH_LENGTH,
     add_model_options,
     backend_choice,
     build_backend,
+    checked_instruction,
+    int_in,
+    number_in,
     positive_float,
-    positive_int,
     spellings,
+    text_of_at_most,
     tokens_or_none,
 )
 
@@ -29,6 +37,12 @@ _MEMOS_QUERY_TOKENS = 2048
 _DEFAULT_REQUEST_TOKENS = 262_144
 _DEFAULT_LIMIT_CONCURRENCY = 256
 _DEFAULT_HEADER_TIMEOUT = 10.0
+# Upper bounds of the numeric options (all checked before the model loads).
+_MAX_BODY_BYTES = 1024 * 1024 * 1024
+_MAX_QUERY_TOKENS = 1_048_576
+_MAX_CONCURRENCY = 100_000
+_MAX_BATCH_WINDOW_MS = 10_000.0
+_MAX_BATCH_DOCUMENTS = 100_000
 
 logger = logging.getLogger("memos_rerank_integrations.cli")
 
@@ -42,7 +56,12 @@ def add_parser(commands: Any) -> None:
         "POST /v2/rerank (Cohere v2), POST /score (vLLM), GET /info, /v1/models, /health "
         "and /openapi.json. Rerank routes take 'Authorization: Bearer KEY' or 'Token KEY'.",
     )
-    serve.add_argument("--model", required=True, help="Hugging Face id or local directory")
+    serve.add_argument(
+        "--model",
+        required=True,
+        type=text_of_at_most(MAX_PATH_LENGTH),
+        help="Hugging Face id or local directory",
+    )
     serve.add_argument(
         "--backend",
         type=backend_choice(SERVE_BACKENDS),
@@ -50,31 +69,43 @@ def add_parser(commands: Any) -> None:
         help=f"{', '.join(spellings(SERVE_BACKENDS))} (default: qwen)",
     )
     add_model_options(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        type=text_of_at_most(MAX_NAME_LENGTH),
+        help="interface to bind (default 127.0.0.1)",
+    )
+    serve.add_argument("--port", type=int_in(1, 65535), default=8080, help="port (default 8080)")
     serve.add_argument(
         "--api-key",
         default=None,
         help=f"require this key on the rerank endpoints (default: ${API_KEY_ENV}; "
         "prefer the variable, command lines are visible to other users)",
     )
-    serve.add_argument("--model-name", help="model name reported in responses (default: --model)")
+    serve.add_argument(
+        "--model-name",
+        type=text_of_at_most(MAX_NAME_LENGTH),
+        help="model name reported in responses (default: --model)",
+    )
     limits = serve.add_argument_group(
         "request limits (all checked before any model work)",
         "A request over a limit gets a 4xx that says which limit and how to split the call.",
     )
     limits.add_argument(
-        "--max-documents", type=positive_int, default=1000, help="documents per request (1000)"
+        "--max-documents",
+        type=int_in(1, MAX_COUNT),
+        default=1000,
+        help="documents per request (1000)",
     )
     limits.add_argument(
         "--max-body-bytes",
-        type=positive_int,
+        type=int_in(1, _MAX_BODY_BYTES),
         default=4 * 1024 * 1024,
         help="request body size in bytes (4 MiB); larger bodies get 413, unread",
     )
     limits.add_argument(
         "--max-query-tokens",
-        type=positive_int,
+        type=int_in(1, _MAX_QUERY_TOKENS),
         default=_MEMOS_QUERY_TOKENS,
         help="cut queries to this many tokens, like MemOS (2048; qwen backend: "
         "cross-encoders cut query and document to the model's max_length)",
@@ -95,7 +126,7 @@ def add_parser(commands: Any) -> None:
     connections = serve.add_argument_group("connections (passed to uvicorn)")
     connections.add_argument(
         "--limit-concurrency",
-        type=positive_int,
+        type=int_in(1, _MAX_CONCURRENCY),
         default=_DEFAULT_LIMIT_CONCURRENCY,
         help=f"open connections or in-flight requests beyond which new requests get 503 "
         f"({_DEFAULT_LIMIT_CONCURRENCY}); a new connection first closes the one that has "
@@ -120,10 +151,15 @@ def add_parser(commands: Any) -> None:
     serve.add_argument(
         "--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics"
     )
-    serve.add_argument("--batch-window-ms", type=float, default=5.0)
+    serve.add_argument(
+        "--batch-window-ms",
+        type=number_in(0.0, _MAX_BATCH_WINDOW_MS, allow_low=True),
+        default=5.0,
+        help="milliseconds a request waits for others to share its forward pass (5)",
+    )
     serve.add_argument(
         "--max-batch-documents",
-        type=positive_int,
+        type=int_in(1, _MAX_BATCH_DOCUMENTS),
         default=None,
         help="documents per fused forward batch (default: 128 on CUDA, 32 elsewhere)",
     )
@@ -140,8 +176,10 @@ def run(args: argparse.Namespace) -> int:
     from ..server._core import check_api_key
 
     _log_to_stderr(args.log_level)
-    # Checked before the model loads, so a bad key fails in a second, not a minute.
+    # Checked before the model loads, so a bad option fails in a second, not a minute.
     api_key = check_api_key(args.api_key or os.environ.get(API_KEY_ENV) or None)
+    model_name = _checked_model_name(args.model_name or args.model)
+    _check_listening(args.host, args.port)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "Serving on %s without an API key: anyone who can reach it can use it.", args.host
@@ -152,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         device=args.device,
         dtype=args.dtype,
-        instruction=args.instruction,
+        instruction=checked_instruction(args),
         **extra,
     )
     logger.info("Loading %s model %s", args.backend, args.model)
@@ -160,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     backend.rerank("warm-up", ["warm-up"])
     app = create_app(
         backend,
-        model_name=args.model_name or args.model,
+        model_name=model_name,
         api_key=api_key,
         max_documents=args.max_documents,
         max_body_bytes=args.max_body_bytes,
@@ -192,6 +230,31 @@ def run(args: argparse.Namespace) -> int:
     except SystemExit as exc:  # uvicorn exits this way when it cannot bind
         return exc.code if isinstance(exc.code, int) else 1
     return 0 if server.started else 1
+
+
+def _checked_model_name(name: str) -> str:
+    """The name responses report: printable text (no control characters, no lone
+    surrogates), else a :class:`UserError`."""
+    if not name.isprintable():
+        raise UserError(
+            f"The model name {name[:40]!r} (--model-name, else --model) holds a control or "
+            "unprintable character; pass --model-name with a plain name."
+        )
+    return name
+
+
+def _check_listening(host: str, port: int) -> None:
+    """Bind ``(host, port)`` as uvicorn will, and let go at once: a port in use or a
+    host that is not this machine's is a :class:`UserError` now, before the model
+    loads, not after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"Cannot listen on {host}:{port}: {reason}.") from None
 
 
 def _default_batch_documents(device: str | None) -> int:
