@@ -157,11 +157,20 @@ class Router(APIRouter):
         return self.post(path, responses=responses, tags=["rerank"], **options)
 
     def status(
-        self, path: str, *, summary: str, **options: Any
+        self, path: str, *, summary: str, head: bool = False, **options: Any
     ) -> Callable[[DecoratedCallable], DecoratedCallable]:
         """``@router.status(path, summary=..., response_model=...)``: a GET route
-        tagged ``status``."""
-        return self.get(path, summary=summary, tags=["status"], **options)
+        tagged ``status`` (with ``head``, ``HEAD`` answers too: the same status and
+        headers, no body)."""
+        get = self.get(path, summary=summary, tags=["status"], **options)
+        if not head:
+            return get
+        also_head = self.head(path, include_in_schema=False, **options)
+
+        def register(handler: DecoratedCallable) -> DecoratedCallable:
+            return get(also_head(handler))
+
+        return register
 
 
 # -- text fields ---------------------------------------------------------------------
@@ -537,6 +546,12 @@ class Service:
         pending: set[asyncio.Future[Any]] = {gathered, watcher}
         try:
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Cancelled (a shutdown past its bound): withdraw what has not started.
+            for future in futures:
+                future.cancel()
+            gathered.cancel()
+            raise
         finally:
             watcher.cancel()
         if not gathered.done():
