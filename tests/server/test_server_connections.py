@@ -23,7 +23,10 @@ from ..support.server import (
     QUERY,
     LiveServer,
     WordOverlapReranker,
+    address,
     free_port,
+    read_head,
+    request_head,
     small_buffer_listener,
     start_serve,
     wait_healthy,
@@ -32,27 +35,6 @@ from ..support.server import (
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY = json.dumps({"query": QUERY, "documents": DOCUMENTS}).encode()
-
-
-def address(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
-def request_head(method: str, path: str, *headers: str) -> bytes:
-    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: x", *headers, "", ""]).encode()
-
-
-def read_head(sock: socket.socket) -> bytes:
-    """The response head (or whatever arrived before the server closed)."""
-    received = b""
-    with contextlib.suppress(OSError):
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            received += chunk
-    return received.partition(b"\r\n\r\n")[0]
 
 
 # Each opener leaves one socket in a state where the server waits for its client.

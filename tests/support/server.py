@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -122,6 +123,28 @@ def small_buffer_listener(send_buffer: int = 2048) -> socket.socket:
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def request_head(method: str, path: str, *headers: str) -> bytes:
+    """An HTTP/1.1 request line and headers, as raw bytes."""
+    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: x", *headers, "", ""]).encode()
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """The response head (or whatever arrived before the server closed)."""
+    received = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    return received.partition(b"\r\n\r\n")[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -163,8 +186,10 @@ class HostileReranker(WordOverlapReranker):
     """A word-overlap model that misbehaves on cue, and records every query it scores.
 
     A query containing ``BASE`` raises :class:`Boom`, ``CANCEL`` an
-    ``asyncio.CancelledError``, ``INTERRUPT`` a ``KeyboardInterrupt`` (from
-    ``rerank`` and from any ``rerank_many`` batch holding it); ``SHORT`` answers
+    ``asyncio.CancelledError``, ``INTERRUPT`` a ``KeyboardInterrupt``, ``LEAK`` a
+    ``RuntimeError`` quoting the query, ``REFUSE`` an ``InvalidInputError`` (the
+    backend's own limit; from ``rerank`` and from any ``rerank_many`` batch
+    holding it); ``SHORT`` answers
     that call one result short; ``DROPCALL`` makes ``rerank_many`` answer one list
     short. ``broken`` makes every call raise ``RuntimeError``. With ``tokens_per_doc``
     it has a ``count_tokens`` that records the thread it ran in.
@@ -194,6 +219,12 @@ class HostileReranker(WordOverlapReranker):
             raise asyncio.CancelledError
         if "INTERRUPT" in query:
             raise KeyboardInterrupt
+        if "LEAK" in query:
+            raise RuntimeError(f"the model choked on {query!r}")
+        if "REFUSE" in query:
+            from memos_rerank_integrations import InvalidInputError
+
+            raise InvalidInputError("The query is longer than this model accepts.")
 
     def _answer(self, query: str, documents: Sequence[str], top_n: int | None) -> Any:
         results = rank_scores([self.score(query, d) for d in documents], top_n=top_n)
