@@ -15,9 +15,10 @@ which the server waits for the client evictable:
 waiting for a request head      closed after ``header_timeout`` (from the
                                 opening, and again after each response)
 an answer sent before its       the answer carries ``Connection: close``; the
-request's body arrived          server stops writing, discards what still
-                                comes for up to ``linger`` seconds (so the
-                                client reads the answer, not a reset), closes
+request's body arrived          server ends its output, discards what still
+                                comes for up to 2 s (at most
+                                ``header_timeout``; so the client reads the
+                                answer, not a reset), then closes
 the client reads nothing        aborted after ``write_timeout`` seconds
                                 without progress, whether the answer is being
                                 written or the connection is closing
@@ -164,7 +165,10 @@ class HeaderTimeoutProtocol(H11Protocol):
         if self._lingering:
             self._hard_close()
             return
-        super().shutdown()
+        try:
+            super().shutdown()
+        except h11.LocalProtocolError:  # h11 in its ERROR state: nothing more to send
+            self._close()
 
     def timeout_keep_alive_handler(self) -> None:
         if not self.transport.is_closing():
