@@ -159,7 +159,6 @@ BAD_BODIES = [
     pytest.param(b'{"query": "q", "documents": "a"}', 40000, id="documents-not-list"),
     pytest.param(b'{"query": "q", "documents": []}', 40003, id="empty-documents"),
     pytest.param(b'{"query": "q", "documents": ["a", 3]}', 40000, id="document-not-string"),
-    pytest.param(b'{"query": "q", "documents": ["a"], "top_n": 0}', 40000, id="top-n-zero"),
     pytest.param(b'{"query": "q", "documents": ["a"], "top_n": -2}', 40000, id="top-n-negative"),
     pytest.param(b'{"query": "q", "documents": ["a"], "top_n": 1.5}', 40000, id="top-n-float"),
     pytest.param(b'{"query": "q", "documents": ["a"], "top_n": "2"}', 40000, id="top-n-string"),

@@ -306,6 +306,72 @@ def test_vllm_score_in_input_order(
     assert "two lists of the same length" in mismatch.json()["detail"]
 
 
+def test_vllm_rerank_wire_requests(live: LiveServer, backend: WordOverlapReranker) -> None:
+    """What vLLM's own clients send (``top_n`` defaults to 0 there: all documents),
+    and what they read: ``results[].document.text``, included by default."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ranked = expected(backend)
+    for path in ("/v1/rerank", "/v2/rerank"):
+        answer = requests.post(
+            f"{live.url}{path}",
+            json={"model": "m", "query": QUERY, "documents": DOCUMENTS, "top_n": 0},
+            headers=headers,
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert [(r["index"], r["relevance_score"]) for r in results] == ranked
+    default = requests.post(
+        f"{live.url}/v1/rerank",
+        json={"model": "m", "query": QUERY, "documents": DOCUMENTS},
+        headers=headers,
+        timeout=10,
+    ).json()
+    assert [r["document"] for r in default["results"]] == [
+        {"text": DOCUMENTS[index]} for index, _ in ranked
+    ]
+    without = requests.post(
+        f"{live.url}/v1/rerank",
+        json={"query": QUERY, "documents": DOCUMENTS, "return_documents": False},
+        headers=headers,
+        timeout=10,
+    ).json()
+    assert all("document" not in r for r in without["results"])
+    # MemOS's own route keeps its rule: top_n is at least 1.
+    memos = requests.post(
+        f"{live.url}/rerank",
+        json={"query": QUERY, "documents": DOCUMENTS, "top_n": 0},
+        headers=headers,
+        timeout=10,
+    )
+    assert memos.status_code == 400
+    assert memos.json()["message"] == "'top_n' must be at least 1."
+
+
+@pytest.mark.parametrize("path", ["/score", "/v1/score"])
+def test_vllm_score_takes_truncate_prompt_tokens_minus_one(
+    live: LiveServer, backend: WordOverlapReranker, path: str
+) -> None:
+    """vLLM's -1: cut to the model's own limit (which this server always does)."""
+    answer = requests.post(
+        f"{live.url}{path}",
+        json={"text_1": QUERY, "text_2": DOCUMENTS, "truncate_prompt_tokens": -1},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert [d["score"] for d in answer.json()["data"]] == [
+        backend.score(QUERY, d) for d in DOCUMENTS
+    ]
+    below = requests.post(
+        f"{live.url}{path}",
+        json={"text_1": QUERY, "text_2": DOCUMENTS, "truncate_prompt_tokens": -2},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=10,
+    )
+    assert below.status_code == 400
+
+
 def test_models_and_info_need_no_key(live: LiveServer) -> None:
     models = httpx.get(f"{live.url}/v1/models").json()
     assert models["object"] == "list"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._types import estimate_tokens
 from memos_rerank_integrations.server import config, create_app
 from memos_rerank_integrations.server._batcher import MicroBatcher
+from memos_rerank_integrations.server._cohere import document_texts
+from memos_rerank_integrations.server._core import MAX_FIELDS, ApiError
 from memos_rerank_integrations.testing import build_tiny_qwen_reranker
 
 from ..support.server import (
@@ -32,6 +35,9 @@ from ..support.server import (
     HostileReranker,
     LiveServer,
     WordOverlapReranker,
+    address,
+    read_head,
+    request_head,
 )
 
 KEY = "s3cret-key"
@@ -242,7 +248,7 @@ async def test_health_is_503_with_a_reason_while_the_model_fails_then_recovers()
             assert health.status_code == 503
             assert health.json()["status"] == "unavailable"
             assert health.json()["reason"] == (
-                "The last model call failed: RuntimeError: the model is broken"
+                "The last model call failed (RuntimeError); the server log has the details."
             )
             backend.broken = False
             # /health itself sends a tiny probe to the model, so it recovers unprompted.
@@ -495,3 +501,269 @@ def test_a_body_trickled_past_the_body_timeout_gets_408(stream_server: LiveServe
     assert response.status_code == 408
     assert "did not arrive within 1 s" in response.json()["message"]
     assert time.monotonic() - started < 10
+
+
+# -- exact limits, on every rerank route ---------------------------------------------------
+
+# Each shape as (path, body for these documents, dialect's message key).
+SHAPES = {
+    "memos": ("/rerank", lambda docs: {"query": QUERY, "documents": docs}, "message"),
+    "tei": ("/rerank", lambda docs: {"query": QUERY, "texts": docs}, "error"),
+    "cohere-v1": ("/v1/rerank", lambda docs: {"query": QUERY, "documents": docs}, "message"),
+    "cohere-v2": ("/v2/rerank", lambda docs: {"query": QUERY, "documents": docs}, "message"),
+    "score": ("/score", lambda docs: {"text_1": QUERY, "text_2": docs}, "message"),
+    # Pairwise: every pair counts against the limits.
+    "score-pairs": (
+        "/score",
+        lambda docs: {"text_1": [QUERY] * len(docs), "text_2": docs},
+        "message",
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_exactly_the_document_limit_fits_one_more_is_refused(shape: str) -> None:
+    path, make, key = SHAPES[shape]
+    backend = HostileReranker()
+    with LiveServer(create_app(backend, model_name="m", api_key=KEY, max_documents=4)) as live:
+        fits = post(live, path, make(DOCUMENTS[:4]))
+        over = post(live, path, make(DOCUMENTS[:5]))
+    assert fits.status_code == 200, fits.text
+    assert over.status_code == 400
+    assert over.json()[key].startswith("Too many documents: 5; this server accepts at most 4")
+    assert QUERY in backend.queries and len(set(backend.queries)) == 1  # only what fits
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_exactly_the_token_budget_fits_one_more_token_is_refused(shape: str) -> None:
+    path, make, key = SHAPES[shape]
+    backend = HostileReranker(tokens_per_doc=1)  # one token per document (per pair)
+    app = create_app(backend, model_name="m", api_key=KEY, max_request_tokens=4)
+    with LiveServer(app) as live:
+        fits = post(live, path, make(DOCUMENTS[:4]))
+        over = post(live, path, make(DOCUMENTS[:5]))
+    assert fits.status_code == 200, fits.text
+    assert over.status_code == 413
+    assert over.json()[key].startswith(
+        "This request would score 5 tokens; this server scores at most 4"
+    )
+    assert len(set(backend.queries)) == 1
+
+
+# -- the order of refusals ---------------------------------------------------------------
+
+
+GUARDED = ["/rerank", "/v1/rerank", "/v2/rerank", "/score", "/v1/score"]
+
+
+def raw_answer(live: LiveServer, head: bytes) -> tuple[bytes, float]:
+    """Send only a request head (a body is declared, none follows); the answer's head
+    and how long it took."""
+    with socket.create_connection(address(live.url), timeout=20) as sock:
+        started = time.monotonic()
+        sock.sendall(head)
+        return read_head(sock), time.monotonic() - started
+
+
+@pytest.mark.parametrize("path", GUARDED)
+def test_a_wrong_key_is_refused_before_the_body_is_read(path: str) -> None:
+    backend = HostileReranker()
+    app = create_app(backend, model_name="m", api_key=KEY, body_timeout=30)
+    with LiveServer(app) as live:
+        wrong = request_head("POST", path, "Content-Length: 1000", "Authorization: Bearer nope")
+        answer, waited = raw_answer(live, wrong)
+        # A body over the limit, from a client without the key: the key comes first.
+        both = request_head("POST", path, "Content-Length: 999999999")
+        first, _ = raw_answer(live, both)
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert waited < 10  # not the 30 s the body could take
+    assert first.startswith(b"HTTP/1.1 401"), first
+    assert backend.model_calls == 0
+
+
+@pytest.mark.parametrize("path", GUARDED)
+def test_an_over_limit_content_length_is_refused_without_waiting_for_the_bytes(path: str) -> None:
+    backend = HostileReranker()
+    app = create_app(backend, model_name="m", api_key=KEY, max_body_bytes=1000, body_timeout=30)
+    with LiveServer(app) as live:
+        head = request_head("POST", path, "Content-Length: 1001", f"Authorization: Bearer {KEY}")
+        answer, waited = raw_answer(live, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert waited < 10
+    assert backend.model_calls == 0
+
+
+# -- what the model refuses, and what /health shows ------------------------------------------
+
+
+async def test_a_backend_refusing_its_input_is_a_400_and_health_stays_ok() -> None:
+    backend = HostileReranker(delay=0.3)
+    with LiveServer(create_app(backend, model_name="m", api_key=KEY)) as live:
+        async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=20) as client:
+
+            async def send(query: str) -> httpx.Response:
+                return await client.post(
+                    "/v2/rerank", json={"query": query, "documents": DOCUMENTS}
+                )
+
+            alone = await send("REFUSE alone")
+            right_after = await client.get("/health")  # before any call succeeds
+            first = asyncio.ensure_future(send(QUERY))
+            await wait_until(lambda: app_batcher(live).busy)
+            refused, fine = await asyncio.gather(send("REFUSE fused"), send(f"{QUERY} fused"))
+            assert (await first).status_code == 200
+            health = await client.get("/health")
+    for response in (alone, refused):
+        assert response.status_code == 400
+        assert response.json()["message"] == "The query is longer than this model accepts."
+    assert fine.status_code == 200
+    for state in (right_after, health):
+        assert state.status_code == 200 and state.json()["status"] == "ok"
+    assert 2 in backend.many_calls  # the refused call was fused, then retried alone
+
+
+def test_health_never_shows_what_another_client_sent() -> None:
+    backend = HostileReranker()
+    secret = "LEAK my diary: the safe code is 4711"
+    with LiveServer(create_app(backend, model_name="m", api_key=KEY)) as live:
+        failed = post(live, "/rerank", {"query": secret, "documents": DOCUMENTS})
+        health = httpx.get(f"{live.url}/health", timeout=10)
+    assert failed.status_code == 500
+    assert health.status_code == 503
+    assert health.json()["reason"].startswith("The last model call failed (RuntimeError)")
+    assert "4711" not in health.text and "diary" not in health.text
+
+
+# -- withdrawn calls -----------------------------------------------------------------------
+
+
+def test_a_call_withdrawn_just_as_its_batch_is_taken_is_never_computed() -> None:
+    backend = HostileReranker(delay=0.3)
+    batcher = MicroBatcher(backend, batch_window_ms=0)
+    take = batcher._take_batch
+
+    def take_then_withdraw() -> Any:
+        jobs = take()
+        for job in jobs:
+            if job.query == "withdrawn":
+                assert job.future.cancel()  # its client left right then
+        return jobs
+
+    batcher._take_batch = take_then_withdraw  # type: ignore[method-assign]
+    try:
+        running = batcher.submit("first", DOCUMENTS)
+        time.sleep(0.1)
+        withdrawn = batcher.submit("withdrawn", DOCUMENTS)
+        kept = batcher.submit("kept", DOCUMENTS)
+        assert kept.result(10) == backend.rerank("kept", DOCUMENTS)
+        assert running.result(10)
+        assert withdrawn.cancelled()
+        assert batcher.queued == 0
+    finally:
+        batcher.close()
+    assert "withdrawn" not in backend.queries
+
+
+def test_calls_still_queued_when_shutdown_passes_its_bound_are_withdrawn() -> None:
+    backend = HostileReranker(delay=1.5)
+    app = create_app(backend, model_name="m", batching=False)
+    live_config = config(app, host="127.0.0.1", port=0, log_level="critical", shutdown_timeout=0.3)
+    live = LiveServer(app, live_config)
+    with live:
+        batcher = app_batcher(live)
+
+        def send(query: str) -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(
+                    f"{live.url}/rerank", json={"query": query, "documents": DOCUMENTS}, timeout=20
+                )
+
+        clients = [threading.Thread(target=send, args=("first",), daemon=True)]
+        clients[0].start()
+        deadline = time.monotonic() + 10
+        while not batcher.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        clients += [
+            threading.Thread(target=send, args=(f"queued {i}",), daemon=True) for i in range(2)
+        ]
+        for client in clients[1:]:
+            client.start()
+        while batcher.queued < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert backend.queries == ["first"]
+
+
+# -- object documents and rank_fields ------------------------------------------------------
+
+
+def test_fields_per_document_and_rank_fields_are_limited_exactly() -> None:
+    backend = HostileReranker()
+    with LiveServer(create_app(backend, model_name="m", api_key=KEY)) as live:
+        full = {f"f{i}": f"value {i}" for i in range(MAX_FIELDS)}
+        fits = post(live, "/v1/rerank", {"query": QUERY, "documents": [{**full}]})
+        over = post(
+            live, "/v1/rerank", {"query": QUERY, "documents": ["x", {**full, "one": "more"}]}
+        )
+        named = list(full)
+        ranked = post(
+            live, "/v1/rerank", {"query": QUERY, "documents": [full], "rank_fields": named}
+        )
+        too_many = post(
+            live,
+            "/v1/rerank",
+            {"query": QUERY, "documents": [full], "rank_fields": [*named, "one more"]},
+        )
+        not_text = post(live, "/v1/rerank", {"query": QUERY, "documents": [{"text": "a", "n": 3}]})
+    assert fits.status_code == 400  # no 'text' field, but its size was fine
+    assert "must be a string or an object with a 'text' field" in fits.json()["message"]
+    assert over.status_code == 400
+    assert over.json()["message"] == (
+        f"'documents[1]' has {MAX_FIELDS + 1} fields; this server accepts at most "
+        f"{MAX_FIELDS} per object."
+    )
+    assert ranked.status_code == 200, ranked.text
+    assert too_many.status_code == 400
+    assert too_many.json()["message"] == (
+        f"'rank_fields' names {MAX_FIELDS + 1} fields; this server accepts at most {MAX_FIELDS}."
+    )
+    assert not_text.status_code == 400
+    assert not_text.json()["message"] == "'documents[0].n' must be a string, got a number."
+    assert len(backend.queries) == 1
+
+
+def test_a_rank_field_named_twice_is_ranked_once() -> None:
+    backend = HostileReranker()
+    documents = [{"title": f"memory {i}", "body": text} for i, text in enumerate(DOCUMENTS)]
+    with LiveServer(create_app(backend, model_name="m", api_key=KEY)) as live:
+        once = post(
+            live,
+            "/v1/rerank",
+            {"query": QUERY, "documents": documents, "rank_fields": ["title", "body"]},
+        )
+        twice = post(
+            live,
+            "/v1/rerank",
+            {"query": QUERY, "documents": documents, "rank_fields": ["title", "body", "title"]},
+        )
+    assert once.status_code == twice.status_code == 200
+    assert twice.json()["results"] == once.json()["results"]
+
+
+def test_the_texts_to_rank_are_measured_before_they_are_built() -> None:
+    """The total length is checked against the limit before any text is joined (the
+    body limit keeps real requests under it; here the service's limit is tiny)."""
+    app = create_app(WordOverlapReranker(), model_name="m", max_body_bytes=64)
+    service = app.state.service
+    documents: list[str | dict[str, str]] = ["a" * 20, {"title": "b" * 20, "body": "c" * 20}]
+    with pytest.raises(ApiError) as refused:
+        document_texts(service, documents, ["title", "body"])
+    assert refused.value.status == 413
+    assert refused.value.message.startswith("The texts to rank would hold 74 characters")
+    assert document_texts(service, [documents[0], {"title": "b"}], ["title"]) == [
+        "a" * 20,
+        "title: b",
+    ]
+    service.close()
+    app.state.batcher.close()

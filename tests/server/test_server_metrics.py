@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from memos_rerank_integrations.cli import _parser
 from memos_rerank_integrations.server import create_app
@@ -165,3 +168,64 @@ def test_metrics_can_be_turned_off() -> None:
 def test_status_routes_need_no_key(path: str) -> None:
     with LiveServer(create_app(WordOverlapReranker(), model_name="m", api_key=KEY)) as live:
         assert httpx.get(f"{live.url}{path}").status_code == 200
+
+
+ROUTES = ["/rerank", "/v1/rerank", "/v2/rerank", "/score", "/v1/score", "/health", "/info"]
+
+
+def test_series_stay_few_whatever_methods_paths_and_models_are_sent() -> None:
+    """Strangers choose methods, paths and model names; the labels come from closed
+    sets, so the series (and the scrape) stay small."""
+    with LiveServer(create_app(WordOverlapReranker(), model_name="m", api_key=KEY)) as live:
+        with httpx.Client(base_url=live.url, timeout=20) as client:
+            for i in range(600):
+                client.request(f"M{i}X", f"/scan/{i}")  # an odd method on an odd path
+                client.request(f"N{i}Y", ROUTES[i % len(ROUTES)])  # ... on a real route
+            for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+                for path in [*ROUTES, "/metrics", "/nope"]:
+                    client.request(method, path)
+            for i in range(100):
+                body = {"model": f"model-{i}", "query": QUERY, "documents": DOCUMENTS}
+                assert client.post("/v1/rerank", json=body, headers=AUTH).status_code == 200
+        response = httpx.get(f"{live.url}/metrics", timeout=10)
+    samples = scrape_text(response.text)
+    series = {labels for name, labels in samples if name == "memos_rerank_requests_total"}
+    assert 20 < len(series) < 100
+    assert {dict(labels)["method"] for labels in series} == {"GET", "HEAD", "POST", "other"}
+    assert "model-" not in response.text and "/scan" not in response.text
+    assert len(response.content) < 64_000
+
+
+def scrape_text(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+class SlowCollector(Collector):
+    """A collector that takes a while: what a large registry costs to render."""
+
+    def collect(self) -> Iterator[Metric]:
+        time.sleep(1.5)
+        yield from ()
+
+    def describe(self) -> Iterator[Metric]:
+        yield from ()
+
+
+async def test_a_slow_scrape_does_not_hold_health() -> None:
+    app = create_app(WordOverlapReranker(), model_name="m")
+    app.state.metrics.registry.register(SlowCollector())
+    with LiveServer(app) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=20) as client:
+            scraping = asyncio.ensure_future(client.get("/metrics"))
+            await asyncio.sleep(0.3)  # the scrape is rendering now
+            started = time.monotonic()
+            health = await client.get("/health")
+            waited = time.monotonic() - started
+            assert not scraping.done()
+            assert (await scraping).status_code == 200
+    assert health.status_code == 200
+    assert waited < 1.0, f"/health waited {waited:.2f} s behind a scrape"

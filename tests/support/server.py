@@ -1,12 +1,20 @@
-"""Helpers of the server tests: a deterministic stand-in model and a live uvicorn."""
+"""Helpers of the server tests: a deterministic stand-in model, a live uvicorn, and
+``memos-rerank serve`` as a real process."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 from memos_rerank_integrations import RerankResult
@@ -72,14 +80,17 @@ class WordOverlapReranker:
 
 
 class LiveServer:
-    """uvicorn serving an app on a free loopback port, in a background thread."""
+    """uvicorn serving an app on a free loopback port, in a background thread
+    (on ``sockets``, listening sockets of the caller's, when given)."""
 
-    def __init__(self, app: Any, config: Any = None) -> None:
+    def __init__(
+        self, app: Any, config: Any = None, *, sockets: list[socket.socket] | None = None
+    ) -> None:
         self.app = app
         if config is None:
             config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")  # type: ignore[arg-type]
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=lambda: self.server.run(sockets=sockets), daemon=True)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
@@ -97,6 +108,76 @@ class LiveServer:
         assert not self.thread.is_alive()
 
 
+def small_buffer_listener(send_buffer: int = 2048) -> socket.socket:
+    """A loopback listening socket whose connections keep at most ``send_buffer``
+    bytes in the kernel (accepted sockets inherit it), so that a client that reads
+    nothing stalls the server after a few answers instead of after megabytes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def request_head(method: str, path: str, *headers: str) -> bytes:
+    """An HTTP/1.1 request line and headers, as raw bytes."""
+    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: x", *headers, "", ""]).encode()
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """The response head (or whatever arrived before the server closed)."""
+    received = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    return received.partition(b"\r\n\r\n")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_serve(args: list[str]) -> subprocess.Popen[str]:
+    """``memos-rerank serve *args`` as a real process (this checkout's sources, offline,
+    no key from the environment), its output captured."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    env.pop("MEMOS_RERANK_API_KEY", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "memos_rerank_integrations.cli", "serve", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_healthy(process: subprocess.Popen[str], url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("server did not come up")
+
+
 class Boom(BaseException):
     """Neither an ``Exception`` nor a cancellation: what no backend should leak."""
 
@@ -105,8 +186,10 @@ class HostileReranker(WordOverlapReranker):
     """A word-overlap model that misbehaves on cue, and records every query it scores.
 
     A query containing ``BASE`` raises :class:`Boom`, ``CANCEL`` an
-    ``asyncio.CancelledError``, ``INTERRUPT`` a ``KeyboardInterrupt`` (from
-    ``rerank`` and from any ``rerank_many`` batch holding it); ``SHORT`` answers
+    ``asyncio.CancelledError``, ``INTERRUPT`` a ``KeyboardInterrupt``, ``LEAK`` a
+    ``RuntimeError`` quoting the query, ``REFUSE`` an ``InvalidInputError`` (the
+    backend's own limit; from ``rerank`` and from any ``rerank_many`` batch
+    holding it); ``SHORT`` answers
     that call one result short; ``DROPCALL`` makes ``rerank_many`` answer one list
     short. ``broken`` makes every call raise ``RuntimeError``. With ``tokens_per_doc``
     it has a ``count_tokens`` that records the thread it ran in.
@@ -136,6 +219,12 @@ class HostileReranker(WordOverlapReranker):
             raise asyncio.CancelledError
         if "INTERRUPT" in query:
             raise KeyboardInterrupt
+        if "LEAK" in query:
+            raise RuntimeError(f"the model choked on {query!r}")
+        if "REFUSE" in query:
+            from memos_rerank_integrations import InvalidInputError
+
+            raise InvalidInputError("The query is longer than this model accepts.")
 
     def _answer(self, query: str, documents: Sequence[str], top_n: int | None) -> Any:
         results = rank_scores([self.score(query, d) for d in documents], top_n=top_n)

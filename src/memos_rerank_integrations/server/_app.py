@@ -39,6 +39,7 @@ from ._core import (
     ApiError,
     ClientGone,
     Dialect,
+    RequestLimits,
     Route,
     Router,
     Service,
@@ -171,6 +172,7 @@ def create_app(
         Guard,
         routes=guarded,
         api_key=key,
+        limits=RequestLimits(max_documents=max_documents),
         max_body_bytes=max_body_bytes,
         body_timeout=float(body_timeout),
         on_error=lambda error: on_error(error),
@@ -224,7 +226,7 @@ def _handle_errors(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
         on_error(exc)
-        return error_response(route_dialect(request), exc)
+        return error_response(exc.dialect or route_dialect(request), exc)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:

@@ -136,7 +136,8 @@ class MicroBatcher:
         self._busy_seconds = 0.0
         self._last_batch_end = -float("inf")
         self._thread: threading.Thread | None = None
-        # Why the model cannot serve, while its last call failed (None: it can).
+        # The kind of error of the model's last call, while it failed (None: it
+        # did not). Only its type: the message may quote a caller's text.
         self._failure: str | None = None
         self._probe: _Job | None = None
         self._last_probe = -float("inf")
@@ -169,14 +170,21 @@ class MicroBatcher:
         return self._busy_seconds + self.busy_for
 
     def health(self) -> BatcherHealth:
-        """Whether the model can serve now (a quick look: never waits for the model)."""
+        """Whether the model can serve now (a quick look: never waits for the model).
+
+        After a failed call the reason names the error's type only, never its
+        message, which may quote the text of whoever's call failed."""
         with self._condition:
             if self._closed:
                 return BatcherHealth(False, "The server is shutting down.")
             if self._thread is not None and not self._thread.is_alive():
                 return BatcherHealth(False, "The model worker thread has stopped.")
             if self._failure is not None:
-                return BatcherHealth(False, f"The last model call failed: {self._failure}")
+                return BatcherHealth(
+                    False,
+                    f"The last model call failed ({self._failure}); the server log has the "
+                    "details.",
+                )
         return BatcherHealth(True)
 
     def probe(self, *, min_interval: float = 5.0) -> None:
@@ -371,7 +379,7 @@ class MicroBatcher:
         if not isinstance(error, InvalidInputError):
             # The caller's bad input says nothing about the model; anything else does.
             with self._condition:
-                self._failure = _describe(exc)
+                self._failure = type(exc).__name__
         if job.probe:
             logger.warning("Health probe failed: %s", _describe(exc))
         job.future.set_exception(error)

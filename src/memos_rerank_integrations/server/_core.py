@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -38,11 +39,14 @@ __all__ = [
     "INTERNAL",
     "KEY_INVALID",
     "KEY_REQUIRED",
+    "MAX_FIELDS",
+    "REQUEST_LIMITS",
     "ApiError",
     "ClientGone",
     "Dialect",
     "Query",
     "Ranked",
+    "RequestLimits",
     "RerankRequest",
     "Route",
     "Router",
@@ -51,9 +55,11 @@ __all__ = [
     "Text",
     "authorize",
     "check_api_key",
+    "check_sizes",
     "error_response",
     "from_validation_errors",
     "json_type",
+    "too_many_documents",
 ]
 
 logger = logging.getLogger("memos_rerank_integrations.server")
@@ -68,7 +74,8 @@ INTERNAL = 50000
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, MemOS code, message, and its kind for metrics."""
+    """An error answer: HTTP status, MemOS code, message, its kind for metrics, and
+    the dialect it is written in when not its route's."""
 
     def __init__(
         self,
@@ -78,6 +85,7 @@ class ApiError(Exception):
         code: int = BAD_BODY,
         kind: str = "invalid_request",
         headers: dict[str, str] | None = None,
+        dialect: Dialect | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -85,6 +93,8 @@ class ApiError(Exception):
         self.code = code
         self.kind = kind
         self.headers = headers or {}
+        # The dialect to answer in, when it is not the route's.
+        self.dialect = dialect
 
 
 class ClientGone(Exception):
@@ -157,11 +167,20 @@ class Router(APIRouter):
         return self.post(path, responses=responses, tags=["rerank"], **options)
 
     def status(
-        self, path: str, *, summary: str, **options: Any
+        self, path: str, *, summary: str, head: bool = False, **options: Any
     ) -> Callable[[DecoratedCallable], DecoratedCallable]:
         """``@router.status(path, summary=..., response_model=...)``: a GET route
-        tagged ``status``."""
-        return self.get(path, summary=summary, tags=["status"], **options)
+        tagged ``status`` (with ``head``, ``HEAD`` answers too: the same status and
+        headers, no body)."""
+        get = self.get(path, summary=summary, tags=["status"], **options)
+        if not head:
+            return get
+        also_head = self.head(path, include_in_schema=False, **options)
+
+        def register(handler: DecoratedCallable) -> DecoratedCallable:
+            return get(also_head(handler))
+
+        return register
 
 
 # -- text fields ---------------------------------------------------------------------
@@ -192,6 +211,91 @@ Text = Annotated[str, AfterValidator(_valid_text)]
 """A string that is valid Unicode (no lone surrogates)."""
 Query = Annotated[str, AfterValidator(_valid_query)]
 """A non-blank :data:`Text`."""
+
+
+# -- limits checked before validation ---------------------------------------------------
+
+MAX_FIELDS = 100
+"""The most fields a document object may have, and the most ``rank_fields``."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The sizes a request body may have: set by the guard for the request it lets
+    through (:data:`REQUEST_LIMITS`), and checked by the request models *before*
+    they validate anything, so that validation, its errors and the texts built
+    from a request cost no more than the limits allow."""
+
+    max_documents: int
+    max_fields: int = MAX_FIELDS
+
+
+REQUEST_LIMITS: ContextVar[RequestLimits | None] = ContextVar(
+    "memos_rerank_request_limits", default=None
+)
+
+
+def too_many_documents(count: int, limit: int, *, field: str = "documents") -> ApiError:
+    return ApiError(
+        400,
+        f"Too many {field}: {count}; this server accepts at most {limit} per request. "
+        "Split the call.",
+    )
+
+
+def check_sizes(
+    data: Any,
+    *,
+    lists: Sequence[str],
+    objects: str | None = None,
+    fields: str | None = None,
+    dialect: Dialect | None = None,
+) -> Any:
+    """Refuse a parsed body whose ``lists`` hold more items than the documents limit,
+    whose ``objects`` list holds an object with more than the fields limit or a
+    value that is no string, or whose ``fields`` list names more fields than the
+    limit (a 400 :class:`ApiError` in ``dialect``); return ``data`` unchanged.
+    Outside a request (no :data:`REQUEST_LIMITS`) nothing is checked. Costs at most
+    one look per item and field, all bounded by the limits."""
+    limits = REQUEST_LIMITS.get()
+    if limits is None or not isinstance(data, dict):
+        return data
+    for name in lists:
+        items = data.get(name)
+        if isinstance(items, list) and len(items) > limits.max_documents:
+            error = too_many_documents(len(items), limits.max_documents)
+            error.dialect = dialect
+            raise error
+    items = data.get(objects) if objects is not None else None
+    if isinstance(items, list):
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                continue
+            if len(item) > limits.max_fields:
+                raise ApiError(
+                    400,
+                    f"'{objects}[{position}]' has {len(item)} fields; this server accepts "
+                    f"at most {limits.max_fields} per object.",
+                    dialect=dialect,
+                )
+            # The first value that is no string, named here: validation would
+            # describe every one of up to documents x fields of them.
+            for name, value in item.items():
+                if not isinstance(value, str):
+                    raise ApiError(
+                        400,
+                        f"'{objects}[{position}].{name}' must be a string, got {json_type(value)}.",
+                        dialect=dialect,
+                    )
+    named = data.get(fields) if fields is not None else None
+    if isinstance(named, list) and len(named) > limits.max_fields:
+        raise ApiError(
+            400,
+            f"'{fields}' names {len(named)} fields; this server accepts at most "
+            f"{limits.max_fields}.",
+            dialect=dialect,
+        )
+    return data
 
 
 class RerankRequest(BaseModel):
@@ -445,10 +549,18 @@ class Service:
 
     def check_documents(self, count: int, *, field: str = "documents") -> None:
         if count > self.max_documents:
+            raise too_many_documents(count, self.max_documents, field=field)
+
+    def check_text(self, characters: int) -> None:
+        """Refuse texts to rank longer in all than the body limit (in characters),
+        before they are built."""
+        if characters > self.max_body_bytes:
             raise ApiError(
-                400,
-                f"Too many {field}: {count}; this server accepts at most {self.max_documents} "
-                "per request. Split the call.",
+                413,
+                f"The texts to rank would hold {characters} characters; this server ranks "
+                f"at most {self.max_body_bytes} per request. Split the documents over "
+                "several requests.",
+                kind="too_large",
             )
 
     def estimate_tokens(self, query: str, documents: Sequence[str]) -> int:
@@ -537,6 +649,12 @@ class Service:
         pending: set[asyncio.Future[Any]] = {gathered, watcher}
         try:
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Cancelled (a shutdown past its bound): withdraw what has not started.
+            for future in futures:
+                future.cancel()
+            gathered.cancel()
+            raise
         finally:
             watcher.cancel()
         if not gathered.done():

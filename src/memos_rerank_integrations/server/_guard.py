@@ -4,7 +4,9 @@ In this order: the API key (401, before a byte of the body is read), the body
 size (413 from a declared ``Content-Length``, and again while a chunked body
 streams in), the time to receive the body (408), and the body's encoding (400
 naming the first byte that is not UTF-8). Only then does the app see the body,
-replayed from memory, with a JSON content type (the routes speak nothing else).
+replayed from memory, with a JSON content type (the routes speak nothing else),
+and with the request's :class:`RequestLimits` set, which the request models check
+before they validate anything.
 A client that disconnects mid-body gets nothing and costs nothing.
 """
 
@@ -15,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._core import ApiError, Route, authorize, error_response
+from ._core import REQUEST_LIMITS, ApiError, RequestLimits, Route, authorize, error_response
 
 __all__ = ["Guard"]
 
@@ -34,6 +36,7 @@ class Guard:
         *,
         routes: Mapping[str, Route],
         api_key: str | None,
+        limits: RequestLimits,
         max_body_bytes: int,
         body_timeout: float,
         on_error: Callable[[ApiError], None],
@@ -41,6 +44,7 @@ class Guard:
         self.app = app
         self.routes = dict(routes)
         self.key = None if api_key is None else api_key.encode("ascii")
+        self.limits = limits
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.on_error = on_error
@@ -66,7 +70,11 @@ class Guard:
             return
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
         scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, _replay(body, receive), send)
+        token = REQUEST_LIMITS.set(self.limits)
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            REQUEST_LIMITS.reset(token)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.max_body_bytes

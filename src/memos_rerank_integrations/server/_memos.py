@@ -15,12 +15,21 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import _tei
-from ._core import ApiError, Dialect, RerankRequest, Route, Router, ServiceDep, Text
+from ._core import (
+    ApiError,
+    Dialect,
+    RerankRequest,
+    Route,
+    Router,
+    ServiceDep,
+    Text,
+    check_sizes,
+)
 
 __all__ = [
     "MEMOS",
@@ -55,6 +64,11 @@ class MemOSRerankRequest(RerankRequest):
 
     documents: list[Text] = Field(min_length=1, description="Texts to rank against the query.")
     top_n: int | None = Field(None, ge=1, description="Keep the best N (default: all).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes(cls, data: Any) -> Any:
+        return check_sizes(data, lists=("documents",))
 
 
 class MemOSDocument(BaseModel):

@@ -16,10 +16,16 @@
 Error kinds: ``invalid_request`` (400), ``unauthorized`` (401), ``timeout`` (408),
 ``too_large`` and ``token_budget`` (413), ``model_error`` and ``unavailable`` (503),
 ``malformed_answer`` and ``internal`` (500), ``client_disconnected``.
+
+Every label comes from a closed set, whatever clients send: ``route`` is one of the
+app's paths or ``other``, ``method`` one of ``GET``, ``HEAD``, ``POST`` or
+``other``, ``status`` a code the app answers with, ``kind`` one of the kinds
+above. The text is rendered in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Iterator
 
@@ -45,6 +51,8 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware", "router"]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _BATCH_DOCUMENT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# The methods the app serves; any other is counted as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST"})
 
 
 class _BusySeconds(Collector):
@@ -158,7 +166,9 @@ class MetricsMiddleware:
             raise
         finally:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
+            method = scope.get("method", "")
+            method = method if method in _METHODS else "other"
+            self.metrics.requests.labels(route, method, str(status)).inc()
 
 
 router = Router()
@@ -172,4 +182,5 @@ router = Router()
 )
 async def prometheus_metrics(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    text = await asyncio.to_thread(metrics.render)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

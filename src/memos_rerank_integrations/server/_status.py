@@ -1,4 +1,4 @@
-"""``GET /health``: whether the model can serve. No key needed, and it never waits
+"""``GET /health`` (and ``HEAD``): whether the model can serve. No key needed, and it never waits
 for the model. (``/info`` is :mod:`._tei`'s, ``/v1/models`` :mod:`._vllm`'s and
 ``/metrics`` :mod:`._metrics`'s.)"""
 
@@ -30,6 +30,7 @@ router = Router()
     response_model=HealthResponse,
     responses={503: {"model": HealthResponse, "description": "The model cannot serve."}},
     summary="Whether the model can serve (no key needed; never waits for the model)",
+    head=True,
 )
 async def health(service: ServiceDep) -> Response:
     batcher = service.batcher

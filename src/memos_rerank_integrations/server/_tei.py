@@ -15,13 +15,13 @@ import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from .._types import Reranker
-from ._core import ApiError, Dialect, Query, Router, Service, ServiceDep, Text
+from ._core import ApiError, Dialect, Query, Router, Service, ServiceDep, Text, check_sizes
 
 __all__ = [
     "TEI",
@@ -120,6 +120,11 @@ class TEIRerankRequest(BaseModel):
     truncation_direction: Literal["Right", "right"] = Field(
         "Right", description="Only 'Right' (the document's tail is cut) is supported."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes(cls, data: Any) -> Any:
+        return check_sizes(data, lists=("texts",), dialect=TEI)
 
 
 class TEIRank(BaseModel):

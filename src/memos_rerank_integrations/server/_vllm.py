@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ._cohere import CohereError, route
-from ._core import ApiError, Query, Router, ServiceDep, Text
+from ._core import ApiError, Query, Router, ServiceDep, Text, check_sizes
 
 __all__ = ["ModelList", "ScoreRequest", "ScoreResponse", "models", "router", "score"]
 
@@ -30,8 +31,15 @@ class ScoreRequest(BaseModel):
     text_1: Query | list[Query] = Field(description="The query, or one query per pair.")
     text_2: Text | list[Text] = Field(description="The texts to score.")
     truncate_prompt_tokens: int | None = Field(
-        None, ge=1, description="Accepted and ignored: the model's own max_length applies."
+        None,
+        ge=-1,
+        description="Accepted and ignored: the model's own max_length applies (vLLM's -1).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes(cls, data: Any) -> Any:
+        return check_sizes(data, lists=("text_1", "text_2"))
 
 
 class ScoreData(BaseModel):
