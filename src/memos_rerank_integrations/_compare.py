@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._calls import Ask, Steps, arun_steps, run_steps
+from ._calls import Ask, Budget, Steps, arun_steps, check_budget_ms, run_steps
 from ._exceptions import InvalidInputError, RerankError
 from ._types import (
     Stage,
@@ -58,6 +58,9 @@ class ComparisonColumn:
     ranking: tuple[RankedDocument, ...]
     duration_ms: float | None = None
     error: str | None = None
+    partial: bool = False
+    """A latency budget ran out first: the unscored documents follow the scored ones,
+    in their input order, with no score or stage."""
 
     @property
     def order(self) -> list[int]:
@@ -90,6 +93,7 @@ class Comparison:
                     "name": column.name,
                     "duration_ms": column.duration_ms,
                     "error": column.error,
+                    "partial": column.partial,
                     "ranking": [
                         {
                             "rank": rank,
@@ -221,17 +225,26 @@ def _vector_column(count: int, vector_scores: Iterable[object] | None) -> Compar
 
 
 def _column(
-    name: str, count: int, started: float, raw: object = None, error: RerankError | None = None
+    name: str,
+    count: int,
+    started: float,
+    raw: object = None,
+    error: RerankError | None = None,
+    budgeted: bool = False,
 ) -> ComparisonColumn:
     elapsed = (time.perf_counter() - started) * 1000.0
     if error is None:
         try:
-            results = checked_results(raw, count=count, backend=name)
+            results = checked_results(raw, count=count, backend=name, partial=budgeted)
         except RerankError as bad:
             error = bad
         else:
-            ranking = tuple(RankedDocument(r.index, r.score, r.stage) for r in results)
-            return ComparisonColumn(name, ranking, elapsed)
+            scored = {r.index for r in results}
+            ranking = (
+                *(RankedDocument(r.index, r.score, r.stage) for r in results),
+                *(RankedDocument(i, None, None) for i in range(count) if i not in scored),
+            )
+            return ComparisonColumn(name, ranking, elapsed, partial=len(scored) < count)
     return ComparisonColumn(name, (), elapsed, f"{type(error).__name__}: {error}")
 
 
@@ -257,7 +270,7 @@ def _cut(comparison: Comparison, top_n: int | None) -> Comparison:
     if top_n is None:
         return comparison
     columns = tuple(
-        ComparisonColumn(c.name, c.ranking[:top_n], c.duration_ms, c.error)
+        ComparisonColumn(c.name, c.ranking[:top_n], c.duration_ms, c.error, c.partial)
         for c in comparison.columns
     )
     return Comparison(comparison.query, comparison.documents, columns)
@@ -271,6 +284,7 @@ def compare(
     vector_scores: Iterable[float] | None = None,
     top_n: int | None = None,
     warm_up: bool = False,
+    budget_ms: float | None = None,
 ) -> Comparison:
     """Rerank ``documents`` (in their vector-search order) with each reranker in turn.
 
@@ -282,14 +296,17 @@ def compare(
     error instead of failing the comparison; rerankers run one after another, so their
     times do not interfere. A local backend's first call loads its model:
     ``warm_up=True`` first scores one pair per reranker, untimed, so the times are
-    scoring times. Tied scores keep the input order in every column.
+    scoring times. Tied scores keep the input order in every column. ``budget_ms`` gives
+    each reranker that latency budget: a column whose budget ran out is ``partial``,
+    its unscored documents after the scored ones in their input order.
     """
     query, docs, vector = _checked(query, documents, top_n, vector_scores)
     named = _named(rerankers)
     for name, reranker in named:
         if not callable(getattr(reranker, "rerank", None)):
             _no_running_loop(name)
-    return run_steps(_columns(query, docs, vector, named, top_n, warm_up))
+    budget = check_budget_ms(budget_ms)
+    return run_steps(_columns(query, docs, vector, named, top_n, warm_up, budget))
 
 
 async def acompare(
@@ -300,11 +317,13 @@ async def acompare(
     vector_scores: Iterable[float] | None = None,
     top_n: int | None = None,
     warm_up: bool = False,
+    budget_ms: float | None = None,
 ) -> Comparison:
     """The async twin of :func:`compare`: awaits each backend's ``arerank`` (a
     backend with only ``rerank`` runs in a worker thread)."""
     query, docs, vector = _checked(query, documents, top_n, vector_scores)
-    return await arun_steps(_columns(query, docs, vector, _named(rerankers), top_n, warm_up))
+    named, budget = _named(rerankers), check_budget_ms(budget_ms)
+    return await arun_steps(_columns(query, docs, vector, named, top_n, warm_up, budget))
 
 
 def _columns(
@@ -314,6 +333,7 @@ def _columns(
     named: list[tuple[str, Any]],
     top_n: int | None,
     warm_up: bool,
+    budget_ms: float | None,
 ) -> Steps[Comparison]:
     """Each reranker in turn (the calls are yielded: see ``_types.Steps``)."""
     columns = [vector]
@@ -323,9 +343,10 @@ def _columns(
             if warm_up:
                 yield Ask(reranker, query, docs[:1])
                 started = time.perf_counter()
-            raw = yield Ask(reranker, query, docs)
+            budget = None if budget_ms is None else Budget(budget_ms)
+            raw = yield Ask(reranker, query, docs, budget=budget)
         except RerankError as error:
             columns.append(_column(name, len(docs), started, error=error))
             continue
-        columns.append(_column(name, len(docs), started, raw))
+        columns.append(_column(name, len(docs), started, raw, budgeted=budget_ms is not None))
     return _cut(Comparison(query, tuple(docs), tuple(columns)), top_n)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from ._calls import Ask, Steps, arun_steps, run_steps
+from ._calls import Ask, Budget, Steps, arun_steps, run_steps
 from ._configurable import Configurable
-from ._exceptions import InvalidInputError, RerankError
+from ._exceptions import InvalidInputError, RerankError, RerankTimeoutError
 from ._types import (
     RerankResult,
     check_call,
@@ -111,20 +111,44 @@ class FallbackReranker(Configurable):
         """The async twin of :meth:`rerank_detailed`."""
         return await arun_steps(self._attempts(query, documents, top_n))
 
+    def rerank_within(
+        self, query: str, documents: Sequence[str], *, budget: Budget
+    ) -> list[RerankResult]:
+        """The chain under one latency budget: each backend gets an equal share of what
+        is left of it (the first of two half, a third of three...), so one that stalls
+        leaves the rest their time; the first that scores any document answers, with
+        what it scored. When none scores any, the answer is empty (nothing scored)."""
+        return run_steps(self._attempts(query, documents, None, budget)).results
+
+    async def arerank_within(
+        self, query: str, documents: Sequence[str], *, budget: Budget
+    ) -> list[RerankResult]:
+        """The async twin of :meth:`rerank_within`."""
+        return (await arun_steps(self._attempts(query, documents, None, budget))).results
+
     def _attempts(
-        self, query: str, documents: Sequence[str], top_n: int | None
+        self, query: str, documents: Sequence[str], top_n: int | None, budget: Budget | None = None
     ) -> Steps[FallbackAnswer]:
         query, docs, top_n = check_call(query, documents, top_n)
         errors: list[Exception] = []
         for position, backend in enumerate(self._rerankers):
+            name = type(backend).__name__
+            share = None if budget is None else _share(budget, len(self._rerankers) - position)
             try:
-                raw = yield Ask(backend, query, docs, top_n)
-                name = type(backend).__name__
-                results = checked_results(raw, count=len(docs), backend=name, top_n=top_n)
+                raw = yield Ask(backend, query, docs, top_n, budget=share)
+                results = checked_results(
+                    raw, count=len(docs), backend=name, top_n=top_n, partial=share is not None
+                )
+                if docs and not results:
+                    raise RerankTimeoutError(
+                        f"{name} scored nothing within its share of the budget."
+                    )
             except Exception as error:
                 self._failed(position, error, errors)
                 continue
             return self._answered(results, position, errors)
+        if budget is not None:
+            return FallbackAnswer([], None, -1, tuple(errors))
         raise _chained(errors)
 
     def _failed(self, position: int, error: Exception, errors: list[Exception]) -> None:
@@ -190,6 +214,11 @@ class FallbackReranker(Configurable):
 
 def _method(backend: Any, name: str) -> bool:
     return callable(getattr(backend, name, None))
+
+
+def _share(budget: Budget, backends_left: int) -> Budget:
+    """An equal share, for the next backend, of what is left of ``budget``."""
+    return Budget(max(budget.remaining(), 0.0) * 1000.0 / backends_left)
 
 
 def _chained(errors: list[Exception]) -> Exception:

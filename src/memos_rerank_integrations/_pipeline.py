@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._calls import Ask, Steps, arun_steps, run_steps
+from ._calls import Ask, Budget, Steps, arun_steps, check_budget_ms, run_steps
 from ._configurable import unknown_options
 from ._exceptions import InvalidInputError, RerankError
 from ._types import (
@@ -45,11 +45,16 @@ SCORE_KEY = "relevance_score"
 STAGE_KEY = "rerank_stage"
 FALLBACK_KEY = "rerank_fallback"
 SKIPPED_KEY = "rerank_skipped"
+# Written on every document of a call with a latency budget: whether the budget ran
+# out before every document was scored, and whether this one was.
+PARTIAL_KEY = "rerank_partial"
+SCORED_KEY = "rerank_scored"
 
 # Per-call override keys: LangChain's ``config["configurable"]``, LlamaIndex's
 # ``RerankQueryBundle`` attributes.
 RERANK_OPTION = "rerank"
 TOP_N_OPTION = "rerank_top_n"
+BUDGET_OPTION = "rerank_budget_ms"
 
 
 class RerankSettings(BaseModel):
@@ -104,6 +109,13 @@ class RerankSettings(BaseModel):
         description="Called with the query; a true answer skips reranking for that call "
         "(e.g. lambda q: len(q.split()) <= 3).",
     )
+    budget_ms: float | None = Field(
+        default=None,
+        description="A latency budget for each call, in milliseconds: the documents are "
+        "scored in their given order until it runs out; the scored ones come back "
+        "reranked, the rest after them in their order, every one flagged "
+        "rerank_partial / rerank_scored. None: no budget.",
+    )
 
     @field_validator("reranker")
     @classmethod
@@ -134,6 +146,11 @@ class RerankSettings(BaseModel):
     def _parse_min_stage(cls, value: Any) -> Stage | None:
         return None if value is None else Stage.parse(value)
 
+    @field_validator("budget_ms", mode="before")
+    @classmethod
+    def _check_budget_ms(cls, value: Any) -> float | None:
+        return check_budget_ms(value)
+
     def _model_name(self) -> str:
         name = getattr(self.reranker, "model", None)
         return name if isinstance(name, str) else type(self.reranker).__name__
@@ -161,19 +178,24 @@ def field_names(cls: type[BaseModel]) -> set[str]:
 @dataclass(frozen=True)
 class CallOptions:
     """Per-call overrides: ``rerank`` (True forces, False skips; None follows
-    ``enabled`` and ``skip_if``) and ``top_n`` (None keeps the adapter's)."""
+    ``enabled`` and ``skip_if``), ``top_n`` and ``budget_ms`` (None keeps the
+    adapter's)."""
 
     rerank: bool | None = None
     top_n: int | None = None
+    budget_ms: float | None = None
 
 
 def call_options(values: Any, *, source: str) -> CallOptions:
-    """Read the ``rerank`` and ``rerank_top_n`` overrides from a mapping (or an object's
-    attributes); ``source`` names where they came from in error messages."""
+    """Read the ``rerank``, ``rerank_top_n`` and ``rerank_budget_ms`` overrides from a
+    mapping (or an object's attributes); ``source`` names where they came from in error
+    messages."""
     if isinstance(values, Mapping):
         rerank, top_n = values.get(RERANK_OPTION), values.get(TOP_N_OPTION)
+        budget = values.get(BUDGET_OPTION)
     else:
         rerank, top_n = getattr(values, RERANK_OPTION, None), getattr(values, TOP_N_OPTION, None)
+        budget = getattr(values, BUDGET_OPTION, None)
     if rerank is not None and not isinstance(rerank, bool):
         raise InvalidInputError(
             f"{source} {RERANK_OPTION!r} must be True or False, got {rerank!r}."
@@ -185,14 +207,20 @@ def call_options(values: Any, *, source: str) -> CallOptions:
             raise InvalidInputError(
                 f"{source} {TOP_N_OPTION!r} must be a positive int, got {top_n!r}."
             ) from None
-    return CallOptions(rerank=rerank, top_n=top_n)
+    budget_ms = check_budget_ms(budget, name=f"{source} {BUDGET_OPTION!r}")
+    return CallOptions(rerank=rerank, top_n=top_n, budget_ms=budget_ms)
 
 
 @dataclass(frozen=True)
 class Outcome:
     """One adapter call: ``results`` (kept, best first) after reranking, or, when the
     input passes through (``fell_back`` after a backend error, or ``skipped``), the
-    ``passthrough`` indices (original order, cut to ``top_n``)."""
+    ``passthrough`` indices (original order, cut to ``top_n``).
+
+    With a latency budget (``budget_ms``), ``unscored`` are the documents the budget
+    left unscored, in their original order, after the ``results`` (the ``top_n`` cut
+    counts both); ``partial`` says whether there are any, ``scored`` how many
+    documents were scored."""
 
     results: list[RerankResult] | None
     passthrough: list[int] = field(default_factory=list)
@@ -203,10 +231,37 @@ class Outcome:
     top_n: int | None = None
     duration_ms: float = 0.0
     error: str | None = None
+    unscored: list[int] = field(default_factory=list)
+    budget_ms: float | None = None
+    scored: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return (
+            self.budget_ms is not None and self.results is not None and self.scored < self.documents
+        )
 
     @property
     def kept(self) -> int:
-        return len(self.passthrough) if self.results is None else len(self.results)
+        if self.results is None:
+            return len(self.passthrough)
+        return len(self.results) + len(self.unscored)
+
+    def placed(self) -> list[tuple[int, RerankResult | None, dict[str, bool]]]:
+        """The answer, in order: each document's index, its result (``None`` when it
+        comes back unscored) and the flags it carries (``rerank_skipped`` /
+        ``rerank_fallback`` on a passed-through input; ``rerank_partial`` and
+        ``rerank_scored`` with a latency budget)."""
+        if self.results is None:
+            flag = SKIPPED_KEY if self.skipped else FALLBACK_KEY
+            return [(index, None, {flag: True}) for index in self.passthrough]
+        if self.budget_ms is None:
+            return [(r.index, r, {}) for r in self.results]
+        partial = self.partial
+        return [
+            *((r.index, r, {PARTIAL_KEY: partial, SCORED_KEY: True}) for r in self.results),
+            *((index, None, {PARTIAL_KEY: partial, SCORED_KEY: False}) for index in self.unscored),
+        ]
 
     def facts(self) -> dict[str, Any]:
         """The call's facts under ``rerank_*`` keys: the DEBUG record's ``extra``, the
@@ -220,6 +275,9 @@ class Outcome:
             "rerank_fallback": self.fell_back,
             "rerank_skipped": self.skipped,
             "rerank_error": self.error,
+            "rerank_budget_ms": self.budget_ms,
+            "rerank_partial": self.partial,
+            "rerank_scored": self.scored if self.results is not None else 0,
         }
 
 
@@ -252,21 +310,17 @@ def safe_error(error: BaseException) -> str:
     return type(error).__name__
 
 
-def _select(
-    settings: RerankSettings, raw: object, count: int, top_n: int | None
-) -> list[RerankResult]:
-    """Re-stage with the adapter's (or the backend's) cut points, filter, then cut."""
+def _select(settings: RerankSettings, results: list[RerankResult]) -> list[RerankResult]:
+    """Re-stage with the adapter's (or the backend's) cut points, then filter."""
     thresholds = settings._stage_thresholds()
-    results = checked_results(raw, count=count, backend=settings._model_name())
     if thresholds is not None:
         results = [RerankResult(r.index, r.score, thresholds.stage(r.score)) for r in results]
-    kept = [
+    return [
         result
         for result in results
         if (settings.min_score is None or result.score >= settings.min_score)
         and (settings.min_stage is None or result.stage >= settings.min_stage)
     ]
-    return kept if top_n is None else kept[:top_n]
 
 
 class _Call:
@@ -280,6 +334,7 @@ class _Call:
         self.adapter = adapter
         self.backend = settings._model_name()
         self.top_n = settings.top_n if options.top_n is None else options.top_n
+        self.budget_ms = settings.budget_ms if options.budget_ms is None else options.budget_ms
         self.started = time.perf_counter()
         if options.rerank is not None:
             self.skip = not options.rerank
@@ -305,7 +360,23 @@ class _Call:
         return outcome
 
     def done(self, results: list[RerankResult]) -> Outcome:
-        return self._end(results=results)
+        return self._end(results=results, scored=self.count, budget_ms=self.budget_ms)
+
+    def answered(self, raw: object) -> Outcome:
+        """The backend's answer checked, staged, filtered (the scored documents, best
+        first) and, with the documents a budget left unscored after them in their
+        order, cut to ``top_n``."""
+        partial = self.budget_ms is not None
+        results = checked_results(raw, count=self.count, backend=self.backend, partial=partial)
+        scored = {r.index for r in results}
+        kept = _select(self.settings, results)
+        unscored = [i for i in range(self.count) if i not in scored] if partial else []
+        if self.top_n is not None:
+            kept = kept[: self.top_n]
+            unscored = unscored[: max(self.top_n - len(kept), 0)]
+        return self._end(
+            results=kept, unscored=unscored, scored=len(scored), budget_ms=self.budget_ms
+        )
 
     def skipped(self) -> Outcome:
         return self._end(results=None, passthrough=self._head(), skipped=True)
@@ -337,13 +408,16 @@ def _log(adapter: str, outcome: Outcome) -> None:
     else:
         how = "reranked"
     logger.debug(
-        "%s %s: %s, %d documents, kept %d, %.1f ms",
+        "%s %s: %s, %d documents, kept %d, %.1f ms%s",
         adapter,
         how,
         outcome.backend,
         outcome.documents,
         outcome.kept,
         outcome.duration_ms,
+        ""
+        if outcome.budget_ms is None
+        else f", budget {outcome.budget_ms:g} ms, scored {outcome.scored}",
         extra={"rerank_adapter": adapter, **outcome.facts()},
     )
 
@@ -380,8 +454,9 @@ def _steps(
         return call.done([])
     if call.skip:
         return call.skipped()
+    budget = None if call.budget_ms is None else Budget(call.budget_ms)
     try:
-        raw = yield Ask(settings.reranker, query, texts)
-        return call.done(_select(settings, raw, len(texts), call.top_n))
+        raw = yield Ask(settings.reranker, query, texts, budget=budget)
+        return call.answered(raw)
     except Exception as error:
         return call.failed(error)

@@ -325,6 +325,7 @@ def validate_ranking(
     n_documents: int,
     top_n_sent: int | None,
     backend: str,
+    partial: bool = False,
 ) -> dict[int, float]:
     """Check a backend's ``(index, score)`` pairs; returns plain int index -> float score.
 
@@ -367,7 +368,7 @@ def validate_ranking(
                 backend=backend,
             )
         scores[index] = score
-    if len(scores) != expected:
+    if len(scores) != expected and not partial:
         raise MalformedResponseError(
             f"The {backend} answer ranks {len(scores)} documents, expected {expected}.",
             backend=backend,
@@ -376,11 +377,12 @@ def validate_ranking(
 
 
 def checked_results(
-    raw: object, *, count: int, backend: str, top_n: int | None = None
+    raw: object, *, count: int, backend: str, top_n: int | None = None, partial: bool = False
 ) -> list[RerankResult]:
     """A duck-typed reranker's answer, checked before it is trusted (see
     :func:`validate_ranking`: one finite score per document, no index twice, exactly
-    ``min(top_n, count)`` when ``top_n`` was asked for) and sorted best first, ties in
+    ``min(top_n, count)`` when ``top_n`` was asked for, or, with ``partial`` (an answer
+    within a latency budget), any of the documents) and sorted best first, ties in
     input order. Indices and scores become plain ``int`` / ``float``; an item without a
     :class:`Stage` gets the default thresholds' stage."""
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
@@ -389,7 +391,9 @@ def checked_results(
         )
     items = list(raw)
     pairs = [(getattr(item, "index", None), getattr(item, "score", None)) for item in items]
-    scores = validate_ranking(pairs, n_documents=count, top_n_sent=top_n, backend=backend)
+    scores = validate_ranking(
+        pairs, n_documents=count, top_n_sent=top_n, backend=backend, partial=partial
+    )
     results = []
     # validate_ranking keeps the answer's order, with plain int indices and float scores.
     for item, (index, score) in zip(items, scores.items(), strict=True):

@@ -209,13 +209,13 @@ def _copy(document: Document, extra: dict[str, Any]) -> Document:
 
 
 def _build(documents: Sequence[Document], outcome: pipeline.Outcome) -> list[Document]:
-    if outcome.results is None:
-        flag = pipeline.SKIPPED_KEY if outcome.skipped else pipeline.FALLBACK_KEY
-        return [_copy(documents[i], {flag: True}) for i in outcome.passthrough]
-    return [
-        _copy(documents[r.index], {pipeline.SCORE_KEY: r.score, pipeline.STAGE_KEY: r.stage.label})
-        for r in outcome.results
-    ]
+    built = []
+    for index, result, flags in outcome.placed():
+        scored: dict[str, Any] = {}
+        if result is not None:
+            scored = {pipeline.SCORE_KEY: result.score, pipeline.STAGE_KEY: result.stage.label}
+        built.append(_copy(documents[index], {**scored, **flags}))
+    return built
 
 
 def _run_outputs(documents: list[Document], outcome: pipeline.Outcome) -> dict[str, Any]:

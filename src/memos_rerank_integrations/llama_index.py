@@ -39,20 +39,29 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 dispatcher = get_dispatcher(__name__)
 
 RETRIEVAL_SCORE_KEY = "retrieval_score"
-_ADDED_KEYS = (RETRIEVAL_SCORE_KEY, pipeline.STAGE_KEY, pipeline.FALLBACK_KEY, pipeline.SKIPPED_KEY)
+_ADDED_KEYS = (
+    RETRIEVAL_SCORE_KEY,
+    pipeline.STAGE_KEY,
+    pipeline.FALLBACK_KEY,
+    pipeline.SKIPPED_KEY,
+    pipeline.PARTIAL_KEY,
+    pipeline.SCORED_KEY,
+)
 
 
 @dataclass
 class RerankQueryBundle(QueryBundle):
     """A ``QueryBundle`` with per-query rerank options for :class:`RerankPostprocessor`:
-    ``rerank`` (``False`` skips reranking for this query, ``True`` forces it past
-    ``enabled`` / ``skip_if``) and ``rerank_top_n`` (keep this many instead of
-    ``top_n``). Pass it where a query string goes:
-    ``query_engine.query(RerankQueryBundle("...", rerank_top_n=3))``.
+        ``rerank`` (``False`` skips reranking for this query, ``True`` forces it past
+        ``enabled`` / ``skip_if``) and ``rerank_top_n`` (keep this many instead of
+        ``top_n``) and ``rerank_budget_ms`` (a latency budget for this query instead of
+    ``budget_ms``). Pass it where a query string goes:
+        ``query_engine.query(RerankQueryBundle("...", rerank_top_n=3))``.
     """
 
     rerank: bool | None = None
     rerank_top_n: int | None = None
+    rerank_budget_ms: float | None = None
 
 
 class RerankPostprocessor(pipeline.RerankSettings, BaseNodePostprocessor):
@@ -215,15 +224,13 @@ def _with_keys(keys: list[str]) -> list[str]:
 
 
 def _build(nodes: list[NodeWithScore], outcome: pipeline.Outcome) -> list[NodeWithScore]:
-    if outcome.results is None:
-        flag = pipeline.SKIPPED_KEY if outcome.skipped else pipeline.FALLBACK_KEY
-        return [
-            NodeWithScore(node=_copy(nodes[i], {flag: True}), score=nodes[i].score)
-            for i in outcome.passthrough
-        ]
-    return [
-        NodeWithScore(
-            node=_copy(nodes[r.index], {pipeline.STAGE_KEY: r.stage.label}), score=r.score
-        )
-        for r in outcome.results
-    ]
+    """Scored nodes carry the rerank score; nodes passed through (skipped, a fallback,
+    or left unscored by a latency budget) keep their incoming score."""
+    built = []
+    for index, result, flags in outcome.placed():
+        if result is None:
+            built.append(NodeWithScore(node=_copy(nodes[index], flags), score=nodes[index].score))
+        else:
+            extra = {pipeline.STAGE_KEY: result.stage.label, **flags}
+            built.append(NodeWithScore(node=_copy(nodes[index], extra), score=result.score))
+    return built

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from ._calls import check_budget_ms
 from ._config import check_config, from_config, provider_options, thresholds_from
 from ._configurable import mask_secrets, unknown_options
 from ._exceptions import InvalidInputError
@@ -61,6 +62,10 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
     ``score`` (for code that reads ``score`` and expects it to follow the order) and
     moves Mem0's search score to ``vector_score``. A search's ``threshold`` (Mem0's,
     0.1 by default) drops hits by Mem0's score before this reranker sees them.
+
+    ``budget_ms`` bounds each search's rerank: memories are scored in Mem0's order until
+    it runs out; the scored ones come back reranked, the rest after them in Mem0's order
+    without ``rerank_score``, every one flagged ``rerank_partial`` / ``rerank_scored``.
     """
 
     # Inputs may hold keys: validation errors must not echo them.
@@ -75,6 +80,11 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
         default_factory=StageThresholds, description="Cut points that map scores onto stages."
     )
     text_key: str = Field(default="memory", description="The field of each memory to score.")
+    budget_ms: float | None = Field(
+        default=None,
+        description="A latency budget per search, in milliseconds: memories are scored in "
+        "Mem0's order until it runs out; the rest follow unscored (rerank_scored=False).",
+    )
     score: Literal["vector", "rerank"] = Field(
         default="vector",
         description="What each result's `score` holds: Mem0's search score ('vector') or "
@@ -106,6 +116,11 @@ class Mem0RerankerConfig(BaseRerankerConfig):  # type: ignore[misc]
     @classmethod
     def _parse_thresholds(cls, value: Any) -> StageThresholds:
         return thresholds_from(value)
+
+    @field_validator("budget_ms", mode="before")
+    @classmethod
+    def _check_budget_ms(cls, value: Any) -> float | None:
+        return check_budget_ms(value)
 
     @field_validator("text_key")
     @classmethod
@@ -223,6 +238,7 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
             min_score=config.min_score,
             min_stage=config.min_stage,
             thresholds=config.thresholds,
+            budget_ms=config.budget_ms,
             fallback=False,
         )
 
@@ -279,13 +295,16 @@ class Mem0Reranker(BaseReranker):  # type: ignore[misc]
     ) -> list[dict[str, Any]]:
         assert outcome.results is not None  # fallback is off: a failure raised
         ranked = []
-        for result in outcome.results:
-            item = copy.deepcopy(dict(documents[result.index]))
-            item[RERANK_SCORE_KEY] = result.score
-            item[RERANK_STAGE_KEY] = result.stage.label
+        for index, result, flags in outcome.placed():
+            item = copy.deepcopy(dict(documents[index]))
+            if result is not None:
+                item[RERANK_SCORE_KEY] = result.score
+                item[RERANK_STAGE_KEY] = result.stage.label
             if score == "rerank":
                 item[VECTOR_SCORE_KEY] = item.get(SCORE_KEY)
-                item[SCORE_KEY] = result.score
+                if result is not None:
+                    item[SCORE_KEY] = result.score
+            item.update(flags)
             ranked.append(item)
         return ranked
 

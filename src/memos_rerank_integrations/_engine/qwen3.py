@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._calls import check_stop
 from .cpu import cpu_has_amx
 from .linear import Linear, can_prepack, release
 
@@ -480,6 +481,7 @@ class PackedQwen3:
         last_layer = len(self.layers) - 1
 
         for index, layer in enumerate(self.layers):
+            check_stop()  # a latency budget stops the pass between layers
             final = index == last_layer
             keys = stream[0].new_empty((1, self.kv_heads, total, self.head_dim))
             values = stream[0].new_empty((1, self.kv_heads, total, self.head_dim))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .._calls import check_stop
 from .._engine.batching import budget_batches, limit_padding
 from .._exceptions import InvalidInputError, ModelLoadError
 from .._types import StageThresholds, positive_int
@@ -256,6 +257,7 @@ def run_batches(
     with torch.inference_mode():
         lengths = [len(ids) for ids in unique["input_ids"]]
         for budget_batch in budget_batches(lengths, max_tokens=max_batch_tokens):
+            check_stop()  # a latency budget stops the call between batches
             if loaded.packed is not None:
                 packed_rows = {name: [unique[name][r] for r in budget_batch] for name in names}
                 outputs.append(loaded.packed(packed_rows, loaded.device).float().cpu())

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._calls import check_stop
 from .._engine.batching import budget_batches, limit_padding
 from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
 from .._exceptions import InvalidInputError, ModelLoadError
@@ -633,6 +634,7 @@ class _QwenScorer:
         lengths = [len(row.prefix.ids) + len(row.ids) for row in rows]
         widths = [len(row.ids) for row in rows]
         for budget_batch in budget_batches(lengths, max_tokens=max_batch_tokens):
+            check_stop()  # a latency budget stops the call between batches
             # Packed rows run no padding: only transformers' padded batches are split.
             batches = (
                 [budget_batch]

@@ -11,6 +11,8 @@ for the sync and async paths. HTTP backends build on :mod:`._http`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -18,13 +20,14 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, TypedDict, TypeVar
 
 from pydantic import SecretStr
 
 from .. import _exceptions as errors
+from .._calls import Budget
 from .._configurable import Configurable
 from .._types import (
     DEFAULT_THRESHOLDS,
@@ -411,6 +414,20 @@ class RemoteOptions(TypedDict, total=False):
     thresholds: StageThresholds
 
 
+_BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar(
+    "memos_rerank_remote_budget", default=None
+)
+
+
+@contextlib.contextmanager
+def _within(budget: Budget) -> Iterator[None]:
+    token = _BUDGET.set(budget)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
 class _Clients(Protocol):
     """The HTTP clients a backend made (``http.HTTPClients``)."""
 
@@ -548,7 +565,7 @@ class RemoteReranker(Configurable):
         if not requests:
             return []
         self._prepare()
-        deadline = self.retry.deadline()
+        deadline = self._deadline()
         answers = run_in_threads(
             [functools.partial(self._run_request, query, r, deadline) for r in requests],
             deadline=deadline,
@@ -565,7 +582,7 @@ class RemoteReranker(Configurable):
         if not requests:
             return []
         self._aprepare()
-        deadline = self.retry.deadline()
+        deadline = self._deadline()
         if len(requests) == 1:
             answers = [await self._arun_request(query, requests[0], deadline)]
         else:
@@ -584,6 +601,37 @@ class RemoteReranker(Configurable):
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
         return self._merge(requests, answers, top_n)
+
+    def rerank_within(
+        self, query: str, documents: Sequence[str], *, budget: Budget
+    ) -> list[RerankResult]:
+        """:meth:`rerank` with the budget as the call's deadline where it is the
+        sooner: every document's result, or none when the budget ends first (the
+        service's answer to a request cut short never arrives)."""
+        with _within(budget):
+            try:
+                return self.rerank(query, documents)
+            except errors.RerankTimeoutError:
+                return []
+
+    async def arerank_within(
+        self, query: str, documents: Sequence[str], *, budget: Budget
+    ) -> list[RerankResult]:
+        """The async twin of :meth:`rerank_within`."""
+        with _within(budget):
+            try:
+                return await self.arerank(query, documents)
+            except errors.RerankTimeoutError:
+                return []
+
+    def _deadline(self) -> Deadline:
+        """This call's deadline: :attr:`RetryPolicy.total_budget` from now, or the end
+        of the latency budget it runs under (see :meth:`rerank_within`), if sooner."""
+        budget = _BUDGET.get()
+        seconds = self.retry.total_budget
+        if budget is not None:
+            seconds = min(seconds, max(budget.remaining(), 0.0))
+        return Deadline(seconds)
 
     def _expired(self, deadline: Deadline, count: int) -> errors.RerankTimeoutError:
         parts = "" if count == 1 else f" ({count} requests)"
