@@ -139,6 +139,7 @@ def create_app(
         max_documents=max_documents,
         max_request_tokens=max_request_tokens,
         max_body_bytes=max_body_bytes,
+        on_budget=telemetry.on_budget if telemetry else None,
     )
     on_error: Callable[[ApiError], None] = telemetry.on_error if telemetry else _no_op
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from .._calls import Ask, Budget, rerank_of
 from .._exceptions import (
     BackendUnavailableError,
     InvalidInputError,
@@ -51,6 +52,9 @@ class _Job:
     top_n: int | None
     probe: bool = False
     future: Future[list[RerankResult]] = field(default_factory=Future)
+    # A latency budget (running from when the call was queued): the call runs alone,
+    # scoring in order until it runs out, and its answer may leave documents unscored.
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -219,13 +223,21 @@ class MicroBatcher:
                 self._thread.start()
 
     def submit(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_n: int | None = None,
+        *,
+        budget: Budget | None = None,
     ) -> Future[list[RerankResult]]:
         """Queue one call; its future resolves to the results or the call's own error.
 
-        Cancel the future to withdraw a call that has not started yet.
+        With a latency ``budget`` (counting the wait in the queue) the call runs alone
+        and resolves to the results of the documents scored before it ran out, best
+        first (``top_n`` does not apply). Cancel the future to withdraw a call that has
+        not started yet.
         """
-        job = _Job(query, documents, top_n)
+        job = _Job(query, documents, top_n, budget=budget)
         self.start()
         with self._condition:
             if self._closed:
@@ -306,7 +318,7 @@ class MicroBatcher:
         if not self._queue:
             return []
         jobs = [self._queue.popleft()]
-        if not self._enabled:
+        if not self._enabled or jobs[0].budget is not None:
             return jobs
         total = len(jobs[0].documents)
         while self._queue:
@@ -314,7 +326,7 @@ class MicroBatcher:
             if job.future.cancelled():
                 self._queue.popleft()
                 continue
-            if total + len(job.documents) > self._max_documents:
+            if job.budget is not None or total + len(job.documents) > self._max_documents:
                 break
             self._queue.popleft()
             total += len(job.documents)
@@ -353,7 +365,11 @@ class MicroBatcher:
         failed = 0
         for job in live:
             try:
-                output = self._reranker.rerank(job.query, job.documents, job.top_n)
+                if job.budget is not None:
+                    ask = Ask(self._reranker, job.query, list(job.documents), budget=job.budget)
+                    output = rerank_of(ask)
+                else:
+                    output = self._reranker.rerank(job.query, job.documents, job.top_n)
             except BaseException as exc:
                 failed += 1
                 self._fail(job, exc)
@@ -423,6 +439,7 @@ def _checked(output: object, job: _Job) -> list[RerankResult]:
         n_documents=len(job.documents),
         top_n_sent=job.top_n,
         backend="model",
+        partial=job.budget is not None,
     )
     # Best first; ties keep input order (what rank_scores does).
     return sorted(output, key=lambda result: (-result.score, result.index))

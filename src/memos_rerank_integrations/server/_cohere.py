@@ -211,7 +211,7 @@ def _from_cohere_sdk(request: Request) -> bool:
 )
 async def rerank_v1(body: CohereV1RerankRequest, request: Request, service: ServiceDep) -> Response:
     texts = document_texts(service, body.documents, body.rank_fields)
-    ranked = await service.rank(request, body.query, texts, body.top_n or None)
+    ranked = await service.rank(request, body.query, texts, body.top_n or None, body.budget_ms)
     echo = body.return_documents
     if echo is None:
         echo = not _from_cohere_sdk(request)
@@ -270,7 +270,9 @@ class CohereV2RerankResponse(BaseModel):
     summary="Rerank (Cohere v2 shape)",
 )
 async def rerank_v2(body: CohereV2RerankRequest, request: Request, service: ServiceDep) -> Response:
-    ranked = await service.rank(request, body.query, body.documents, body.top_n or None)
+    ranked = await service.rank(
+        request, body.query, body.documents, body.top_n or None, body.budget_ms
+    )
     return JSONResponse(
         {
             "id": str(uuid.uuid4()),

@@ -10,6 +10,7 @@ authentication, model calls and their errors live here, once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import math
@@ -28,8 +29,9 @@ from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from .._calls import MAX_BUDGET_MS, Budget, check_budget_ms
 from .._exceptions import InvalidInputError, MalformedResponseError, RerankError
-from .._types import Reranker, RerankResult, estimate_tokens, lone_surrogate
+from .._types import Reranker, RerankResult, Stage, estimate_tokens, lone_surrogate
 from ._batcher import MicroBatcher
 
 __all__ = [
@@ -164,7 +166,19 @@ class Router(APIRouter):
             status: {"model": schema, "description": text}
             for status, text in _ERROR_STATUSES.items()
         }
-        return self.post(path, responses=responses, tags=["rerank"], **options)
+        post = self.post(path, responses=responses, tags=["rerank"], **options)
+
+        def register(handler: DecoratedCallable) -> DecoratedCallable:
+            @functools.wraps(handler)
+            async def with_budget_headers(*args: Any, **kwargs: Any) -> Any:
+                response = await handler(*args, **kwargs)
+                response.headers.update(budget_headers(kwargs["request"]))
+                return response
+
+            post(with_budget_headers)
+            return handler
+
+        return register
 
     def status(
         self, path: str, *, summary: str, head: bool = False, **options: Any
@@ -298,7 +312,24 @@ def check_sizes(
     return data
 
 
-class RerankRequest(BaseModel):
+class Budgeted(BaseModel):
+    """The optional latency budget every rerank request may carry (this server's own
+    field; the ``X-Rerank-Budget-Ms`` header does the same for clients that cannot add
+    a field, the field winning when both are given)."""
+
+    budget_ms: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_BUDGET_MS,
+        allow_inf_nan=False,
+        description="A latency budget in milliseconds: the documents are scored in their "
+        "order until it runs out; the scored ones come first, best first, the rest after "
+        "them in their order with score 0. The response's X-Rerank-Scored header says how "
+        "many were scored, X-Rerank-Partial whether any was not.",
+    )
+
+
+class RerankRequest(Budgeted):
     """The fields the MemOS and Cohere rerank requests begin with; JSON types are
     not converted (``"3"`` is no ``top_n``)."""
 
@@ -503,10 +534,13 @@ def authorize(headers: Sequence[tuple[bytes, bytes]], key: bytes, *, scheme: str
 
 @dataclass(frozen=True)
 class Ranked:
-    """A scored request: results best first, and the tokens it cost."""
+    """A scored request: results best first, and the tokens it cost. Under a latency
+    budget, the documents it left unscored follow the scored ones in their order
+    with score 0, and :attr:`scored` says how many were scored."""
 
     results: list[RerankResult]
     tokens: int
+    scored: int | None = None
 
 
 class Service:
@@ -526,8 +560,10 @@ class Service:
         max_documents: int,
         max_request_tokens: int | None,
         max_body_bytes: int,
+        on_budget: Callable[[int, int, float], None] | None = None,
     ) -> None:
         self.reranker = reranker
+        self._on_budget = on_budget
         self.batcher = batcher
         self.model_name = model_name
         self.max_documents = max_documents
@@ -605,15 +641,29 @@ class Service:
         )
 
     async def rank(
-        self, request: Request, query: str, documents: Sequence[str], top_n: int | None
+        self,
+        request: Request,
+        query: str,
+        documents: Sequence[str],
+        top_n: int | None,
+        budget_ms: float | None = None,
     ) -> Ranked:
-        """Check the limits, then score one call (withdrawn if the client leaves)."""
+        """Check the limits, then score one call (withdrawn if the client leaves);
+        within a latency budget (``budget_ms``, else the ``X-Rerank-Budget-Ms``
+        header), counted from here."""
+        budget = _budget(request, budget_ms)
         self.check_documents(len(documents))
         tokens = await self.count_tokens([(query, documents)])
         self.check_budget(tokens, len(documents))
-        futures = [self._submit(query, documents, top_n)]
+        futures = [self._submit(query, documents, top_n, budget)]
         (results,) = await self._wait(request, futures)
-        return Ranked(results, tokens)
+        if budget is None:
+            return Ranked(results, tokens)
+        ranked = _with_unscored(results, len(documents), top_n)
+        request.state.rerank_budget = (budget.milliseconds, len(results), len(documents))
+        if self._on_budget is not None:
+            self._on_budget(len(results), len(documents), budget.elapsed_ms() / 1000.0)
+        return Ranked(ranked, tokens, scored=len(results))
 
     async def rank_pairs(
         self, request: Request, calls: Sequence[tuple[str, Sequence[str]]]
@@ -633,10 +683,14 @@ class Service:
         return value if isinstance(value, int) else None
 
     def _submit(
-        self, query: str, documents: Sequence[str], top_n: int | None
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_n: int | None,
+        budget: Budget | None = None,
     ) -> Future[list[RerankResult]]:
         try:
-            return self.batcher.submit(query, documents, top_n)
+            return self.batcher.submit(query, documents, top_n, budget=budget)
         except RerankError as exc:  # shutting down
             raise ApiError(503, exc.message, code=INTERNAL, kind="unavailable") from None
 
@@ -673,6 +727,55 @@ class Service:
             raise ApiError(400, exc.message) from None
         except Exception as exc:
             raise _model_error(exc) from None
+
+
+BUDGET_HEADER = "x-rerank-budget-ms"
+
+
+def _budget(request: Request, budget_ms: float | None) -> Budget | None:
+    """The request's latency budget, started now: the body's ``budget_ms``, else the
+    ``X-Rerank-Budget-Ms`` header (a 400 when it is not a number of milliseconds)."""
+    if budget_ms is None:
+        header = request.headers.get(BUDGET_HEADER)
+        if header is None:
+            return None
+        try:
+            budget_ms = check_budget_ms(float(header[:32]) if len(header) <= 32 else None)
+        except (ValueError, InvalidInputError):
+            budget_ms = None
+        if budget_ms is None:
+            raise ApiError(
+                400,
+                f"X-Rerank-Budget-Ms must be a number of milliseconds, more than 0 and at "
+                f"most {MAX_BUDGET_MS:.0f}.",
+            )
+    return Budget(budget_ms)
+
+
+def _with_unscored(
+    results: list[RerankResult], count: int, top_n: int | None
+) -> list[RerankResult]:
+    """The scored results, then the documents left unscored in their order, with
+    score 0 and the lowest stage, cut to ``top_n``."""
+    scored = {result.index for result in results}
+    unscored = [
+        RerankResult(index, 0.0, Stage.IRRELEVANT) for index in range(count) if index not in scored
+    ]
+    ranked = [*results, *unscored]
+    return ranked if top_n is None else ranked[:top_n]
+
+
+def budget_headers(request: Request) -> dict[str, str]:
+    """The latency-budget headers of a response (none without a budget)."""
+    outcome = getattr(request.state, "rerank_budget", None)
+    if outcome is None:
+        return {}
+    budget_ms, scored, documents = outcome
+    return {
+        "X-Rerank-Budget-Ms": f"{budget_ms:g}",
+        "X-Rerank-Scored": str(scored),
+        "X-Rerank-Partial": "true" if scored < documents else "false",
+    }
 
 
 def _service(request: Request) -> Service:

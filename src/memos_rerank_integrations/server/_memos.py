@@ -131,7 +131,7 @@ router = Router()
 async def rerank(body: RerankBody, request: Request, service: ServiceDep) -> Response:
     if isinstance(body, _tei.TEIRerankRequest):
         return await _tei.rerank(service, request, body)
-    ranked = await service.rank(request, body.query, body.documents, body.top_n)
+    ranked = await service.rank(request, body.query, body.documents, body.top_n, body.budget_ms)
     return JSONResponse(
         {
             "id": str(uuid.uuid4()),

@@ -115,6 +115,24 @@ class Metrics:
         self.errors = Counter(
             "memos_rerank_errors", "Error answers by kind.", ["kind"], registry=registry
         )
+        self.budget_calls = Counter(
+            "memos_rerank_budget_calls",
+            "Requests with a latency budget, by whether it ran out before every document "
+            "was scored (partial).",
+            ["partial"],
+            registry=registry,
+        )
+        self.budget_unscored = Counter(
+            "memos_rerank_budget_unscored_documents",
+            "Documents a latency budget left unscored.",
+            registry=registry,
+        )
+        self.budget_elapsed = Histogram(
+            "memos_rerank_budget_elapsed_seconds",
+            "Seconds a request with a latency budget took, from its budget's start.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         queue = Gauge(
             "memos_rerank_queue_depth", "Requests waiting for the model.", registry=registry
         )
@@ -129,6 +147,13 @@ class Metrics:
         self.documents.inc(report.scored_documents)
         self.batch_requests.observe(report.calls)
         self.batch_documents.observe(report.documents)
+
+    def on_budget(self, scored: int, documents: int, elapsed: float) -> None:
+        """One request with a latency budget: how many of its documents were scored,
+        and how long it took."""
+        self.budget_calls.labels("true" if scored < documents else "false").inc()
+        self.budget_unscored.inc(documents - scored)
+        self.budget_elapsed.observe(elapsed)
 
     def on_error(self, error: ApiError) -> None:
         self.errors.labels(error.kind).inc()

@@ -21,7 +21,17 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from .._types import Reranker
-from ._core import ApiError, Dialect, Query, Router, Service, ServiceDep, Text, check_sizes
+from ._core import (
+    ApiError,
+    Budgeted,
+    Dialect,
+    Query,
+    Router,
+    Service,
+    ServiceDep,
+    Text,
+    check_sizes,
+)
 
 __all__ = [
     "TEI",
@@ -99,7 +109,7 @@ def _sigmoid(logit: float) -> float:
     return z / (1.0 + z)
 
 
-class TEIRerankRequest(BaseModel):
+class TEIRerankRequest(Budgeted):
     """The text-embeddings-inference rerank request (``texts`` instead of ``documents``)."""
 
     model_config = ConfigDict(strict=True)
@@ -137,7 +147,7 @@ async def rerank(service: Service, request: Request, body: TEIRerankRequest) -> 
     """Answer a TEI ``/rerank`` body (errors too, in TEI's shape)."""
     request.state.dialect = TEI
     scale = score_scale(service.reranker)
-    ranked = await service.rank(request, body.query, body.texts, None)
+    ranked = await service.rank(request, body.query, body.texts, None, body.budget_ms)
     convert: Callable[[float], float] | None = None
     if body.raw_scores and scale == "probability":
         convert = _logit

@@ -17,12 +17,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ._cohere import CohereError, route
-from ._core import ApiError, Query, Router, ServiceDep, Text, check_sizes
+from ._core import (
+    BUDGET_HEADER,
+    ApiError,
+    Budgeted,
+    Query,
+    Router,
+    ServiceDep,
+    Text,
+    check_sizes,
+)
 
 __all__ = ["ModelList", "ScoreRequest", "ScoreResponse", "models", "router", "score"]
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(Budgeted):
     """vLLM's score request."""
 
     model_config = ConfigDict(strict=True)
@@ -72,10 +81,16 @@ async def score(body: ScoreRequest, request: Request, service: ServiceDep) -> Re
     if not queries or not texts:
         raise ApiError(400, "'text_1' and 'text_2' must not be empty.")
     if len(queries) == 1:
-        ranked = await service.rank(request, queries[0], texts, None)
+        ranked = await service.rank(request, queries[0], texts, None, body.budget_ms)
         scores = {result.index: result.score for result in ranked.results}
         ordered = [scores[index] for index in range(len(texts))]
     elif len(queries) == len(texts):
+        if body.budget_ms is not None or request.headers.get(BUDGET_HEADER) is not None:
+            raise ApiError(
+                400,
+                "A latency budget ranks one query's documents; pairwise /score (one query "
+                "per text) takes none.",
+            )
         ranked = await service.rank_pairs(
             request, [(query, [text]) for query, text in zip(queries, texts, strict=True)]
         )
