@@ -227,4 +227,7 @@ def _run_outputs(documents: list[Document], outcome: pipeline.Outcome) -> dict[s
         "error": outcome.error,
         "top_n": outcome.top_n,
         "duration_ms": outcome.duration_ms,
+        "budget_ms": outcome.budget_ms,
+        "partial": outcome.partial,
+        "scored": outcome.scored if outcome.results is not None else 0,
     }
