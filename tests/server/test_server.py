@@ -344,6 +344,25 @@ def test_batcher_respects_document_budget_and_starts_idle_calls_at_once() -> Non
         batcher.close()
 
 
+def test_batcher_forms_batches_by_tokens_in_arrival_order() -> None:
+    backend = WordOverlapReranker(delay=0.05)
+    batcher = MicroBatcher(
+        backend, batch_window_ms=2000, max_batch_documents=1000, max_batch_tokens=1000
+    )
+    try:
+        batcher.submit(QUERY, DOCUMENTS, tokens=10).result(5)  # the worker is warm
+        backend.many_calls.clear()
+        # 300 tokens each: three calls fit in 1000, the fourth starts the next batch.
+        futures = [batcher.submit(QUERY, DOCUMENTS[:2], tokens=300) for _ in range(7)]
+        for future in futures:
+            assert future.result(5) == backend.rerank(QUERY, DOCUMENTS[:2])
+        assert backend.many_calls and max(backend.many_calls) == 3
+        # A call of unknown size is never fused past the token bound.
+        assert batcher.submit(QUERY, DOCUMENTS[:2]).result(5)
+    finally:
+        batcher.close()
+
+
 def test_batcher_close_finishes_queued_work_and_stops_thread() -> None:
     backend = WordOverlapReranker(delay=0.02)
     batcher = MicroBatcher(backend)

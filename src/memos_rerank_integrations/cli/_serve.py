@@ -164,6 +164,12 @@ def add_parser(commands: Any) -> None:
         help="documents per fused forward batch (default: 128 on CUDA, 32 elsewhere)",
     )
     serve.add_argument(
+        "--max-batch-tokens",
+        type=int_in(1, 10**7),
+        default=None,
+        help="also bound a fused batch by its requests' tokens (default: documents only)",
+    )
+    serve.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info"
     )
     serve.set_defaults(run=run)
@@ -207,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         batching=not args.no_batching,
         batch_window_ms=args.batch_window_ms,
         max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
+        max_batch_tokens=args.max_batch_tokens,
         metrics=not args.no_metrics,
     )
     server = uvicorn.Server(

@@ -79,6 +79,7 @@ def create_app(
     batching: bool = True,
     batch_window_ms: float = 5.0,
     max_batch_documents: int = 32,
+    max_batch_tokens: int | None = None,
     metrics: bool = True,
 ) -> FastAPI:
     """Build the ASGI app serving ``reranker`` (typically a local backend).
@@ -98,7 +99,8 @@ def create_app(
     non-ASCII character and per four ASCII ones; ``None``: no budget) a 413 that
     says how to split it.
 
-    ``batching``, ``batch_window_ms`` and ``max_batch_documents`` configure the
+    ``batching``, ``batch_window_ms``, ``max_batch_documents`` and ``max_batch_tokens``
+    (batches formed by the requests' token counts as well) configure the
     :class:`MicroBatcher` (``app.state.batcher``), whose worker thread stops when
     the app shuts down.
 
@@ -124,6 +126,7 @@ def create_app(
         enabled=batching,
         batch_window_ms=batch_window_ms,
         max_batch_documents=max_batch_documents,
+        max_batch_tokens=max_batch_tokens,
         on_batch=lambda report: telemetry.on_batch(report) if telemetry else None,
     )
     if metrics:

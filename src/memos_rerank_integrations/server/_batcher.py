@@ -30,7 +30,7 @@ from .._exceptions import (
     MalformedResponseError,
     RerankError,
 )
-from .._types import Reranker, RerankResult, validate_ranking
+from .._types import Reranker, RerankResult, optional_positive_int, validate_ranking
 
 __all__ = ["BatchReport", "BatcherHealth", "MicroBatcher"]
 
@@ -52,6 +52,8 @@ class _Job:
     top_n: int | None
     probe: bool = False
     future: Future[list[RerankResult]] = field(default_factory=Future)
+    # The tokens the call scores, when known: batches are then formed by tokens.
+    tokens: int | None = None
     # A latency budget (running from when the call was queued): the call runs alone,
     # scoring in order until it runs out, and its answer may leave documents unscored.
     budget: Budget | None = None
@@ -87,8 +89,10 @@ class MicroBatcher:
     ``reranker`` is any :class:`Reranker`; if it also has ``rerank_many(calls)``
     (a list of ``(query, documents, top_n)`` scored in shared forward passes),
     queued calls are grouped into batches of at most ``max_batch_documents``
-    documents (a single larger call runs alone). Without ``rerank_many``, or with
-    ``enabled=False``, calls run one at a time in arrival order.
+    documents and, with ``max_batch_tokens``, at most that many tokens (calls submitted
+    with their token count; a single larger call runs alone). Batches are taken in
+    arrival order, so no call waits behind later ones. Without ``rerank_many``, or
+    with ``enabled=False``, calls run one at a time in arrival order.
 
     The default of 32 documents suits CPUs, where one forward pass of a few dozen
     rows already uses every core: small calls are fused, larger calls run one by
@@ -118,6 +122,7 @@ class MicroBatcher:
         enabled: bool = True,
         batch_window_ms: float = 5.0,
         max_batch_documents: int = 32,
+        max_batch_tokens: int | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
         if batch_window_ms < 0:
@@ -132,6 +137,7 @@ class MicroBatcher:
         self._enabled = enabled and self._rerank_many is not None
         self._window = batch_window_ms / 1000.0
         self._max_documents = max_batch_documents
+        self._max_tokens = optional_positive_int("max_batch_tokens", max_batch_tokens)
         self._on_batch = on_batch
         self._queue: deque[_Job] = deque()
         self._condition = threading.Condition()
@@ -229,6 +235,7 @@ class MicroBatcher:
         top_n: int | None = None,
         *,
         budget: Budget | None = None,
+        tokens: int | None = None,
     ) -> Future[list[RerankResult]]:
         """Queue one call; its future resolves to the results or the call's own error.
 
@@ -237,7 +244,7 @@ class MicroBatcher:
         first (``top_n`` does not apply). Cancel the future to withdraw a call that has
         not started yet.
         """
-        job = _Job(query, documents, top_n, budget=budget)
+        job = _Job(query, documents, top_n, tokens=tokens, budget=budget)
         self.start()
         with self._condition:
             if self._closed:
@@ -320,7 +327,7 @@ class MicroBatcher:
         jobs = [self._queue.popleft()]
         if not self._enabled or jobs[0].budget is not None:
             return jobs
-        total = len(jobs[0].documents)
+        total, tokens = len(jobs[0].documents), jobs[0].tokens or 0
         while self._queue:
             job = self._queue[0]
             if job.future.cancelled():
@@ -328,8 +335,13 @@ class MicroBatcher:
                 continue
             if job.budget is not None or total + len(job.documents) > self._max_documents:
                 break
+            if self._max_tokens is not None and (
+                job.tokens is None or tokens + job.tokens > self._max_tokens
+            ):
+                break
             self._queue.popleft()
             total += len(job.documents)
+            tokens += job.tokens or 0
             jobs.append(job)
         return jobs
 

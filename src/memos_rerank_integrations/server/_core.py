@@ -655,7 +655,7 @@ class Service:
         self.check_documents(len(documents))
         tokens = await self.count_tokens([(query, documents)])
         self.check_budget(tokens, len(documents))
-        futures = [self._submit(query, documents, top_n, budget)]
+        futures = [self._submit(query, documents, top_n, budget, tokens)]
         (results,) = await self._wait(request, futures)
         if budget is None:
             return Ranked(results, tokens)
@@ -673,7 +673,8 @@ class Service:
         self.check_documents(sum(len(documents) for _, documents in calls))
         tokens = await self.count_tokens(calls)
         self.check_budget(tokens, sum(len(documents) for _, documents in calls))
-        futures = [self._submit(query, documents, None) for query, documents in calls]
+        share = -(-tokens // max(len(calls), 1))  # each pair's part of the count, for batching
+        futures = [self._submit(query, documents, None, tokens=share) for query, documents in calls]
         outputs = await self._wait(request, futures)
         return Ranked([result for output in outputs for result in output], tokens)
 
@@ -688,9 +689,10 @@ class Service:
         documents: Sequence[str],
         top_n: int | None,
         budget: Budget | None = None,
+        tokens: int | None = None,
     ) -> Future[list[RerankResult]]:
         try:
-            return self.batcher.submit(query, documents, top_n, budget=budget)
+            return self.batcher.submit(query, documents, top_n, budget=budget, tokens=tokens)
         except RerankError as exc:  # shutting down
             raise ApiError(503, exc.message, code=INTERNAL, kind="unavailable") from None
 
