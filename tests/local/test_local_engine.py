@@ -272,7 +272,7 @@ def test_prepared_weights_reorder_rows_and_fold_columns(dtype: str) -> None:
     weight and bias of ``x -> ((x * columns) @ weight.T + bias)[:, rows]``, and
     ``Linear.from_weight`` prepacks such a weight (stacked ones too)."""
     from memos_rerank_integrations._engine.linear import Linear, can_prepack
-    from memos_rerank_integrations._engine.qwen3 import _prepared
+    from memos_rerank_integrations._engine.qwen3 import _prepared, _prepared_bias, _Scratch
 
     torch.manual_seed(0)
     kind = getattr(torch, dtype)
@@ -284,7 +284,14 @@ def test_prepared_weights_reorder_rows_and_fold_columns(dtype: str) -> None:
     scaled = (x.float() * columns.float()).to(kind)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == "float32" else {"atol": 0.05, "rtol": 0.02}
     expected = torch.nn.functional.linear(scaled, module.weight, module.bias)[:, rows]
-    weight, bias = _prepared(module, rows=rows, columns=columns)
+    stored = module.weight.detach().clone()
+    scratch = _Scratch()
+    weight = _prepared(module.weight, kind, scratch, rows=rows, columns=columns).clone()
+    bias = _prepared_bias(module.bias, kind, rows=rows)
+    assert bias is not None
+    folded = _prepared(module.weight, kind, scratch, columns=columns)
+    torch.testing.assert_close(folded[rows], weight)
+    assert torch.equal(module.weight, stored)  # the stored weight is never written
     torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), expected, **tolerance)
     assert not torch.allclose(expected.float(), module(x).float(), atol=0.1)
     if not can_prepack(module.weight):

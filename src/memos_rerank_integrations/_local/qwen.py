@@ -32,13 +32,14 @@ import functools
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._engine.batching import budget_batches, limit_padding
-from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
+from .._engine.checkpoint import open_qwen3
+from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, checkpoint_engine, packed_engine
 from .._exceptions import InvalidInputError, ModelLoadError
 from .._qwen_prompt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, PROMPT_PREFIX, PROMPT_SUFFIX
 from .._types import DEFAULT_THRESHOLDS, StageThresholds, optional_positive_int, positive_int
@@ -375,8 +376,9 @@ class _QwenTokens:
 
 class _QwenScorer:
     """One loaded model (shared process-wide per model, device and dtype): the
-    decoder, the yes-minus-no head, cached instruction prefixes, and the lock
-    that serializes its use (``lock``; the tokenizer has its own, ``tokens.lock``)."""
+    packed engine (or transformers' decoder where the engine does not cover the
+    model), the yes-minus-no head, cached instruction prefixes, and the lock that
+    serializes its use (``lock``; the tokenizer has its own, ``tokens.lock``)."""
 
     def __init__(
         self,
@@ -385,21 +387,40 @@ class _QwenScorer:
         head: torch.Tensor,
         bias: float,
         device: torch.device,
+        *,
+        engine: PackedQwen3 | None = None,
     ) -> None:
         self.tokens = tokens
+        # transformers' ``Qwen3Model`` where the model was loaded through transformers;
+        # ``None`` where the engine was built from the checkpoint's files.
         self.decoder = decoder
         self.head = head
         self.bias = bias
         self.device = device
         self.lock = threading.Lock()
         self._instructions: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
-        # transformers >= 5.2x names the KV-cache argument ``cache`` (``past_key_values``
-        # is deprecated and warns on every call); older versions know only the old name.
-        parameters = inspect.signature(decoder.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        # The packed engine, where the model's architecture allows (else transformers');
-        # it owns the projection weights (held once, prepacked for oneDNN on CPU).
-        self.engine: PackedQwen3 | None = packed_engine(decoder, own_weights=True)
+        self._cache_argument = "past_key_values"
+        self.engine = engine
+        if decoder is not None:
+            # transformers >= 5.2x names the KV-cache argument ``cache``
+            # (``past_key_values`` is deprecated and warns on every call); older
+            # versions know only the old name.
+            parameters = inspect.signature(decoder.forward).parameters
+            self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+            # The packed engine, where the model's architecture allows (else
+            # transformers'); it owns the projection weights (held once, prepacked for
+            # oneDNN on CPU).
+            self.engine = packed_engine(decoder, own_weights=True)
+        elif engine is None:
+            raise ValueError("a scorer needs a decoder or an engine")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model runs in."""
+        if self.engine is not None:
+            return self.engine.dtype
+        dtype: torch.dtype = self.decoder.dtype
+        return dtype
 
     # -- scoring ---------------------------------------------------------------------
 
@@ -725,6 +746,26 @@ def _load_tokens(model: str) -> _QwenTokens:
 
 
 def _load_scorer(
+    model: str, device: torch.device, dtype: torch.dtype, tokens: Callable[[], _QwenTokens]
+) -> _QwenScorer:
+    """The model, for scoring. On CPU, a checkpoint the packed engine covers (see
+    :func:`~memos_rerank_integrations._engine.checkpoint.open_qwen3`) is read from its
+    files straight into the engine (no transformers model is built, nothing is held
+    twice); other checkpoints and devices load through transformers. ``tokens`` gives
+    the tokenizer (which may still be loading in another thread)."""
+    if device.type == "cpu":
+        checkpoint = open_qwen3(model)
+        if checkpoint is not None:
+            with checkpoint:
+                engine = checkpoint_engine(checkpoint, dtype)
+                if engine is not None:
+                    loaded = tokens()
+                    rows = checkpoint.output_rows([loaded.yes, loaded.no]).to(dtype).float()
+                    return _QwenScorer(loaded, None, rows[0] - rows[1], 0.0, device, engine=engine)
+    return _load_transformers_scorer(model, device, dtype, tokens())
+
+
+def _load_transformers_scorer(
     model: str, device: torch.device, dtype: torch.dtype, tokens: _QwenTokens
 ) -> _QwenScorer:
     import transformers
@@ -745,6 +786,34 @@ def _load_scorer(
     if getattr(output, "bias", None) is not None:
         bias = float(output.bias[yes].float() - output.bias[no].float())
     return _QwenScorer(tokens, lm.get_decoder(), head, bias, device)
+
+
+class _Background:
+    """A call run in a thread of its own; :meth:`result` waits for it and returns its
+    value or raises its exception."""
+
+    def __init__(self, call: Callable[[], _QwenTokens]) -> None:
+        self._call = call
+        self._value: _QwenTokens | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="memos-rerank-load", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> _QwenTokens:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 class QwenReranker(LocalReranker):
@@ -815,18 +884,26 @@ class QwenReranker(LocalReranker):
         """The tokenizer, loaded (and shared per model) without the weights."""
         if self._tokens is None:
             key = model_cache_key("qwen-tokenizer", self.model, _NO_DEVICE, _NO_DTYPE)
-            self._tokens = load_shared(key, lambda: _load_tokens(self.model), model=self.model)
+            self._tokens = load_shared(
+                key, lambda: _load_tokens(self.model), model=self.model, exclusive=False
+            )
         return self._tokens
 
     def _loaded(self) -> _QwenScorer:
         if self._scorer is None:
-            tokens = self._tokenizer()
             device = resolve_device(self.device)
             dtype = resolve_dtype(self.dtype, device)
             key = model_cache_key("qwen-yes-no", self.model, device, dtype)
-            self._scorer = load_shared(
-                key, lambda: _load_scorer(self.model, device, dtype, tokens), model=self.model
-            )
+            # The tokenizer loads in a thread while the weights load.
+            pending = None if self._tokens is not None else _Background(self._tokenizer)
+            tokens = self._tokenizer if pending is None else pending.result
+            try:
+                self._scorer = load_shared(
+                    key, lambda: _load_scorer(self.model, device, dtype, tokens), model=self.model
+                )
+            finally:
+                if pending is not None:
+                    pending.join()
         return self._scorer
 
     def _tokenize(
