@@ -8,7 +8,8 @@ file is read once first): the model card's transformers recipe
 ``QwenReranker`` in bfloat16 and float32, ``memos-rerank rerank`` of one line on a
 pipe (until the process exits), and ``cat model.safetensors > /dev/null``. The
 contenders alternate within each round (the order rotates from round to round), and
-each is reported by its best and median round. ``--baseline-src`` adds
+each is reported by its best and median round, with its memory at its first score
+(anonymous and file-backed resident memory, and the peak). ``--baseline-src`` adds
 ``QwenReranker`` run from another source tree (e.g. a ``git worktree`` of an earlier
 commit), for A/B comparisons.
 
@@ -45,6 +46,12 @@ import sys, time
 START = float(sys.argv[1])
 def mark(name):
     print("MARK", name, time.time() - START, flush=True)
+def memory():
+    fields = ("VmHWM", "RssAnon", "RssFile")
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in fields:
+            print("MEMORY", key, int(value.split()[0]) / 1024, flush=True)
 """
 
 _RECIPE_CHILD = (
@@ -59,6 +66,7 @@ mark("loaded")
 score = recipe(sys.argv[5], [sys.argv[6]])[0]
 mark("scored")
 print("SCORE", score, flush=True)
+memory()
 """
 )
 
@@ -75,6 +83,7 @@ mark("loaded")
 score = reranker.rerank(sys.argv[5], [sys.argv[6]])[0].score
 mark("scored")
 print("SCORE", score, flush=True)
+memory()
 """
 )
 
@@ -94,16 +103,19 @@ def _run(command: list[str], *, env: dict[str, str], stdin: str | None = None) -
     if done.returncode:
         raise RuntimeError(f"{command[:4]} failed:\n{done.stderr[-3000:]}")
     marks: dict[str, float] = {}
+    memory: dict[str, float] = {}
     score = None
     for line in done.stdout.splitlines():
         parts = line.split()
         if parts[:1] == ["MARK"]:
             marks[parts[1]] = float(parts[2])
+        elif parts[:1] == ["MEMORY"]:
+            memory[parts[1] + "_mib"] = float(parts[2])
         elif parts[:1] == ["SCORE"]:
             score = float(parts[1])
     if not marks and done.stdout.lstrip().startswith("{"):  # the CLI's JSON
         score = json.loads(done.stdout)["results"][0]["score"]
-    return {"marks": marks, "score": score, "exited": exited}
+    return {"marks": marks, "memory": memory, "score": score, "exited": exited}
 
 
 def _summary(times: list[float]) -> dict[str, Any]:
@@ -125,6 +137,9 @@ def main() -> None:
         type=Path,
         default=None,
         help="also time QwenReranker imported from this src directory (A/B)",
+    )
+    parser.add_argument(
+        "--baseline-label", default=None, help="what the baseline is (e.g. its commit)"
     )
     _common.add_output_arguments(parser, "bench_first_score")
     args = parser.parse_args()
@@ -198,6 +213,8 @@ def main() -> None:
                 mark: statistics.median(r["marks"][mark] for r in rounds if mark in r["marks"])
                 for mark in phases
             }
+        if rounds[0]["memory"]:  # at the first score (VmHWM: the peak until then)
+            entry["memory_at_first_score"] = rounds[0]["memory"]
         scores = [r["score"] for r in rounds if r["score"] is not None]
         if scores:
             entry["score"] = scores[0]
@@ -264,6 +281,9 @@ def main() -> None:
         "model": str(model.name),
         "weights_bytes": weights.stat().st_size,
         "repeats": repeats,
+        "baseline": None
+        if args.baseline_src is None
+        else {"src": str(args.baseline_src), "label": args.baseline_label},
         "results": results,
         "ratios": ratios,
         "score_abs_diff_vs_recipe": score_diffs,

@@ -344,3 +344,43 @@ def test_without_transformers_a_reranker_names_the_extra_to_install() -> None:
         "try:\n    QwenReranker('some/model')\nexcept ImportError as e:\n    print(e)"
     )
     assert "memos-rerank-integrations[local]" in out and "transformers" in out
+
+
+def _resident_kib(path: Path) -> tuple[int, int]:
+    """This process's mappings of ``path``: how many, and their resident KiB."""
+    mappings = resident = 0
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(path)
+            mappings += inside
+        elif inside and fields[:1] == ["Rss:"]:
+            resident += int(fields[1])
+    return mappings, resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_an_embedding_stored_in_the_dtype_stays_mapped_and_holds_only_rows_read(
+    tmp_path: Path,
+) -> None:
+    """Loaded in the dtype it is stored in, the embedding is not copied: it stays
+    memory-mapped, through a mapping of its own, so the pages of the layers' weights
+    read while loading are not kept resident with it."""
+    path = build_tiny_qwen_reranker(
+        tmp_path / "wide", hidden_size=256, intermediate_size=1024, head_dim=64
+    )
+    weights = (path / "model.safetensors").resolve()
+    reranker = QwenReranker(path, dtype="float32", device="cpu")
+    assert reranker.rerank("q", ["a memory"])
+    engine = reranker._loaded().engine
+    assert engine is not None
+    mappings, resident = _resident_kib(weights)
+    assert mappings == 1  # the embedding's own (the layers' weights were copied)
+    assert resident * 1024 < weights.stat().st_size / 4, resident
+    table = engine.embed_tokens.weight
+    mapped = [
+        line for line in Path("/proc/self/maps").read_text().splitlines() if str(weights) in line
+    ]
+    start, end = (int(part, 16) for part in mapped[0].split()[0].split("-"))
+    assert start <= table.data_ptr() < end

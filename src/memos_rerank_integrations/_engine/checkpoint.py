@@ -169,6 +169,7 @@ class Qwen3Checkpoint:
         from safetensors import safe_open
 
         self.settings = settings
+        self._files = files
         self._handles: dict[Path, Any] = {}
         self._where: dict[str, Any] = {}
         try:
@@ -207,6 +208,18 @@ class Qwen3Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """The stored tensor (in the file's dtype, memory-mapped: read-only)."""
         tensor: torch.Tensor = self._where[name].get_tensor(name)
+        return tensor
+
+    def embedding(self) -> torch.Tensor:
+        """The input embedding as stored, through a mapping of its own: kept as it is
+        (as transformers keeps a weight stored in the dtype it loads), it holds
+        resident only the rows looked up, not the pages of the other tensors read
+        through the checkpoint's mapping."""
+        from safetensors import safe_open
+
+        name = "model.embed_tokens.weight"
+        with safe_open(self._files[name], framework="pt") as handle:
+            tensor: torch.Tensor = handle.get_tensor(name)
         return tensor
 
     def output_rows(self, ids: list[int]) -> torch.Tensor:

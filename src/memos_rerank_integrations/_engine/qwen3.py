@@ -1,11 +1,14 @@
 """A Qwen3 decoder run on packed rows: the work of a QwenReranker forward pass.
 
-The weights are the loaded ``Qwen3Model``'s own. On CPU (float32 or bfloat16, where
-torch has oneDNN) every projection runs as oneDNN's prepacked linear (see
-``linear``): the weight is reordered once, at load, not on every call. When the
-engine owns the weights (``own_weights``, as ``QwenReranker`` builds it) the plain copy
-is released, so the model is held once. Elsewhere the weights are used in place.
-Prepacked, the MLP's SiLU and its gate-times-up product and both residual adds run
+The weights are a loaded ``Qwen3Model``'s own, or, on CPU, read straight from the
+checkpoint's files with no transformers model built (``PackedQwen3.from_checkpoint``,
+as ``QwenReranker`` loads a checkpoint this engine covers): each layer's tensors are
+memory-mapped, cast to the dtype as transformers casts them, prepared and prepacked in
+turn. On CPU (float32 or bfloat16, where torch has oneDNN) every projection runs as
+oneDNN's prepacked linear (see ``linear``): the weight is reordered once, at load, not
+on every call. When the engine owns a loaded model's weights (``own_weights``) the
+plain copy is released, so the model is held once. Elsewhere the weights are used in
+place. Prepacked, the MLP's SiLU and its gate-times-up product and both residual adds run
 inside the matmuls as oneDNN post-ops, with no pass of their own over memory. The
 prepacked copies are prepared for the engine (``PackedQwen3._prepacked``): q and k in
 rotary pairs (below), the weights of the RMSNorms before attention and before the MLP
@@ -310,13 +313,17 @@ class PackedQwen3:
         """The engine of a checkpoint read from its files (on CPU, prepacked), with no
         transformers model built: each layer's tensors are read (memory-mapped), cast to
         ``dtype``, prepared and prepacked in turn, so only the prepacked copies are
-        held, plus the embedding and the norms in ``dtype``. Raises ``RuntimeError``
-        where oneDNN refuses a weight (the caller then loads through transformers)."""
+        held, plus the embedding (memory-mapped where stored in ``dtype``) and the
+        norms in ``dtype``. Raises ``RuntimeError`` where oneDNN refuses a weight (the
+        caller then loads through transformers)."""
         import torch
 
         settings = checkpoint.settings
         engine = cls.__new__(cls)
-        embedding = checkpoint.tensor("model.embed_tokens.weight").to(dtype, copy=True)
+        # As transformers does, an embedding stored in ``dtype`` stays memory-mapped
+        # (only the rows looked up are ever read; it is never written); one stored in
+        # another dtype is cast.
+        embedding = checkpoint.embedding().to(dtype)
         engine._describe(
             embed_tokens=torch.nn.Embedding(
                 num_embeddings=settings.vocab_size,

@@ -826,6 +826,9 @@ class QwenReranker(LocalReranker):
     Args:
         model: a Hugging Face Hub id or a local directory. Loaded on first use and
             shared by every reranker in the process with the same model, device and dtype.
+            On CPU a Qwen3 checkpoint in safetensors that the packed engine covers is
+            read straight from its files (no transformers model is built); others load
+            through transformers.
         instruction: the ``<Instruct>`` text (default: the model card's web-search one).
         max_length: the most tokens of one prompt; only the document's tail is cut.
         device: ``"cuda"``, ``"mps"``, ``"cpu"``...; ``None`` picks CUDA, then MPS,
