@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -255,45 +254,6 @@ def test_the_default_rotary_embedding_equals_transformers(
     for got, expected in zip(ours(x, positions), theirs(x, positions), strict=True):
         assert got.dtype == expected.dtype == dtype
         assert torch.equal(got, expected)
-
-
-def test_the_tokenizer_loads_while_the_weights_load(
-    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The tokenizer loads in a thread of its own, at the same time as the weights."""
-    weights_loading = threading.Event()
-    seen: dict[str, Any] = {}
-    load_tokens, engine = _qwen_module._load_tokens, _qwen_module.checkpoint_engine
-
-    def tokens(model: str) -> Any:
-        seen["thread"] = threading.current_thread()
-        seen["overlapped"] = weights_loading.wait(timeout=30)
-        return load_tokens(model)
-
-    def weights(*args: Any) -> Any:
-        weights_loading.set()
-        return engine(*args)
-
-    monkeypatch.setattr(_qwen_module, "_load_tokens", tokens)
-    monkeypatch.setattr(_qwen_module, "checkpoint_engine", weights)
-    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", device="cpu")
-    assert reranker.rerank("q", ["a memory"])
-    assert seen["overlapped"]
-    assert seen["thread"] is not threading.main_thread()
-    assert reranker._tokenizer() is reranker._loaded().tokens  # shared, loaded once
-
-
-def test_a_tokenizer_that_fails_to_load_fails_the_model_load(
-    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from memos_rerank_integrations import ModelLoadError
-
-    def broken(model: str) -> Any:
-        raise OSError("no tokenizer here")
-
-    monkeypatch.setattr(_qwen_module, "_load_tokens", broken)
-    with pytest.raises(ModelLoadError, match="no tokenizer here"):
-        QwenReranker(tiny_qwen_dir, dtype="float32", device="cpu").rerank("q", ["d"])
 
 
 _CHILD = """
