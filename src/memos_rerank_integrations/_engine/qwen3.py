@@ -429,41 +429,38 @@ class PackedQwen3:
         scratch = _Scratch() if scratch is None else scratch
         before, after = weights.input_norm.to(dtype), weights.post_norm.to(dtype)
         q_norm, k_norm = weights.q_norm.to(dtype, copy=True), weights.k_norm.to(dtype, copy=True)
-        q_rows = k_rows = None
+        pairs = None
         if self.pairs:  # each head's dimensions in pairs (i, i + half)
-            half = self.head_dim // 2
-            order = torch.stack([torch.arange(half), torch.arange(half, self.head_dim)], 1)
-            order = order.reshape(-1).to(q_norm.device)
-            q_rows = torch.arange(self.heads, device=order.device)[:, None] * self.head_dim
-            q_rows = (q_rows + order).reshape(-1)
-            k_rows = torch.arange(self.kv_heads, device=order.device)[:, None] * self.head_dim
-            k_rows = (k_rows + order).reshape(-1)
+            pairs = self.head_dim
             # The norm and rotary pass over q and k runs in float32.
-            q_norm, k_norm = q_norm.detach()[order].float(), k_norm.detach()[order].float()
+            q_norm = _in_pairs(q_norm, pairs).reshape(-1).float()
+            k_norm = _in_pairs(k_norm, pairs).reshape(-1).float()
 
         def packed(
-            stored: tuple[torch.Tensor, torch.Tensor | None], rows: Any = None, columns: Any = None
+            stored: tuple[torch.Tensor, torch.Tensor | None],
+            pairs: int | None = None,
+            columns: torch.Tensor | None = None,
         ) -> Linear:
-            weight = _prepared(stored[0], dtype, scratch, rows=rows, columns=columns)
-            return Linear.from_weight(weight, _prepared_bias(stored[1], dtype, rows=rows))
+            weight = _prepared(stored[0], dtype, scratch, pairs=pairs, columns=columns)
+            return Linear.from_weight(weight, _prepared_bias(stored[1], dtype, pairs=pairs))
 
-        qkv = ((weights.q, q_rows), (weights.k, k_rows), (weights.v, None))
+        qkv = ((weights.q, pairs), (weights.k, pairs), (weights.v, None))
         stacked = separate = None
         if self.stack_qkv:
             sizes = [len(stored[0]) for stored, _ in qkv]
             weight = scratch.take("stacked", (sum(sizes), weights.q[0].shape[1]), dtype)
             first = 0
             biases = []
-            for (stored, rows), size in zip(qkv, sizes, strict=True):
+            for (stored, in_pairs), size in zip(qkv, sizes, strict=True):
                 part = weight[first : first + size]
-                _prepared(stored[0], dtype, scratch, rows=rows, columns=before, out=part)
-                bias = _prepared_bias(stored[1], dtype, rows=rows)
+                _prepared(stored[0], dtype, scratch, pairs=in_pairs, columns=before, out=part)
+                bias = _prepared_bias(stored[1], dtype, pairs=in_pairs)
                 biases.append(part.new_zeros(size) if bias is None else bias)
                 first += size
             any_bias = any(stored[1] is not None for stored, _ in qkv)
             stacked = Linear.from_weight(weight, torch.cat(biases) if any_bias else None)
         else:
-            separate = [packed(stored, rows, before) for stored, rows in qkv]
+            separate = [packed(stored, in_pairs, before) for stored, in_pairs in qkv]
         return _Layer(
             q=None if separate is None else separate[0],
             k=None if separate is None else separate[1],
@@ -974,27 +971,39 @@ class _Scratch:
         return buffer[:size].view(shape)
 
 
+def _in_pairs(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A view of ``tensor`` (contiguous; its first dimension heads of ``head_dim``
+    outputs each) with each head's dimensions in rotary pairs (i, i + head_dim / 2):
+    its reshape to ``tensor``'s shape has as output ``h * head_dim + 2 i + s`` the
+    output ``h * head_dim + s * head_dim / 2 + i``."""
+    half = head_dim // 2
+    return tensor.view(-1, 2, half, *tensor.shape[1:]).transpose(1, 2)
+
+
 def _prepared(
     weight: torch.Tensor,
     dtype: torch.dtype,
     scratch: _Scratch,
     *,
-    rows: torch.Tensor | None = None,
+    pairs: int | None = None,
     columns: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A projection's weight in ``dtype``, prepared for prepacking (in ``scratch`` or
     ``out``; the stored weight is never written, and is returned itself where nothing
-    changes): ``columns`` (in ``dtype``) multiplies each input feature in float32, the
-    product rounded once to ``dtype`` (a norm's weight folded in), ``rows`` reorders
-    the outputs (output ``j`` is the projection's output ``rows[j]``)."""
+    changes): ``pairs`` (a head size) puts each head's outputs in rotary pairs (see
+    :func:`_in_pairs`; in the same pass as the cast), ``columns`` (in ``dtype``)
+    multiplies each input feature in float32, the product rounded once to ``dtype`` (a
+    norm's weight folded in)."""
     import torch
 
     weight = weight.detach()
     shape = tuple(weight.shape)
-    if rows is not None:
-        weight = torch.index_select(weight, 0, rows, out=scratch.take("rows", shape, weight.dtype))
-    if weight.dtype != dtype:  # the model's weight in dtype, as transformers casts it
+    if pairs is not None:
+        target = scratch.take("cast", shape, dtype)
+        target.view(-1, pairs // 2, 2, *shape[1:]).copy_(_in_pairs(weight, pairs))
+        weight = target
+    elif weight.dtype != dtype:  # the model's weight in dtype, as transformers casts it
         weight = scratch.take("cast", shape, dtype).copy_(weight)
     if columns is not None:
         product = scratch.take("fold", shape, torch.float32).copy_(weight)
@@ -1009,14 +1018,14 @@ def _prepared(
 
 
 def _prepared_bias(
-    bias: torch.Tensor | None, dtype: torch.dtype, *, rows: torch.Tensor | None = None
+    bias: torch.Tensor | None, dtype: torch.dtype, *, pairs: int | None = None
 ) -> torch.Tensor | None:
-    """A projection's bias (if any) as a copy in ``dtype``, its outputs reordered like
-    the weight's (see :func:`_prepared`)."""
+    """A projection's bias (if any) as a copy in ``dtype``, its outputs in rotary
+    pairs like the weight's (see :func:`_prepared`)."""
     if bias is None:
         return None
     bias = bias.detach().to(dtype, copy=True)
-    return bias if rows is None else bias[rows]
+    return bias if pairs is None else _in_pairs(bias, pairs).reshape(-1)
 
 
 def _pieces(
