@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,89 @@ def test_the_default_rotary_embedding_equals_transformers(
     for got, expected in zip(ours(x, positions), theirs(x, positions), strict=True):
         assert got.dtype == expected.dtype == dtype
         assert torch.equal(got, expected)
+
+
+def test_the_tokenizer_loads_while_the_weights_load(
+    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a CPU core is free of torch's threads, the tokenizer loads in a thread of
+    its own, at the same time as the weights."""
+    weights_loading = threading.Event()
+    seen: dict[str, Any] = {}
+    load_tokens, engine = _qwen_module._load_tokens, _qwen_module.checkpoint_engine
+
+    def tokens(model: str) -> Any:
+        seen["thread"] = threading.current_thread()
+        seen["overlapped"] = weights_loading.wait(timeout=30)
+        return load_tokens(model)
+
+    def weights(*args: Any) -> Any:
+        weights_loading.set()
+        return engine(*args)
+
+    monkeypatch.setattr(_qwen_module, "_load_tokens", tokens)
+    monkeypatch.setattr(_qwen_module, "checkpoint_engine", weights)
+    monkeypatch.setattr(_qwen_module, "_spare_core", lambda: True)
+    reranker = QwenReranker(tiny_qwen_dir, dtype="float32", device="cpu")
+    assert reranker.rerank("q", ["a memory"])
+    assert seen["overlapped"]
+    assert seen["thread"] is not threading.main_thread()
+    assert reranker._tokenizer() is reranker._loaded().tokens  # shared, loaded once
+
+
+def test_without_a_spare_core_the_tokenizer_loads_first_in_the_calling_thread(
+    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where torch's threads take every core, a thread for the tokenizer would only
+    contend with them: it loads first, in the calling thread."""
+    order: list[tuple[str, threading.Thread]] = []
+    load_tokens, engine = _qwen_module._load_tokens, _qwen_module.checkpoint_engine
+
+    def tokens(model: str) -> Any:
+        order.append(("tokens", threading.current_thread()))
+        return load_tokens(model)
+
+    def weights(*args: Any) -> Any:
+        order.append(("weights", threading.current_thread()))
+        return engine(*args)
+
+    monkeypatch.setattr(_qwen_module, "_load_tokens", tokens)
+    monkeypatch.setattr(_qwen_module, "checkpoint_engine", weights)
+    monkeypatch.setattr(_qwen_module, "_spare_core", lambda: False)
+    assert QwenReranker(tiny_qwen_dir, dtype="float32", device="cpu").rerank("q", ["a memory"])
+    caller = threading.current_thread()
+    assert order == [("tokens", caller), ("weights", caller)]
+
+
+def test_a_spare_core_is_one_torch_s_threads_leave_free() -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cores is not None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        assert not _qwen_module._spare_core()
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert _qwen_module._spare_core()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("spare", [False, True], ids=["no-spare-core", "spare-core"])
+def test_a_tokenizer_that_fails_to_load_fails_the_model_load(
+    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch, spare: bool
+) -> None:
+    from memos_rerank_integrations import ModelLoadError
+
+    def broken(model: str) -> Any:
+        raise OSError("no tokenizer here")
+
+    monkeypatch.setattr(_qwen_module, "_load_tokens", broken)
+    monkeypatch.setattr(_qwen_module, "_spare_core", lambda: spare)
+    with pytest.raises(ModelLoadError, match="no tokenizer here"):
+        QwenReranker(tiny_qwen_dir, dtype="float32", device="cpu").rerank("q", ["d"])
 
 
 _CHILD = """

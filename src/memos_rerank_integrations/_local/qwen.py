@@ -32,7 +32,7 @@ import functools
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -746,21 +746,23 @@ def _load_tokens(model: str) -> _QwenTokens:
 
 
 def _load_scorer(
-    model: str, device: torch.device, dtype: torch.dtype, tokens: _QwenTokens
+    model: str, device: torch.device, dtype: torch.dtype, tokens: Callable[[], _QwenTokens]
 ) -> _QwenScorer:
     """The model, for scoring. On CPU, a checkpoint the packed engine covers (see
     :func:`~memos_rerank_integrations._engine.checkpoint.open_qwen3`) is read from its
     files straight into the engine (no transformers model is built, nothing is held
-    twice); other checkpoints and devices load through transformers."""
+    twice); other checkpoints and devices load through transformers. ``tokens`` gives
+    the tokenizer (which may still be loading in another thread)."""
     if device.type == "cpu":
         checkpoint = open_qwen3(model)
         if checkpoint is not None:
             with checkpoint:
                 engine = checkpoint_engine(checkpoint, dtype)
                 if engine is not None:
-                    rows = checkpoint.output_rows([tokens.yes, tokens.no]).to(dtype).float()
-                    return _QwenScorer(tokens, None, rows[0] - rows[1], 0.0, device, engine=engine)
-    return _load_transformers_scorer(model, device, dtype, tokens)
+                    loaded = tokens()
+                    rows = checkpoint.output_rows([loaded.yes, loaded.no]).to(dtype).float()
+                    return _QwenScorer(loaded, None, rows[0] - rows[1], 0.0, device, engine=engine)
+    return _load_transformers_scorer(model, device, dtype, tokens())
 
 
 def _load_transformers_scorer(
@@ -784,6 +786,48 @@ def _load_transformers_scorer(
     if getattr(output, "bias", None) is not None:
         bias = float(output.bias[yes].float() - output.bias[no].float())
     return _QwenScorer(tokens, lm.get_decoder(), head, bias, device)
+
+
+def _spare_core() -> bool:
+    """Whether this process may run on more CPU cores than torch's intra-op threads
+    use: then one is free to load the tokenizer while torch prepares the weights."""
+    import os
+
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
+class _Background:
+    """A call run in a thread of its own; :meth:`result` waits for it and returns its
+    value or raises its exception."""
+
+    def __init__(self, call: Callable[[], _QwenTokens]) -> None:
+        self._call = call
+        self._value: _QwenTokens | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="memos-rerank-load", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> _QwenTokens:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 class QwenReranker(LocalReranker):
@@ -857,18 +901,31 @@ class QwenReranker(LocalReranker):
         """The tokenizer, loaded (and shared per model) without the weights."""
         if self._tokens is None:
             key = model_cache_key("qwen-tokenizer", self.model, _NO_DEVICE, _NO_DTYPE)
-            self._tokens = load_shared(key, lambda: _load_tokens(self.model), model=self.model)
+            self._tokens = load_shared(
+                key, lambda: _load_tokens(self.model), model=self.model, exclusive=False
+            )
         return self._tokens
 
     def _loaded(self) -> _QwenScorer:
         if self._scorer is None:
-            tokens = self._tokenizer()
             device = resolve_device(self.device)
             dtype = resolve_dtype(self.dtype, device)
             key = model_cache_key("qwen-yes-no", self.model, device, dtype)
-            self._scorer = load_shared(
-                key, lambda: _load_scorer(self.model, device, dtype, tokens), model=self.model
-            )
+            # Where a core is free, the tokenizer loads in a thread while the weights
+            # load; elsewhere first.
+            pending = None
+            if self._tokens is None and _spare_core():
+                pending = _Background(self._tokenizer)
+            else:
+                self._tokenizer()
+            tokens = self._tokenizer if pending is None else pending.result
+            try:
+                self._scorer = load_shared(
+                    key, lambda: _load_scorer(self.model, device, dtype, tokens), model=self.model
+                )
+            finally:
+                if pending is not None:
+                    pending.join()
         return self._scorer
 
     def _tokenize(

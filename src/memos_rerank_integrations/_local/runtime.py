@@ -204,12 +204,14 @@ _cache_lock = threading.Lock()
 _key_locks: dict[Hashable, threading.Lock] = {}
 
 
-def load_shared(key: Hashable, loader: Callable[[], T], *, model: str) -> T:
+def load_shared(key: Hashable, loader: Callable[[], T], *, model: str, exclusive: bool = True) -> T:
     """Load once per process per ``key`` (model, kind, device, dtype, ...).
 
     Concurrent first calls for one key wait for a single load. Loads of different
     models run one at a time, and while one runs no forward pass of any local
     model does (see :func:`inference`): transformers' loading is not thread-safe.
+    ``exclusive=False`` is for loaders that build no torch tensors (a tokenizer):
+    they run without waiting for, or holding off, other loads and passes.
     Any loading failure becomes a :class:`ModelLoadError` that names the model and
     says how to use a local copy.
     """
@@ -222,7 +224,7 @@ def load_shared(key: Hashable, loader: Callable[[], T], *, model: str) -> T:
             if key in _cache:
                 return _cache[key]  # type: ignore[no-any-return]
         try:
-            with _gate.loading():
+            with _gate.loading() if exclusive else contextlib.nullcontext():
                 value = loader()
         except ModelLoadError:
             raise
