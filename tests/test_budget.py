@@ -220,7 +220,9 @@ def qwen(tiny_qwen_dir: Path) -> QwenReranker:
 
 
 def test_the_packed_engine_stops_between_layers(qwen: QwenReranker) -> None:
-    layers = len(qwen._loaded().decoder.layers)
+    engine = qwen._loaded().engine
+    assert engine is not None
+    layers = len(engine.layers)
     # One look before the first chunk, one per layer of its pass: the second chunk's
     # first layer is where the budget runs out.
     budget = ExpiresAfter(1 + layers + 1 + 1)

@@ -267,24 +267,43 @@ def test_linear_fused_steps_equal_the_separate_ops(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prepared_weights_reorder_rows_and_fold_columns(dtype: str) -> None:
-    """The Qwen engine's prepacked copies: ``_prepared(rows=, columns=)`` gives the
-    weight and bias of ``x -> ((x * columns) @ weight.T + bias)[:, rows]``, and
-    ``Linear.from_weight`` prepacks such a weight (stacked ones too)."""
+def test_prepared_weights_put_heads_in_pairs_and_fold_columns(dtype: str) -> None:
+    """The Qwen engine's prepacked copies: ``_prepared(pairs=, columns=)`` gives the
+    weight and bias of ``x -> ((x * columns) @ weight.T + bias)[:, rows]`` with ``rows``
+    each head's outputs in rotary pairs (i, i + half); a float32-stored weight prepared
+    in bf16 is the bf16-cast weight's copy, bit for bit; ``Linear.from_weight``
+    prepacks such a weight (stacked ones too)."""
     from memos_rerank_integrations._engine.linear import Linear, can_prepack
-    from memos_rerank_integrations._engine.qwen3 import _prepared
+    from memos_rerank_integrations._engine.qwen3 import _prepared, _prepared_bias, _Scratch
 
     torch.manual_seed(0)
     kind = getattr(torch, dtype)
+    stored32 = torch.nn.Linear(64, 48)
     module = torch.nn.Linear(64, 48).to(kind)
+    with torch.no_grad():
+        module.weight.copy_(stored32.weight)
+        module.bias.copy_(stored32.bias)
     other = torch.nn.Linear(64, 16, bias=False).to(kind)
     x = torch.randn(5, 64).to(kind)
-    rows = torch.randperm(48)
+    head, half = 16, 8  # three heads of 16 outputs
+    rows = torch.tensor(
+        [h * head + s * half + i for h in range(3) for i in range(half) for s in (0, 1)]
+    )
     columns = (torch.rand(64) + 0.5).to(kind)
     scaled = (x.float() * columns.float()).to(kind)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == "float32" else {"atol": 0.05, "rtol": 0.02}
     expected = torch.nn.functional.linear(scaled, module.weight, module.bias)[:, rows]
-    weight, bias = _prepared(module, rows=rows, columns=columns)
+    stored = module.weight.detach().clone()
+    scratch = _Scratch()
+    weight = _prepared(module.weight, kind, scratch, pairs=head, columns=columns).clone()
+    bias = _prepared_bias(module.bias, kind, pairs=head)
+    assert bias is not None
+    assert torch.equal(bias, module.bias.detach()[rows])
+    folded = _prepared(module.weight, kind, scratch, columns=columns)
+    torch.testing.assert_close(folded[rows], weight)
+    assert torch.equal(module.weight, stored)  # the stored weight is never written
+    cast = _prepared(stored32.weight, kind, scratch, pairs=head, columns=columns)
+    assert cast.dtype == kind and torch.equal(cast, weight)
     torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), expected, **tolerance)
     assert not torch.allclose(expected.float(), module(x).float(), atol=0.1)
     if not can_prepack(module.weight):

@@ -118,8 +118,7 @@ class TokenCounter:
             return output
 
         self._engine.forward = recorded  # type: ignore[method-assign]
-        embeddings = scorer.decoder.get_input_embeddings()
-        self._handle = embeddings.register_forward_pre_hook(self._record)
+        self._handle = scorer.engine.embed_tokens.register_forward_pre_hook(self._record)
 
     def _record(self, module: Any, args: tuple[torch.Tensor, ...]) -> None:
         self._embedded.append(args[0].flatten().tolist())
@@ -523,20 +522,48 @@ def test_short_pieces_are_grouped_and_qkv_stacked_for_bf16_on_an_amx_cpu_only(
     assert engine.upcast_queries == (0 if amx else _qwen_engine._UPCAST_QUERIES)
 
 
-def test_on_cpu_the_projections_run_prepacked_and_the_model_is_held_once(
+def test_on_cpu_the_engine_is_read_from_the_files_and_holds_only_prepacked_weights(
     fp32: QwenReranker,
 ) -> None:
-    """On CPU every projection runs as oneDNN's prepacked linear, and the decoder's
-    plain copy of those weights is released (the model is not held twice); the
-    decoder's own forward then refuses to run instead of computing with no weights."""
+    """On CPU a checkpoint the packed engine covers is read from its files straight
+    into the engine: no transformers model is built (the scorer has no decoder) and
+    every projection is held once, as oneDNN's prepacked linear."""
     from memos_rerank_integrations._engine.linear import can_prepack
 
-    scorer = fp32._loaded()
-    engine = scorer.engine
-    assert engine is not None
-    layer = scorer.decoder.layers[0]
-    if not can_prepack(layer.input_layernorm.weight):
+    if not can_prepack(torch.ones(1)):
         pytest.skip("this torch has no oneDNN prepacked linear")
+    scorer = fp32._loaded()
+    assert scorer.decoder is None
+    engine = scorer.engine
+    assert engine is not None and engine.prepacked
+    for layer in engine.layers:
+        projections = [layer.qkv] if layer.qkv is not None else [layer.q, layer.k, layer.v]
+        for linear in [*projections, layer.out, layer.gate, layer.up, layer.down]:
+            assert linear is not None and linear.packed and linear.weight.is_mkldnn
+        assert layer.input_norm is None and layer.post_norm is None  # folded in
+
+
+def test_through_transformers_the_projections_run_prepacked_and_the_model_is_held_once(
+    tiny_qwen_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loaded through transformers (a checkpoint not read from its files), every
+    projection runs as oneDNN's prepacked linear on CPU too, and the decoder's plain
+    copy of those weights is released (the model is not held twice); the decoder's
+    own forward then refuses to run instead of computing with no weights."""
+    from memos_rerank_integrations._engine.linear import can_prepack
+    from memos_rerank_integrations._local import qwen as _qwen_module
+    from memos_rerank_integrations._local.runtime import clear_model_cache
+
+    if not can_prepack(torch.ones(1)):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    monkeypatch.setattr(_qwen_module, "open_qwen3", lambda model: None)
+    clear_model_cache()
+    try:
+        scorer = QwenReranker(tiny_qwen_dir, dtype="float32")._loaded()
+    finally:
+        clear_model_cache()
+    engine = scorer.engine
+    assert engine is not None and scorer.decoder is not None
     assert engine.prepacked
     for decoder_layer, packed in zip(scorer.decoder.layers, engine.layers, strict=True):
         attention, mlp = decoder_layer.self_attn, decoder_layer.mlp
@@ -644,14 +671,15 @@ def test_a_rotary_embedding_not_in_halves_keeps_the_model_order(fp32: QwenRerank
     (probed at load) leaves q and k in the model's order."""
     from memos_rerank_integrations._engine.qwen3 import PackedQwen3
 
-    decoder = fp32._loaded().decoder
+    loaded = fp32._loaded().engine
+    assert loaded is not None
     engine = PackedQwen3.__new__(PackedQwen3)
-    engine.head_dim = int(decoder.config.head_dim)
-    engine.rotary = decoder.rotary_emb
+    engine.head_dim = loaded.head_dim
+    engine.rotary = loaded.rotary
     assert engine._rotary_in_halves(device=torch.device("cpu"))
 
     def skewed(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = decoder.rotary_emb(x, positions)
+        cos, sin = loaded.rotary(x, positions)
         half = cos.shape[-1] // 2
         return cos, torch.cat([sin[..., :half], -sin[..., half:]], -1)
 
@@ -802,7 +830,7 @@ def test_model_is_loaded_once_per_model_device_and_dtype(tiny_qwen_dir: Path) ->
 def test_default_dtype_follows_the_hardware(tiny_qwen_dir: Path) -> None:
     reranker = QwenReranker(tiny_qwen_dir, device="cpu")
     expected = resolve_dtype(None, torch.device("cpu"))
-    assert reranker._loaded().decoder.dtype == expected
+    assert reranker._loaded().dtype == expected
     assert reranker._loaded().device == torch.device("cpu")
 
 

@@ -1,11 +1,14 @@
 """A Qwen3 decoder run on packed rows: the work of a QwenReranker forward pass.
 
-The weights are the loaded ``Qwen3Model``'s own. On CPU (float32 or bfloat16, where
-torch has oneDNN) every projection runs as oneDNN's prepacked linear (see
-``linear``): the weight is reordered once, at load, not on every call. When the
-engine owns the weights (``own_weights``, as ``QwenReranker`` builds it) the plain copy
-is released, so the model is held once. Elsewhere the weights are used in place.
-Prepacked, the MLP's SiLU and its gate-times-up product and both residual adds run
+The weights are a loaded ``Qwen3Model``'s own, or, on CPU, read straight from the
+checkpoint's files with no transformers model built (``PackedQwen3.from_checkpoint``,
+as ``QwenReranker`` loads a checkpoint this engine covers): each layer's tensors are
+memory-mapped, cast to the dtype as transformers casts them, prepared and prepacked in
+turn. On CPU (float32 or bfloat16, where torch has oneDNN) every projection runs as
+oneDNN's prepacked linear (see ``linear``): the weight is reordered once, at load, not
+on every call. When the engine owns a loaded model's weights (``own_weights``) the
+plain copy is released, so the model is held once. Elsewhere the weights are used in
+place. Prepacked, the MLP's SiLU and its gate-times-up product and both residual adds run
 inside the matmuls as oneDNN post-ops, with no pass of their own over memory. The
 prepacked copies are prepared for the engine (``PackedQwen3._prepacked``): q and k in
 rotary pairs (below), the weights of the RMSNorms before attention and before the MLP
@@ -54,18 +57,20 @@ torch is imported inside functions only, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._calls import check_stop
+from .checkpoint import DefaultRotary, Qwen3Checkpoint, default_inv_freq
 from .cpu import cpu_has_amx
 from .linear import Linear, can_prepack, release
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CHUNK_TOKENS", "PackedQwen3", "PackedRow", "packed_engine"]
+__all__ = ["CHUNK_TOKENS", "PackedQwen3", "PackedRow", "checkpoint_engine", "packed_engine"]
 
 # Activations are held for at most this many tokens at a time (a pass's token budget
 # caps it further). Matrix multiplies of this height already run at the CPU's peak.
@@ -132,6 +137,73 @@ class _Layer:
     down: Linear
 
 
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One decoder layer's tensors as stored (a module's own, or a checkpoint's):
+    each projection's ``(weight, bias)``, and the norm weights."""
+
+    q: tuple[torch.Tensor, torch.Tensor | None]
+    k: tuple[torch.Tensor, torch.Tensor | None]
+    v: tuple[torch.Tensor, torch.Tensor | None]
+    out: tuple[torch.Tensor, torch.Tensor | None]
+    gate: tuple[torch.Tensor, torch.Tensor | None]
+    up: tuple[torch.Tensor, torch.Tensor | None]
+    down: tuple[torch.Tensor, torch.Tensor | None]
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+
+
+def _weights_of(layer: Any) -> _LayerWeights:
+    """A transformers ``Qwen3DecoderLayer``'s tensors (detached, in place)."""
+    attention, mlp = layer.self_attn, layer.mlp
+
+    def pair(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = None if module.bias is None else module.bias.detach()
+        return module.weight.detach(), bias
+
+    return _LayerWeights(
+        q=pair(attention.q_proj),
+        k=pair(attention.k_proj),
+        v=pair(attention.v_proj),
+        out=pair(attention.o_proj),
+        gate=pair(mlp.gate_proj),
+        up=pair(mlp.up_proj),
+        down=pair(mlp.down_proj),
+        q_norm=attention.q_norm.weight.detach(),
+        k_norm=attention.k_norm.weight.detach(),
+        input_norm=layer.input_layernorm.weight.detach(),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+    )
+
+
+def _checkpoint_layer(checkpoint: Qwen3Checkpoint, index: int) -> _LayerWeights:
+    """A checkpoint's tensors of decoder layer ``index`` (memory-mapped, as stored)."""
+    prefix = f"model.layers.{index}."
+    biased = checkpoint.settings.attention_bias
+
+    def read(name: str) -> torch.Tensor:
+        return checkpoint.tensor(prefix + name)
+
+    def pair(name: str, *, bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return read(f"{name}.weight"), read(f"{name}.bias") if bias else None
+
+    return _LayerWeights(
+        q=pair("self_attn.q_proj", bias=biased),
+        k=pair("self_attn.k_proj", bias=biased),
+        v=pair("self_attn.v_proj", bias=biased),
+        out=pair("self_attn.o_proj", bias=biased),
+        gate=pair("mlp.gate_proj"),
+        up=pair("mlp.up_proj"),
+        down=pair("mlp.down_proj"),
+        q_norm=read("self_attn.q_norm.weight"),
+        k_norm=read("self_attn.k_norm.weight"),
+        input_norm=read("input_layernorm.weight"),
+        post_norm=read("post_attention_layernorm.weight"),
+    )
+
+
 def packed_engine(
     decoder: Any, *, prepack: bool | None = None, own_weights: bool = False
 ) -> PackedQwen3 | None:
@@ -155,6 +227,21 @@ def packed_engine(
         return None
 
 
+def checkpoint_engine(checkpoint: Qwen3Checkpoint, dtype: torch.dtype) -> PackedQwen3 | None:
+    """The packed engine of a checkpoint read from its files (see
+    :meth:`PackedQwen3.from_checkpoint`), on CPU; ``None`` where this torch cannot
+    prepack ``dtype`` or oneDNN refuses a weight (the caller then loads the model
+    through transformers)."""
+    import torch
+
+    if not can_prepack(torch.empty(0, dtype=dtype)):
+        return None
+    try:
+        return PackedQwen3.from_checkpoint(checkpoint, dtype)
+    except RuntimeError:
+        return None
+
+
 @dataclass(frozen=True)
 class _Piece:
     """The queries of one row inside one chunk: ``q[lo:hi]`` of the chunk's queries,
@@ -174,18 +261,17 @@ class PackedQwen3:
     def __init__(
         self, decoder: Any, *, prepack: bool | None = None, own_weights: bool = False
     ) -> None:
-        import torch
-
         config = decoder.config
-        self.embed_tokens = decoder.embed_tokens
-        self.rotary = decoder.rotary_emb
-        self.norm = decoder.norm.weight
-        self.eps = float(config.rms_norm_eps)
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
-        if self.heads % self.kv_heads or self.head_dim % 2:
-            raise ValueError("unsupported head layout")
+        heads = int(config.num_attention_heads)
+        self._describe(
+            embed_tokens=decoder.embed_tokens,
+            rotary=decoder.rotary_emb,
+            norm=decoder.norm.weight,
+            eps=float(config.rms_norm_eps),
+            heads=heads,
+            kv_heads=int(config.num_key_value_heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        )
         if prepack is None:
             prepack = can_prepack(self.norm)
         for layer in decoder.layers:
@@ -207,7 +293,10 @@ class PackedQwen3:
         self.layers: list[_Layer] = []
         if prepack:
             try:
-                self.layers = [self._prepacked(layer) for layer in decoder.layers]
+                scratch = _Scratch()
+                self.layers = [
+                    self._prepacked(_weights_of(layer), scratch=scratch) for layer in decoder.layers
+                ]
             except RuntimeError:  # oneDNN refused a weight: every projection stays plain
                 self.layers = []
         self.prepacked = bool(self.layers)
@@ -218,12 +307,85 @@ class PackedQwen3:
             for layer in decoder.layers:
                 for module in _projections(layer):
                     release(module, "the packed Qwen3 engine (PackedQwen3.forward)")
+        self._kernels()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Qwen3Checkpoint, dtype: torch.dtype) -> PackedQwen3:
+        """The engine of a checkpoint read from its files (on CPU, prepacked), with no
+        transformers model built: each layer's tensors are read (memory-mapped), cast to
+        ``dtype``, prepared and prepacked in turn, so only the prepacked copies are
+        held, plus the embedding (memory-mapped where stored in ``dtype``) and the
+        norms in ``dtype``. Raises ``RuntimeError`` where oneDNN refuses a weight (the
+        caller then loads through transformers)."""
+        import torch
+
+        settings = checkpoint.settings
+        engine = cls.__new__(cls)
+        # As transformers does, an embedding stored in ``dtype`` stays memory-mapped
+        # (only the rows looked up are ever read; it is never written); one stored in
+        # another dtype is cast.
+        embedding = checkpoint.embedding().to(dtype)
+        engine._describe(
+            embed_tokens=torch.nn.Embedding(
+                num_embeddings=settings.vocab_size,
+                embedding_dim=settings.hidden_size,
+                _weight=embedding,
+                _freeze=True,
+            ),
+            rotary=DefaultRotary(default_inv_freq(settings)),
+            norm=checkpoint.tensor("model.norm.weight").to(dtype, copy=True),
+            eps=settings.eps,
+            heads=settings.heads,
+            kv_heads=settings.kv_heads,
+            head_dim=settings.head_dim,
+        )
+        engine.scaling = settings.head_dim**-0.5  # as Qwen3Attention's
+        engine.pairs = engine._rotary_in_halves(device=engine.norm.device)
+        engine.stack_qkv = _amx_bf16(dtype)
+        engine.layers = []
+        scratch = _Scratch()
+        for index in range(settings.layers):
+            weights = _checkpoint_layer(checkpoint, index)
+            engine.layers.append(engine._prepacked(weights, dtype=dtype, scratch=scratch))
+        engine.prepacked = True
+        engine._kernels()
+        return engine
+
+    def _describe(
+        self,
+        *,
+        embed_tokens: Any,
+        rotary: Any,
+        norm: torch.Tensor,
+        eps: float,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+    ) -> None:
+        self.embed_tokens = embed_tokens
+        self.rotary = rotary
+        self.norm = norm
+        self.eps = eps
+        self.heads = heads
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        if self.heads % self.kv_heads or self.head_dim % 2:
+            raise ValueError("unsupported head layout")
+
+    def _kernels(self) -> None:
+        import torch
+
         # The fused CPU flash-attention kernel returns the log-sum-exp the merge needs.
         self._flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
         # bf16 attention of at most this many queries runs the fused kernel in float32
         # on CPUs without AMX tiles; with AMX tiles attention stays in bf16.
         self.upcast_queries = 0 if cpu_has_amx() else _UPCAST_QUERIES
         self.group_queries = _GROUP_QUERIES if _amx_bf16(self.norm.dtype) else 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine runs in (its weights' and activations')."""
+        return self.norm.dtype
 
     # -- the layers' weights -------------------------------------------------------------
 
@@ -248,52 +410,71 @@ class PackedQwen3:
             down=down,
         )
 
-    def _prepacked(self, layer: Any) -> _Layer:
+    def _prepacked(
+        self,
+        weights: _LayerWeights,
+        *,
+        dtype: torch.dtype | None = None,
+        scratch: _Scratch | None = None,
+    ) -> _Layer:
         """A decoder layer's projections prepacked for oneDNN, on copies prepared for
-        the engine: the RMSNorm weights before attention and before the MLP folded
-        into the projections that read them (one pass less per norm), q and k in
-        rotary pairs (``pairs``), q/k/v stacked (``stack_qkv``). Raises
+        the engine (in ``dtype``, default the weights' own): the RMSNorm weights before
+        attention and before the MLP folded into the projections that read them (one
+        pass less per norm), q and k in rotary pairs (``pairs``), q/k/v stacked
+        (``stack_qkv``). Each copy is prepared in ``scratch`` (buffers reused from
+        layer to layer) and prepacked before the next is made. Raises
         ``RuntimeError`` where oneDNN refuses a weight."""
         import torch
 
-        attention, mlp = layer.self_attn, layer.mlp
-        before, after = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        q_norm, k_norm = attention.q_norm.weight, attention.k_norm.weight
-        q_rows = k_rows = None
+        dtype = weights.q[0].dtype if dtype is None else dtype
+        scratch = _Scratch() if scratch is None else scratch
+        before, after = weights.input_norm.to(dtype), weights.post_norm.to(dtype)
+        q_norm, k_norm = weights.q_norm.to(dtype, copy=True), weights.k_norm.to(dtype, copy=True)
+        pairs = None
         if self.pairs:  # each head's dimensions in pairs (i, i + half)
-            half = self.head_dim // 2
-            order = torch.stack([torch.arange(half), torch.arange(half, self.head_dim)], 1)
-            order = order.reshape(-1).to(q_norm.device)
-            q_rows = torch.arange(self.heads, device=order.device)[:, None] * self.head_dim
-            q_rows = (q_rows + order).reshape(-1)
-            k_rows = torch.arange(self.kv_heads, device=order.device)[:, None] * self.head_dim
-            k_rows = (k_rows + order).reshape(-1)
+            pairs = self.head_dim
             # The norm and rotary pass over q and k runs in float32.
-            q_norm, k_norm = q_norm.detach()[order].float(), k_norm.detach()[order].float()
-        q = _prepared(attention.q_proj, rows=q_rows, columns=before)
-        k = _prepared(attention.k_proj, rows=k_rows, columns=before)
-        v = _prepared(attention.v_proj, columns=before)
+            q_norm = _in_pairs(q_norm, pairs).reshape(-1).float()
+            k_norm = _in_pairs(k_norm, pairs).reshape(-1).float()
+
+        def packed(
+            stored: tuple[torch.Tensor, torch.Tensor | None],
+            pairs: int | None = None,
+            columns: torch.Tensor | None = None,
+        ) -> Linear:
+            weight = _prepared(stored[0], dtype, scratch, pairs=pairs, columns=columns)
+            return Linear.from_weight(weight, _prepared_bias(stored[1], dtype, pairs=pairs))
+
+        qkv = ((weights.q, pairs), (weights.k, pairs), (weights.v, None))
         stacked = separate = None
         if self.stack_qkv:
-            bias = None
-            if any(b is not None for _, b in (q, k, v)):
-                bias = torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in (q, k, v)])
-            stacked = Linear.from_weight(torch.cat([q[0], k[0], v[0]]), bias)
+            sizes = [len(stored[0]) for stored, _ in qkv]
+            weight = scratch.take("stacked", (sum(sizes), weights.q[0].shape[1]), dtype)
+            first = 0
+            biases = []
+            for (stored, in_pairs), size in zip(qkv, sizes, strict=True):
+                part = weight[first : first + size]
+                _prepared(stored[0], dtype, scratch, pairs=in_pairs, columns=before, out=part)
+                bias = _prepared_bias(stored[1], dtype, pairs=in_pairs)
+                biases.append(part.new_zeros(size) if bias is None else bias)
+                first += size
+            any_bias = any(stored[1] is not None for stored, _ in qkv)
+            stacked = Linear.from_weight(weight, torch.cat(biases) if any_bias else None)
         else:
-            separate = [Linear.from_weight(*pair) for pair in (q, k, v)]
+            separate = [packed(stored, in_pairs, before) for stored, in_pairs in qkv]
         return _Layer(
             q=None if separate is None else separate[0],
             k=None if separate is None else separate[1],
             v=None if separate is None else separate[2],
             qkv=stacked,
-            out=Linear.from_weight(*_prepared(attention.o_proj)),
+            out=packed(weights.out),
             q_norm=q_norm,
             k_norm=k_norm,
             input_norm=None,
             post_norm=None,
-            gate=Linear.from_weight(*_prepared(mlp.gate_proj, columns=after)),
-            up=Linear.from_weight(*_prepared(mlp.up_proj, columns=after)),
-            down=Linear.from_weight(*_prepared(mlp.down_proj)),
+            gate=packed(weights.gate, columns=after),
+            up=packed(weights.up, columns=after),
+            down=packed(weights.down),
         )
 
     # -- small pieces --------------------------------------------------------------------
@@ -774,20 +955,79 @@ def _amx_bf16(dtype: Any) -> bool:
     return bool(dtype == torch.bfloat16 and cpu_has_amx())
 
 
+class _Scratch:
+    """Buffers reused while weights are prepared, one per use (grown as needed): each
+    prepared copy lives only until it is prepacked, so after the first layer none
+    costs a fresh allocation (and its page faults)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, use: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        size = math.prod(shape)
+        buffer = self._buffers.get(use)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < size:
+            buffer = self._buffers[use] = torch.empty(size, dtype=dtype)
+        return buffer[:size].view(shape)
+
+
+def _in_pairs(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A view of ``tensor`` (contiguous; its first dimension heads of ``head_dim``
+    outputs each) with each head's dimensions in rotary pairs (i, i + head_dim / 2):
+    its reshape to ``tensor``'s shape has as output ``h * head_dim + 2 i + s`` the
+    output ``h * head_dim + s * head_dim / 2 + i``."""
+    half = head_dim // 2
+    return tensor.view(-1, 2, half, *tensor.shape[1:]).transpose(1, 2)
+
+
 def _prepared(
-    module: Any, *, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A linear module's weight and bias as copies for prepacking: ``columns``
-    multiplies each input feature (a norm's weight folded in), ``rows`` reorders the
-    outputs (output ``j`` is the module's output ``rows[j]``)."""
-    weight = module.weight.detach()
-    bias = None if module.bias is None else module.bias.detach()
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+    scratch: _Scratch,
+    *,
+    pairs: int | None = None,
+    columns: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A projection's weight in ``dtype``, prepared for prepacking (in ``scratch`` or
+    ``out``; the stored weight is never written, and is returned itself where nothing
+    changes): ``pairs`` (a head size) puts each head's outputs in rotary pairs (see
+    :func:`_in_pairs`; in the same pass as the cast), ``columns`` (in ``dtype``)
+    multiplies each input feature in float32, the product rounded once to ``dtype`` (a
+    norm's weight folded in)."""
+    import torch
+
+    weight = weight.detach()
+    shape = tuple(weight.shape)
+    if pairs is not None:
+        target = scratch.take("cast", shape, dtype)
+        target.view(-1, pairs // 2, 2, *shape[1:]).copy_(_in_pairs(weight, pairs))
+        weight = target
+    elif weight.dtype != dtype:  # the model's weight in dtype, as transformers casts it
+        weight = scratch.take("cast", shape, dtype).copy_(weight)
     if columns is not None:
-        weight = (weight.float() * columns.detach().float()).to(weight.dtype)
-    if rows is not None:
-        weight = weight[rows]
-        bias = None if bias is None else bias[rows]
-    return weight, bias
+        product = scratch.take("fold", shape, torch.float32).copy_(weight)
+        product.mul_(columns.detach().float())
+        if dtype == torch.float32 and out is None:
+            return product
+        weight = (scratch.take("cast", shape, dtype) if out is None else out).copy_(product)
+    if out is not None and weight is not out:
+        out.copy_(weight)
+        return out
+    return weight
+
+
+def _prepared_bias(
+    bias: torch.Tensor | None, dtype: torch.dtype, *, pairs: int | None = None
+) -> torch.Tensor | None:
+    """A projection's bias (if any) as a copy in ``dtype``, its outputs in rotary
+    pairs like the weight's (see :func:`_prepared`)."""
+    if bias is None:
+        return None
+    bias = bias.detach().to(dtype, copy=True)
+    return bias if pairs is None else _in_pairs(bias, pairs).reshape(-1)
 
 
 def _pieces(

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._calls import check_stop
 from .._engine.batching import budget_batches, limit_padding
-from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, packed_engine
+from .._engine.checkpoint import open_qwen3
+from .._engine.qwen3 import CHUNK_TOKENS, PackedQwen3, PackedRow, checkpoint_engine, packed_engine
 from .._exceptions import InvalidInputError, ModelLoadError
 from .._qwen_prompt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, PROMPT_PREFIX, PROMPT_SUFFIX
 from .._types import (
@@ -403,8 +404,9 @@ class _QwenTokens:
 
 class _QwenScorer:
     """One loaded model (shared process-wide per model, device and dtype): the
-    decoder, the yes-minus-no head, cached instruction prefixes, and the lock
-    that serializes its use (``lock``; the tokenizer has its own, ``tokens.lock``)."""
+    packed engine (or transformers' decoder where the engine does not cover the
+    model), the yes-minus-no head, cached instruction prefixes, and the lock that
+    serializes its use (``lock``; the tokenizer has its own, ``tokens.lock``)."""
 
     def __init__(
         self,
@@ -413,26 +415,47 @@ class _QwenScorer:
         head: torch.Tensor,
         bias: float,
         device: torch.device,
+        *,
+        engine: PackedQwen3 | None = None,
     ) -> None:
         self.tokens = tokens
+        # transformers' ``Qwen3Model`` where the model was loaded through transformers;
+        # ``None`` where the engine was built from the checkpoint's files.
         self.decoder = decoder
         self.head = head
         self.bias = bias
         self.device = device
         self.lock = threading.Lock()
         self._instructions: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
-        # transformers >= 5.2x names the KV-cache argument ``cache`` (``past_key_values``
-        # is deprecated and warns on every call); older versions know only the old name.
-        parameters = inspect.signature(decoder.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        # The packed engine, where the model's architecture allows (else transformers');
-        # it owns the projection weights (held once, prepacked for oneDNN on CPU).
-        self.engine: PackedQwen3 | None = packed_engine(decoder, own_weights=True)
+        self._cache_argument = "past_key_values"
+        self.engine = engine
         # Cached prefixes are reused only where every layer attends to every earlier
         # position: a sliding-window layer's mask and cache do not take a prefix cache
-        # built here, so such a model runs each sequence whole.
-        layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"]
-        self.reuses_prefixes = all(kind == "full_attention" for kind in layer_types)
+        # built here, so such a model runs each sequence whole. (An engine built from
+        # the checkpoint's files has full attention in every layer.)
+        self.reuses_prefixes = True
+        if decoder is not None:
+            # transformers >= 5.2x names the KV-cache argument ``cache``
+            # (``past_key_values`` is deprecated and warns on every call); older
+            # versions know only the old name.
+            parameters = inspect.signature(decoder.forward).parameters
+            self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+            # The packed engine, where the model's architecture allows (else
+            # transformers'); it owns the projection weights (held once, prepacked for
+            # oneDNN on CPU).
+            self.engine = packed_engine(decoder, own_weights=True)
+            layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"]
+            self.reuses_prefixes = all(kind == "full_attention" for kind in layer_types)
+        elif engine is None:
+            raise ValueError("a scorer needs a decoder or an engine")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model runs in."""
+        if self.engine is not None:
+            return self.engine.dtype
+        dtype: torch.dtype = self.decoder.dtype
+        return dtype
 
     # -- scoring ---------------------------------------------------------------------
 
@@ -784,6 +807,24 @@ def _load_tokens(model: str) -> _QwenTokens:
 def _load_scorer(
     model: str, device: torch.device, dtype: torch.dtype, tokens: _QwenTokens
 ) -> _QwenScorer:
+    """The model, for scoring. On CPU, a checkpoint the packed engine covers (see
+    :func:`~memos_rerank_integrations._engine.checkpoint.open_qwen3`) is read from its
+    files straight into the engine (no transformers model is built, nothing is held
+    twice); other checkpoints and devices load through transformers."""
+    if device.type == "cpu":
+        checkpoint = open_qwen3(model)
+        if checkpoint is not None:
+            with checkpoint:
+                engine = checkpoint_engine(checkpoint, dtype)
+                if engine is not None:
+                    rows = checkpoint.output_rows([tokens.yes, tokens.no]).to(dtype).float()
+                    return _QwenScorer(tokens, None, rows[0] - rows[1], 0.0, device, engine=engine)
+    return _load_transformers_scorer(model, device, dtype, tokens)
+
+
+def _load_transformers_scorer(
+    model: str, device: torch.device, dtype: torch.dtype, tokens: _QwenTokens
+) -> _QwenScorer:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -857,6 +898,9 @@ class QwenReranker(LocalReranker):
     Args:
         model: a Hugging Face Hub id or a local directory. Loaded on first use and
             shared by every reranker in the process with the same model, device and dtype.
+            On CPU a Qwen3 checkpoint in safetensors that the packed engine covers is
+            read straight from its files (no transformers model is built); others load
+            through transformers.
         instruction: the ``<Instruct>`` text (default: the model card's web-search one),
             at most :data:`MAX_INSTRUCTION_LENGTH` characters; on first use, with the
             prompt's fixed parts it must leave room for the query and document within
@@ -915,15 +959,17 @@ class QwenReranker(LocalReranker):
         """The tokenizer, loaded (and shared per model) without the weights."""
         if self._tokens is None:
             key = model_cache_key("qwen-tokenizer", self.model, _NO_DEVICE, _NO_DTYPE)
-            self._tokens = load_shared(key, lambda: _load_tokens(self.model), model=self.model)
+            self._tokens = load_shared(
+                key, lambda: _load_tokens(self.model), model=self.model, exclusive=False
+            )
         return self._tokens
 
     def _loaded(self) -> _QwenScorer:
         if self._scorer is None:
-            tokens = self._tokenizer()
             device = resolve_device(self.device)
             dtype = resolve_dtype(self.dtype, device)
             key = model_cache_key("qwen-yes-no", self.model, device, dtype)
+            tokens = self._tokenizer()
             self._scorer = load_shared(
                 key, lambda: _load_scorer(self.model, device, dtype, tokens), model=self.model
             )

@@ -7,6 +7,7 @@ torch is imported inside functions only, so importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Hashable, Iterator
@@ -59,12 +60,16 @@ def model_cache_key(
 
 
 def require_local(feature: str) -> None:
-    """Check torch and transformers import, or explain which extra to install."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise missing_extra("local", exc.name or "torch", feature=feature) from exc
+    """Check that torch and transformers are installed (found, not imported: importing
+    transformers takes a while, and a model read from its files never needs it), or
+    explain which extra to install."""
+    for name in ("torch", "transformers"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise missing_extra("local", name, feature=feature)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -199,12 +204,14 @@ _cache_lock = threading.Lock()
 _key_locks: dict[Hashable, threading.Lock] = {}
 
 
-def load_shared(key: Hashable, loader: Callable[[], T], *, model: str) -> T:
+def load_shared(key: Hashable, loader: Callable[[], T], *, model: str, exclusive: bool = True) -> T:
     """Load once per process per ``key`` (model, kind, device, dtype, ...).
 
     Concurrent first calls for one key wait for a single load. Loads of different
     models run one at a time, and while one runs no forward pass of any local
     model does (see :func:`inference`): transformers' loading is not thread-safe.
+    ``exclusive=False`` is for loaders that build no torch tensors (a tokenizer):
+    they run without waiting for, or holding off, other loads and passes.
     Any loading failure becomes a :class:`ModelLoadError` that names the model and
     says how to use a local copy.
     """
@@ -217,7 +224,7 @@ def load_shared(key: Hashable, loader: Callable[[], T], *, model: str) -> T:
             if key in _cache:
                 return _cache[key]  # type: ignore[no-any-return]
         try:
-            with _gate.loading():
+            with _gate.loading() if exclusive else contextlib.nullcontext():
                 value = loader()
         except ModelLoadError:
             raise
