@@ -38,6 +38,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -98,7 +99,15 @@ def make_calls(
 class Served:
     """One server as a subprocess, healthy on ``__enter__``, stopped on ``__exit__``."""
 
-    def __init__(self, kind: str, model: Path, dtype: str, vllm_python: str, log: Path) -> None:
+    def __init__(
+        self,
+        kind: str,
+        model: Path,
+        dtype: str,
+        vllm_python: str,
+        log: Path,
+        memos_args: list[str] | None = None,
+    ) -> None:
         self.kind = kind
         self.port = bench_server.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -108,6 +117,7 @@ class Served:
                 sys.executable, "-m", "memos_rerank_integrations.cli", "serve",
                 "--model", str(model), "--port", str(self.port), "--dtype", dtype,
                 "--model-name", "bench", "--log-level", "warning",
+                *(memos_args or []),
             ]  # fmt: skip
         else:
             command = [
@@ -272,6 +282,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (alternating order)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
+        "--memos-args", default="", help="extra flags for memos-rerank serve (default: none)"
+    )
+    parser.add_argument(
         "--vllm-python",
         default=os.environ.get("VLLM_PYTHON", str(_common.REPO / ".vllm-venv" / "bin" / "python")),
         help="the Python of vLLM's virtual environment (default: .vllm-venv, or $VLLM_PYTHON)",
@@ -299,7 +312,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = servers if round_ % 2 == 0 else list(reversed(servers))
             for kind in order:
-                with Served(kind, model, args.dtype, args.vllm_python, log) as served:
+                served_by = Served(
+                    kind, model, args.dtype, args.vllm_python, log, shlex.split(args.memos_args)
+                )
+                with served_by as served:
                     commands[kind] = {"command": served.command[1:], "env": served.tuning}
                     results.extend(measure_server(served, round_, args))
         floor = {} if args.smoke else floors(model, args.dtype, args)
