@@ -193,7 +193,7 @@ def measure_server(served: Served, round_: int, args: argparse.Namespace) -> lis
         asyncio.run(run_load(reranker, make_calls(workload, 2, 1, seed=99)))
     for workload in args.workloads:
         for clients in args.clients:
-            calls = make_calls(workload, clients, args.calls, seed=args.seed)
+            calls = make_calls(workload, clients, args.calls[workload], seed=args.seed)
             seconds, latencies = asyncio.run(run_load(reranker, calls))
             documents = sum(len(d) for own in calls for _, d in own)
             result = Result(
@@ -229,9 +229,8 @@ def floors(model: Path, dtype: str, args: argparse.Namespace) -> dict[str, float
     prefix = len(tokens.instruction_ids(reranker.instruction))
     out = {}
     for workload in args.workloads:
-        calls = [
-            call for own in make_calls(workload, 8, args.calls, seed=args.seed) for call in own
-        ]
+        per_client = make_calls(workload, 8, args.calls[workload], seed=args.seed)
+        calls = [call for own in per_client for call in own]
         distinct = sum(
             bench_qwen.unique_tokens(reranker._tokenize(tokens, [(q, d)])[0].sequences()) - prefix
             for q, d in calls
@@ -269,6 +268,14 @@ def summary(results: list[Result], floor: dict[str, float]) -> list[dict[str, An
     return rows
 
 
+def calls_per_workload(spec: str, workloads: list[str]) -> dict[str, int]:
+    """``"3"`` (every workload) or ``"small=3,memory=3,rag=1"`` as {workload: calls}."""
+    if "=" not in spec:
+        return dict.fromkeys(workloads, int(spec))
+    given = {name: int(n) for name, _, n in (part.partition("=") for part in spec.split(","))}
+    return {workload: given[workload] for workload in workloads}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -278,7 +285,11 @@ def main() -> None:
     parser.add_argument("--servers", default=",".join(SERVERS), help="which, in order")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--clients", default="8,32", help="client counts")
-    parser.add_argument("--calls", type=int, default=3, help="calls per client")
+    parser.add_argument(
+        "--calls",
+        default="3",
+        help="calls per client: one number, or per workload (small=3,memory=3,rag=1)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (alternating order)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
@@ -293,12 +304,14 @@ def main() -> None:
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.calls = calls_per_workload(args.calls, args.workloads)
     servers = args.servers.split(",")
     run = _common.run_info()
     out = _common.output_path(args, "bench_serve")
     with tempfile.TemporaryDirectory() as scratch:
         if args.smoke:
-            servers, args.clients, args.calls, args.rounds = ["memos"], [2], 1, 1
+            servers, args.clients, args.rounds = ["memos"], [2], 1
+            args.calls = dict.fromkeys(args.workloads, 1)
             args.dtype = "float32"
             model = bench_qwen.build_model(Path(scratch) / "model", tiny=True)
         else:
