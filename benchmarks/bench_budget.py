@@ -15,8 +15,9 @@ After each budgeted call the model's lock must be free (no work left running).
 
     PYTHONPATH=src python benchmarks/bench_budget.py
 
-writes ``benchmarks/results/bench_budget-<machine>.json`` (``--out`` elsewhere) and
-``docs/assets/budget.svg``; ``--smoke`` runs a tiny model once.
+writes ``benchmarks/results/bench_budget-<machine>.json`` (``--out`` elsewhere;
+``python benchmarks/plot.py`` draws its table and ``docs/assets/budget.svg``);
+``--smoke`` runs a tiny model once.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from memos_rerank_integrations import QwenReranker  # noqa: E402
 from memos_rerank_integrations._calls import Budget  # noqa: E402
 
 FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0, 1.5)
-CHART = _common.REPO / "docs" / "assets" / "budget.svg"
 
 
 def rag_call(seed: int = 11, passages: int = 64) -> tuple[str, list[str]]:
@@ -82,8 +82,6 @@ def main() -> None:
             model = bench_qwen.build_model(args.model_dir)
         report = measure(model, args)
     _common.write(_common.output_path(args, "bench_budget"), report, run)
-    if not args.smoke:
-        chart(report)
 
 
 def measure(model: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -147,32 +145,6 @@ def measure(model: Path, args: argparse.Namespace) -> dict[str, Any]:
         "overhead_never_runs_out": round(overhead, 3),
         "budgets": rows,
     }
-
-
-def chart(report: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [row for row in report["budgets"] if row["budget_fraction_of_T"] >= 1 / 32]
-    x = [row["budget_fraction_of_T"] for row in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    left.plot(x, [row["scored_fraction"] for row in rows], marker="o", label="scored")
-    left.plot(x, [min(v, 1.0) for v in x], linestyle="--", color="grey", label="budget / T")
-    left.set_xlabel("budget / T (full rerank's time)")
-    left.set_ylabel("share of the 64 passages scored")
-    left.legend()
-    right.plot(x, [row["elapsed_max_s"] for row in rows], marker="o", label="slowest call")
-    right.plot(x, [row["budget_s"] for row in rows], linestyle="--", color="grey", label="budget")
-    right.set_xlabel("budget / T")
-    right.set_ylabel("seconds")
-    right.legend()
-    fig.suptitle(f"Latency budgets, 64-passage RAG call, T = {report['full_seconds']:.2f} s")
-    fig.tight_layout()
-    CHART.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(CHART, metadata={"Date": None})
-    print(f"wrote {CHART}")
 
 
 if __name__ == "__main__":

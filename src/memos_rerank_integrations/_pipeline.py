@@ -189,8 +189,20 @@ class CallOptions:
 def call_options(values: Any, *, source: str) -> CallOptions:
     """Read the ``rerank``, ``rerank_top_n`` and ``rerank_budget_ms`` overrides from a
     mapping (or an object's attributes); ``source`` names where they came from in error
-    messages."""
+    messages.
+
+    In a mapping shared with other components (LangChain's ``configurable``), a key
+    that starts with ``rerank_`` but is none of these is a misspelling: an
+    :class:`InvalidInputError` naming the closest valid one, never ignored."""
     if isinstance(values, Mapping):
+        ours = (RERANK_OPTION, TOP_N_OPTION, BUDGET_OPTION)
+        misspelled = [
+            key
+            for key in values
+            if isinstance(key, str) and key.startswith("rerank_") and key not in ours
+        ]
+        if misspelled:
+            raise InvalidInputError(unknown_options(misspelled, ours, owner=source))
         rerank, top_n = values.get(RERANK_OPTION), values.get(TOP_N_OPTION)
         budget = values.get(BUDGET_OPTION)
     else:

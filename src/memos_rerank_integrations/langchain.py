@@ -66,7 +66,9 @@ class RerankCompressor(pipeline.RerankSettings, BaseDocumentCompressor):
     without calling the backend.
 
     Per call, the run's ``config["configurable"]`` may hold ``"rerank"`` (bool: force
-    or skip reranking) and ``"rerank_top_n"`` (a positive int replacing ``top_n``). They
+    or skip reranking), ``"rerank_top_n"`` (a positive int replacing ``top_n``) and
+    ``"rerank_budget_ms"`` (a latency budget for this call); any other ``rerank_`` key
+    is a misspelling, an ``InvalidInputError`` naming the closest of these. They
     reach the compressor inside an LCEL chain or LangGraph node, and through
     :class:`RerankRetriever` (a stock ``ContextualCompressionRetriever`` invoked on its
     own drops them).

@@ -252,6 +252,22 @@ def test_rerank_retriever_reads_configurable() -> None:
     assert len(direct) == 2  # nothing of that call's config is left behind
 
 
+def test_a_misspelled_configurable_rerank_key_is_refused_naming_the_right_one() -> None:
+    """``configurable`` is shared by every component of a chain, so keys of others
+    pass; a ``rerank_`` key that is not one of ours is a misspelling, not ignored."""
+    backend = OverlapReranker()
+    retriever = RerankRetriever(
+        base_retriever=store_retriever(), compressor=RerankCompressor(reranker=backend, top_n=2)
+    )
+    with pytest.raises(InvalidInputError, match="Did you mean 'rerank_top_n'"):
+        retriever.invoke(QUERY, config={"configurable": {"rerank_topn": 1}})
+    with pytest.raises(InvalidInputError, match="Did you mean 'rerank_budget_ms'"):
+        retriever.invoke(QUERY, config={"configurable": {"rerank_budget": 50}})
+    assert backend.calls == []
+    others = {"thread_id": "t1", "user_id": "u", "rerank_top_n": 1}
+    assert ids(retriever.invoke(QUERY, config={"configurable": others})) == ["m0"]
+
+
 async def test_rerank_retriever_async_and_forced_rerank() -> None:
     backend = OverlapReranker()
     compressor = RerankCompressor(reranker=backend, top_n=2, enabled=False)

@@ -461,5 +461,53 @@ def test_serve_defaults_are_the_servers() -> None:
     assert args.max_request_tokens == server.DEFAULT_MAX_REQUEST_TOKENS
     assert args.limit_concurrency == server.DEFAULT_LIMIT_CONCURRENCY
     assert args.header_timeout == server.DEFAULT_HEADER_TIMEOUT
+    assert args.shutdown_timeout == server.DEFAULT_SHUTDOWN_TIMEOUT
+    assert args.write_timeout is None  # the header timeout, as in server.config
     assert args.max_query_tokens == 2048  # MemOS's query limit
     assert args.no_metrics is False
+
+
+@pytest.mark.parametrize(
+    "timeouts",
+    [["--write-timeout", "1"], ["--write-timeout", "60", "--shutdown-timeout", "1"]],
+    ids=["write-timeout", "shutdown-timeout"],
+)
+def test_serve_exits_promptly_on_sigterm_with_a_client_that_never_reads(
+    cross_encoder_dir: Path, timeouts: list[str]
+) -> None:
+    """A client that asks for a large answer and never reads it: with --write-timeout
+    its connection is aborted, with --shutdown-timeout its request is cancelled, so
+    SIGTERM ends the server in seconds either way (the defaults would take 10 s)."""
+    port = free_port()
+    limits = ["--max-body-bytes", str(64 * 1024 * 1024), "--max-request-tokens", "none"]
+    model = ["--model", str(cross_encoder_dir), "--backend", "cross-encoder", *FP32]
+    process = start_serve(
+        [*model, "--port", str(port), *limits, "--max-documents", "4000", *timeouts]
+    )
+    try:
+        wait_healthy(process, f"http://127.0.0.1:{port}")
+        documents = [f"memory {i} " + "x" * 6000 for i in range(1500)]
+        body = json.dumps(
+            {"query": QUERY, "documents": documents, "return_documents": True}
+        ).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        head = (
+            f"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body)
+        sock.settimeout(60)
+        assert sock.recv(1, socket.MSG_PEEK)  # the answer has begun; it is never read
+        time.sleep(0.5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert time.monotonic() - started < 6
+        assert process.returncode == 0
+        sock.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()

@@ -136,6 +136,8 @@ SERVE = ["serve", "--model", MISSING_MODEL]
         ([*SERVE, "--limit-concurrency", str(10**9)], "--limit-concurrency"),
         ([*SERVE, "--timeout-keep-alive", "inf"], "--timeout-keep-alive"),
         ([*SERVE, "--header-timeout", "-1"], "--header-timeout"),
+        ([*SERVE, "--write-timeout", "0"], "--write-timeout"),
+        ([*SERVE, "--shutdown-timeout", "inf"], "--shutdown-timeout"),
         ([*SERVE, "--batch-window-ms", "nan"], "--batch-window-ms"),
         ([*SERVE, "--batch-window-ms", "-1"], "--batch-window-ms"),
         ([*SERVE, "--batch-window-ms", "1e300"], "--batch-window-ms"),

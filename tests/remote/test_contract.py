@@ -843,3 +843,14 @@ def test_llama_index_postprocessor_falls_back_too(
         out = asyncio.run(postprocessor.apostprocess_nodes(nodes, query_bundle=QueryBundle("q")))
     assert [n.node.node_id for n in out] == ["n0", "n1", "n2"]
     assert all(n.node.metadata.get("rerank_fallback") is True for n in out)
+
+
+@each_backend
+def test_a_base_url_with_credentials_is_refused_without_showing_them(
+    backend: RemoteBackend,
+) -> None:
+    """Credentials belong in ``api_key`` (a secret): a URL holding them would show in
+    reprs, logs and ``to_config()``."""
+    with pytest.raises(InvalidInputError, match="must not contain credentials") as info:
+        backend.make("http://user:hunter2-pass@127.0.0.1:9/")
+    assert "hunter2-pass" not in str(info.value)

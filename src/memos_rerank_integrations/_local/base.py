@@ -8,7 +8,6 @@ everything a caller sees is here, once.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from abc import ABC, abstractmethod
@@ -18,6 +17,7 @@ from .._calls import Budget, Stopped, stopping_at
 from .._configurable import Configurable
 from .._exceptions import InvalidInputError
 from .._types import RerankResult, StageThresholds, check_call, check_inputs, rank_scores
+from .runtime import in_model_thread
 
 __all__ = ["LocalReranker", "RerankCall", "check_calls"]
 
@@ -90,13 +90,13 @@ class LocalReranker(Configurable, ABC):
     async def arerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
-        """:meth:`rerank` in a worker thread, so the event loop never blocks; calls on
-        one model run one at a time."""
-        return await asyncio.to_thread(self.rerank, query, documents, top_n)
+        """:meth:`rerank` on the process's thread for local models' async calls, so the
+        event loop never blocks; they run one at a time."""
+        return await in_model_thread(self.rerank, query, documents, top_n)
 
     async def arerank_many(self, calls: Sequence[RerankCall]) -> list[list[RerankResult]]:
-        """:meth:`rerank_many` in a worker thread."""
-        return await asyncio.to_thread(self.rerank_many, calls)
+        """:meth:`rerank_many` on the process's thread for local models' async calls."""
+        return await in_model_thread(self.rerank_many, calls)
 
     def rerank_within(
         self, query: str, documents: Sequence[str], *, budget: Budget
@@ -125,8 +125,9 @@ class LocalReranker(Configurable, ABC):
     async def arerank_within(
         self, query: str, documents: Sequence[str], *, budget: Budget
     ) -> list[RerankResult]:
-        """:meth:`rerank_within` in a worker thread (which ends with the budget)."""
-        return await asyncio.to_thread(self.rerank_within, query, documents, budget=budget)
+        """:meth:`rerank_within` on the process's thread for local models' async calls
+        (the call ends with the budget)."""
+        return await in_model_thread(self.rerank_within, query, documents, budget=budget)
 
     def _timed(self, calls: list[tuple[str, list[str]]]) -> list[list[float]]:
         """:meth:`_score_calls`, recording how long it took for how much text."""

@@ -6,11 +6,15 @@ torch is imported inside functions only, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import functools
 import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "clear_model_cache",
+    "in_model_thread",
     "inference",
     "load_shared",
     "model_cache_key",
@@ -34,6 +39,31 @@ __all__ = [
 logger = logging.getLogger("memos_rerank_integrations")
 
 T = TypeVar("T")
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+async def in_model_thread(call: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)`` on the process's one thread for local models' async
+    calls (with the caller's context variables, e.g. a latency budget), so the event
+    loop never blocks.
+
+    One thread, not a pool: torch's OpenMP runtime gives every thread that runs
+    parallel work a team of its own, and with more teams than cores it stops letting
+    idle workers spin between operations, which slows every pass (by a fifth on two
+    cores); local passes share the cores anyway, and run one at a time per model."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memos-rerank-local")
+        executor = _executor
+    context = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        executor, functools.partial(context.run, call, *args, **kwargs)
+    )
+
 
 _DTYPE_NAMES = {
     "float32": "float32",

@@ -12,7 +12,7 @@ from .._exceptions import MalformedResponseError, RerankError
 from .._extras import missing_extra
 from .._types import nonempty_text, optional_positive_int
 from .base import RemoteOptions, RemoteReranker
-from .http import HTTPClients, answer_bound, error_for_status, error_for_transport
+from .http import HTTPClients, answer_bound, check_url, error_for_status, error_for_transport
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -67,6 +67,8 @@ class CohereReranker(RemoteReranker):
         defaults: RemoteOptions = {"max_documents_per_request": 100}
         super().__init__(**defaults | options)
         self.base_url = base_url or os.environ.get("CO_API_URL") or None
+        if self.base_url is not None:
+            check_url(self.base_url)  # no credentials, to show in reprs and configs
         self._api_key = self._key(api_key, required=client is None or async_client is None)
         self._given_client, self._given_async_client = client, async_client
         self._clients: HTTPClients = HTTPClients(

@@ -39,6 +39,7 @@ __all__ = [
     "HTTPClients",
     "HTTPOptions",
     "answer_bound",
+    "check_url",
     "error_for_status",
     "error_for_transport",
     "join_url",
@@ -525,7 +526,7 @@ class HTTPBackend(RemoteReranker):
         **options: Unpack[RemoteOptions],
     ) -> None:
         super().__init__(**options)
-        self.url = _check_url(url)
+        self.url = check_url(url)
         self.model = model
         self._api_key = self._key(api_key, required=key_required)
         self._clients: HTTPClients = HTTPClients(
@@ -707,7 +708,9 @@ class _Exchange:
         )
 
 
-def _check_url(url: object) -> str:
+def check_url(url: object) -> str:
+    """``url`` as an http(s) URL with a host and no credentials, else an
+    :class:`InvalidInputError`."""
     if not isinstance(url, str) or not url.strip():
         raise errors.InvalidInputError(f"base_url must be a non-empty str, got {url!r}.")
     try:
