@@ -296,6 +296,15 @@ def main() -> None:
         "--memos-args", default="", help="extra flags for memos-rerank serve (default: none)"
     )
     parser.add_argument(
+        "--first-round", type=int, default=0, help="number of the first round (its order)"
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="JSON lines of earlier rounds' results (as this script prints them) to count too",
+    )
+    parser.add_argument(
         "--vllm-python",
         default=os.environ.get("VLLM_PYTHON", str(_common.REPO / ".vllm-venv" / "bin" / "python")),
         help="the Python of vLLM's virtual environment (default: .vllm-venv, or $VLLM_PYTHON)",
@@ -321,8 +330,11 @@ def main() -> None:
             servers = [s for s in servers if not s.startswith("vllm")]
         log = Path(scratch) / "servers.log"
         results: list[Result] = []
+        if args.merge is not None:
+            lines = args.merge.read_text().splitlines()
+            results = [Result(**json.loads(line)) for line in lines if line.strip()]
         commands: dict[str, Any] = {}
-        for round_ in range(args.rounds):
+        for round_ in range(args.first_round, args.first_round + args.rounds):
             order = servers if round_ % 2 == 0 else list(reversed(servers))
             for kind in order:
                 served_by = Served(
@@ -331,6 +343,8 @@ def main() -> None:
                 with served_by as served:
                     commands[kind] = {"command": served.command[1:], "env": served.tuning}
                     results.extend(measure_server(served, round_, args))
+        for earlier in results:
+            commands.setdefault(earlier.server, {"command": "in the merged rounds' run"})
         floor = {} if args.smoke else floors(model, args.dtype, args)
     rows = summary(results, floor)
     for row in rows:
