@@ -353,9 +353,11 @@ def first_score_table(data: dict[str, Any]) -> str:
     }
     results = data["results"]
     recipe = {d: results.get(f"recipe_{d}", {}).get("median_s") for d in DTYPES}
+    count = data["machine"]["threads"]
+    threads = f"{count} torch thread(s)" if count else "torch's default threads"
     lines = [
         f"{provenance('bench_first_score', data['run'])}; {machine_name(data['run'])}, "
-        f"{data['machine']['threads']} torch thread(s), weights in the page cache.",
+        f"{threads}, weights in the page cache.",
         "",
         "| from process start to the first score | median s | best s | x recipe | peak RSS MiB |",
         "|---|---|---|---|---|",
@@ -387,7 +389,9 @@ def budget_table(data: dict[str, Any]) -> str:
     ]
     for r in data["budgets"]:
         fraction = r["budget_fraction_of_T"]
-        shown = f"T/{1 / fraction:.0f}" if fraction < 1 else f"{fraction:g} T"
+        whole = round(1 / fraction)
+        exact = fraction < 1 and abs(whole * fraction - 1) < 0.01
+        shown = f"T/{whole}" if exact else f"{fraction:g} T"
         lines.append(
             f"| {shown} ({r['budget_s']:.2f} s) | {r['scored_median']:g} "
             f"({r['scored_fraction']:.0%}) | {r['elapsed_max_s']:.2f} "
