@@ -28,7 +28,6 @@ from memos_rerank_integrations import (
     HTTPReranker,
     InvalidInputError,
     QwenReranker,
-    RerankResult,
     compare,
 )
 from memos_rerank_integrations._calls import Budget
@@ -37,33 +36,12 @@ from memos_rerank_integrations.langchain import RerankCompressor
 from memos_rerank_integrations.llama_index import RerankPostprocessor, RerankQueryBundle
 
 from .support import qwen_fixtures
+from .support.backends import FirstK
 from .support.loopback import LoopbackServer, Reply
 
 tiny_qwen_dir = qwen_fixtures.tiny_qwen_dir
 
 DOCS = [f"memory number {i} about badminton and tea" for i in range(10)]
-
-
-class FirstK:
-    """Scores the first ``k`` documents (score = position, so later ones rank first)
-    when asked within a budget; every document otherwise."""
-
-    model = "first-k"
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.budgets: list[Budget] = []
-
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        return rank_scores([i / 10 for i in range(len(documents))], top_n=top_n)
-
-    def rerank_within(
-        self, query: str, documents: Sequence[str], *, budget: Budget
-    ) -> list[RerankResult]:
-        self.budgets.append(budget)
-        return rank_scores([i / 10 for i in range(min(self.k, len(documents)))])
 
 
 class Stuck:

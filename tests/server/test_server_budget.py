@@ -11,39 +11,21 @@ import httpx
 import pytest
 
 from memos_rerank_integrations import RerankResult
-from memos_rerank_integrations._calls import Budget
-from memos_rerank_integrations._types import rank_scores
 from memos_rerank_integrations.server import create_app
 
+from ..support.backends import FirstK
 from ..support.server import LiveServer
 
 DOCS = [f"memory {i}" for i in range(8)]
 
 
-class FirstThree:
-    """Scores the first three documents within a budget (later ones score higher)."""
-
-    model = "first-three"
-
-    def __init__(self) -> None:
-        self.budgets: list[Budget] = []
-
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        return rank_scores([i / 10 for i in range(len(documents))], top_n=top_n)
-
-    def rerank_within(
-        self, query: str, documents: Sequence[str], *, budget: Budget
-    ) -> list[RerankResult]:
-        self.budgets.append(budget)
-        return rank_scores([0.5 + i / 10 for i in range(min(3, len(documents)))])
-
-
-class Slow(FirstThree):
+class Slow(FirstK):
     """No budget support, and slow: the server waits for it only as long as the budget."""
 
     rerank_within = None  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__(3, base=0.5)
 
     def rerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
@@ -53,18 +35,19 @@ class Slow(FirstThree):
 
 
 @pytest.fixture
-def backend() -> FirstThree:
-    return FirstThree()
+def backend() -> FirstK:
+    """Scores the first three documents within a budget (later ones score higher)."""
+    return FirstK(3, base=0.5)
 
 
 @pytest.fixture
-def live(backend: FirstThree) -> Iterator[LiveServer]:
+def live(backend: FirstK) -> Iterator[LiveServer]:
     with LiveServer(create_app(backend, model_name="budget-test")) as server:
         yield server
 
 
 def test_a_budget_in_the_body_gives_a_partial_answer_with_every_document(
-    live: LiveServer, backend: FirstThree
+    live: LiveServer, backend: FirstK
 ) -> None:
     body = {"query": "q", "documents": DOCS, "budget_ms": 250}
     response = httpx.post(f"{live.url}/rerank", json=body, timeout=10)

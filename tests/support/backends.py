@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from memos_rerank_integrations._calls import Budget
 from memos_rerank_integrations._types import RerankResult, rank_scores
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -95,3 +96,27 @@ class SyncOnlyReranker:
         self, query: str, documents: Sequence[str], top_n: int | None = None
     ) -> list[RerankResult]:
         return rank_scores([overlap_score(query, d) for d in documents], top_n=top_n)
+
+
+class FirstK:
+    """Scores the first ``k`` documents (``base`` + position / 10, so later ones rank
+    first) when asked within a budget, recording each budget; every document
+    (position / 10) otherwise."""
+
+    model = "first-k"
+
+    def __init__(self, k: int, *, base: float = 0.0) -> None:
+        self.k = k
+        self.base = base
+        self.budgets: list[Budget] = []
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        return rank_scores([i / 10 for i in range(len(documents))], top_n=top_n)
+
+    def rerank_within(
+        self, query: str, documents: Sequence[str], *, budget: Budget
+    ) -> list[RerankResult]:
+        self.budgets.append(budget)
+        return rank_scores([self.base + i / 10 for i in range(min(self.k, len(documents)))])
