@@ -73,6 +73,25 @@ def diff(value: float) -> str:
     return f"{value:.0e}" if value < 1e-4 else f"{value:.1e}"
 
 
+def _pyplot(salt: str = "benchmarks") -> Any:
+    """matplotlib's pyplot, drawing SVG with text as text and ids fixed by ``salt``
+    (so a chart redrawn from the same results is byte-identical)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"
+    plt.rcParams["svg.hashsalt"] = salt
+    return plt
+
+
+def _save(plt: Any, figure: Any, path: Path) -> None:
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, metadata={"Date": None})
+    plt.close(figure)
+
+
 def qwen_table(machine: str, qwen: dict[str, Any], vllm: dict[str, Any] | None) -> str:
     lines = [f"**{machine_name(qwen['run'])}**, one torch thread per contender.", ""]
     lines.append(f"- {provenance('bench_qwen', qwen['run'])}")
@@ -121,13 +140,7 @@ def qwen_table(machine: str, qwen: dict[str, Any], vllm: dict[str, Any] | None) 
 
 
 def qwen_chart(qwen: dict[str, dict[str, Any]], vllm: dict[str, dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.fonttype"] = "none"
-    plt.rcParams["svg.hashsalt"] = "benchmarks"
+    plt = _pyplot()
     machines = sorted(qwen)
     figure, axes = plt.subplots(len(machines), 2, figsize=(11, 3.6 * len(machines)), squeeze=False)
     contenders = (
@@ -171,20 +184,13 @@ def qwen_chart(qwen: dict[str, dict[str, Any]], vllm: dict[str, dict[str, Any]])
         fontsize=11,
     )
     figure.tight_layout()
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(ASSETS / "benchmarks.svg", metadata={"Date": None})
-    plt.close(figure)
+    _save(plt, figure, ASSETS / "benchmarks.svg")
 
 
 def scaling_chart(report: dict[str, Any], filename: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot("scaling")
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
-    plt.rcParams["svg.fonttype"] = "none"
-    plt.rcParams["svg.hashsalt"] = "scaling"
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for column, axis_name in enumerate(("memories", "document_tokens")):
         rows = [r for r in report["results"] if r["axis"] == axis_name]
@@ -234,9 +240,7 @@ def scaling_chart(report: dict[str, Any], filename: str) -> None:
         fontsize=11,
     )
     figure.tight_layout()
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(ASSETS / filename, metadata={"Date": None})
-    plt.close(figure)
+    _save(plt, figure, ASSETS / filename)
 
 
 def cross_encoder_table(data: dict[str, Any]) -> str:
@@ -437,13 +441,7 @@ def serve_table(data: dict[str, Any]) -> str:
 
 
 def serve_chart(data: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.fonttype"] = "none"
-    plt.rcParams["svg.hashsalt"] = "benchmarks"
+    plt = _pyplot()
     cases = sorted({(r["workload"], r["clients"]) for r in data["summary"]})
     by = {(r["server"], r["workload"], r["clients"]): r for r in data["summary"]}
     colors = {"memos": "#1b7837", "vllm-tuned": "#fdb462", "vllm-default": "#bdbdbd"}
@@ -473,19 +471,11 @@ def serve_chart(data: dict[str, Any]) -> None:
         fontsize=11,
     )
     figure.tight_layout()
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(ASSETS / "serve.svg", metadata={"Date": None})
-    plt.close(figure)
+    _save(plt, figure, ASSETS / "serve.svg")
 
 
 def budget_chart(data: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.fonttype"] = "none"
-    plt.rcParams["svg.hashsalt"] = "benchmarks"
+    plt = _pyplot()
     rows = [row for row in data["budgets"] if row["budget_fraction_of_T"] >= 1 / 32]
     x = [row["budget_fraction_of_T"] for row in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -504,9 +494,7 @@ def budget_chart(data: dict[str, Any]) -> None:
         fontsize=11,
     )
     figure.tight_layout()
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(ASSETS / "budget.svg", metadata={"Date": None})
-    plt.close(figure)
+    _save(plt, figure, ASSETS / "budget.svg")
 
 
 def blocks() -> dict[str, str]:
