@@ -6,11 +6,13 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cohere
@@ -511,3 +513,29 @@ def test_serve_exits_promptly_on_sigterm_with_a_client_that_never_reads(
         if process.poll() is None:
             process.kill()
         process.communicate()
+
+
+def test_serve_runs_its_model_workers_on_shares_of_the_cores(qwen_dir: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_serve(
+        ["--model", str(qwen_dir), "--port", str(port), *FP32, "--model-workers", "2"]
+    )
+    try:
+        wait_healthy(process, url)
+        body = {"query": QUERY, "documents": DOCUMENTS}
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(lambda _: httpx.post(f"{url}/rerank", json=body, timeout=60), range(4))
+            )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    expected = QwenReranker(qwen_dir, dtype="float32").rerank(QUERY, DOCUMENTS)
+    for answer in answers:
+        assert answer.status_code == 200
+        got = answer.json()["results"]
+        assert [r["index"] for r in got] == [e.index for e in expected]
+        assert [r["relevance_score"] for r in got] == pytest.approx([e.score for e in expected])
+    assert re.search(r"2 model workers, \d+ torch thread\(s\) each", err), err
+    assert process.returncode == 0, err

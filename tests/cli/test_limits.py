@@ -142,6 +142,8 @@ SERVE = ["serve", "--model", MISSING_MODEL]
         ([*SERVE, "--batch-window-ms", "-1"], "--batch-window-ms"),
         ([*SERVE, "--batch-window-ms", "1e300"], "--batch-window-ms"),
         ([*SERVE, "--max-batch-documents", str(10**9)], "--max-batch-documents"),
+        ([*SERVE, "--model-workers", "0"], "--model-workers"),
+        ([*SERVE, "--model-workers", "1025"], "--model-workers"),
         ([*SERVE, "--host", ""], "--host"),
         ([*SERVE, "--model-name", "n" * 257], "--model-name"),
         ([*SERVE, "--device", "d" * 257], "--device"),

@@ -28,6 +28,7 @@ document instead).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import threading
@@ -448,6 +449,19 @@ class _QwenScorer:
             self.reuses_prefixes = all(kind == "full_attention" for kind in layer_types)
         elif engine is None:
             raise ValueError("a scorer needs a decoder or an engine")
+
+    def replica(self) -> _QwenScorer:
+        """A scorer on these same weights with a lock and instruction-prefix cache of
+        its own: the packed engine's forward keeps no state between calls, so two
+        replicas score at the same time on two threads. Without the engine
+        (transformers' modules run the model) this scorer itself: calls then take
+        turns."""
+        if self.engine is None:
+            return self
+        twin = copy.copy(self)
+        twin.lock = threading.Lock()
+        twin._instructions = OrderedDict()
+        return twin
 
     @property
     def dtype(self) -> torch.dtype:
@@ -954,6 +968,18 @@ class QwenReranker(LocalReranker):
 
     def __repr__(self) -> str:
         return f"QwenReranker(model={self.model!r}, device={self.device!r}, dtype={self.dtype!r})"
+
+    def replica(self) -> QwenReranker:
+        """A twin of this reranker (same settings) on the same loaded weights, with a
+        lock of its own, so the two score at the same time on two threads, each in the
+        share of the cores that thread's torch uses: what ``memos-rerank serve
+        --model-workers`` runs. Loads the model if it is not loaded yet. Where the
+        packed engine does not run the model (transformers' modules do), the twin shares
+        this reranker's lock and their calls take turns."""
+        scorer = self._loaded()
+        twin = copy.copy(self)
+        twin._tokens, twin._scorer = scorer.tokens, scorer.replica()
+        return twin
 
     def _tokenizer(self) -> _QwenTokens:
         """The tokenizer, loaded (and shared per model) without the weights."""

@@ -44,6 +44,7 @@ _MAX_QUERY_TOKENS = 1_048_576
 _MAX_CONCURRENCY = 100_000
 _MAX_BATCH_WINDOW_MS = 10_000.0
 _MAX_BATCH_DOCUMENTS = 100_000
+_MAX_MODEL_WORKERS = 1024
 
 logger = logging.getLogger("memos_rerank_integrations.cli")
 
@@ -185,6 +186,14 @@ def add_parser(commands: Any) -> None:
         help="also bound a fused batch by its requests' tokens (default: documents only)",
     )
     serve.add_argument(
+        "--model-workers",
+        type=int_in(1, _MAX_MODEL_WORKERS),
+        default=1,
+        help="threads that run the model at once, each on its share of the cores and "
+        "the same weights (1: one pass at a time across every core; on CPU, one per "
+        "core scores more under load, a lone request taking longer)",
+    )
+    serve.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info"
     )
     serve.set_defaults(run=run)
@@ -226,8 +235,11 @@ def run(args: argparse.Namespace) -> int:
         batch_window_ms=args.batch_window_ms,
         max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
         max_batch_tokens=args.max_batch_tokens,
+        model_workers=args.model_workers,
         metrics=not args.no_metrics,
     )
+    if args.model_workers > 1:
+        _share_cores(args.model_workers)
     logger.info("Loading %s model %s", args.backend, args.model)
     # Load (and warm up) now, so a bad model fails here and not on the first request;
     # on the model's own thread, the one that runs every request: torch then keeps a
@@ -281,6 +293,17 @@ def _check_listening(host: str, port: int) -> None:
     except (OSError, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UserError(f"Cannot listen on {host}:{port}: {reason}.") from None
+
+
+def _share_cores(workers: int) -> None:
+    """Give each of ``workers`` model threads an equal share of torch's threads (at
+    least one each): torch's thread count is process-wide, and each worker's passes
+    run on that many."""
+    import torch
+
+    share = max(1, torch.get_num_threads() // workers)
+    torch.set_num_threads(share)
+    logger.info("%d model workers, %d torch thread(s) each", workers, share)
 
 
 def _default_batch_documents(device: str | None) -> int:

@@ -80,6 +80,7 @@ def create_app(
     batch_window_ms: float = 5.0,
     max_batch_documents: int = 32,
     max_batch_tokens: int | None = None,
+    model_workers: int = 1,
     metrics: bool = True,
 ) -> FastAPI:
     """Build the ASGI app serving ``reranker`` (typically a local backend).
@@ -99,10 +100,12 @@ def create_app(
     non-ASCII character and per four ASCII ones; ``None``: no budget) a 413 that
     says how to split it.
 
-    ``batching``, ``batch_window_ms``, ``max_batch_documents`` and ``max_batch_tokens``
-    (batches formed by the requests' token counts as well) configure the
-    :class:`MicroBatcher` (``app.state.batcher``), whose worker thread stops when
-    the app shuts down.
+    ``batching``, ``batch_window_ms``, ``max_batch_documents``, ``max_batch_tokens``
+    (batches formed by the requests' token counts as well) and ``model_workers`` (that
+    many threads run batches at once, each on a replica of the reranker: give each its
+    share of the cores with ``torch.set_num_threads``) configure the
+    :class:`MicroBatcher` (``app.state.batcher``), whose worker threads stop when the
+    app shuts down.
 
     With ``metrics`` (the default), ``GET /metrics`` serves Prometheus metrics (no
     key needed) from a registry of this app's own (``app.state.metrics.registry``),
@@ -127,6 +130,7 @@ def create_app(
         batch_window_ms=batch_window_ms,
         max_batch_documents=max_batch_documents,
         max_batch_tokens=max_batch_tokens,
+        workers=model_workers,
         on_batch=lambda report: telemetry.on_batch(report) if telemetry else None,
     )
     if metrics:

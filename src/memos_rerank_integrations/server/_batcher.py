@@ -1,10 +1,10 @@
-"""Micro-batching of concurrent rerank calls onto one model worker thread.
+"""Micro-batching of concurrent rerank calls onto the model's worker threads.
 
 Requests that arrive while the model is busy (or within ``batch_window_ms`` of
 it becoming free) are scored together with the backend's ``rerank_many``, so
 they share forward passes; the backend's own token budget still bounds each
-forward pass. All model work runs in a single worker thread, never on the event
-loop, so an ASGI server stays responsive while the model computes.
+forward pass. All model work runs in the worker threads (one by default), never
+on the event loop, so an ASGI server stays responsive while the model computes.
 
 The worker survives anything the backend does: an exception of any kind
 (``BaseException`` included) or an answer of the wrong shape fails only the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -30,7 +31,13 @@ from .._exceptions import (
     MalformedResponseError,
     RerankError,
 )
-from .._types import Reranker, RerankResult, optional_positive_int, validate_ranking
+from .._types import (
+    Reranker,
+    RerankResult,
+    optional_positive_int,
+    positive_int,
+    validate_ranking,
+)
 
 __all__ = ["BatchReport", "BatcherHealth", "MicroBatcher"]
 
@@ -84,7 +91,7 @@ class BatcherHealth:
 
 
 class MicroBatcher:
-    """Runs rerank calls of many concurrent requests on one worker thread.
+    """Runs rerank calls of many concurrent requests on ``workers`` worker threads.
 
     ``reranker`` is any :class:`Reranker`; if it also has ``rerank_many(calls)``
     (a list of ``(query, documents, top_n)`` scored in shared forward passes),
@@ -111,6 +118,16 @@ class MicroBatcher:
     the caller as a :class:`BackendUnavailableError`. A call whose future is
     cancelled before the model takes it (its client went away) costs no model work.
 
+    With ``workers`` above 1, that many threads take batches from the one queue;
+    each runs its own replica of the reranker (its ``replica()``, made on the
+    worker's first call, where the reranker has one: :meth:`QwenReranker.replica
+    <memos_rerank_integrations.QwenReranker.replica>` shares the loaded weights),
+    else the reranker itself. A worker that takes a batch while others are idle
+    takes its share of the queued documents, not all of them. Give each worker its
+    share of the cores (``torch.set_num_threads(cores // workers)``): on CPU one
+    worker per core keeps every core busy when requests take turns with the event
+    loop and tokenizing, where one pass across all cores waits for the slowest.
+
     ``on_batch``, if given, is called in the worker thread after each turn with a
     :class:`BatchReport` (for metrics); its errors are logged and ignored.
     """
@@ -123,6 +140,7 @@ class MicroBatcher:
         batch_window_ms: float = 5.0,
         max_batch_documents: int = 32,
         max_batch_tokens: int | None = None,
+        workers: int = 1,
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
         if batch_window_ms < 0:
@@ -138,14 +156,15 @@ class MicroBatcher:
         self._window = batch_window_ms / 1000.0
         self._max_documents = max_batch_documents
         self._max_tokens = optional_positive_int("max_batch_tokens", max_batch_tokens)
+        self._workers = positive_int("workers", workers)
         self._on_batch = on_batch
         self._queue: deque[_Job] = deque()
         self._condition = threading.Condition()
         self._closed = False
-        self._busy_since: float | None = None
+        # When each busy worker (by index) started its turn.
+        self._busy_since: dict[int, float] = {}
         self._busy_seconds = 0.0
-        self._last_batch_end = -float("inf")
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         # The kind of error of the model's last call, while it failed (None: it
         # did not). Only its type: the message may quote a caller's text.
         self._failure: str | None = None
@@ -164,20 +183,30 @@ class MicroBatcher:
             return sum(not job.future.cancelled() for job in self._queue)
 
     @property
+    def workers(self) -> int:
+        """How many worker threads run the model."""
+        return self._workers
+
+    @property
     def busy(self) -> bool:
-        """Whether the model is computing right now."""
-        return self._busy_since is not None
+        """Whether the model is computing right now (in any worker)."""
+        return bool(self._busy_since)
 
     @property
     def busy_for(self) -> float:
-        """Seconds the current model turn has been running (0 when idle)."""
-        since = self._busy_since
-        return 0.0 if since is None else time.monotonic() - since
+        """Seconds the longest-running current model turn has been running (0 when
+        idle)."""
+        with self._condition:
+            starts = list(self._busy_since.values())
+        return time.monotonic() - min(starts) if starts else 0.0
 
     @property
     def busy_seconds(self) -> float:
-        """Total seconds the model has spent computing, the current turn included."""
-        return self._busy_seconds + self.busy_for
+        """Total seconds the model has spent computing, summed over the workers, the
+        current turns included."""
+        with self._condition:
+            now = time.monotonic()
+            return self._busy_seconds + sum(now - since for since in self._busy_since.values())
 
     def health(self) -> BatcherHealth:
         """Whether the model can serve now (a quick look: never waits for the model).
@@ -187,8 +216,8 @@ class MicroBatcher:
         with self._condition:
             if self._closed:
                 return BatcherHealth(False, "The server is shutting down.")
-            if self._thread is not None and not self._thread.is_alive():
-                return BatcherHealth(False, "The model worker thread has stopped.")
+            if any(not thread.is_alive() for thread in self._threads):
+                return BatcherHealth(False, "A model worker thread has stopped.")
             if self._failure is not None:
                 return BatcherHealth(
                     False,
@@ -218,15 +247,18 @@ class MicroBatcher:
         self.start()
 
     def start(self) -> None:
-        """Start the worker thread (also done by the first call)."""
+        """Start the worker threads (also done by the first call)."""
         with self._condition:
             if self._closed:
                 raise BackendUnavailableError("The reranker is shutting down.")
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="memos-rerank-model", daemon=True
-                )
-                self._thread.start()
+            if not self._threads:
+                for index in range(self._workers):
+                    name = "memos-rerank-model" + (f"-{index}" if index else "")
+                    thread = threading.Thread(
+                        target=self._run, args=(index,), name=name, daemon=True
+                    )
+                    self._threads.append(thread)
+                    thread.start()
 
     def submit(
         self,
@@ -264,19 +296,28 @@ class MicroBatcher:
         return await asyncio.wrap_future(self.submit(query, documents, top_n))
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Refuse new calls, finish the queued ones, then stop the worker thread."""
+        """Refuse new calls, finish the queued ones, then stop the worker threads
+        (waiting at most ``timeout`` seconds in all)."""
         with self._condition:
             self._closed = True
             self._condition.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            threads = list(self._threads)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            if thread is threading.current_thread():
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.warning("The model worker did not stop within %s s.", timeout)
+                return
 
     # -- the worker ------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
+        # Worker 0 runs the reranker itself, the others a replica each (made on their
+        # first turn, so a replica that cannot be made fails calls, not the worker).
+        reranker: Reranker | None = self._reranker if index == 0 else None
+        last_batch_end = -float("inf")
         while True:
             with self._condition:
                 while not self._queue and not self._closed:
@@ -284,31 +325,32 @@ class MicroBatcher:
                 if not self._queue:
                     return
                 if self._enabled:
-                    self._wait_for_more()
+                    self._wait_for_more(last_batch_end)
                 jobs = self._take_batch()
                 if not jobs:
                     continue
-                self._busy_since = started = time.monotonic()
+                self._busy_since[index] = started = time.monotonic()
             failed = 0
             try:
-                failed = self._execute(jobs)
+                if reranker is None:
+                    reranker = _replica(self._reranker)
+                failed = self._execute(jobs, reranker)
             except BaseException:  # a bug here must not stop the worker either
                 logger.exception("The model worker failed; its calls get an error.")
                 failed = len(jobs)
                 self._fail_unresolved(jobs, "Internal error in the model worker.")
             finally:
-                ended = time.monotonic()
+                last_batch_end = ended = time.monotonic()
                 with self._condition:
-                    self._busy_since = None
+                    del self._busy_since[index]
                     self._busy_seconds += ended - started
-                    self._last_batch_end = ended
                     if any(job.probe for job in jobs):
                         self._probe = None
             self._report(jobs, ended - started, failed)
 
-    def _wait_for_more(self) -> None:
+    def _wait_for_more(self, last_batch_end: float) -> None:
         # Called with the condition held. Idle for longer than the window: no wait.
-        deadline = self._last_batch_end + self._window
+        deadline = last_batch_end + self._window
         while not self._closed and self._queued_documents() < self._max_documents:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -324,6 +366,11 @@ class MicroBatcher:
             self._queue.popleft()
         if not self._queue:
             return []
+        # With other workers idle, this one takes its share of what is queued.
+        idle = self._workers - len(self._busy_since)
+        limit = self._max_documents
+        if idle > 1:
+            limit = min(limit, math.ceil(self._queued_documents() / idle))
         jobs = [self._queue.popleft()]
         if not self._enabled or jobs[0].budget is not None:
             return jobs
@@ -333,7 +380,7 @@ class MicroBatcher:
             if job.future.cancelled():
                 self._queue.popleft()
                 continue
-            if job.budget is not None or total + len(job.documents) > self._max_documents:
+            if job.budget is not None or total + len(job.documents) > limit:
                 break
             if self._max_tokens is not None and (
                 job.tokens is None or tokens + job.tokens > self._max_tokens
@@ -345,16 +392,17 @@ class MicroBatcher:
             jobs.append(job)
         return jobs
 
-    def _execute(self, jobs: list[_Job]) -> int:
-        """Score the jobs; returns how many failed."""
+    def _execute(self, jobs: list[_Job], reranker: Reranker) -> int:
+        """Score the jobs with ``reranker`` (this worker's); returns how many failed."""
         # A future cancelled while queued (its request went away) costs no model work.
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return 0
-        if len(live) > 1 and self._rerank_many is not None:
+        rerank_many: RerankMany | None = getattr(reranker, "rerank_many", None)
+        if len(live) > 1 and self._rerank_many is not None and rerank_many is not None:
             calls = [(job.query, job.documents, job.top_n) for job in live]
             try:
-                outputs = self._rerank_many(calls)
+                outputs = rerank_many(calls)
             except BaseException as exc:
                 # One bad call must not fail its batch mates: retry each on its own,
                 # so every request gets exactly its own result or its own error.
@@ -378,10 +426,10 @@ class MicroBatcher:
         for job in live:
             try:
                 if job.budget is not None:
-                    ask = Ask(self._reranker, job.query, list(job.documents), budget=job.budget)
+                    ask = Ask(reranker, job.query, list(job.documents), budget=job.budget)
                     output = rerank_of(ask)
                 else:
-                    output = self._reranker.rerank(job.query, job.documents, job.top_n)
+                    output = reranker.rerank(job.query, job.documents, job.top_n)
             except BaseException as exc:
                 failed += 1
                 self._fail(job, exc)
@@ -439,6 +487,26 @@ class MicroBatcher:
             self._on_batch(report)
         except Exception:
             logger.exception("on_batch failed")
+
+
+def _replica(reranker: Reranker) -> Reranker:
+    """A second worker's reranker: the reranker's ``replica()`` where it has one (the
+    same weights, a lock of its own), else, or where that fails, the reranker itself
+    (the workers' calls then take turns on it)."""
+    replica = getattr(reranker, "replica", None)
+    if not callable(replica):
+        return reranker
+    try:
+        made = replica()
+        if not callable(getattr(made, "rerank", None)):
+            raise TypeError(f"{type(reranker).__name__}.replica() returned no reranker")
+    except Exception as exc:
+        logger.warning(
+            "Could not make a replica of the model (%s); this worker shares the first.",
+            _describe(exc),
+        )
+        return reranker
+    return made  # type: ignore[no-any-return]
 
 
 def _checked(output: object, job: _Job) -> list[RerankResult]:

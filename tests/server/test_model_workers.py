@@ -1,0 +1,161 @@
+"""Several model workers: batches run at the same time, each worker on its own
+replica of the reranker, idle workers share the queue, and the server and CLI take
+the option."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from memos_rerank_integrations import InvalidInputError, QwenReranker, RerankResult
+from memos_rerank_integrations.server import create_app
+from memos_rerank_integrations.server._batcher import MicroBatcher
+
+from ..support import qwen_fixtures
+from ..support.server import DOCUMENTS, QUERY, LiveServer, WordOverlapReranker
+
+tiny_qwen_dir = qwen_fixtures.tiny_qwen_dir
+
+
+class Gathering(WordOverlapReranker):
+    """Each model call waits (up to ``wait`` seconds) until ``together`` calls are in
+    progress at once, records who ran it and how many calls it got, and makes
+    replicas that share these records."""
+
+    def __init__(self, together: int, *, wait: float = 5.0) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(together)
+        self.wait = wait
+        self.replicas = 0
+        self.runs: list[tuple[int, str, int]] = []  # (replica, thread, calls)
+        self.number = 0
+
+    def replica(self) -> Gathering:
+        twin = Gathering.__new__(Gathering)
+        twin.__dict__.update(self.__dict__)
+        with self.lock:
+            self.replicas += 1
+            twin.number = self.replicas
+        return twin
+
+    def _gather(self, calls: int) -> None:
+        with self.lock:
+            self.runs.append((self.number, threading.current_thread().name, calls))
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.barrier.wait(self.wait)
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        self._gather(1)
+        return super().rerank(query, documents, top_n)
+
+    def rerank_many(
+        self, calls: Sequence[tuple[str, Sequence[str], int | None]]
+    ) -> list[list[RerankResult]]:
+        self._gather(len(calls))
+        return super().rerank_many(calls)
+
+
+def test_two_workers_score_two_calls_at_the_same_time_on_their_own_replicas() -> None:
+    backend = Gathering(2)
+    batcher = MicroBatcher(backend, workers=2, max_batch_documents=len(DOCUMENTS))
+    try:
+        started = time.monotonic()
+        futures = [batcher.submit(QUERY, DOCUMENTS) for _ in range(2)]
+        for future in futures:
+            assert future.result(10) == WordOverlapReranker().rerank(QUERY, DOCUMENTS)
+        # One worker would have waited out the barrier for each call.
+        assert time.monotonic() - started < 3
+        assert batcher.workers == 2
+    finally:
+        batcher.close()
+    assert backend.replicas == 1  # worker 1 made one replica; worker 0 runs the original
+    assert sorted(number for number, _, _ in backend.runs) == [0, 1]
+    assert len({thread for _, thread, _ in backend.runs}) == 2
+
+
+def test_idle_workers_share_the_queued_calls() -> None:
+    backend = Gathering(2)
+    batcher = MicroBatcher(backend, workers=2, batch_window_ms=0, max_batch_documents=100)
+    batcher.start()
+    try:
+        # Queued while the workers cannot look: both then find 8 calls and 2 idle
+        # workers, and each takes half (taken by one, its batch would wait out the
+        # barrier alone, then run again call by call).
+        with batcher._condition:
+            futures = [batcher.submit(QUERY, DOCUMENTS[:1]) for _ in range(8)]
+        for future in futures:
+            assert future.result(10)
+    finally:
+        batcher.close()
+    assert sorted(calls for _, _, calls in backend.runs) == [4, 4]
+
+
+def test_a_reranker_without_replicas_serves_every_worker() -> None:
+    backend = WordOverlapReranker(delay=0.05)
+    batcher = MicroBatcher(backend, workers=3)
+    try:
+        futures = [batcher.submit(QUERY, DOCUMENTS) for _ in range(6)]
+        assert all(f.result(10) == backend.rerank(QUERY, DOCUMENTS) for f in futures)
+    finally:
+        batcher.close()
+    assert not any(t.name.startswith("memos-rerank-model") for t in threading.enumerate())
+
+
+def test_a_worker_that_cannot_make_a_replica_shares_the_reranker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class NoReplica(WordOverlapReranker):
+        def replica(self) -> WordOverlapReranker:
+            raise RuntimeError("no memory for a replica")
+
+    backend = NoReplica(delay=0.2)
+    batcher = MicroBatcher(backend, workers=2, max_batch_documents=len(DOCUMENTS))
+    try:
+        futures = [batcher.submit(QUERY, DOCUMENTS) for _ in range(4)]
+        assert all(f.result(10) == backend.rerank(QUERY, DOCUMENTS) for f in futures)
+        assert batcher.health().ok
+    finally:
+        batcher.close()
+    assert "Could not make a replica" in caplog.text and "no memory" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, 1.5])
+def test_workers_must_be_a_positive_int(workers: object) -> None:
+    with pytest.raises(InvalidInputError, match="workers"):
+        MicroBatcher(WordOverlapReranker(), workers=workers)  # type: ignore[arg-type]
+
+
+def test_the_app_runs_its_model_workers() -> None:
+    backend = Gathering(2)
+    app = create_app(backend, model_name="m", model_workers=2, max_batch_documents=3)
+    with LiveServer(app) as live:
+        body = {"query": QUERY, "documents": DOCUMENTS[:3]}
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(
+                pool.map(lambda _: httpx.post(f"{live.url}/rerank", json=body, timeout=10), [0, 1])
+            )
+    assert [a.status_code for a in answers] == [200, 200]
+    assert app.state.batcher.workers == 2
+    assert sorted(number for number, _, _ in backend.runs) == [0, 1]
+
+
+def test_a_qwen_replica_scores_while_the_original_is_busy(tiny_qwen_dir: Path) -> None:
+    original = QwenReranker(str(tiny_qwen_dir), device="cpu", dtype="float32")
+    expected = original.rerank(QUERY, DOCUMENTS)
+    twin = original.replica()
+    assert repr(twin) == repr(original)
+    # The original's model is in use (its lock held, as during a long call): the
+    # replica still scores, on the same weights, with the same results.
+    with ThreadPoolExecutor(1) as pool, original._loaded().lock:
+        answer = pool.submit(twin.rerank, QUERY, DOCUMENTS)
+        assert answer.result(20) == expected
+    assert twin._loaded().engine is original._loaded().engine
