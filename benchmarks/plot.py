@@ -440,6 +440,25 @@ def serve_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def serve_workers_table(data: dict[str, Any]) -> str:
+    lines = [
+        f"{provenance('bench_serve_workers', data['run'])}; {machine_name(data['run'])}, "
+        f"{data['environment'].get('dtype', 'bfloat16')}; worst of the rounds.",
+        "",
+        "| workload | clients | 1 worker docs/s | 1 worker p99 ms | 2 workers docs/s "
+        "| 2 workers p99 ms | docs/s ratio | p99 ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["summary"]:
+        one, two = r["workers_1"], r["workers_2"]
+        lines.append(
+            f"| {r['workload']} | {r['clients']} | {one['documents_per_s']:.3g} "
+            f"| {one['latency_p99_ms']:,.0f} | {two['documents_per_s']:.3g} "
+            f"| {two['latency_p99_ms']:,.0f} | {r['docs_ratio']:.2f}x | {r['p99_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def serve_chart(data: dict[str, Any]) -> None:
     plt = _pyplot()
     cases = sorted({(r["workload"], r["clients"]) for r in data["summary"]})
@@ -510,6 +529,7 @@ def blocks() -> dict[str, str]:
         ("bench_first_score", first_score_table),
         ("bench_budget", budget_table),
         ("bench_serve", serve_table),
+        ("bench_serve_workers", serve_workers_table),
     ):
         found = load(name)
         out[name.removeprefix("bench_")] = "\n\n".join(table(found[m]) for m in sorted(found))

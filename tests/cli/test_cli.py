@@ -523,6 +523,7 @@ def test_serve_runs_its_model_workers_on_shares_of_the_cores(qwen_dir: Path) -> 
     )
     try:
         wait_healthy(process, url)
+        assert httpx.get(f"{url}/health", timeout=10).json()["model_workers"] == 2
         body = {"query": QUERY, "documents": DOCUMENTS}
         with ThreadPoolExecutor(4) as pool:
             answers = list(
@@ -538,4 +539,22 @@ def test_serve_runs_its_model_workers_on_shares_of_the_cores(qwen_dir: Path) -> 
         assert [r["index"] for r in got] == [e.index for e in expected]
         assert [r["relevance_score"] for r in got] == pytest.approx([e.score for e in expected])
     assert re.search(r"2 model workers, \d+ torch thread\(s\) each", err), err
+    assert process.returncode == 0, err
+
+
+def test_serve_runs_one_worker_for_a_model_without_replicas(cross_encoder_dir: Path) -> None:
+    port = free_port()
+    args = ["--model", str(cross_encoder_dir), "--backend", "cross-encoder", "--port", str(port)]
+    process = start_serve([*args, *FP32, "--model-workers", "2"])
+    try:
+        wait_healthy(process, f"http://127.0.0.1:{port}")
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+        assert health["model_workers"] == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert re.search(
+        r"--model-workers 2 ignored: the cross.encoder backend's model has no replicas", err
+    )
+    assert "model workers," not in err  # torch's threads were not split
     assert process.returncode == 0, err

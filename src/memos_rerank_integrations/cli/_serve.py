@@ -191,7 +191,7 @@ def add_parser(commands: Any) -> None:
         default=1,
         help="threads that run the model at once, each on its share of the cores and "
         "the same weights (1: one pass at a time across every core; on CPU, one per "
-        "core scores more under load, a lone request taking longer)",
+        "core scores more under load, a lone request taking longer; qwen backend only)",
     )
     serve.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info"
@@ -223,6 +223,15 @@ def run(args: argparse.Namespace) -> int:
         instruction=checked_instruction(args),
         **extra,
     )
+    workers = args.model_workers
+    if workers > 1 and not callable(getattr(backend, "replica", None)):
+        logger.warning(
+            "--model-workers %d ignored: the %s backend's model has no replicas, so its "
+            "calls would only take turns; serving with one model worker.",
+            workers,
+            args.backend,
+        )
+        workers = 1
     app = create_app(
         backend,
         model_name=model_name,
@@ -235,11 +244,11 @@ def run(args: argparse.Namespace) -> int:
         batch_window_ms=args.batch_window_ms,
         max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
         max_batch_tokens=args.max_batch_tokens,
-        model_workers=args.model_workers,
+        model_workers=workers,
         metrics=not args.no_metrics,
     )
-    if args.model_workers > 1:
-        _share_cores(args.model_workers)
+    if workers > 1:
+        _share_cores(workers)
     logger.info("Loading %s model %s", args.backend, args.model)
     # Load (and warm up) now, so a bad model fails here and not on the first request;
     # on the model's own thread, the one that runs every request: torch then keeps a

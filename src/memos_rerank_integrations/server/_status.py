@@ -20,6 +20,7 @@ class HealthResponse(BaseModel):
     model: str
     busy: bool
     queued_requests: int
+    model_workers: int
 
 
 router = Router()
@@ -43,5 +44,6 @@ async def health(service: ServiceDep) -> Response:
         "model": service.model_name,
         "busy": batcher.busy,
         "queued_requests": batcher.queued,
+        "model_workers": batcher.workers,
     }
     return JSONResponse(body, 200 if state.ok else 503)
