@@ -122,8 +122,8 @@ class MicroBatcher:
     each runs its own replica of the reranker (its ``replica()``, made on the
     worker's first call, where the reranker has one: :meth:`QwenReranker.replica
     <memos_rerank_integrations.QwenReranker.replica>` shares the loaded weights),
-    else the reranker itself. A worker that takes a batch while others are idle
-    takes its share of the queued documents, not all of them. Give each worker its
+    else the reranker itself. A worker takes at most its share (one in ``workers``)
+    of the queued documents, so a burst spreads over the workers. Give each worker its
     share of the cores (``torch.set_num_threads(cores // workers)``): on CPU one
     worker per core keeps every core busy when requests take turns with the event
     loop and tokenizing, where one pass across all cores waits for the slowest.
@@ -366,11 +366,11 @@ class MicroBatcher:
             self._queue.popleft()
         if not self._queue:
             return []
-        # With other workers idle, this one takes its share of what is queued.
-        idle = self._workers - len(self._busy_since)
+        # With several workers, each takes at most its share of what is queued: the
+        # rest goes to the next worker free (a burst spreads over the workers).
         limit = self._max_documents
-        if idle > 1:
-            limit = min(limit, math.ceil(self._queued_documents() / idle))
+        if self._workers > 1:
+            limit = min(limit, math.ceil(self._queued_documents() / self._workers))
         jobs = [self._queue.popleft()]
         if not self._enabled or jobs[0].budget is not None:
             return jobs
