@@ -151,8 +151,7 @@ class MicroBatcher:
             )
         self._reranker = reranker
         rerank_many = getattr(reranker, "rerank_many", None)
-        self._rerank_many: RerankMany | None = rerank_many if callable(rerank_many) else None
-        self._enabled = enabled and self._rerank_many is not None
+        self._enabled = enabled and callable(rerank_many)
         self._window = batch_window_ms / 1000.0
         self._max_documents = max_batch_documents
         self._max_tokens = optional_positive_int("max_batch_tokens", max_batch_tokens)
@@ -314,8 +313,8 @@ class MicroBatcher:
     # -- the worker ------------------------------------------------------------------
 
     def _run(self, index: int) -> None:
-        # Worker 0 runs the reranker itself, the others a replica each (made on their
-        # first turn, so a replica that cannot be made fails calls, not the worker).
+        # Worker 0 runs the reranker itself, the others a replica each, made on their
+        # first turn (see _replica).
         reranker: Reranker | None = self._reranker if index == 0 else None
         last_batch_end = -float("inf")
         while True:
@@ -399,7 +398,7 @@ class MicroBatcher:
         if not live:
             return 0
         rerank_many: RerankMany | None = getattr(reranker, "rerank_many", None)
-        if len(live) > 1 and self._rerank_many is not None and rerank_many is not None:
+        if len(live) > 1 and callable(rerank_many):
             calls = [(job.query, job.documents, job.top_n) for job in live]
             try:
                 outputs = rerank_many(calls)
