@@ -24,6 +24,7 @@ from memos_rerank_integrations import (
 from memos_rerank_integrations._local import runtime as engine
 from memos_rerank_integrations._local import tokenize
 from memos_rerank_integrations._local.embedding import default_embedding_model
+from memos_rerank_integrations._local.tokenizer_file import open_tokenizer_file
 from memos_rerank_integrations.testing import build_tiny_cross_encoder, build_tiny_qwen_reranker
 
 from ..support import qwen_fixtures as _qwen_fixtures
@@ -38,10 +39,12 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizers(tiny_qwen_dir: Path, tiny_bert_dir: Path) -> dict[str, Any]:
-    """Byte-level BPE with NFC (Qwen), WordPiece with NFD accent stripping (BERT):
-    the two families the local backends meet."""
+    """Byte-level BPE with NFC (Qwen; through transformers and read straight from its
+    file), WordPiece with NFD accent stripping (BERT): the two families the local
+    backends meet."""
     return {
         "qwen-bpe": AutoTokenizer.from_pretrained(tiny_qwen_dir),
+        "qwen-bpe-file": open_tokenizer_file(str(tiny_qwen_dir)),
         "minilm-wordpiece": AutoTokenizer.from_pretrained(default_embedding_model()),
         "tiny-wordpiece": AutoTokenizer.from_pretrained(tiny_bert_dir),
     }

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Qwen3Checkpoint", "Qwen3Settings", "open_qwen3"]
+__all__ = ["Qwen3Checkpoint", "Qwen3Settings", "model_file", "open_qwen3"]
 
 _SAFETENSORS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -242,7 +242,7 @@ class Qwen3Checkpoint:
         self.close()
 
 
-def _local_file(model: str, name: str) -> Path | None:
+def model_file(model: str, name: str) -> Path | None:
     """A file of a model: in its directory, or in the Hugging Face cache for a Hub id
     (downloaded where the Hub is reachable); ``None`` where there is none."""
     directory = Path(model).expanduser()
@@ -261,7 +261,7 @@ def open_qwen3(model: str) -> Qwen3Checkpoint | None:
     """The checkpoint of ``model`` (a directory or a Hub id), where the packed engine
     covers it; ``None`` where it does not, is not sure to, or the files are not
     safetensors (the caller then loads the model through transformers)."""
-    config_file = _local_file(model, "config.json")
+    config_file = model_file(model, "config.json")
     if config_file is None:
         return None
     try:
@@ -269,8 +269,8 @@ def open_qwen3(model: str) -> Qwen3Checkpoint | None:
     except (_Unsupported, ValueError, OSError):
         return None
     files: dict[str, Path] = {}
-    index_file = _local_file(model, _INDEX)
-    single = _local_file(model, _SAFETENSORS) if index_file is None else None
+    index_file = model_file(model, _INDEX)
+    single = model_file(model, _SAFETENSORS) if index_file is None else None
     try:
         if single is not None:
             from safetensors import safe_open
@@ -282,7 +282,7 @@ def open_qwen3(model: str) -> Qwen3Checkpoint | None:
             shards: dict[str, Path] = {}
             for name, shard in weight_map.items():
                 if shard not in shards:
-                    path = _local_file(model, str(shard))
+                    path = model_file(model, str(shard))
                     if path is None:
                         return None
                     shards[shard] = path

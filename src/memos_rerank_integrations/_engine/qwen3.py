@@ -314,24 +314,25 @@ class PackedQwen3:
         """The engine of a checkpoint read from its files (on CPU, prepacked), with no
         transformers model built: each layer's tensors are read (memory-mapped), cast to
         ``dtype``, prepared and prepacked in turn, so only the prepacked copies are
-        held, plus the embedding (memory-mapped where stored in ``dtype``) and the
-        norms in ``dtype``. Raises ``RuntimeError`` where oneDNN refuses a weight (the
+        held, plus the embedding (memory-mapped, as stored) and the norms in
+        ``dtype``. Raises ``RuntimeError`` where oneDNN refuses a weight (the
         caller then loads through transformers)."""
         import torch
 
         settings = checkpoint.settings
         engine = cls.__new__(cls)
-        # As transformers does, an embedding stored in ``dtype`` stays memory-mapped
-        # (only the rows looked up are ever read; it is never written); one stored in
-        # another dtype is cast.
-        embedding = checkpoint.embedding().to(dtype)
+        # The embedding stays memory-mapped as stored (only the rows looked up are
+        # ever read; it is never written), as transformers keeps one stored in
+        # ``dtype``; one stored in another dtype has each row looked up cast to
+        # ``dtype``, the rows transformers' cast table holds.
+        table = torch.nn.Embedding(
+            num_embeddings=settings.vocab_size,
+            embedding_dim=settings.hidden_size,
+            _weight=checkpoint.embedding(),
+            _freeze=True,
+        )
         engine._describe(
-            embed_tokens=torch.nn.Embedding(
-                num_embeddings=settings.vocab_size,
-                embedding_dim=settings.hidden_size,
-                _weight=embedding,
-                _freeze=True,
-            ),
+            embed_tokens=table if table.weight.dtype == dtype else _CastRows(table, dtype),
             rotary=DefaultRotary(default_inv_freq(settings)),
             norm=checkpoint.tensor("model.norm.weight").to(dtype, copy=True),
             eps=settings.eps,
@@ -955,6 +956,20 @@ def _amx_bf16(dtype: Any) -> bool:
     return bool(dtype == torch.bfloat16 and cpu_has_amx())
 
 
+class _CastRows:
+    """An embedding table stored in another dtype than the engine's: the rows looked
+    up, cast to ``dtype`` (equal to looking them up in the table cast whole, without
+    reading or holding the rest)."""
+
+    def __init__(self, table: Any, dtype: torch.dtype) -> None:
+        self.table = table
+        self.dtype = dtype
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows: torch.Tensor = self.table(ids).to(self.dtype)
+        return rows
+
+
 class _Scratch:
     """Buffers reused while weights are prepared, one per use (grown as needed): each
     prepared copy lives only until it is prepacked, so after the first layer none
@@ -1007,12 +1022,9 @@ def _prepared(
         weight = target
     elif weight.dtype != dtype:  # the model's weight in dtype, as transformers casts it
         weight = scratch.take("cast", shape, dtype).copy_(weight)
-    if columns is not None:
-        product = scratch.take("fold", shape, torch.float32).copy_(weight)
-        product.mul_(columns.detach().float())
-        if dtype == torch.float32 and out is None:
-            return product
-        weight = (scratch.take("cast", shape, dtype) if out is None else out).copy_(product)
+    if columns is not None:  # one pass: computed in float32, written in dtype
+        product = scratch.take("fold", shape, dtype) if out is None else out
+        return torch.mul(weight, columns.detach().float(), out=product)
     if out is not None and weight is not out:
         out.copy_(weight)
         return out

@@ -62,6 +62,7 @@ from .runtime import (
     resolve_dtype,
 )
 from .tokenize import encode_head
+from .tokenizer_file import open_tokenizer_file
 
 if TYPE_CHECKING:
     import torch
@@ -813,9 +814,15 @@ def _token_id(tokenizer: Any, token: str, model: str) -> int:
 
 
 def _load_tokens(model: str) -> _QwenTokens:
-    from transformers import AutoTokenizer
+    """The model's tokenizer: read from its ``tokenizer.json`` where that gives
+    transformers' ids (see :func:`.tokenizer_file.open_tokenizer_file`; transformers is
+    then never imported), else through ``AutoTokenizer``."""
+    tokenizer: Any = open_tokenizer_file(model)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    return _QwenTokens(AutoTokenizer.from_pretrained(model), model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    return _QwenTokens(tokenizer, model)
 
 
 def _load_scorer(

@@ -7,14 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._local.tokenizer_file import QWEN2_SPLIT
+
 __all__ = ["build_tiny_qwen_reranker"]
 
-# Qwen2/Qwen3's pre-tokenizer split pattern, so BPE merges behave like the real
-# tokenizer's at the boundaries the reranker cares about (query -> document).
-_QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# The tokenizer splits text with Qwen2/Qwen3's pattern (QWEN2_SPLIT), so BPE merges
+# behave like the real tokenizer's at the boundaries the reranker cares about.
+
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Added but not "special" in the real vocabulary: they survive decoding.
 _ADDED_TOKENS = ["<think>", "</think>"]
@@ -69,7 +68,7 @@ def build_tiny_qwen_reranker(
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
