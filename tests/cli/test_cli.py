@@ -393,6 +393,46 @@ def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
     return err
 
 
+_SCRIPT = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("TEARDOWN\\n"))
+sys.argv = ["memos-rerank", *sys.argv[1:]]
+from memos_rerank_integrations.cli import script
+script()
+"""
+
+
+def test_the_script_ends_without_the_interpreter_teardown(qwen_dir: Path) -> None:
+    """``memos-rerank`` (the console script and ``python -m``) ends once its output is
+    flushed: no ``atexit`` handler runs (nor the rest of the teardown after them),
+    nothing written is lost and the exit code is the command's."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    documents = [f"Memory {i}: {DOCUMENTS[i % len(DOCUMENTS)]} " + "x" * 200 for i in range(300)]
+    argv = ["rerank", "--query", QUERY, "--model", str(qwen_dir), *FP32, "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, *argv],
+        input="\n".join(documents).encode(),
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"TEARDOWN" not in done.stderr
+    output = json.loads(done.stdout)  # all of it: over 64 KiB through a pipe
+    assert len(done.stdout) > 65536
+    assert sorted(r["index"] for r in output["results"]) == list(range(300))
+    failed = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, "rerank", "--query", "q", "--model", str(qwen_dir)],
+        input=b"",
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.decode().startswith("memos-rerank: error: No documents")
+    assert b"TEARDOWN" not in failed.stderr
+
+
 @pytest.mark.parametrize("source", ["file", "stdin"])
 def test_non_utf8_input_is_a_one_line_error(source: str, tmp_path: Path) -> None:
     garbage = b"fine line\nsecond \xff\xfe\x00 line\n" + bytes(range(256))

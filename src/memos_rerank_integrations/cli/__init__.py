@@ -7,20 +7,28 @@ stderr, never a traceback); 2 the command line itself is wrong (argparse's usage
 message: an unknown option, a value out of its range); 130 interrupted (Ctrl-C, also
 when it arrives while a library is being imported and the library reports it as
 another error).
+
+The console script (and ``python -m memos_rerank_integrations.cli``) runs
+:func:`script`: once the command is done and its output flushed, the process ends
+without tearing down the modules it imported (torch's teardown alone takes a
+noticeable part of a one-shot ``rerank``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .._exceptions import RerankError
 from . import _compare, _demo, _interrupts, _rerank, _serve
 from ._input import UserError
 from ._serve import API_KEY_ENV
 
-__all__ = ["API_KEY_ENV", "main"]
+__all__ = ["API_KEY_ENV", "main", "script"]
 
 _PROG = "memos-rerank"
 # An error message is shown up to this many characters.
@@ -48,6 +56,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             if _interrupts.seen():
                 return _interrupted()
             return _error(f"{type(exc).__name__}: {_one_line(exc)}")
+
+
+def script() -> NoReturn:
+    """The ``memos-rerank`` console script: :func:`main` on ``sys.argv``, then the
+    process ends with its exit code once stdout and stderr are flushed and logging is
+    shut down, skipping the interpreter's teardown (``atexit`` handlers and the
+    finalization of every imported module). Output that cannot be flushed (a closed
+    pipe) makes the exit code 1 if it was 0."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1
+    logging.shutdown()
+    os._exit(code)
 
 
 def _error(message: str) -> int:

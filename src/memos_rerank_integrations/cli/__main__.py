@@ -1,7 +1,5 @@
 """``python -m memos_rerank_integrations.cli``: the ``memos-rerank`` command."""
 
-import sys
+from . import script
 
-from . import main
-
-sys.exit(main())
+script()
