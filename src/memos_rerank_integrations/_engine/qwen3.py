@@ -1022,9 +1022,12 @@ def _prepared(
         weight = target
     elif weight.dtype != dtype:  # the model's weight in dtype, as transformers casts it
         weight = scratch.take("cast", shape, dtype).copy_(weight)
-    if columns is not None:  # one pass: computed in float32, written in dtype
-        product = scratch.take("fold", shape, dtype) if out is None else out
-        return torch.mul(weight, columns.detach().float(), out=product)
+    if columns is not None:
+        product = scratch.take("fold", shape, torch.float32).copy_(weight)
+        product.mul_(columns.detach().float())
+        if dtype == torch.float32 and out is None:
+            return product
+        weight = (scratch.take("cast", shape, dtype) if out is None else out).copy_(product)
     if out is not None and weight is not out:
         out.copy_(weight)
         return out
