@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from memos_rerank_integrations import InvalidInputError, QwenReranker, RerankResult
 from memos_rerank_integrations.server import create_app
@@ -101,6 +102,76 @@ def test_each_worker_takes_at_most_its_share_of_the_queued_calls() -> None:
     assert len({thread for _, thread, _ in backend.runs}) == 2
 
 
+def test_light_load_runs_on_the_first_worker_alone() -> None:
+    """Calls that come one at a time all run on the first worker (the one that runs
+    on every core); the second never even makes its replica."""
+    backend = Gathering(1)
+    batcher = MicroBatcher(backend, workers=2)
+    try:
+        for _ in range(20):
+            assert batcher.submit(QUERY, DOCUMENTS).result(10)
+    finally:
+        batcher.close()
+    assert {thread for _, thread, _ in backend.runs} == {"memos-rerank-model"}
+    assert backend.replicas == 0
+
+
+class Threads(WordOverlapReranker):
+    """Records, per call, the worker thread and the torch threads it runs on; a call
+    whose query is in ``gates`` waits for its gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, threading.Event] = {}
+        self.seen: dict[str, tuple[str, int]] = {}
+
+    def replica(self) -> Threads:
+        return self
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        self.seen[query] = (threading.current_thread().name, torch.get_num_threads())
+        gate = self.gates.get(query)
+        if gate is not None:
+            gate.wait(10)
+        return super().rerank(query, documents, top_n)
+
+
+def test_the_first_worker_runs_on_the_cores_the_busy_others_leave() -> None:
+    """With 4 cores for 2 workers: the second runs on its share (2 threads); the
+    first on all 4 while the second is idle, on 2 while it is busy."""
+    backend = Threads()
+    backend.gates = {"a": threading.Event(), "b": threading.Event()}
+    batcher = MicroBatcher(backend, workers=2, cores=4, batch_window_ms=0)
+    before = torch.get_num_threads()
+
+    def started(query: str) -> None:
+        deadline = time.monotonic() + 10
+        while query not in backend.seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        a = batcher.submit("a", DOCUMENTS)
+        started("a")
+        b = batcher.submit("b", DOCUMENTS)  # the first is busy: the second takes it
+        started("b")
+        backend.gates["a"].set()
+        a.result(10)
+        c = batcher.submit("c", DOCUMENTS)  # the first again, beside the busy second
+        c.result(10)
+        backend.gates["b"].set()
+        b.result(10)
+        batcher.submit("d", DOCUMENTS).result(10)  # the first, alone again
+    finally:
+        for gate in backend.gates.values():
+            gate.set()
+        batcher.close()
+        torch.set_num_threads(before)
+    first, second = "memos-rerank-model", "memos-rerank-model-1"
+    assert backend.seen == {"a": (first, 4), "b": (second, 2), "c": (first, 2), "d": (first, 4)}
+
+
 def test_a_reranker_without_replicas_serves_every_worker() -> None:
     backend = WordOverlapReranker(delay=0.05)
     batcher = MicroBatcher(backend, workers=3)
@@ -134,6 +205,12 @@ def test_a_worker_that_cannot_make_a_replica_shares_the_reranker(
 def test_workers_must_be_a_positive_int(workers: object) -> None:
     with pytest.raises(InvalidInputError, match="workers"):
         MicroBatcher(WordOverlapReranker(), workers=workers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cores", [0, -2, True, 2.5])
+def test_cores_must_be_a_positive_int_or_none(cores: object) -> None:
+    with pytest.raises(InvalidInputError, match="cores"):
+        MicroBatcher(WordOverlapReranker(), workers=2, cores=cores)  # type: ignore[arg-type]
 
 
 def test_the_app_runs_its_model_workers() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "require_local",
     "resolve_device",
     "resolve_dtype",
+    "use_torch_threads",
 ]
 
 logger = logging.getLogger("memos_rerank_integrations")
@@ -75,6 +76,16 @@ _DTYPE_NAMES = {
     "fp16": "float16",
     "half": "float16",
 }
+
+
+def use_torch_threads(count: int) -> None:
+    """Run the calling thread's torch work on ``count`` threads: the size of the
+    OpenMP team torch (and oneDNN) start is the calling thread's own setting, so
+    threads that each set theirs run side by side with teams of different sizes."""
+    import torch
+
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 def model_cache_key(

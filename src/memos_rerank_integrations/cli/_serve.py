@@ -245,10 +245,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
         max_batch_tokens=args.max_batch_tokens,
         model_workers=workers,
+        model_cores=_shared_cores(workers),
         metrics=not args.no_metrics,
     )
-    if workers > 1:
-        _share_cores(workers)
     logger.info("Loading %s model %s", args.backend, args.model)
     # Load (and warm up) now, so a bad model fails here and not on the first request;
     # on the model's own thread, the one that runs every request: torch then keeps a
@@ -304,15 +303,23 @@ def _check_listening(host: str, port: int) -> None:
         raise UserError(f"Cannot listen on {host}:{port}: {reason}.") from None
 
 
-def _share_cores(workers: int) -> None:
-    """Give each of ``workers`` model threads an equal share of torch's threads (at
-    least one each): torch's thread count is process-wide, and each worker's passes
-    run on that many."""
+def _shared_cores(workers: int) -> int | None:
+    """The torch threads ``workers`` model threads share (``None`` for one worker,
+    which keeps torch's own setting): the first worker runs on what the busy others
+    leave free, each other on its share (see :class:`MicroBatcher`)."""
+    if workers == 1:
+        return None
     import torch
 
-    share = max(1, torch.get_num_threads() // workers)
-    torch.set_num_threads(share)
-    logger.info("%d model workers, %d torch thread(s) each", workers, share)
+    cores = torch.get_num_threads()
+    share = max(1, cores // workers)
+    logger.info(
+        "%d model workers: the first on up to %d torch thread(s), the others on %d each",
+        workers,
+        cores,
+        share,
+    )
+    return cores
 
 
 def _default_batch_documents(device: str | None) -> int:

@@ -81,6 +81,7 @@ def create_app(
     max_batch_documents: int = 32,
     max_batch_tokens: int | None = None,
     model_workers: int = 1,
+    model_cores: int | None = None,
     metrics: bool = True,
 ) -> FastAPI:
     """Build the ASGI app serving ``reranker`` (typically a local backend).
@@ -101,11 +102,12 @@ def create_app(
     says how to split it.
 
     ``batching``, ``batch_window_ms``, ``max_batch_documents``, ``max_batch_tokens``
-    (batches formed by the requests' token counts as well) and ``model_workers`` (that
-    many threads run batches at once, each on a replica of the reranker: give each its
-    share of the cores with ``torch.set_num_threads``) configure the
-    :class:`MicroBatcher` (``app.state.batcher``), whose worker threads stop when the
-    app shuts down.
+    (batches formed by the requests' token counts as well), ``model_workers`` (that
+    many threads run batches at once, each on a replica of the reranker) and
+    ``model_cores`` (the torch threads the workers share: the first worker runs on
+    what the busy others leave free, each other on its share; ``None`` leaves torch's
+    threads as they are) configure the :class:`MicroBatcher` (``app.state.batcher``),
+    whose worker threads stop when the app shuts down.
 
     With ``metrics`` (the default), ``GET /metrics`` serves Prometheus metrics (no
     key needed) from a registry of this app's own (``app.state.metrics.registry``),
@@ -131,6 +133,7 @@ def create_app(
         max_batch_documents=max_batch_documents,
         max_batch_tokens=max_batch_tokens,
         workers=model_workers,
+        cores=model_cores,
         on_batch=lambda report: telemetry.on_batch(report) if telemetry else None,
     )
     if metrics:

@@ -122,11 +122,16 @@ class MicroBatcher:
     each runs its own replica of the reranker (its ``replica()``, made on the
     worker's first call, where the reranker has one: :meth:`QwenReranker.replica
     <memos_rerank_integrations.QwenReranker.replica>` shares the loaded weights),
-    else the reranker itself. A worker takes at most its share (one in ``workers``)
-    of the queued documents, so a burst spreads over the workers. Give each worker its
-    share of the cores (``torch.set_num_threads(cores // workers)``): on CPU one
-    worker per core keeps every core busy when requests take turns with the event
-    loop and tokenizing, where one pass across all cores waits for the slowest.
+    else the reranker itself. The first worker takes the calls while it is free; the
+    next takes calls only while every worker before it is busy, so light load runs on
+    the first alone. A worker takes at most its share (one in ``workers``) of the
+    queued documents, so a burst spreads over the workers. With ``cores`` (the torch
+    threads the workers share), each worker after the first runs its turns on
+    ``cores // workers`` threads and the first on the threads the busy ones leave
+    free (all ``cores`` when it runs alone): under load one worker per core keeps
+    every core busy while requests take turns with the event loop and tokenizing
+    (one pass across all cores waits for the slowest), and a lone call still runs on
+    every core. Without ``cores`` the threads are left as they are.
 
     ``on_batch``, if given, is called in the worker thread after each turn with a
     :class:`BatchReport` (for metrics); its errors are logged and ignored.
@@ -141,6 +146,7 @@ class MicroBatcher:
         max_batch_documents: int = 32,
         max_batch_tokens: int | None = None,
         workers: int = 1,
+        cores: int | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
         if batch_window_ms < 0:
@@ -156,6 +162,7 @@ class MicroBatcher:
         self._max_documents = max_batch_documents
         self._max_tokens = optional_positive_int("max_batch_tokens", max_batch_tokens)
         self._workers = positive_int("workers", workers)
+        self._cores = optional_positive_int("cores", cores)
         self._on_batch = on_batch
         self._queue: deque[_Job] = deque()
         self._condition = threading.Condition()
@@ -242,7 +249,7 @@ class MicroBatcher:
             query, documents, top_n = _PROBE
             self._probe = _Job(query, documents, top_n, probe=True)
             self._queue.append(self._probe)
-            self._condition.notify()
+            self._wake()
         self.start()
 
     def start(self) -> None:
@@ -281,7 +288,7 @@ class MicroBatcher:
             if self._closed:
                 raise BackendUnavailableError("The reranker is shutting down.")
             self._queue.append(job)
-            self._condition.notify()
+            self._wake()
         return job.future
 
     async def rerank(
@@ -312,14 +319,36 @@ class MicroBatcher:
 
     # -- the worker ------------------------------------------------------------------
 
+    def _wake(self) -> None:
+        # Called with the condition held, after queueing. With several workers, every
+        # waiting one looks (only those allowed to take will), so the call is never
+        # left to one that may not take it.
+        if self._workers > 1:
+            self._condition.notify_all()
+        else:
+            self._condition.notify()
+
+    def _may_take(self, index: int) -> bool:
+        # Called with the condition held: a worker takes calls while every worker
+        # before it is busy (the first, always; at shutdown any finishes the queue).
+        return self._closed or all(before in self._busy_since for before in range(index))
+
+    def _turn_threads(self, index: int, others_busy: int) -> int | None:
+        """The torch threads for this worker's turn (``None``: leave them)."""
+        if self._cores is None or self._workers == 1:
+            return None
+        share = max(1, self._cores // self._workers)
+        return share if index else max(share, self._cores - share * others_busy)
+
     def _run(self, index: int) -> None:
         # Worker 0 runs the reranker itself, the others a replica each, made on their
         # first turn (see _replica).
         reranker: Reranker | None = self._reranker if index == 0 else None
         last_batch_end = -float("inf")
+        threads: int | None = None
         while True:
             with self._condition:
-                while not self._queue and not self._closed:
+                while not (self._queue and self._may_take(index)) and not self._closed:
                     self._condition.wait()
                 if not self._queue:
                     return
@@ -328,9 +357,17 @@ class MicroBatcher:
                 jobs = self._take_batch()
                 if not jobs:
                     continue
+                wanted = self._turn_threads(index, len(self._busy_since))
                 self._busy_since[index] = started = time.monotonic()
+                if self._queue:
+                    self._wake()  # the next worker may take the rest
             failed = 0
             try:
+                if wanted is not None and wanted != threads:
+                    from .._local.runtime import use_torch_threads
+
+                    use_torch_threads(wanted)
+                    threads = wanted
                 if reranker is None:
                     reranker = _replica(self._reranker)
                 failed = self._execute(jobs, reranker)
