@@ -508,6 +508,28 @@ def test_serve_defaults_are_the_servers() -> None:
     assert args.write_timeout is None  # the header timeout, as in server.config
     assert args.max_query_tokens == 2048  # MemOS's query limit
     assert args.no_metrics is False
+    assert args.model_workers is None  # auto
+    for spelling in ("auto", " AUTO "):
+        parsed = _parser().parse_args(["serve", "--model", "m", "--model-workers", spelling])
+        assert parsed.model_workers is None
+
+
+def test_auto_model_workers_are_two_on_cpu_for_a_model_with_replicas() -> None:
+    from memos_rerank_integrations.cli._serve import _auto_model_workers
+
+    class Replicated:
+        def replica(self) -> Replicated:
+            return self
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _auto_model_workers(Replicated(), "cpu") == 2
+        assert _auto_model_workers(object(), "cpu") == 1  # no replicas: turns only
+        torch.set_num_threads(1)
+        assert _auto_model_workers(Replicated(), "cpu") == 1  # nothing to share
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
@@ -556,12 +578,17 @@ def test_serve_exits_promptly_on_sigterm_with_a_client_that_never_reads(
         process.communicate()
 
 
-def test_serve_runs_its_model_workers_on_shares_of_the_cores(qwen_dir: Path) -> None:
+@pytest.mark.parametrize("workers", [["--model-workers", "2"], []], ids=["2", "auto"])
+def test_serve_runs_its_model_workers_on_shares_of_the_cores(
+    qwen_dir: Path, workers: list[str]
+) -> None:
+    """Two model workers, asked for or by default (auto: two on CPU), score the tiny
+    Qwen as one would, the first on every core, the second on its share."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("auto runs one worker where torch has one thread")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_serve(
-        ["--model", str(qwen_dir), "--port", str(port), *FP32, "--model-workers", "2"]
-    )
+    process = start_serve(["--model", str(qwen_dir), "--port", str(port), *FP32, *workers])
     try:
         wait_healthy(process, url)
         assert httpx.get(f"{url}/health", timeout=10).json()["model_workers"] == 2

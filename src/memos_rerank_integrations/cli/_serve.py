@@ -187,11 +187,14 @@ def add_parser(commands: Any) -> None:
     )
     serve.add_argument(
         "--model-workers",
-        type=int_in(1, _MAX_MODEL_WORKERS),
-        default=1,
-        help="threads that run the model at once, each on its share of the cores and "
-        "the same weights (1: one pass at a time across every core; on CPU, one per "
-        "core scores more under load, a lone request taking longer; qwen backend only)",
+        type=_model_workers,
+        default=None,
+        metavar="N|auto",
+        help="threads that run the model at once on the same weights: the first takes "
+        "requests while it is free, on every core the others leave; each other takes "
+        "requests only while those before it are busy, on its share of the cores "
+        "(qwen backend only). auto (default): 2 on CPU, 1 on a GPU or for a model "
+        "without replicas",
     )
     serve.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info"
@@ -224,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
         **extra,
     )
     workers = args.model_workers
-    if workers > 1 and not callable(getattr(backend, "replica", None)):
+    if workers is None:
+        workers = _auto_model_workers(backend, args.device)
+    elif workers > 1 and not callable(getattr(backend, "replica", None)):
         logger.warning(
             "--model-workers %d ignored: the %s backend's model has no replicas, so its "
             "calls would only take turns; serving with one model worker.",
@@ -301,6 +306,29 @@ def _check_listening(host: str, port: int) -> None:
     except (OSError, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UserError(f"Cannot listen on {host}:{port}: {reason}.") from None
+
+
+def _model_workers(text: str) -> int | None:
+    """``--model-workers``: ``auto`` (``None``) or a count from 1 to the maximum."""
+    if text.strip().lower() == "auto":
+        return None
+    count: int = int_in(1, _MAX_MODEL_WORKERS)(text)
+    return count
+
+
+def _auto_model_workers(backend: object, device: str | None) -> int:
+    """``--model-workers auto``: two workers on CPU where the model has replicas and
+    torch runs on at least two threads (under load each takes half the cores, a lone
+    request still gets them all), else one."""
+    if not callable(getattr(backend, "replica", None)):
+        return 1
+    import torch
+
+    from .._local.runtime import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return 1
+    return 2 if torch.get_num_threads() >= 2 else 1
 
 
 def _shared_cores(workers: int) -> int | None:
