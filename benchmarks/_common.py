@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,31 @@ def command_line() -> str:
     if any(Path(p).resolve() == REPO / "src" for p in paths):
         prefix = "PYTHONPATH=src "
     return prefix + shlex.join(["python", script_text, *sys.argv[1:]])
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(*, busy_below: float = 0.1, seconds: int = 2, timeout: float = 120.0) -> float:
+    """Wait until the machine's CPUs were less than ``busy_below`` busy for ``seconds``
+    one-second windows in a row (a server just stopped may still be exiting, its
+    children too); returns the seconds waited (``timeout`` at most). Where there is
+    no /proc/stat, returns at once."""
+    if not Path("/proc/stat").exists():
+        return 0.0
+    started = time.monotonic()
+    quiet = 0
+    while quiet < seconds and time.monotonic() - started < timeout:
+        busy, total = _cpu_times()
+        time.sleep(1.0)
+        busy_after, total_after = _cpu_times()
+        share = (busy_after - busy) / max(total_after - total, 1)
+        quiet = quiet + 1 if share < busy_below else 0
+    return time.monotonic() - started
 
 
 def run_info() -> dict[str, Any]:

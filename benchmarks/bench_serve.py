@@ -2,8 +2,9 @@
 
 Both serve the same Qwen3-0.6B-shaped model (random weights, built offline as in
 ``bench_qwen.py``), each alone on the machine: one server runs, is measured on every
-workload, and stops before the next starts; the order alternates (A, B, A, B...)
-for ``--rounds`` rounds, and the page reports the worst round of each. Every request
+workload, and stops before the next starts (which waits until the CPUs are idle); the
+order alternates (A, B, A, B...) for ``--rounds`` rounds, and the page reports the
+worst round of each. Every request
 goes through the same client, this package's :class:`HTTPReranker` (async), so both
 servers see the same bytes: ``memos-rerank serve`` at ``/rerank``, and vLLM's
 ``/rerank`` with the model card's prompt (``template="qwen3"``) and vLLM's
@@ -337,6 +338,9 @@ def main() -> None:
         for round_ in range(args.first_round, args.first_round + args.rounds):
             order = servers if round_ % 2 == 0 else list(reversed(servers))
             for kind in order:
+                # Each server alone on the machine: the one before may still be exiting.
+                waited = 0.0 if args.smoke else _common.wait_quiet()
+                print(f"# {kind}, round {round_}: machine quiet after {waited:.0f} s", flush=True)
                 served_by = Served(
                     kind, model, args.dtype, args.vllm_python, log, shlex.split(args.memos_args)
                 )
