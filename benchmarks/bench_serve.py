@@ -4,11 +4,10 @@ Both serve the same Qwen3-0.6B-shaped model (random weights, built offline as in
 ``bench_qwen.py``), each alone on the machine: one server runs, is measured on every
 workload, and stops before the next starts (which waits until the CPUs are idle); the
 order alternates (A, B, A, B...) for ``--rounds`` rounds, and the page reports the
-worst round of each. Every request
-goes through the same client, this package's :class:`HTTPReranker` (async), so both
-servers see the same bytes: ``memos-rerank serve`` at ``/rerank``, and vLLM's
-``/rerank`` with the model card's prompt (``template="qwen3"``) and vLLM's
-``hf_overrides`` for an original Qwen3-Reranker.
+worst round of each. Every request goes through the same client, this package's
+:class:`HTTPReranker` (async), so both servers see the same bytes: ``memos-rerank
+serve`` at ``/rerank``, and vLLM's ``/rerank`` with the model card's prompt
+(``template="qwen3"``) and vLLM's ``hf_overrides`` for an original Qwen3-Reranker.
 
 Workloads, each with 8 and 32 clients that start together and send ``--calls``
 calls back to back:

@@ -31,10 +31,10 @@ from typing import Any
 
 from .._engine.checkpoint import model_file
 
-__all__ = ["QWEN2_SPLIT", "FileTokenizer", "open_tokenizer_file"]
+__all__ = ["FileTokenizer", "open_tokenizer_file", "qwen2_pipeline"]
 
 # The pre-tokenizer split pattern transformers' Qwen2Tokenizer builds (Qwen2, Qwen3).
-QWEN2_SPLIT = (
+_QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -163,7 +163,8 @@ def _as_transformers_loads(config: dict[str, Any], backend: Any) -> bool:
         return False
     if any(config.get(option) for option in _SPLITTING_OPTIONS):
         return False
-    added = {token.content: (token_id, token) for token_id, token in _added(backend).items()}
+    added_tokens: dict[int, Any] = backend.get_added_tokens_decoder()
+    added = {token.content: (token_id, token) for token_id, token in added_tokens.items()}
     for content in specials:
         known = added.get(content)
         if known is None or not known[1].special:
@@ -183,11 +184,6 @@ def _as_transformers_loads(config: dict[str, Any], backend: Any) -> bool:
     return True
 
 
-def _added(backend: Any) -> dict[int, Any]:
-    added: dict[int, Any] = backend.get_added_tokens_decoder()
-    return added
-
-
 def _named_specials(config: dict[str, Any]) -> list[str]:
     """The special tokens ``config`` names (each a string, or a dict with
     ``content``); raises ``ValueError`` on anything else."""
@@ -204,22 +200,27 @@ def _named_specials(config: dict[str, Any]) -> list[str]:
     return contents
 
 
-def _qwen2_pipeline(backend: Any) -> bool:
-    """Whether ``backend``'s normalizer, pre-tokenizer, decoder and BPE options are
-    the ones transformers' Qwen2Tokenizer builds."""
+def qwen2_pipeline() -> dict[str, Any]:
+    """The normalizer, pre-tokenizer and decoder transformers' Qwen2Tokenizer builds
+    (Qwen2, Qwen3), by the ``tokenizers.Tokenizer`` attribute each goes in."""
     from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
-    expected = {
+    return {
         "normalizer": normalizers.NFC(),
         "pre_tokenizer": pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         ),
         "decoder": decoders.ByteLevel(),
     }
-    for part, component in expected.items():
+
+
+def _qwen2_pipeline(backend: Any) -> bool:
+    """Whether ``backend``'s normalizer, pre-tokenizer, decoder and BPE options are
+    the ones transformers' Qwen2Tokenizer builds."""
+    for part, component in qwen2_pipeline().items():
         stored = getattr(backend, part)
         if stored is None or _state(stored) != _state(component):
             return False

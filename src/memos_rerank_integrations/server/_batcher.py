@@ -330,8 +330,8 @@ class MicroBatcher:
 
     def _may_take(self, index: int) -> bool:
         # Called with the condition held: a worker takes calls while every worker
-        # before it is busy (the first, always; at shutdown any finishes the queue).
-        return self._closed or all(before in self._busy_since for before in range(index))
+        # before it is busy (the first, always). At shutdown any finishes the queue.
+        return all(before in self._busy_since for before in range(index))
 
     def _turn_threads(self, index: int, others_busy: int) -> int | None:
         """The torch threads for this worker's turn (``None``: leave them)."""

@@ -7,12 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._local.tokenizer_file import QWEN2_SPLIT
+from .._local.tokenizer_file import qwen2_pipeline
 
 __all__ = ["build_tiny_qwen_reranker"]
-
-# The tokenizer splits text with Qwen2/Qwen3's pattern (QWEN2_SPLIT), so BPE merges
-# behave like the real tokenizer's at the boundaries the reranker cares about.
 
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Added but not "special" in the real vocabulary: they survive decoding.
@@ -57,7 +54,7 @@ def build_tiny_qwen_reranker(
     in the real 151k vocabulary).
     """
     import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from tokenizers.trainers import BpeTrainer
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -65,14 +62,10 @@ def build_tiny_qwen_reranker(
     path.mkdir(parents=True, exist_ok=True)
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
+    # Qwen2/Qwen3's normalizer, pre-tokenizer and decoder, so BPE merges behave like
+    # the real tokenizer's at the boundaries the reranker cares about.
+    for part, component in qwen2_pipeline().items():
+        setattr(tokenizer, part, component)
     trainer = BpeTrainer(
         vocab_size=tokenizer_vocab_size,
         special_tokens=_SPECIAL_TOKENS,
