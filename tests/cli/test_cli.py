@@ -512,6 +512,17 @@ def test_serve_defaults_are_the_servers() -> None:
     for spelling in ("auto", " AUTO "):
         parsed = _parser().parse_args(["serve", "--model", "m", "--model-workers", spelling])
         assert parsed.model_workers is None
+    assert args.max_batch_tokens is None  # per device (below)
+
+
+def test_serve_bounds_fused_batches_by_tokens_on_a_cpu() -> None:
+    # A long request runs alone on a CPU, so the short ones queued with it need not
+    # wait for it; on CUDA batches are bounded by documents only.
+    from memos_rerank_integrations.cli._serve import _default_batch_tokens
+
+    assert _default_batch_tokens("cpu") == 4096
+    if not torch.cuda.is_available():
+        assert _default_batch_tokens(None) == 4096
 
 
 def test_auto_model_workers_are_two_on_cpu_for_a_model_with_replicas() -> None:

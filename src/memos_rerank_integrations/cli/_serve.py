@@ -44,6 +44,8 @@ _MAX_QUERY_TOKENS = 1_048_576
 _MAX_CONCURRENCY = 100_000
 _MAX_BATCH_WINDOW_MS = 10_000.0
 _MAX_BATCH_DOCUMENTS = 100_000
+# Tokens per fused batch on a CPU (a request with more runs alone).
+_CPU_BATCH_TOKENS = 4096
 _MAX_MODEL_WORKERS = 1024
 
 logger = logging.getLogger("memos_rerank_integrations.cli")
@@ -183,7 +185,9 @@ def add_parser(commands: Any) -> None:
         "--max-batch-tokens",
         type=int_in(1, 10**7),
         default=None,
-        help="also bound a fused batch by its requests' tokens (default: documents only)",
+        help="also bound a fused batch by its requests' tokens: a longer request runs "
+        "alone (default: 4096 on a CPU, where one long request already fills the cores; "
+        "documents only on CUDA)",
     )
     serve.add_argument(
         "--model-workers",
@@ -248,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         batching=not args.no_batching,
         batch_window_ms=args.batch_window_ms,
         max_batch_documents=args.max_batch_documents or _default_batch_documents(args.device),
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=args.max_batch_tokens or _default_batch_tokens(args.device),
         model_workers=workers,
         model_cores=_shared_cores(workers),
         metrics=not args.no_metrics,
@@ -355,6 +359,14 @@ def _default_batch_documents(device: str | None) -> int:
 
     # A CPU is saturated by one call's worth of rows; a GPU keeps gaining.
     return 128 if resolve_device(device).type == "cuda" else 32
+
+
+def _default_batch_tokens(device: str | None) -> int | None:
+    from .._local.runtime import resolve_device
+
+    # Fusing a long request with others gains nothing on a CPU, and makes the short
+    # ones wait for it.
+    return None if resolve_device(device).type == "cuda" else _CPU_BATCH_TOKENS
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

@@ -15,11 +15,12 @@ serve.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -50,6 +51,13 @@ RerankMany = Callable[[Sequence[Call]], list[list[RerankResult]]]
 _MAX_REASON = 300
 # The call a health probe makes when the last model call failed.
 _PROBE: Call = ("health check", ["health check"], None)
+# The model's pace (seconds per token, or per document for calls submitted without a
+# token count) is the ratio of the turns' seconds to their sizes, each sum decayed by
+# this much per turn: the recent turns count most, each in proportion to its size.
+_PACE_DECAY = 0.2
+# A call falls due at most this many seconds after its arrival, however large it is
+# and whatever the pace: calls that arrive later than that never overtake it.
+_MAX_HEAD_START = 60.0
 
 
 @dataclass
@@ -64,6 +72,11 @@ class _Job:
     # A latency budget (running from when the call was queued): the call runs alone,
     # scoring in order until it runs out, and its answer may leave documents unscored.
     budget: Budget | None = None
+
+    @property
+    def size(self) -> int:
+        """What the call costs the model: its tokens, else its documents."""
+        return self.tokens if self.tokens is not None else len(self.documents)
 
 
 @dataclass(frozen=True)
@@ -97,9 +110,18 @@ class MicroBatcher:
     (a list of ``(query, documents, top_n)`` scored in shared forward passes),
     queued calls are grouped into batches of at most ``max_batch_documents``
     documents and, with ``max_batch_tokens``, at most that many tokens (calls submitted
-    with their token count; a single larger call runs alone). Batches are taken in
-    arrival order, so no call waits behind later ones. Without ``rerank_many``, or
-    with ``enabled=False``, calls run one at a time in arrival order.
+    with their token count; a single larger call runs alone). Without ``rerank_many``,
+    or with ``enabled=False``, calls run one at a time.
+
+    Calls are taken earliest due first. A call is due at its arrival plus the time
+    its size (its tokens, or its documents where it was submitted without a token
+    count) takes at the model's pace, measured from the turns so far (until the
+    first turn ends, calls are due on arrival), and at most a minute after arrival.
+    So a short call does not wait behind a long one that arrived at about the same
+    time (a 2-memory call behind a 12-passage one), calls of one size run in arrival
+    order, and no call waits for one that falls due after it: however many short
+    calls keep arriving, a long call waits at most about its own length (a minute at
+    most) plus the work due before it.
 
     The default of 32 documents suits CPUs, where one forward pass of a few dozen
     rows already uses every core: small calls are fused, larger calls run one by
@@ -164,7 +186,12 @@ class MicroBatcher:
         self._workers = positive_int("workers", workers)
         self._cores = optional_positive_int("cores", cores)
         self._on_batch = on_batch
-        self._queue: deque[_Job] = deque()
+        # Queued calls by (due, arrival number): a heap.
+        self._queue: list[tuple[float, int, _Job]] = []
+        self._arrivals = itertools.count()
+        # The decayed sums of the turns' seconds and sizes (tokens, or documents for
+        # calls without a token count), from which the pace is measured.
+        self._paced = {True: [0.0, 0.0], False: [0.0, 0.0]}
         self._condition = threading.Condition()
         self._closed = False
         # When each busy worker (by index) started its turn.
@@ -186,7 +213,7 @@ class MicroBatcher:
     def queued(self) -> int:
         """Calls waiting for the model (not counting the batch being computed)."""
         with self._condition:
-            return sum(not job.future.cancelled() for job in self._queue)
+            return sum(not job.future.cancelled() for _, _, job in self._queue)
 
     @property
     def workers(self) -> int:
@@ -248,7 +275,7 @@ class MicroBatcher:
             self._last_probe = now
             query, documents, top_n = _PROBE
             self._probe = _Job(query, documents, top_n, probe=True)
-            self._queue.append(self._probe)
+            self._push(self._probe, due=now)
             self._wake()
         self.start()
 
@@ -287,7 +314,9 @@ class MicroBatcher:
         with self._condition:
             if self._closed:
                 raise BackendUnavailableError("The reranker is shutting down.")
-            self._queue.append(job)
+            seconds, size = self._paced[job.tokens is not None]
+            head_start = job.size * seconds / size if size else 0.0
+            self._push(job, due=time.monotonic() + min(head_start, _MAX_HEAD_START))
             self._wake()
         return job.future
 
@@ -318,6 +347,24 @@ class MicroBatcher:
                 return
 
     # -- the worker ------------------------------------------------------------------
+
+    def _push(self, job: _Job, *, due: float) -> None:
+        # Called with the condition held.
+        heapq.heappush(self._queue, (due, next(self._arrivals), job))
+
+    def _learn_pace(self, jobs: list[_Job], seconds: float, failed: int) -> None:
+        """Fold a turn's seconds and size into the pace. Turns that failed, ran under
+        a latency budget or mixed both kinds of size say nothing reliable and are
+        skipped."""
+        counted = {job.tokens is not None for job in jobs}
+        size = sum(job.size for job in jobs)
+        if failed or len(counted) != 1 or size < 1 or any(job.budget is not None for job in jobs):
+            return
+        (kind,) = counted
+        with self._condition:
+            sums = self._paced[kind]
+            sums[0] = sums[0] * (1 - _PACE_DECAY) + seconds
+            sums[1] = sums[1] * (1 - _PACE_DECAY) + size
 
     def _wake(self) -> None:
         # Called with the condition held, after queueing. With several workers, every
@@ -382,6 +429,7 @@ class MicroBatcher:
                     self._busy_seconds += ended - started
                     if any(job.probe for job in jobs):
                         self._probe = None
+            self._learn_pace(jobs, ended - started, failed)
             self._report(jobs, ended - started, failed)
 
     def _wait_for_more(self, last_batch_end: float) -> None:
@@ -394,12 +442,12 @@ class MicroBatcher:
             self._condition.wait(remaining)
 
     def _queued_documents(self) -> int:
-        return sum(len(job.documents) for job in self._queue if not job.future.cancelled())
+        return sum(len(job.documents) for _, _, job in self._queue if not job.future.cancelled())
 
     def _take_batch(self) -> list[_Job]:
         # Called with the condition held. Withdrawn calls are dropped unseen.
-        while self._queue and self._queue[0].future.cancelled():
-            self._queue.popleft()
+        while self._queue and self._queue[0][2].future.cancelled():
+            heapq.heappop(self._queue)
         if not self._queue:
             return []
         # With several workers, each takes at most its share of what is queued: the
@@ -407,14 +455,14 @@ class MicroBatcher:
         limit = self._max_documents
         if self._workers > 1:
             limit = min(limit, math.ceil(self._queued_documents() / self._workers))
-        jobs = [self._queue.popleft()]
+        jobs = [heapq.heappop(self._queue)[2]]
         if not self._enabled or jobs[0].budget is not None:
             return jobs
         total, tokens = len(jobs[0].documents), jobs[0].tokens or 0
         while self._queue:
-            job = self._queue[0]
+            job = self._queue[0][2]
             if job.future.cancelled():
-                self._queue.popleft()
+                heapq.heappop(self._queue)
                 continue
             if job.budget is not None or total + len(job.documents) > limit:
                 break
@@ -422,7 +470,7 @@ class MicroBatcher:
                 job.tokens is None or tokens + job.tokens > self._max_tokens
             ):
                 break
-            self._queue.popleft()
+            heapq.heappop(self._queue)
             total += len(job.documents)
             tokens += job.tokens or 0
             jobs.append(job)
