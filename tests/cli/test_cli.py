@@ -516,13 +516,13 @@ def test_serve_defaults_are_the_servers() -> None:
 
 
 def test_serve_bounds_fused_batches_by_tokens_on_a_cpu() -> None:
-    # A long request runs alone on a CPU, so the short ones queued with it need not
-    # wait for it; on CUDA batches are bounded by documents only.
+    # On a CPU a long request is scored in slices, so the short ones queued with it
+    # need not wait for all of it; on CUDA batches are bounded by documents only.
     from memos_rerank_integrations.cli._serve import _default_batch_tokens
 
-    assert _default_batch_tokens("cpu") == 4096
+    assert _default_batch_tokens("cpu") == 2048
     if not torch.cuda.is_available():
-        assert _default_batch_tokens(None) == 4096
+        assert _default_batch_tokens(None) == 2048
 
 
 def test_auto_model_workers_are_two_on_cpu_for_a_model_with_replicas() -> None:

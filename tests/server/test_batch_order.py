@@ -1,5 +1,5 @@
-"""The order in which queued calls reach the model: earliest due first, where a call
-is due at its arrival plus its size at the model's measured pace."""
+"""The order in which queued calls reach the model: the call that has waited the
+largest multiple of its length (its size at the model's measured pace) first."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from memos_rerank_integrations.server._batcher import MicroBatcher
 from ..support.server import DOCUMENTS, WordOverlapReranker
 
 # Seconds each model call takes: with the warm-up call's 100 tokens, a pace of 0.1 ms
-# per token (a 10,000-token call is due 1 s after it arrives, a 10-token one 1 ms).
+# per token (a 10,000-token call lasts 1 s, a 10-token one 1 ms).
 TURN = 0.01
 
 
@@ -89,14 +89,15 @@ def test_calls_of_one_size_keep_their_arrival_order() -> None:
         batcher.close()
 
 
-def test_a_long_call_is_not_overtaken_by_calls_that_fall_due_after_it() -> None:
+def test_a_long_call_that_waited_goes_before_short_ones_that_just_came() -> None:
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
     try:
         _queued_behind_a_held_call(batcher, backend)
-        long = batcher.submit("long", DOCUMENTS, tokens=2_000)  # due in ~0.2 s
+        long = batcher.submit("long", DOCUMENTS, tokens=100)  # lasts ~10 ms
         time.sleep(0.5)
-        # Arrived after the long call fell due: each is due later than it.
+        # The long call waits ~50 times its length; these, while the held call ends
+        # (10 ms), ~10 times theirs.
         shorts = [batcher.submit(f"short {i}", DOCUMENTS[:2], tokens=10) for i in range(3)]
         backend.release.set()
         long.result(5)
@@ -119,7 +120,7 @@ def test_short_calls_are_fused_first_and_the_long_one_runs_after() -> None:
         long.result(5)
         for future in shorts:
             future.result(5)
-        # The short calls head the turn in arrival order; the long one, due last,
+        # The short calls head the turn in arrival order; the long one, the lowest ratio,
         # comes after them (here in the same turn: nothing bounds its tokens).
         assert backend.order == [["hold"], ["short 0", "short 1", "short 2", "long"]]
     finally:
@@ -146,21 +147,49 @@ def test_until_the_pace_is_measured_calls_run_in_arrival_order() -> None:
         batcher.close()
 
 
-def test_a_huge_call_falls_due_within_the_head_start_bound(
+def test_a_huge_call_counts_as_lasting_at_most_the_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The bound is a minute; here a fraction of a second, to keep the test short.
-    monkeypatch.setattr(_batcher, "_MAX_HEAD_START", 0.2)
+    monkeypatch.setattr(_batcher, "_MAX_LENGTH", 0.02)
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
     try:
         _queued_behind_a_held_call(batcher, backend)
         huge = batcher.submit("huge", DOCUMENTS, tokens=10**9)  # ~28 hours at this pace
+        # Waits 25 times the bound: more, for its length, than the short call will.
         time.sleep(0.5)
         short = batcher.submit("short", DOCUMENTS[:2], tokens=10)
         backend.release.set()
         huge.result(5), short.result(5)
         assert backend.order == [["hold"], ["huge"], ["short"]]
+    finally:
+        backend.release.set()
+        batcher.close()
+
+
+def test_one_stalled_turn_barely_moves_the_pace() -> None:
+    backend = Recording()
+    batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
+    try:
+        for _ in range(2):  # two 1-token turns that stall ~0.3 s each (~3,000x the pace)
+            _queued_behind_a_held_call(batcher, backend)
+            time.sleep(0.3)
+            backend.release.set()
+            while batcher.busy:
+                time.sleep(0.001)
+            backend.release.clear()
+        _queued_behind_a_held_call(batcher, backend)
+        bigger = batcher.submit("5,000 tokens", DOCUMENTS, tokens=5_000)
+        time.sleep(0.05)
+        smaller = batcher.submit("2,000 tokens", DOCUMENTS, tokens=2_000)
+        time.sleep(0.3)
+        backend.release.set()
+        bigger.result(5), smaller.result(5)
+        # At a pace near the measured one, the smaller call has waited the larger
+        # multiple of its length; had the stalls set the pace, both would count as
+        # lasting the longest a call can, and the longer wait would go first.
+        assert backend.order[-2:] == [["2,000 tokens"], ["5,000 tokens"]]
     finally:
         backend.release.set()
         batcher.close()

@@ -44,8 +44,8 @@ _MAX_QUERY_TOKENS = 1_048_576
 _MAX_CONCURRENCY = 100_000
 _MAX_BATCH_WINDOW_MS = 10_000.0
 _MAX_BATCH_DOCUMENTS = 100_000
-# Tokens per fused batch on a CPU (a request with more runs alone).
-_CPU_BATCH_TOKENS = 4096
+# Tokens per model turn on a CPU (a request with more is scored in slices).
+_CPU_BATCH_TOKENS = 2048
 _MAX_MODEL_WORKERS = 1024
 
 logger = logging.getLogger("memos_rerank_integrations.cli")
@@ -185,9 +185,10 @@ def add_parser(commands: Any) -> None:
         "--max-batch-tokens",
         type=int_in(1, 10**7),
         default=None,
-        help="also bound a fused batch by its requests' tokens: a longer request runs "
-        "alone (default: 4096 on a CPU, where one long request already fills the cores; "
-        "documents only on CUDA)",
+        help="also bound each model turn by its requests' tokens: short requests are fused "
+        "up to it, a longer one is scored in slices of its documents, so short requests "
+        "get in between (default: 2048 on a CPU, where a turn of that many already fills "
+        "the cores; documents only on CUDA)",
     )
     serve.add_argument(
         "--model-workers",
@@ -364,8 +365,7 @@ def _default_batch_documents(device: str | None) -> int:
 def _default_batch_tokens(device: str | None) -> int | None:
     from .._local.runtime import resolve_device
 
-    # Fusing a long request with others gains nothing on a CPU, and makes the short
-    # ones wait for it.
+    # Longer turns gain nothing on a CPU, and make the short requests wait for them.
     return None if resolve_device(device).type == "cuda" else _CPU_BATCH_TOKENS
 
 

@@ -15,14 +15,14 @@ serve.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import contextlib
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from .._calls import Ask, Budget, rerank_of
@@ -52,12 +52,68 @@ _MAX_REASON = 300
 # The call a health probe makes when the last model call failed.
 _PROBE: Call = ("health check", ["health check"], None)
 # The model's pace (seconds per token, or per document for calls submitted without a
-# token count) is the ratio of the turns' seconds to their sizes, each sum decayed by
-# this much per turn: the recent turns count most, each in proportion to its size.
-_PACE_DECAY = 0.2
-# A call falls due at most this many seconds after its arrival, however large it is
-# and whatever the pace: calls that arrive later than that never overtake it.
-_MAX_HEAD_START = 60.0
+# token count) moves this far towards each turn's, which counts as at most
+# _PACE_STEP times (or at least 1/_PACE_STEP of) the pace so far: one stalled turn
+# moves it by at most 60%, a lasting change within a few turns.
+_PACE_WEIGHT = 0.2
+_PACE_STEP = 4.0
+# The longest a call is taken to last, however large it is and whatever the pace: its
+# wait counts for at least 1/60 of its length per second.
+_MAX_LENGTH = 60.0
+# The shortest (a call's length while the pace is not measured: then the longest wait
+# goes first).
+_MIN_LENGTH = 1e-6
+
+
+class _Slices:
+    """A call scored in slices of its documents, each queued as a call of its own: the
+    caller's ``future`` gets the slices' results merged (best first, ``top_n``
+    applied) once all have answered, or the first error one of them gets."""
+
+    def __init__(self, top_n: int | None, starts: list[int]) -> None:
+        self.future: Future[list[RerankResult]] = Future()
+        self.top_n = top_n
+        self.starts = starts
+        self.parts: list[Future[list[RerankResult]]] = []
+        self._results: dict[int, list[RerankResult]] = {}
+        self._lock = threading.Lock()
+        # The caller withdrawing the call withdraws the slices not started yet.
+        self.future.add_done_callback(self._withdraw)
+
+    def _withdraw(self, future: Future[list[RerankResult]]) -> None:
+        if future.cancelled():
+            for part in self.parts:
+                part.cancel()
+
+    def answered(self, number: int, part: Future[list[RerankResult]]) -> None:
+        """One slice's future is done: keep its results, or fail the call."""
+        if part.cancelled():
+            return
+        error = part.exception()
+        with self._lock:
+            if self.future.done():
+                return
+            if error is None:
+                self._results[number] = part.result()
+                if len(self._results) < len(self.starts):
+                    return
+                merged = [
+                    RerankResult(self.starts[n] + r.index, r.score, r.stage)
+                    for n, results in self._results.items()
+                    for r in results
+                ]
+                merged.sort(key=lambda r: (-r.score, r.index))
+                outcome: list[RerankResult] | BaseException = merged[: self.top_n]
+            else:
+                outcome = error
+            with contextlib.suppress(InvalidStateError):  # withdrawn meanwhile
+                if isinstance(outcome, BaseException):
+                    self.future.set_exception(outcome)
+                else:
+                    self.future.set_result(outcome)
+        if error is not None:
+            for other in self.parts:
+                other.cancel()
 
 
 @dataclass
@@ -67,6 +123,10 @@ class _Job:
     top_n: int | None
     probe: bool = False
     future: Future[list[RerankResult]] = field(default_factory=Future)
+    # The call this job is a slice of (None: a whole call).
+    slices: _Slices | None = None
+    # When it was queued (time.monotonic()).
+    queued: float = field(default_factory=time.monotonic)
     # The tokens the call scores, when known: batches are then formed by tokens.
     tokens: int | None = None
     # A latency budget (running from when the call was queued): the call runs alone,
@@ -110,18 +170,25 @@ class MicroBatcher:
     (a list of ``(query, documents, top_n)`` scored in shared forward passes),
     queued calls are grouped into batches of at most ``max_batch_documents``
     documents and, with ``max_batch_tokens``, at most that many tokens (calls submitted
-    with their token count; a single larger call runs alone). Without ``rerank_many``,
-    or with ``enabled=False``, calls run one at a time.
+    with their token count). A call longer than that is scored in slices of its
+    documents, each within the bound (a longer document alone) and queued like a call
+    of its own; its future gets the slices' results merged, best first, ``top_n``
+    applied (``rerank_many`` scores each document on its own, so slicing changes no
+    score), or the first error a slice gets. So no model turn runs much longer than
+    ``max_batch_tokens`` take, and a short call waits for at most one such turn per
+    busy worker. Without ``rerank_many``, or with ``enabled=False``, calls run one at a
+    time, whole.
 
-    Calls are taken earliest due first. A call is due at its arrival plus the time
-    its size (its tokens, or its documents where it was submitted without a token
-    count) takes at the model's pace, measured from the turns so far (until the
-    first turn ends, calls are due on arrival), and at most a minute after arrival.
-    So a short call does not wait behind a long one that arrived at about the same
-    time (a 2-memory call behind a 12-passage one), calls of one size run in arrival
-    order, and no call waits for one that falls due after it: however many short
-    calls keep arriving, a long call waits at most about its own length (a minute at
-    most) plus the work due before it.
+    Calls are taken by how long they have waited for their length: the call whose
+    wait is the largest multiple of its length goes first (highest response ratio
+    next). A call's length is the time its size (its tokens, or its documents where
+    it was submitted without a token count) takes at the model's pace, measured from
+    the turns so far, and at most a minute (until the first turn ends, the longest
+    wait goes first). So a short call does not wait behind long ones (a 2-memory call
+    behind 12-passage ones): it goes first once it has waited a fraction of what they
+    have, in the ratio of their lengths. Calls of one size run in arrival order, and
+    no call starves: its ratio grows while it waits, and every call that arrives
+    after it starts from nothing.
 
     The default of 32 documents suits CPUs, where one forward pass of a few dozen
     rows already uses every core: small calls are fused, larger calls run one by
@@ -186,12 +253,11 @@ class MicroBatcher:
         self._workers = positive_int("workers", workers)
         self._cores = optional_positive_int("cores", cores)
         self._on_batch = on_batch
-        # Queued calls by (due, arrival number): a heap.
-        self._queue: list[tuple[float, int, _Job]] = []
-        self._arrivals = itertools.count()
-        # The decayed sums of the turns' seconds and sizes (tokens, or documents for
-        # calls without a token count), from which the pace is measured.
-        self._paced = {True: [0.0, 0.0], False: [0.0, 0.0]}
+        # Queued calls, in arrival order.
+        self._queue: list[_Job] = []
+        # Seconds per token, and per document for calls without a token count, from
+        # the turns so far (0: not measured yet).
+        self._pace = {True: 0.0, False: 0.0}
         self._condition = threading.Condition()
         self._closed = False
         # When each busy worker (by index) started its turn.
@@ -213,7 +279,7 @@ class MicroBatcher:
     def queued(self) -> int:
         """Calls waiting for the model (not counting the batch being computed)."""
         with self._condition:
-            return sum(not job.future.cancelled() for _, _, job in self._queue)
+            return len({id(job.slices or job) for job in self._queue if not job.future.cancelled()})
 
     @property
     def workers(self) -> int:
@@ -275,7 +341,7 @@ class MicroBatcher:
             self._last_probe = now
             query, documents, top_n = _PROBE
             self._probe = _Job(query, documents, top_n, probe=True)
-            self._push(self._probe, due=now)
+            self._queue.append(self._probe)
             self._wake()
         self.start()
 
@@ -309,16 +375,51 @@ class MicroBatcher:
         first (``top_n`` does not apply). Cancel the future to withdraw a call that has
         not started yet.
         """
-        job = _Job(query, documents, top_n, tokens=tokens, budget=budget)
+        whole = _Job(query, documents, top_n, tokens=tokens, budget=budget)
+        jobs, slices = self._sliced(whole)
         self.start()
         with self._condition:
             if self._closed:
                 raise BackendUnavailableError("The reranker is shutting down.")
-            seconds, size = self._paced[job.tokens is not None]
-            head_start = job.size * seconds / size if size else 0.0
-            self._push(job, due=time.monotonic() + min(head_start, _MAX_HEAD_START))
+            self._queue.extend(jobs)
             self._wake()
-        return job.future
+        return whole.future if slices is None else slices.future
+
+    def _sliced(self, job: _Job) -> tuple[list[_Job], _Slices | None]:
+        """The call as slices of its documents, each within ``max_batch_tokens``
+        (a longer document alone), where it is longer and may be sliced: batching on,
+        its tokens counted, no latency budget. The call's tokens are shared among its
+        documents in proportion to their length (with the query's)."""
+        bound, tokens, documents = self._max_tokens, job.tokens, job.documents
+        if (
+            not self._enabled
+            or bound is None
+            or tokens is None
+            or tokens <= bound
+            or len(documents) < 2
+            or job.budget is not None
+        ):
+            return [job], None
+        weights = [len(job.query) + len(document) + 1 for document in documents]
+        total = sum(weights)
+        starts, shares = [0], [0.0]
+        for index, weight in enumerate(weights):
+            share = tokens * weight / total
+            if shares[-1] and shares[-1] + share > bound:
+                starts.append(index)
+                shares.append(0.0)
+            shares[-1] += share
+        slices = _Slices(job.top_n, starts)
+        ends = [*starts[1:], len(documents)]
+        jobs = []
+        for number, (start, end, share) in enumerate(zip(starts, ends, shares, strict=True)):
+            part = _Job(
+                job.query, documents[start:end], None, tokens=max(1, round(share)), slices=slices
+            )
+            slices.parts.append(part.future)
+            part.future.add_done_callback(functools.partial(slices.answered, number))
+            jobs.append(part)
+        return jobs, slices
 
     async def rerank(
         self, query: str, documents: Sequence[str], top_n: int | None = None
@@ -348,23 +449,36 @@ class MicroBatcher:
 
     # -- the worker ------------------------------------------------------------------
 
-    def _push(self, job: _Job, *, due: float) -> None:
-        # Called with the condition held.
-        heapq.heappush(self._queue, (due, next(self._arrivals), job))
+    def _by_ratio(self) -> list[_Job]:
+        """The queued calls (withdrawn ones dropped), highest response ratio first:
+        wait over length, longest wait first while the pace is not measured; ties
+        in arrival order. Called with the condition held."""
+        self._queue = [job for job in self._queue if not job.future.cancelled()]
+        now, pace = time.monotonic(), self._pace
+
+        def ratio(job: _Job) -> float:
+            length = job.size * pace[job.tokens is not None]
+            return (now - job.queued) / min(max(length, _MIN_LENGTH), _MAX_LENGTH)
+
+        # sorted() is stable: equal ratios keep the arrival order.
+        return sorted(self._queue, key=ratio, reverse=True)
 
     def _learn_pace(self, jobs: list[_Job], seconds: float, failed: int) -> None:
-        """Fold a turn's seconds and size into the pace. Turns that failed, ran under
-        a latency budget or mixed both kinds of size say nothing reliable and are
-        skipped."""
+        """Fold a turn's seconds per token (or per document) into the pace. Turns that
+        failed, ran under a latency budget or mixed both kinds of size say nothing
+        reliable and are skipped."""
         counted = {job.tokens is not None for job in jobs}
         size = sum(job.size for job in jobs)
         if failed or len(counted) != 1 or size < 1 or any(job.budget is not None for job in jobs):
             return
         (kind,) = counted
+        sample = seconds / size
         with self._condition:
-            sums = self._paced[kind]
-            sums[0] = sums[0] * (1 - _PACE_DECAY) + seconds
-            sums[1] = sums[1] * (1 - _PACE_DECAY) + size
+            pace = self._pace[kind]
+            if pace:
+                sample = min(max(sample, pace / _PACE_STEP), pace * _PACE_STEP)
+                sample = pace + _PACE_WEIGHT * (sample - pace)
+            self._pace[kind] = sample
 
     def _wake(self) -> None:
         # Called with the condition held, after queueing. With several workers, every
@@ -442,38 +556,33 @@ class MicroBatcher:
             self._condition.wait(remaining)
 
     def _queued_documents(self) -> int:
-        return sum(len(job.documents) for _, _, job in self._queue if not job.future.cancelled())
+        return sum(len(job.documents) for job in self._queue if not job.future.cancelled())
 
     def _take_batch(self) -> list[_Job]:
         # Called with the condition held. Withdrawn calls are dropped unseen.
-        while self._queue and self._queue[0][2].future.cancelled():
-            heapq.heappop(self._queue)
-        if not self._queue:
+        ordered = self._by_ratio()
+        if not ordered:
             return []
         # With several workers, each takes at most its share of what is queued: the
         # rest goes to the next worker free (a burst spreads over the workers).
         limit = self._max_documents
         if self._workers > 1:
             limit = min(limit, math.ceil(self._queued_documents() / self._workers))
-        jobs = [heapq.heappop(self._queue)[2]]
-        if not self._enabled or jobs[0].budget is not None:
-            return jobs
-        total, tokens = len(jobs[0].documents), jobs[0].tokens or 0
-        while self._queue:
-            job = self._queue[0][2]
-            if job.future.cancelled():
-                heapq.heappop(self._queue)
-                continue
-            if job.budget is not None or total + len(job.documents) > limit:
-                break
-            if self._max_tokens is not None and (
-                job.tokens is None or tokens + job.tokens > self._max_tokens
-            ):
-                break
-            heapq.heappop(self._queue)
-            total += len(job.documents)
-            tokens += job.tokens or 0
-            jobs.append(job)
+        jobs = ordered[:1]
+        if self._enabled and jobs[0].budget is None:
+            total, tokens = len(jobs[0].documents), jobs[0].tokens or 0
+            for job in ordered[1:]:
+                if job.budget is not None or total + len(job.documents) > limit:
+                    break
+                if self._max_tokens is not None and (
+                    job.tokens is None or tokens + job.tokens > self._max_tokens
+                ):
+                    break
+                total += len(job.documents)
+                tokens += job.tokens or 0
+                jobs.append(job)
+        taken = {id(job) for job in jobs}
+        self._queue = [job for job in self._queue if id(job) not in taken]
         return jobs
 
     def _execute(self, jobs: list[_Job], reranker: Reranker) -> int:

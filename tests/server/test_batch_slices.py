@@ -1,0 +1,196 @@
+"""Calls longer than ``max_batch_tokens`` are scored in slices of their documents,
+each queued like a call of its own: short calls get in between, and the answer is
+the whole call's."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from memos_rerank_integrations import QwenReranker
+from memos_rerank_integrations.server import create_app
+from memos_rerank_integrations.server._batcher import MicroBatcher
+
+from ..support import qwen_fixtures
+from ..support.server import DOCUMENTS, QUERY, LiveServer, WordOverlapReranker
+from .test_batch_order import Recording, _queued_behind_a_held_call
+
+tiny_qwen_dir = qwen_fixtures.tiny_qwen_dir
+
+# Eight documents of one length: a call's tokens are shared evenly among them.
+EIGHT = [f"memory number {i} about the user" for i in range(8)]
+
+
+class Sizes(WordOverlapReranker):
+    """Records the documents of each call the model scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scored: list[list[str]] = []
+
+    def rerank_many(self, calls):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.scored.extend(list(documents) for _, documents, _ in calls)
+        return super().rerank_many(calls)
+
+    def rerank(self, query, documents, top_n=None):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.scored.append(list(documents))
+        return super().rerank(query, documents, top_n)
+
+
+@pytest.mark.parametrize("top_n", [None, 3, 8, 20])
+def test_a_long_call_is_scored_in_slices_within_the_bound_and_answered_whole(
+    top_n: int | None,
+) -> None:
+    backend = Sizes()
+    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
+    try:
+        # 1000 tokens over 8 equal documents: 125 each, so slices of 2 (250 <= 300).
+        got = batcher.submit(QUERY, EIGHT, top_n, tokens=1000).result(5)
+        assert sorted(map(tuple, backend.scored)) == [
+            tuple(EIGHT[i : i + 2]) for i in range(0, 8, 2)
+        ]
+        assert got == backend.rerank(QUERY, EIGHT, top_n)
+    finally:
+        batcher.close()
+
+
+def test_a_document_longer_than_the_bound_is_a_slice_of_its_own() -> None:
+    backend = Sizes()
+    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
+    try:
+        documents = ["short", "a much longer memory " * 20, "short too"]
+        got = batcher.submit(QUERY, documents, tokens=900).result(5)
+        assert ["a much longer memory " * 20] in backend.scored
+        assert all(len(scored) < 3 for scored in backend.scored)
+        assert got == backend.rerank(QUERY, documents)
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        {"tokens": 300},  # within the bound
+        {"tokens": None},  # size unknown
+        {"tokens": 1000, "one_document": True},
+    ],
+    ids=["within", "uncounted", "one-document"],
+)
+def test_calls_that_are_not_sliced(call: dict[str, object]) -> None:
+    backend = Sizes()
+    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
+    try:
+        documents = EIGHT[:1] if call.get("one_document") else EIGHT
+        tokens = call["tokens"]
+        assert tokens is None or isinstance(tokens, int)
+        batcher.submit(QUERY, documents, tokens=tokens).result(5)
+        assert backend.scored == [documents]
+    finally:
+        batcher.close()
+
+
+def test_without_a_token_bound_nothing_is_sliced() -> None:
+    backend = Sizes()
+    batcher = MicroBatcher(backend, batch_window_ms=0)
+    try:
+        batcher.submit(QUERY, EIGHT, tokens=10**6).result(5)
+        assert backend.scored == [EIGHT]
+    finally:
+        batcher.close()
+
+
+def test_a_short_call_gets_in_between_the_slices_of_a_long_one() -> None:
+    backend = Recording()
+    batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=2_500)
+    try:
+        _queued_behind_a_held_call(batcher, backend)  # a pace of ~0.1 ms per token
+        # 4 slices of 2,500 tokens, lasting ~0.25 s each.
+        long = batcher.submit("long", EIGHT, tokens=10_000)
+        time.sleep(0.3)
+        short = batcher.submit("short", DOCUMENTS[:2], tokens=10)  # lasts ~1 ms
+        backend.release.set()
+        long.result(5), short.result(5)
+        order = [queries[0] for queries in backend.order]
+        assert order.count("long") == 4 and order[0] == "hold"
+        # The slices have waited ~1.2 times their length; within a slice's turn the
+        # short call waits many times its own, so it goes next at the latest.
+        assert order.index("short") in (1, 2)
+    finally:
+        backend.release.set()
+        batcher.close()
+
+
+def test_a_failing_slice_fails_the_call_and_withdraws_the_rest() -> None:
+    backend = Recording()
+    batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=250)
+    try:
+        _queued_behind_a_held_call(batcher, backend)
+        failing = batcher.submit("EXPLODE", EIGHT, tokens=1000)
+        backend.release.set()
+        with pytest.raises(RuntimeError, match="exploded"):
+            failing.result(5)
+        deadline = time.monotonic() + 5
+        while batcher.queued:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert [queries for queries in backend.order if "EXPLODE" in queries] == [["EXPLODE"]]
+        assert batcher.submit(QUERY, DOCUMENTS).result(5)  # still serving
+    finally:
+        backend.release.set()
+        batcher.close()
+
+
+def test_withdrawing_a_sliced_call_withdraws_its_queued_slices() -> None:
+    backend = Recording()
+    batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=250)
+    try:
+        _queued_behind_a_held_call(batcher, backend)
+        withdrawn = batcher.submit("withdrawn", EIGHT, tokens=1000)
+        assert batcher.queued == 1  # one call, however many slices
+        assert withdrawn.cancel()
+        assert batcher.queued == 0
+        backend.release.set()
+        assert batcher.submit(QUERY, DOCUMENTS, tokens=10).result(5)
+        assert all("withdrawn" not in queries for queries in backend.order)
+    finally:
+        backend.release.set()
+        batcher.close()
+
+
+class SlicedQwen(QwenReranker):
+    """The tiny Qwen, recording the documents of each model call."""
+
+    calls: list[list[str]]
+
+    def rerank_many(self, calls):  # type: ignore[no-untyped-def]
+        self.calls.extend(list(documents) for _, documents, _ in calls)
+        return super().rerank_many(calls)
+
+
+def test_the_server_answers_a_sliced_call_as_the_model_does(tiny_qwen_dir: Path) -> None:
+    reranker = SlicedQwen(tiny_qwen_dir, dtype="float32")
+    reranker.calls = []
+    documents = [f"{document} ({i})" for i, document in enumerate(DOCUMENTS * 3)]
+    tokens = reranker.count_tokens(QUERY, documents)
+    app = create_app(reranker, model_name="tiny", max_batch_tokens=tokens // 4)
+    with LiveServer(app) as live:
+        answer = httpx.post(
+            f"{live.url}/rerank",
+            json={"query": QUERY, "documents": documents, "top_n": 7},
+            timeout=60,
+        )
+    assert answer.status_code == 200
+    slices = [call for call in reranker.calls if set(call) <= set(documents)]
+    assert len(slices) >= 4  # each within a quarter of the call's tokens
+    assert sorted(document for call in slices for document in call) == sorted(documents)
+    expected = reranker.rerank(QUERY, documents, top_n=7)
+    got = answer.json()["results"]
+    assert [r["index"] for r in got] == [e.index for e in expected]
+    assert [r["relevance_score"] for r in got] == pytest.approx(
+        [e.score for e in expected], abs=1e-6
+    )
