@@ -3,67 +3,22 @@ largest multiple of its length (its size at the model's measured pace) first."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Sequence
 
 import pytest
 
-from memos_rerank_integrations import RerankResult
 from memos_rerank_integrations.server import _batcher
 from memos_rerank_integrations.server._batcher import MicroBatcher
 
-from ..support.server import DOCUMENTS, WordOverlapReranker
-
-# Seconds each model call takes: with the warm-up call's 100 tokens, a pace of 0.1 ms
-# per token (a 10,000-token call lasts 1 s, a 10-token one 1 ms).
-TURN = 0.01
-
-
-class Recording(WordOverlapReranker):
-    """Records the queries of each model call, in order; a call whose query is
-    ``hold`` waits until ``release`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__(delay=TURN)
-        self.order: list[list[str]] = []
-        self.release = threading.Event()
-
-    def _record(self, queries: list[str]) -> None:
-        with self.lock:
-            self.order.append(queries)
-        if "hold" in queries:
-            assert self.release.wait(10)
-
-    def rerank(
-        self, query: str, documents: Sequence[str], top_n: int | None = None
-    ) -> list[RerankResult]:
-        self._record([query])
-        return super().rerank(query, documents, top_n)
-
-    def rerank_many(
-        self, calls: Sequence[tuple[str, Sequence[str], int | None]]
-    ) -> list[list[RerankResult]]:
-        self._record([query for query, _, _ in calls])
-        return super().rerank_many(calls)
-
-
-def _queued_behind_a_held_call(batcher: MicroBatcher, backend: Recording) -> None:
-    """Warm up (the pace is measured), then occupy the worker."""
-    batcher.submit("warm", DOCUMENTS, tokens=100).result(5)
-    backend.order.clear()
-    batcher.submit("hold", DOCUMENTS[:1], tokens=1)
-    deadline = time.monotonic() + 5
-    while not backend.order:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+from ..support.batching import Recording, queued_behind_a_held_call
+from ..support.server import DOCUMENTS
 
 
 def test_a_short_call_goes_before_a_long_one_that_came_just_before() -> None:
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
     try:
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         long = batcher.submit("long", DOCUMENTS, tokens=10_000)
         short = batcher.submit("short", DOCUMENTS[:2], tokens=10)
         backend.release.set()
@@ -78,7 +33,7 @@ def test_calls_of_one_size_keep_their_arrival_order() -> None:
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
     try:
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         futures = [batcher.submit(f"call {i}", DOCUMENTS[:2], tokens=50) for i in range(5)]
         backend.release.set()
         for future in futures:
@@ -93,7 +48,7 @@ def test_a_long_call_that_waited_goes_before_short_ones_that_just_came() -> None
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
     try:
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         long = batcher.submit("long", DOCUMENTS, tokens=100)  # lasts ~10 ms
         time.sleep(0.5)
         # The long call waits ~50 times its length; these, while the held call ends
@@ -113,7 +68,7 @@ def test_short_calls_are_fused_first_and_the_long_one_runs_after() -> None:
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=100)
     try:
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         long = batcher.submit("long", DOCUMENTS, tokens=10_000)
         shorts = [batcher.submit(f"short {i}", DOCUMENTS[:2], tokens=10) for i in range(3)]
         backend.release.set()
@@ -155,7 +110,7 @@ def test_a_huge_call_counts_as_lasting_at_most_the_bound(
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
     try:
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         huge = batcher.submit("huge", DOCUMENTS, tokens=10**9)  # ~28 hours at this pace
         # Waits 25 times the bound: more, for its length, than the short call will.
         time.sleep(0.5)
@@ -173,13 +128,13 @@ def test_one_stalled_turn_barely_moves_the_pace() -> None:
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_documents=1)
     try:
         for _ in range(2):  # two 1-token turns that stall ~0.3 s each (~3,000x the pace)
-            _queued_behind_a_held_call(batcher, backend)
+            queued_behind_a_held_call(batcher, backend)
             time.sleep(0.3)
             backend.release.set()
             while batcher.busy:
                 time.sleep(0.001)
             backend.release.clear()
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         bigger = batcher.submit("5,000 tokens", DOCUMENTS, tokens=5_000)
         time.sleep(0.05)
         smaller = batcher.submit("2,000 tokens", DOCUMENTS, tokens=2_000)

@@ -5,18 +5,19 @@ the whole call's."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 import pytest
 
-from memos_rerank_integrations import QwenReranker
+from memos_rerank_integrations import QwenReranker, RerankResult
 from memos_rerank_integrations.server import create_app
 from memos_rerank_integrations.server._batcher import MicroBatcher
 
 from ..support import qwen_fixtures
+from ..support.batching import Recording, queued_behind_a_held_call
 from ..support.server import DOCUMENTS, QUERY, LiveServer, WordOverlapReranker
-from .test_batch_order import Recording, _queued_behind_a_held_call
 
 tiny_qwen_dir = qwen_fixtures.tiny_qwen_dir
 
@@ -31,12 +32,16 @@ class Sizes(WordOverlapReranker):
         super().__init__()
         self.scored: list[list[str]] = []
 
-    def rerank_many(self, calls):  # type: ignore[no-untyped-def]
+    def rerank_many(
+        self, calls: Sequence[tuple[str, Sequence[str], int | None]]
+    ) -> list[list[RerankResult]]:
         with self.lock:
             self.scored.extend(list(documents) for _, documents, _ in calls)
         return super().rerank_many(calls)
 
-    def rerank(self, query, documents, top_n=None):  # type: ignore[no-untyped-def]
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
         with self.lock:
             self.scored.append(list(documents))
         return super().rerank(query, documents, top_n)
@@ -67,6 +72,19 @@ def test_a_document_longer_than_the_bound_is_a_slice_of_its_own() -> None:
         got = batcher.submit(QUERY, documents, tokens=900).result(5)
         assert ["a much longer memory " * 20] in backend.scored
         assert all(len(scored) < 3 for scored in backend.scored)
+        assert got == backend.rerank(QUERY, documents)
+    finally:
+        batcher.close()
+
+
+def test_a_huge_call_makes_a_few_dozen_slices_at_most() -> None:
+    # 1,000 documents of 1,000 tokens: 1,000 slices at the bound, 32 at 1/16 of the call.
+    backend = Sizes()
+    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
+    try:
+        documents = [f"memory {i:04d}" for i in range(1000)]
+        got = batcher.submit(QUERY, documents, tokens=10**6).result(30)
+        assert 16 <= len(backend.scored) <= 32
         assert got == backend.rerank(QUERY, documents)
     finally:
         batcher.close()
@@ -108,7 +126,7 @@ def test_a_short_call_gets_in_between_the_slices_of_a_long_one() -> None:
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=2_500)
     try:
-        _queued_behind_a_held_call(batcher, backend)  # a pace of ~0.1 ms per token
+        queued_behind_a_held_call(batcher, backend)  # a pace of ~0.1 ms per token
         # 4 slices of 2,500 tokens, lasting ~0.25 s each.
         long = batcher.submit("long", EIGHT, tokens=10_000)
         time.sleep(0.3)
@@ -129,7 +147,7 @@ def test_a_failing_slice_fails_the_call_and_withdraws_the_rest() -> None:
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=250)
     try:
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         failing = batcher.submit("EXPLODE", EIGHT, tokens=1000)
         backend.release.set()
         with pytest.raises(RuntimeError, match="exploded"):
@@ -149,7 +167,7 @@ def test_withdrawing_a_sliced_call_withdraws_its_queued_slices() -> None:
     backend = Recording()
     batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=250)
     try:
-        _queued_behind_a_held_call(batcher, backend)
+        queued_behind_a_held_call(batcher, backend)
         withdrawn = batcher.submit("withdrawn", EIGHT, tokens=1000)
         assert batcher.queued == 1  # one call, however many slices
         assert withdrawn.cancel()
@@ -167,7 +185,9 @@ class SlicedQwen(QwenReranker):
 
     calls: list[list[str]]
 
-    def rerank_many(self, calls):  # type: ignore[no-untyped-def]
+    def rerank_many(
+        self, calls: Sequence[tuple[str, Sequence[str], int | None]]
+    ) -> list[list[RerankResult]]:
         self.calls.extend(list(documents) for _, documents, _ in calls)
         return super().rerank_many(calls)
 

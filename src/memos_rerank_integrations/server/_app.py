@@ -102,7 +102,8 @@ def create_app(
     says how to split it.
 
     ``batching``, ``batch_window_ms``, ``max_batch_documents``, ``max_batch_tokens``
-    (batches formed by the requests' token counts as well), ``model_workers`` (that
+    (batches bounded by the requests' token counts as well, a longer request scored in
+    slices; ``serve`` sets 2048 on a CPU), ``model_workers`` (that
     many threads run batches at once, each on a replica of the reranker) and
     ``model_cores`` (the torch threads the workers share: the first worker runs on
     what the busy others leave free, each other on its share; ``None`` leaves torch's

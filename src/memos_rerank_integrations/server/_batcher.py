@@ -63,6 +63,9 @@ _MAX_LENGTH = 60.0
 # The shortest (a call's length while the pace is not measured: then the longest wait
 # goes first).
 _MIN_LENGTH = 1e-6
+# A call is cut into slices of at least 1/_SLICES of its tokens, so a call makes at
+# most about twice that many (the queue, ordered at each turn, stays short).
+_SLICES = 16
 
 
 class _Slices:
@@ -386,10 +389,11 @@ class MicroBatcher:
         return whole.future if slices is None else slices.future
 
     def _sliced(self, job: _Job) -> tuple[list[_Job], _Slices | None]:
-        """The call as slices of its documents, each within ``max_batch_tokens``
-        (a longer document alone), where it is longer and may be sliced: batching on,
-        its tokens counted, no latency budget. The call's tokens are shared among its
-        documents in proportion to their length (with the query's)."""
+        """The call as slices of its documents, each within ``max_batch_tokens``, or
+        1/16 of the call's tokens where that is more (a longer document alone), where
+        it is longer and may be sliced: batching on, its tokens counted, no latency
+        budget. The call's tokens are shared among its documents in proportion to
+        their length (with the query's)."""
         bound, tokens, documents = self._max_tokens, job.tokens, job.documents
         if (
             not self._enabled
@@ -400,6 +404,7 @@ class MicroBatcher:
             or job.budget is not None
         ):
             return [job], None
+        bound = max(bound, math.ceil(tokens / _SLICES))
         weights = [len(job.query) + len(document) + 1 for document in documents]
         total = sum(weights)
         starts, shares = [0], [0.0]
