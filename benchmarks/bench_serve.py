@@ -14,7 +14,10 @@ calls back to back:
 
 - ``small``: 2 short memories per call;
 - ``memory``: 20 short memories per call (an agent-memory recall);
-- ``rag``: 12 passages of 60-160 words per call.
+- ``rag``: 12 passages of 60-160 words per call;
+- ``mix``: half the clients send ``--calls`` RAG calls each, the others small calls
+  back to back until the RAG calls are done; reported per kind of call (``by_kind``):
+  how long short calls wait while long ones keep the model busy.
 
 Servers: ``memos`` (``memos-rerank serve``, its defaults), ``vllm-tuned`` (prefix
 caching, ``--block-size 32``, both cores: ``VLLM_CPU_OMP_THREADS_BIND=0-1``) and

