@@ -436,6 +436,16 @@ SERVE_NAMES = {
 }
 
 
+def serve_rows(data: dict[str, Any], *, mix: bool) -> list[dict[str, Any]]:
+    """The summary's rows of the mix, or of the other workloads, by workload, clients
+    and server."""
+    order = {name: i for i, name in enumerate(SERVE_NAMES)}
+    return sorted(
+        (r for r in data["summary"] if (r["workload"] == "mix") == mix),
+        key=lambda r: (r["workload"], r["clients"], order.get(r["server"], 9)),
+    )
+
+
 def serve_table(data: dict[str, Any]) -> str:
     env = data["environment"]
     lines = table_head(
@@ -454,12 +464,7 @@ def serve_table(data: dict[str, Any]) -> str:
             "share of the floor",
         ],
     )
-    order = {name: i for i, name in enumerate(SERVE_NAMES)}
-    rows = sorted(
-        (r for r in data["summary"] if r["workload"] != "mix"),
-        key=lambda r: (r["workload"], r["clients"], order.get(r["server"], 9)),
-    )
-    for r in rows:
+    for r in serve_rows(data, mix=False):
         docs = r.get("vs_vllm_tuned_docs")
         p99 = r.get("vs_vllm_tuned_p99")
         floor = r.get("floor_share")
@@ -491,12 +496,7 @@ def serve_mix_table(data: dict[str, Any]) -> str:
             "docs/s",
         ],
     )
-    order = {name: i for i, name in enumerate(SERVE_NAMES)}
-    rows = sorted(
-        (r for r in data["summary"] if r["workload"] == "mix"),
-        key=lambda r: (r["clients"], order.get(r["server"], 9)),
-    )
-    for r in rows:
+    for r in serve_rows(data, mix=True):
         small, rag = r["by_kind"]["small"], r["by_kind"]["rag"]
         lines.append(
             f"| {r['clients']} | {SERVE_NAMES.get(r['server'], r['server'])} "

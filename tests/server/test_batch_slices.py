@@ -13,10 +13,9 @@ import pytest
 
 from memos_rerank_integrations import QwenReranker, RerankResult
 from memos_rerank_integrations.server import create_app
-from memos_rerank_integrations.server._batcher import MicroBatcher
 
 from ..support import qwen_fixtures
-from ..support.batching import Recording, queued_behind_a_held_call
+from ..support.batching import Recording, queued_behind_a_held_call, serving
 from ..support.server import DOCUMENTS, QUERY, LiveServer, WordOverlapReranker
 
 tiny_qwen_dir = qwen_fixtures.tiny_qwen_dir
@@ -52,42 +51,33 @@ def test_a_long_call_is_scored_in_slices_within_the_bound_and_answered_whole(
     top_n: int | None,
 ) -> None:
     backend = Sizes()
-    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
-    try:
+    with serving(backend, max_batch_tokens=300, batch_window_ms=0) as batcher:
         # 1000 tokens over 8 equal documents: 125 each, so slices of 2 (250 <= 300).
         got = batcher.submit(QUERY, EIGHT, top_n, tokens=1000).result(5)
         assert sorted(map(tuple, backend.scored)) == [
             tuple(EIGHT[i : i + 2]) for i in range(0, 8, 2)
         ]
         assert got == backend.rerank(QUERY, EIGHT, top_n)
-    finally:
-        batcher.close()
 
 
 def test_a_document_longer_than_the_bound_is_a_slice_of_its_own() -> None:
     backend = Sizes()
-    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
-    try:
+    with serving(backend, max_batch_tokens=300, batch_window_ms=0) as batcher:
         documents = ["short", "a much longer memory " * 20, "short too"]
         got = batcher.submit(QUERY, documents, tokens=900).result(5)
         assert ["a much longer memory " * 20] in backend.scored
         assert all(len(scored) < 3 for scored in backend.scored)
         assert got == backend.rerank(QUERY, documents)
-    finally:
-        batcher.close()
 
 
 def test_a_huge_call_makes_a_few_dozen_slices_at_most() -> None:
     # 1,000 documents of 1,000 tokens: 1,000 slices at the bound, 32 at 1/16 of the call.
     backend = Sizes()
-    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
-    try:
+    with serving(backend, max_batch_tokens=300, batch_window_ms=0) as batcher:
         documents = [f"memory {i:04d}" for i in range(1000)]
         got = batcher.submit(QUERY, documents, tokens=10**6).result(30)
         assert 16 <= len(backend.scored) <= 32
         assert got == backend.rerank(QUERY, documents)
-    finally:
-        batcher.close()
 
 
 @pytest.mark.parametrize(
@@ -101,31 +91,24 @@ def test_a_huge_call_makes_a_few_dozen_slices_at_most() -> None:
 )
 def test_calls_that_are_not_sliced(call: dict[str, object]) -> None:
     backend = Sizes()
-    batcher = MicroBatcher(backend, max_batch_tokens=300, batch_window_ms=0)
-    try:
+    with serving(backend, max_batch_tokens=300, batch_window_ms=0) as batcher:
         documents = EIGHT[:1] if call.get("one_document") else EIGHT
         tokens = call["tokens"]
         assert tokens is None or isinstance(tokens, int)
         batcher.submit(QUERY, documents, tokens=tokens).result(5)
         assert backend.scored == [documents]
-    finally:
-        batcher.close()
 
 
 def test_without_a_token_bound_nothing_is_sliced() -> None:
     backend = Sizes()
-    batcher = MicroBatcher(backend, batch_window_ms=0)
-    try:
+    with serving(backend, batch_window_ms=0) as batcher:
         batcher.submit(QUERY, EIGHT, tokens=10**6).result(5)
         assert backend.scored == [EIGHT]
-    finally:
-        batcher.close()
 
 
 def test_a_short_call_gets_in_between_the_slices_of_a_long_one() -> None:
     backend = Recording()
-    batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=2_500)
-    try:
+    with serving(backend, batch_window_ms=0, max_batch_tokens=2_500) as batcher:
         queued_behind_a_held_call(batcher, backend)  # a pace of ~0.1 ms per token
         # 4 slices of 2,500 tokens, lasting ~0.25 s each.
         long = batcher.submit("long", EIGHT, tokens=10_000)
@@ -138,15 +121,11 @@ def test_a_short_call_gets_in_between_the_slices_of_a_long_one() -> None:
         # The slices have waited ~1.2 times their length; within a slice's turn the
         # short call waits many times its own, so it goes next at the latest.
         assert order.index("short") in (1, 2)
-    finally:
-        backend.release.set()
-        batcher.close()
 
 
 def test_a_failing_slice_fails_the_call_and_withdraws_the_rest() -> None:
     backend = Recording()
-    batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=250)
-    try:
+    with serving(backend, batch_window_ms=0, max_batch_tokens=250) as batcher:
         queued_behind_a_held_call(batcher, backend)
         failing = batcher.submit("EXPLODE", EIGHT, tokens=1000)
         backend.release.set()
@@ -158,15 +137,11 @@ def test_a_failing_slice_fails_the_call_and_withdraws_the_rest() -> None:
             time.sleep(0.01)
         assert [queries for queries in backend.order if "EXPLODE" in queries] == [["EXPLODE"]]
         assert batcher.submit(QUERY, DOCUMENTS).result(5)  # still serving
-    finally:
-        backend.release.set()
-        batcher.close()
 
 
 def test_withdrawing_a_sliced_call_withdraws_its_queued_slices() -> None:
     backend = Recording()
-    batcher = MicroBatcher(backend, batch_window_ms=0, max_batch_tokens=250)
-    try:
+    with serving(backend, batch_window_ms=0, max_batch_tokens=250) as batcher:
         queued_behind_a_held_call(batcher, backend)
         withdrawn = batcher.submit("withdrawn", EIGHT, tokens=1000)
         assert batcher.queued == 1  # one call, however many slices
@@ -175,9 +150,6 @@ def test_withdrawing_a_sliced_call_withdraws_its_queued_slices() -> None:
         backend.release.set()
         assert batcher.submit(QUERY, DOCUMENTS, tokens=10).result(5)
         assert all("withdrawn" not in queries for queries in backend.order)
-    finally:
-        backend.release.set()
-        batcher.close()
 
 
 class SlicedQwen(QwenReranker):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from memos_rerank_integrations import RerankResult
+from memos_rerank_integrations import Reranker, RerankResult
 from memos_rerank_integrations.server._batcher import MicroBatcher
 
 from .server import DOCUMENTS, WordOverlapReranker
@@ -53,3 +55,17 @@ def queued_behind_a_held_call(batcher: MicroBatcher, backend: Recording) -> None
     while not backend.order:
         assert time.monotonic() < deadline
         time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def serving(backend: Reranker, **options: Any) -> Iterator[MicroBatcher]:
+    """A batcher on ``backend`` for the block; a held call is let go at the end, and
+    the batcher closed."""
+    batcher = MicroBatcher(backend, **options)
+    try:
+        yield batcher
+    finally:
+        release = getattr(backend, "release", None)
+        if release is not None:
+            release.set()
+        batcher.close()
