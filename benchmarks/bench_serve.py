@@ -64,6 +64,8 @@ from memos_rerank_integrations import HTTPReranker  # noqa: E402
 
 SERVERS = ("memos", "vllm-tuned", "vllm-default")
 WORKLOADS = ("small", "memory", "rag", "mix")
+# Per workload of one size: documents per call, and words per document (low, high).
+_SIZES = {"small": (2, 3, 18), "memory": (20, 3, 18), "rag": (12, 60, 160)}
 # In the mix, the clients that send small calls keep sending them (from this many
 # each) until the clients that send RAG calls have made all of theirs.
 _MIX_SMALL_CALLS = 10_000
@@ -96,8 +98,7 @@ def make_calls(
         rag = make_calls("rag", clients // 2, calls, seed)
         return [small[i // 2] if i % 2 == 0 else rag[i // 2] for i in range(clients)]
     rng = random.Random(f"{seed}-{workload}-{clients}")
-    sizes = {"small": (2, 3, 18), "memory": (20, 3, 18), "rag": (12, 60, 160)}
-    count, low, high = sizes[workload]
+    count, low, high = _SIZES[workload]
     return [
         [
             (
@@ -204,24 +205,30 @@ async def run_load(
             if not done.is_set():
                 documents_scored += len(documents)
 
-    async def foreground(own: list[tuple[str, list[str]]]) -> None:
-        await one_client(own, False)
-
     started = time.perf_counter()
     if mix:
         background = [asyncio.create_task(one_client(own, True)) for own in calls[0::2]]
-        await asyncio.gather(*(foreground(own) for own in calls[1::2]))
+        await asyncio.gather(*(one_client(own, False) for own in calls[1::2]))
         seconds = time.perf_counter() - started
         done.set()
         await asyncio.gather(*background)  # each ends after its call in flight
     else:
-        await asyncio.gather(*(foreground(own) for own in calls))
+        await asyncio.gather(*(one_client(own, False) for own in calls))
         seconds = time.perf_counter() - started
     return seconds, latencies, documents_scored
 
 
 def _ms(q: float, seconds: list[float]) -> float:
     return round(bench_server.percentile(seconds, q) * 1000, 1)
+
+
+def _calls(seconds: list[float]) -> dict[str, float]:
+    """How many calls took ``seconds``, and their p50 and p99 in ms."""
+    return {
+        "calls": len(seconds),
+        "latency_p50_ms": _ms(50, seconds),
+        "latency_p99_ms": _ms(99, seconds),
+    }
 
 
 def measure_server(served: Served, round_: int, args: argparse.Namespace) -> list[Result]:
@@ -248,14 +255,7 @@ def measure_server(served: Served, round_: int, args: argparse.Namespace) -> lis
                 documents_per_s=round(documents / seconds, 2),
                 latency_p50_ms=_ms(50, latencies),
                 latency_p99_ms=_ms(99, latencies),
-                by_kind={
-                    kind: {
-                        "calls": len(by_size[size]),
-                        "latency_p50_ms": _ms(50, by_size[size]),
-                        "latency_p99_ms": _ms(99, by_size[size]),
-                    }
-                    for kind, size in (("small", 2), ("rag", 12))
-                }
+                by_kind={kind: _calls(by_size[_SIZES[kind][0]]) for kind in ("small", "rag")}
                 if mix
                 else None,
             )

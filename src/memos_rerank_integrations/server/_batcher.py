@@ -129,7 +129,7 @@ class _Job:
     # The call this job is a slice of (None: a whole call).
     slices: _Slices | None = None
     # When it was queued (time.monotonic()).
-    queued: float = field(default_factory=time.monotonic)
+    queued_at: float = field(default_factory=time.monotonic)
     # The tokens the call scores, when known: batches are then formed by tokens.
     tokens: int | None = None
     # A latency budget (running from when the call was queued): the call runs alone,
@@ -463,7 +463,7 @@ class MicroBatcher:
 
         def ratio(job: _Job) -> float:
             length = job.size * pace[job.tokens is not None]
-            return (now - job.queued) / min(max(length, _MIN_LENGTH), _MAX_LENGTH)
+            return (now - job.queued_at) / min(max(length, _MIN_LENGTH), _MAX_LENGTH)
 
         # sorted() is stable: equal ratios keep the arrival order.
         return sorted(self._queue, key=ratio, reverse=True)
