@@ -365,6 +365,7 @@ def first_score_table(data: dict[str, Any]) -> str:
         "recipe_float32": "model-card recipe, float32",
         "package_float32": "QwenReranker, float32",
         "read_weights": "reading the weights (`cat`)",
+        "load_weights": "reading the weights into torch tensors (fresh process)",
     }
     results = data["results"]
     recipe = {d: results.get(f"recipe_{d}", {}).get("median_s") for d in DTYPES}
