@@ -3,7 +3,10 @@ largest multiple of its length (its size at the model's measured pace) first."""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -119,3 +122,36 @@ def test_one_stalled_turn_barely_moves_the_pace() -> None:
         # multiple of its length; had the stalls set the pace, both would count as
         # lasting the longest a call can, and the longer wait would go first.
         assert backend.order[-2:] == [["2,000 tokens"], ["5,000 tokens"]]
+
+
+def test_a_long_call_is_not_starved_by_a_stream_of_short_ones() -> None:
+    backend = Recording()
+    with serving(backend, batch_window_ms=0, max_batch_documents=1) as batcher:
+        queued_behind_a_held_call(batcher, backend)
+        long = batcher.submit("long", DOCUMENTS, tokens=500)
+        stop = threading.Event()
+        shorts: list[Future[Any]] = []
+
+        def feed() -> None:  # short calls, at least 3 queued at any time, until stopped
+            while not stop.is_set():
+                if batcher.queued < 4:
+                    shorts.append(batcher.submit("short", DOCUMENTS[:2], tokens=10))
+                else:
+                    time.sleep(0.001)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        try:
+            time.sleep(0.05)
+            backend.release.set()
+            # Each turn lasts ~10 ms; every short call waits 2-4 of them. The long call's
+            # wait passes that many times its length (500 tokens at the measured pace)
+            # within a few seconds, however many short calls keep coming.
+            long.result(10)
+        finally:
+            stop.set()
+            feeder.join(5)
+        ran_before = backend.order.index(["long"]) - 1
+        assert ran_before >= 10  # the short calls kept the model busy meanwhile
+        for future in shorts:
+            future.result(5)
