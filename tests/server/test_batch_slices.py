@@ -1,6 +1,6 @@
 """Calls longer than ``max_batch_tokens`` are scored in slices of their documents,
-each queued like a call of its own: short calls get in between, and the answer is
-the whole call's."""
+each queued like a call of its own (one at a time, the next when one is taken):
+short calls get in between, and the answer is the whole call's."""
 
 from __future__ import annotations
 
@@ -150,6 +150,22 @@ def test_withdrawing_a_sliced_call_withdraws_its_queued_slices() -> None:
         backend.release.set()
         assert batcher.submit(QUERY, DOCUMENTS, tokens=10).result(5)
         assert all("withdrawn" not in queries for queries in backend.order)
+
+
+def test_the_queue_holds_one_slice_of_each_sliced_call_at_a_time() -> None:
+    backend = Recording()
+    with serving(backend, batch_window_ms=0, max_batch_tokens=250) as batcher:
+        queued_behind_a_held_call(batcher, backend)
+        calls = [batcher.submit(f"call {i}", EIGHT, tokens=1000) for i in range(20)]
+        # What the batcher orders at each turn grows with the calls, not their slices
+        # (4 each here; up to ~32 for a call of any length).
+        assert len(batcher._queue) == 20
+        backend.release.set()
+        for call in calls:
+            assert len(call.result(10)) == len(EIGHT)
+        # Each next slice is queued as the one before is taken, as early as the call:
+        # the calls' slices run in the calls' order, as they would all queued at once.
+        assert backend.order == [["hold"]] + [[f"call {i}"] for i in range(20) for _ in range(4)]
 
 
 class SlicedQwen(QwenReranker):

@@ -15,6 +15,7 @@ serve.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -64,12 +65,13 @@ _MAX_LENGTH = 60.0
 # goes first).
 _MIN_LENGTH = 1e-6
 # A call is cut into slices of at least 1/_SLICES of its tokens, so a call makes at
-# most about twice that many (the queue, ordered at each turn, stays short).
+# most about twice that many.
 _SLICES = 16
 
 
 class _Slices:
-    """A call scored in slices of its documents, each queued as a call of its own: the
+    """A call scored in slices of its documents, each queued as a call of its own, one
+    at a time (the next when one is taken, so the queue holds one per call): the
     caller's ``future`` gets the slices' results merged (best first, ``top_n``
     applied) once all have answered, or the first error one of them gets."""
 
@@ -78,10 +80,21 @@ class _Slices:
         self.top_n = top_n
         self.starts = starts
         self.parts: list[Future[list[RerankResult]]] = []
+        # The slices not queued yet, in order.
+        self.waiting: collections.deque[_Job] = collections.deque()
         self._results: dict[int, list[RerankResult]] = {}
         self._lock = threading.Lock()
         # The caller withdrawing the call withdraws the slices not started yet.
         self.future.add_done_callback(self._withdraw)
+
+    def next_slice(self) -> _Job | None:
+        """The next slice to queue (withdrawn ones skipped); ``None`` once none is
+        left."""
+        while self.waiting:
+            job = self.waiting.popleft()
+            if not job.future.cancelled():
+                return job
+        return None
 
     def _withdraw(self, future: Future[list[RerankResult]]) -> None:
         if future.cancelled():
@@ -175,12 +188,13 @@ class MicroBatcher:
     documents and, with ``max_batch_tokens``, at most that many tokens (calls submitted
     with their token count). A call longer than that is scored in slices of its
     documents, each within the bound (a longer document alone) and queued like a call
-    of its own; its future gets the slices' results merged, best first, ``top_n``
-    applied (``rerank_many`` scores each document on its own, so slicing changes no
-    score), or the first error a slice gets. So no model turn runs much longer than
-    ``max_batch_tokens`` take, and a short call waits for at most one such turn per
-    busy worker. Without ``rerank_many``, or with ``enabled=False``, calls run one at a
-    time, whole.
+    of its own that came with the call, one at a time (the next as one is taken: the
+    queue, ordered at each turn, holds one entry per call). Its future gets the
+    slices' results merged, best first, ``top_n`` applied (``rerank_many`` scores
+    each document on its own, so slicing changes no score), or the first error a
+    slice gets. So no model turn runs much longer than ``max_batch_tokens`` take, and
+    a short call waits for at most one such turn per busy worker. Without
+    ``rerank_many``, or with ``enabled=False``, calls run one at a time, whole.
 
     Calls are taken by how long they have waited for their length: the call whose
     wait is the largest multiple of its length goes first (highest response ratio
@@ -384,7 +398,9 @@ class MicroBatcher:
         with self._condition:
             if self._closed:
                 raise BackendUnavailableError("The reranker is shutting down.")
-            self._queue.extend(jobs)
+            self._queue.append(jobs[0])
+            if slices is not None:
+                slices.waiting.extend(jobs[1:])
             self._wake()
         return whole.future if slices is None else slices.future
 
@@ -554,14 +570,24 @@ class MicroBatcher:
     def _wait_for_more(self, last_batch_end: float) -> None:
         # Called with the condition held. Idle for longer than the window: no wait.
         deadline = last_batch_end + self._window
-        while not self._closed and self._queued_documents() < self._max_documents:
+        while not self._closed and self._queued_documents(self._max_documents) < (
+            self._max_documents
+        ):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             self._condition.wait(remaining)
 
-    def _queued_documents(self) -> int:
-        return sum(len(job.documents) for job in self._queue if not job.future.cancelled())
+    def _queued_documents(self, enough: int) -> int:
+        """The documents of the queued calls, counted up to ``enough`` (the count
+        stops there: what is asked costs at most that much however long the queue)."""
+        count = 0
+        for job in self._queue:
+            if not job.future.cancelled():
+                count += len(job.documents)
+                if count >= enough:
+                    break
+        return count
 
     def _take_batch(self) -> list[_Job]:
         # Called with the condition held. Withdrawn calls are dropped unseen.
@@ -572,7 +598,8 @@ class MicroBatcher:
         # rest goes to the next worker free (a burst spreads over the workers).
         limit = self._max_documents
         if self._workers > 1:
-            limit = min(limit, math.ceil(self._queued_documents() / self._workers))
+            queued = self._queued_documents(limit * self._workers)
+            limit = min(limit, math.ceil(queued / self._workers))
         jobs = ordered[:1]
         if self._enabled and jobs[0].budget is None:
             total, tokens = len(jobs[0].documents), jobs[0].tokens or 0
@@ -586,8 +613,15 @@ class MicroBatcher:
                 total += len(job.documents)
                 tokens += job.tokens or 0
                 jobs.append(job)
-        taken = {id(job) for job in jobs}
-        self._queue = [job for job in self._queue if id(job) not in taken]
+        # A sliced call's next slice takes the place of the one taken.
+        taken = {id(job): job.slices.next_slice() if job.slices else None for job in jobs}
+        queue = []
+        for job in self._queue:
+            if id(job) not in taken:
+                queue.append(job)
+            elif (following := taken[id(job)]) is not None:
+                queue.append(following)
+        self._queue = queue
         return jobs
 
     def _execute(self, jobs: list[_Job], reranker: Reranker) -> int:
