@@ -4,6 +4,7 @@ short calls get in between, and the answer is the whole call's."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,6 +167,36 @@ def test_the_queue_holds_one_slice_of_each_sliced_call_at_a_time() -> None:
         # Each next slice is queued as the one before is taken, as early as the call:
         # the calls' slices run in the calls' order, as they would all queued at once.
         assert backend.order == [["hold"]] + [[f"call {i}"] for i in range(20) for _ in range(4)]
+
+
+class Pairs(Sizes):
+    """Each model call waits until another is running beside it (a second worker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.together = threading.Barrier(2, timeout=5)
+
+    def rerank_many(
+        self, calls: Sequence[tuple[str, Sequence[str], int | None]]
+    ) -> list[list[RerankResult]]:
+        self.together.wait()
+        return super().rerank_many(calls)
+
+    def rerank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None
+    ) -> list[RerankResult]:
+        self.together.wait()
+        return super().rerank(query, documents, top_n)
+
+
+def test_two_workers_score_the_slices_of_a_lone_call_at_once() -> None:
+    backend = Pairs()
+    with serving(backend, batch_window_ms=0, max_batch_tokens=500, workers=2) as batcher:
+        # Two slices of 4 documents: the second is queued as the first is taken, and
+        # the idle worker takes it (each model call waits for the other to start).
+        got = batcher.submit(QUERY, EIGHT, tokens=1000).result(10)
+        assert got == WordOverlapReranker().rerank(QUERY, EIGHT)
+        assert sorted(map(tuple, backend.scored)) == [tuple(EIGHT[:4]), tuple(EIGHT[4:])]
 
 
 class SlicedQwen(QwenReranker):
