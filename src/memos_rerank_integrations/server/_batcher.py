@@ -570,9 +570,8 @@ class MicroBatcher:
     def _wait_for_more(self, last_batch_end: float) -> None:
         # Called with the condition held. Idle for longer than the window: no wait.
         deadline = last_batch_end + self._window
-        while not self._closed and self._queued_documents(self._max_documents) < (
-            self._max_documents
-        ):
+        enough = self._max_documents
+        while not self._closed and self._queued_documents(enough) < enough:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
