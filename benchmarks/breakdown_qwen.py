@@ -10,11 +10,16 @@ RMSNorm, rotary, the log-sum-exp merges; the rest of ``PackedQwen3.forward`` (vi
 copies, Python) is what is left of the engine's time, and the rest of
 the call (tokenization, planning, the score head) what is left of the call's.
 
+Workloads: those of ``bench_qwen.py`` (*memory*, *rag*, *one_memory*, each call on its
+own) and *small*: turns of 8 calls of 2 short memories each, scored together with
+``rerank_many`` as ``memos-rerank serve`` fuses the small calls of 8 clients (the
+shape of ``bench_serve.py``'s small calls: one fused turn of a model worker).
+
 It wraps the engine's methods on the loaded instance for the run (instrumentation
 only: the numbers are those of the code as shipped, plus a few microseconds per
 wrapped call, which the script measures and reports as ``overhead``).
 
-    PYTHONPATH=src python benchmarks/breakdown_qwen.py --dtypes float32,bfloat16 --rounds 3
+    PYTHONPATH=src python benchmarks/breakdown_qwen.py --dtypes bfloat16,float32 --rounds 3
 
 writes ``benchmarks/results/breakdown_qwen-<machine>.json`` (``--out`` elsewhere), keyed
 by dtype and workload. ``--smoke`` runs one round on a tiny model.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import random
 import sys
 import tempfile
 import time
@@ -43,6 +49,7 @@ from bench_qwen import (
     machine,
     make_workloads,
     package_scores,
+    sentence,
 )
 
 from memos_rerank_integrations import QwenReranker
@@ -141,8 +148,8 @@ def main() -> None:
         "--workloads",
         "--workload",
         dest="workloads",
-        default="one_memory,memory,rag",
-        help="comma-separated: memory, rag, one_memory",
+        default="one_memory,memory,rag,small",
+        help="comma-separated: memory, rag, one_memory, small",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -164,16 +171,34 @@ def main() -> None:
     _common.write(out, report, run)
 
 
+def turns(seed: int) -> dict[str, list[list[tuple[str, list[str]]]]]:
+    """Each workload's turns: the calls a turn scores (one, or several fused)."""
+    out = {name: [[call] for call in calls] for name, calls in make_workloads(seed).items()}
+    rng = random.Random(f"{seed}-small")
+    out["small"] = [
+        [(sentence(rng, 6, 10), [sentence(rng, 3, 18) for _ in range(2)]) for _ in range(8)]
+        for _ in range(2)
+    ]
+    return out
+
+
 def measure(args: argparse.Namespace, path: Path, dtype_name: str) -> dict[str, Any]:
     """The breakdown of each workload in ``dtype_name``, one loaded model."""
     dtype = getattr(torch, dtype_name)
     reranker = QwenReranker(model=str(path), dtype=dtype, device="cpu")
     score = package_scores(reranker)
-    workloads = make_workloads(args.seed)
+
+    def run(turn: list[tuple[str, list[str]]]) -> None:
+        if len(turn) == 1:
+            score(*turn[0])
+        else:  # fused, as the server's model worker runs them
+            reranker.rerank_many([(query, documents, None) for query, documents in turn])
+
+    workloads = turns(args.seed)
     wanted = args.workloads.split(",")
     for workload in wanted:  # warm: instruction cache, allocator
-        for query, documents in workloads[workload]:
-            score(query, documents)
+        for turn in workloads[workload]:
+            run(turn)
     engine = reranker._loaded().engine  # instrumentation: the loaded engine
     if engine is None:
         raise SystemExit("this model runs on transformers' forward here, not the packed engine")
@@ -181,12 +206,11 @@ def measure(args: argparse.Namespace, path: Path, dtype_name: str) -> dict[str, 
     instrument(engine, clock)
     results: dict[str, Any] = {}
     for workload in wanted:
-        calls = workloads[workload]
         clock.reset()
         start = time.perf_counter()
         for _ in range(args.rounds):
-            for query, documents in calls:
-                score(query, documents)
+            for turn in workloads[workload]:
+                run(turn)
         wall = time.perf_counter() - start
         rate = gemm_rate(dtype, 128 if args.smoke else 1024)
         seconds = dict(clock.seconds)
@@ -200,6 +224,7 @@ def measure(args: argparse.Namespace, path: Path, dtype_name: str) -> dict[str, 
             "dtype": dtype_name,
             "workload": workload,
             "rounds": args.rounds,
+            "turns": args.rounds * len(workloads[workload]),
             "wall_s": wall,
             "engine_s": engine_time,
             "parts_s": parts,

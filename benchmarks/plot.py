@@ -430,6 +430,51 @@ def budget_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+BREAKDOWN_NAMES = {
+    "one_memory": "one memory",
+    "memory": "memory (20)",
+    "small": "small, 8 calls fused",
+    "rag": "RAG (12)",
+}
+
+
+def breakdown_table(data: dict[str, Any]) -> str:
+    lines = table_head(
+        "breakdown_qwen",
+        data["run"],
+        ", 1 torch thread (a model worker's share under load).",
+        [
+            "dtype",
+            "workload",
+            "ms per turn",
+            "linears",
+            "linears GFLOP/s (x best)",
+            "attention",
+            "norms, rotary",
+            "the rest",
+            "floor share",
+        ],
+    )
+    for dtype in ("bfloat16", "float32"):
+        for workload, name in BREAKDOWN_NAMES.items():
+            entry = data["results"].get(dtype, {}).get(workload)
+            if entry is None:
+                continue
+            wall, parts = entry["wall_s"], entry["parts_s"]
+            attention = parts["attention"] + parts.get("merge", 0.0)
+            norms = parts.get("rms_norm", 0.0) + parts.get("q/k norm + rotary", 0.0)
+            linear = parts["linear"]
+            rest = wall - linear - attention - norms
+            speed = entry["linear_gflops"] / entry["gemm_rate_gflops"]
+            turns = entry.get("turns") or entry["calls"]["engine"]  # (older files: passes)
+            lines.append(
+                f"| {dtype} | {name} | {1000 * wall / turns:,.0f} | {linear / wall:.0%} "
+                f"| {entry['linear_gflops']:.0f} ({speed:.2f}x) | {attention / wall:.0%} "
+                f"| {norms / wall:.0%} | {rest / wall:.0%} | {speed * linear / wall:.0%} |"
+            )
+    return "\n".join(lines)
+
+
 SERVE_NAMES = {
     "memos": "**memos-rerank serve**",
     "vllm-tuned": "vllm serve, tuned",
@@ -609,6 +654,8 @@ def blocks() -> dict[str, str]:
     ):
         found = load(name)
         out[name.removeprefix("bench_")] = "\n\n".join(table(found[m]) for m in sorted(found))
+    breakdown = load("breakdown_qwen")
+    out["breakdown"] = "\n\n".join(breakdown_table(breakdown[m]) for m in sorted(breakdown))
     serve = load("bench_serve")
     out["serve_mix"] = "\n\n".join(serve_mix_table(serve[m]) for m in sorted(serve))
     return out
