@@ -294,9 +294,10 @@ class MicroBatcher:
 
     @property
     def queued(self) -> int:
-        """Calls waiting for the model (not counting the batch being computed)."""
+        """Calls waiting for the model (not counting the batch being computed): the
+        queue holds one entry per call, a sliced call's next slice included."""
         with self._condition:
-            return len({id(job.slices or job) for job in self._queue if not job.future.cancelled()})
+            return sum(1 for job in self._queue if not job.future.cancelled())
 
     @property
     def workers(self) -> int:
